@@ -1,0 +1,175 @@
+"""The ``simpletuner`` command: train, options, make-tiny-model, make-demo-dataset, demo.
+
+Only the standard library and the options package are imported at start-up; each subcommand imports
+what it needs when it runs, so ``simpletuner --help`` and config validation stay fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from simpletuner.options import ConfigError
+
+logger = logging.getLogger("simpletuner")
+
+SUBCOMMANDS = {
+    "train": "fine-tune a model (all training options: `simpletuner train --help`)",
+    "options": "list every option (`--json` for machine-readable, `--write-docs` to regenerate OPTIONS.md)",
+    "make-tiny-model": "write a tiny offline model folder built from the real diffusers classes",
+    "make-demo-dataset": "write the procedural coloured-shapes dataset (PNG + caption .txt)",
+    "demo": "build the tiny model and dataset, train, and score prompt-matching before and after",
+}
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("diffusers", "transformers", "torchao", "accelerate", "bitsandbytes", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if level.upper() != "DEBUG" else logging.INFO)
+
+
+def top_level_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="simpletuner",
+        description="Fine-tune diffusion models with LoRA or full training.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="subcommands:\n" + "\n".join(f"  {name:<18} {text}" for name, text in SUBCOMMANDS.items()),
+    )
+    parser.add_argument("command", choices=list(SUBCOMMANDS), help="what to do")
+    return parser
+
+
+# --- train ------------------------------------------------------------------------------------------
+
+def cmd_train(argv: Sequence[str]) -> int:
+    from simpletuner.options.resolve import resolve_run
+
+    run = resolve_run(argv)
+    configure_logging(run.launcher.log_level)
+    for warning in run.warnings:
+        logger.warning(warning)
+    if run.dry_run:
+        from simpletuner.training.plan import describe_plan
+
+        print(describe_plan(run))
+        return 0
+    from simpletuner.training.launch import needs_relaunch, relaunch_under_accelerate
+
+    if needs_relaunch(run.launcher):
+        return relaunch_under_accelerate(run.launcher, argv)
+    from simpletuner.training.trainer import train
+
+    train(run.config, launcher=run.launcher, config_file=run.config_file)
+    return 0
+
+
+# --- options ----------------------------------------------------------------------------------------
+
+def cmd_options(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="simpletuner options", description="List every option of the table.")
+    parser.add_argument("--json", action="store_true", help="print every option as JSON")
+    parser.add_argument("--write-docs", action="store_true", help="regenerate documentation/OPTIONS.md")
+    args = parser.parse_args(argv)
+    from simpletuner.options import all_options
+
+    if args.write_docs:
+        from simpletuner.options.docs import write_options_markdown
+
+        print(f"wrote {write_options_markdown()}")
+        return 0
+    if args.json:
+        rows = [
+            dict(name=o.name, group=o.group, type=o.kind, default=o.default,
+                 choices=list(o.choices) if o.choices else None, implemented=o.implemented,
+                 required=o.required, aliases=list(o.aliases), help=o.help)
+            for o in all_options()
+        ]
+        print(json.dumps(rows, indent=1))
+        return 0
+    for option in all_options():
+        mark = " " if option.implemented else "-"
+        print(f"{mark} --{option.name:<45} {option.kind:<6} default={option.default!r}")
+    print("\n('-' = declared but not supported yet)")
+    return 0
+
+
+# --- tiny model and demo data -------------------------------------------------------------------------
+
+def cmd_make_tiny_model(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="simpletuner make-tiny-model",
+                                     description="Write a tiny offline diffusers pipeline folder.")
+    parser.add_argument("--family", required=True, choices=["sd1x", "sd2x"])
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-vae-steps", type=int, default=0,
+                        help="train the VAE from scratch for N steps instead of using the shipped demo VAE")
+    args = parser.parse_args(argv)
+    configure_logging()
+    from simpletuner.testing.tiny_models import make_tiny_model
+
+    report = make_tiny_model(args.family, args.out, seed=args.seed, vae_train_steps=args.train_vae_steps)
+    sizes = ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in report.parameters.items())
+    print(f"wrote {report.family} tiny model to {report.path} ({sizes} parameters)")
+    print(f"VAE {report.vae_source}; reconstruction PSNR on demo images: {report.vae_psnr_db:.1f} dB")
+    return 0
+
+
+def cmd_make_demo_dataset(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="simpletuner make-demo-dataset",
+                                     description="Write coloured-shape PNGs with caption .txt files.")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from simpletuner.testing.shapes import make_demo_dataset
+
+    paths = make_demo_dataset(args.out, args.count, size=args.size, seed=args.seed)
+    print(f"wrote {len(paths)} images with captions to {args.out}")
+    return 0
+
+
+def cmd_demo(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="simpletuner demo", description=SUBCOMMANDS["demo"])
+    parser.add_argument("--out", default="demo-output", help="working folder (model, data, run)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
+    parser.add_argument("--samples", type=int, default=None, help="images generated to score before/after")
+    args = parser.parse_args(argv)
+    configure_logging()
+    from simpletuner.testing.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps, samples=args.samples)
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "options": cmd_options,
+    "make-tiny-model": cmd_make_tiny_model,
+    "make-demo-dataset": cmd_make_demo_dataset,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        top_level_parser().print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        top_level_parser().parse_args([command])  # prints the choices and exits 2
+    try:
+        return COMMANDS[command](rest)
+    except ConfigError as error:
+        print(f"simpletuner {command}: configuration error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

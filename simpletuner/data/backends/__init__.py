@@ -1,0 +1,1 @@
+"""Storage backends that list and read dataset files (only the local filesystem for now)."""

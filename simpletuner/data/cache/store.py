@@ -1,0 +1,214 @@
+"""Cache entries on disk: fingerprinted, written atomically, verified on read.
+
+Every cached tensor set (one image's latents, one caption's embeddings) is one safetensors file
+whose metadata carries the fingerprint it was built for and a checksum of its tensor bytes. A
+reader that finds a missing, truncated, bit-rotted or stale entry gets ``None`` and rebuilds it: a
+cache may cost time, never correctness (see ``DESIGN.md``, "Caches are keyed by a fingerprint").
+
+Writes go to a uniquely named temporary file in the entry's folder and are renamed into place with
+``os.replace``, so a crash, a full disk or two processes writing the same entry never leave a
+half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Bumped whenever the layout or meaning of cached tensors changes; part of every fingerprint, so a
+#: new version silently rebuilds instead of misreading old entries.
+CACHE_FORMAT_VERSION = 1
+
+#: Default in-memory budget for cached tensors across all caches of one run (see TensorMemory).
+DEFAULT_MEMORY_BUDGET_BYTES = 2 * 1024**3
+
+
+class CacheWriteError(OSError):
+    """A cache entry could not be written (full disk, no permission); the message names the path."""
+
+
+class CacheReadError(RuntimeError):
+    """A cache entry that was valid when checked is now missing or corrupt."""
+
+
+@dataclass
+class CacheReport:
+    """What one ``ensure`` pass did, for the startup summary.
+
+    Attributes:
+        built: entries encoded and written now.
+        reused: valid entries found on disk.
+        skipped: inputs that could not be cached, with a human-readable reason.
+    """
+
+    built: int = 0
+    reused: int = 0
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def fingerprint(**parts: Any) -> str:
+    """sha256 hex digest of the canonical JSON of ``parts`` plus :data:`CACHE_FORMAT_VERSION`.
+
+    Canonical means sorted keys and fixed separators, so equal settings always give equal keys
+    whatever order the caller passes them in. Tuples serialise as lists; anything else that JSON
+    does not know is written with ``str``.
+    """
+    payload = {"cache_format_version": CACHE_FORMAT_VERSION, **parts}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def entry_path(cache_dir: Path, key: str) -> Path:
+    """``<cache_dir>/<key[:2]>/<key>.safetensors``: two-level fan-out keeps folders small."""
+    return Path(cache_dir) / key[:2] / f"{key}.safetensors"
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes, in name order.
+
+    safetensors itself catches truncation (its header must cover the file exactly) but not a
+    flipped or zeroed byte inside the data; this checksum does.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode("utf-8"))
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def write_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` with ``metadata`` (plus a checksum) to ``path`` atomically.
+
+    Raises:
+        CacheWriteError: the disk refused the write; the temporary file is removed and the
+            previous entry under ``path`` (if any) is untouched.
+    """
+    path = Path(path)
+    prepared = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    full_metadata = {**{str(k): str(v) for k, v in metadata.items()}, "checksum": tensor_checksum(prepared)}
+    temp_path: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp_path = _make_temp_file(path)
+        safetensors.torch.save_file(prepared, os.fspath(temp_path), metadata=full_metadata)
+        os.replace(temp_path, path)
+    except OSError as exc:
+        _remove_quietly(temp_path)
+        raise CacheWriteError(
+            f"cannot write cache entry {path}: {exc}; free disk space or point cache_dir at a writable "
+            f"folder with room, then run again (entries already written are kept)"
+        ) from exc
+    except BaseException:
+        _remove_quietly(temp_path)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (used for small JSON indexes beside the entries).
+
+    Raises:
+        CacheWriteError: as :func:`write_entry`.
+    """
+    path = Path(path)
+    temp_path: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp_path = _make_temp_file(path)
+        temp_path.write_text(text, encoding="utf-8")
+        os.replace(temp_path, path)
+    except OSError as exc:
+        _remove_quietly(temp_path)
+        raise CacheWriteError(
+            f"cannot write {path}: {exc}; free disk space or point cache_dir at a writable folder"
+        ) from exc
+    except BaseException:
+        _remove_quietly(temp_path)
+        raise
+
+
+def read_entry(path: Path, expected_fingerprint: str) -> dict[str, torch.Tensor] | None:
+    """The tensors stored at ``path``, or None when the caller must rebuild the entry.
+
+    None (with a debug log saying why) when the file is missing, unreadable, not valid
+    safetensors (e.g. truncated), built for another fingerprint, or fails its checksum.
+    """
+    path = Path(path)
+    try:
+        with safetensors.torch.safe_open(os.fspath(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("fingerprint") != expected_fingerprint:
+                logger.debug("cache entry %s is stale (fingerprint %s, expected %s); rebuilding",
+                             path, metadata.get("fingerprint"), expected_fingerprint)
+                return None
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except FileNotFoundError:
+        logger.debug("cache entry %s is missing; building it", path)
+        return None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError, OSError, ValueError...
+        logger.debug("cache entry %s is unreadable (%s: %s); rebuilding", path, type(exc).__name__, exc)
+        return None
+    if metadata.get("checksum") != tensor_checksum(tensors):
+        logger.debug("cache entry %s fails its checksum; rebuilding", path)
+        return None
+    return tensors
+
+
+class TensorMemory:
+    """Cached tensors kept in RAM after their first read, up to a byte budget.
+
+    Small datasets then cost no disk I/O per training step; past the budget entries are simply
+    read from disk each time, so a huge dataset degrades to disk speed instead of running out of
+    memory. One instance is shared by all caches of a run so the budget is global.
+    """
+
+    def __init__(self, budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES) -> None:
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self._entries: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The tensors remembered under ``key``, if any."""
+        return self._entries.get(key)
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> bool:
+        """Remember ``tensors`` unless that would exceed the budget; True when kept."""
+        if key in self._entries:
+            return True
+        size = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+        if self.used_bytes + size > self.budget_bytes:
+            return False
+        self._entries[key] = tensors
+        self.used_bytes += size
+        return True
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _make_temp_file(path: Path) -> Path:
+    """A new, uniquely named hidden file beside ``path`` (same filesystem, so rename is atomic)."""
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def _remove_quietly(path: Path | None) -> None:
+    """Delete a leftover temporary file; failing to delete must not hide the original error."""
+    if path is None:
+        return
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("could not remove temporary cache file %s: %s", path, exc)

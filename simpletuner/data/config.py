@@ -1,0 +1,393 @@
+"""The dataset list schema (``multidatabackend.json``): parse, validate, and fail early.
+
+The file is a JSON list of objects, one per dataset. Image datasets say where the pictures are and how
+they are captioned and sized; exactly one ``text_embeds`` entry says where prompt embeddings are
+cached. Every mistake is reported before any model is loaded, with a message that names the file,
+the dataset, the key, the value and the fix, because a typo found after a 20-minute model load is
+the most expensive kind of typo.
+
+This module must import without torch: it runs on the CLI's validation path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simpletuner.options import ConfigError
+
+CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt")
+#: ``pixel``: shorter edge in px; ``pixel_area``: edge of an equal-area square in px;
+#: ``area``: megapixels (see :func:`simpletuner.data.buckets.target_size`).
+RESOLUTION_TYPES = ("pixel", "pixel_area", "area")
+SUPPORTED_BACKEND_TYPES = ("local",)
+DATASET_TYPES = ("image", "text_embeds")
+
+
+class DatasetConfigError(ConfigError):
+    """A dataset list that cannot be used; the message says where the problem is and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ImageDatasetConfig:
+    """One image dataset from ``multidatabackend.json``.
+
+    Attributes:
+        id: unique name; used in cache paths and logs, so renaming it invalidates its caches.
+        type: storage backend; only ``local`` is supported so far.
+        instance_data_dir: folder holding the images (searched recursively). Relative paths are
+            kept as written and resolved against the working directory by callers.
+        caption_strategy: where captions come from: ``textfile`` (``<stem>.txt`` beside each
+            image), ``filename`` (the file stem) or ``instanceprompt`` (one prompt for all).
+        instance_prompt: the prompt used for every image; required for ``instanceprompt``.
+        resolution: training resolution; None inherits the global ``--resolution``.
+        resolution_type: ``pixel``, ``pixel_area`` or ``area``; None inherits the global setting.
+        crop: train on a square centre crop instead of an aspect-preserving bucket.
+        repeats: extra passes over this dataset per epoch (0 = each image seen once), used to
+            balance a small dataset against a large one.
+        cache_dir_vae: where VAE latents are cached; None means ``<global cache_dir>/vae/<id>``.
+        disabled: keep the entry in the file but do not train on it.
+    """
+
+    id: str
+    type: str
+    instance_data_dir: str
+    caption_strategy: str = "textfile"
+    instance_prompt: str | None = None
+    resolution: float | None = None
+    resolution_type: str | None = None
+    crop: bool = False
+    repeats: int = 0
+    cache_dir_vae: str | None = None
+    disabled: bool = False
+
+    def with_global_defaults(
+        self, resolution: float, resolution_type: str, cache_dir: str | Path
+    ) -> "ImageDatasetConfig":
+        """A copy whose inheritable fields (resolution, resolution_type, cache_dir_vae) are filled.
+
+        Kept out of parsing so that the dataset file can be validated without the training config.
+        """
+        return dataclasses.replace(
+            self,
+            resolution=self.resolution if self.resolution is not None else resolution,
+            resolution_type=self.resolution_type if self.resolution_type is not None else resolution_type,
+            cache_dir_vae=self.cache_dir_vae
+            if self.cache_dir_vae is not None
+            else os.path.join(os.fspath(cache_dir), "vae", self.id),
+        )
+
+
+@dataclass(frozen=True)
+class TextEmbedDatasetConfig:
+    """Where prompt embeddings are cached.
+
+    Attributes:
+        id: unique name among all datasets.
+        cache_dir: folder for the cached embeddings (kept as written; resolved against the CWD).
+        default: the entry used by image datasets; must be true for exactly one entry when
+            several are listed.
+    """
+
+    id: str
+    cache_dir: str
+    default: bool = True
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """The validated dataset list.
+
+    Attributes:
+        images: every image dataset in file order, disabled ones included (so tools can show them).
+        text_embeds: the default text-embedding cache.
+    """
+
+    images: tuple[ImageDatasetConfig, ...]
+    text_embeds: TextEmbedDatasetConfig
+
+    @property
+    def enabled_images(self) -> tuple[ImageDatasetConfig, ...]:
+        """The image datasets that take part in training."""
+        return tuple(cfg for cfg in self.images if not cfg.disabled)
+
+
+# --- key declarations: (expected kind, default) ------------------------------------------------
+# Kinds: "str", "optional_str", "number", "int", "bool". ``dataset_type`` is accepted everywhere.
+
+_REQUIRED = object()
+
+_IMAGE_KEYS: dict[str, tuple[str, Any]] = {
+    "id": ("str", _REQUIRED),
+    "dataset_type": ("str", "image"),
+    "type": ("str", _REQUIRED),
+    "instance_data_dir": ("str", _REQUIRED),
+    "caption_strategy": ("str", "textfile"),
+    "instance_prompt": ("optional_str", None),
+    "resolution": ("number", None),
+    "resolution_type": ("optional_str", None),
+    "crop": ("bool", False),
+    "repeats": ("int", 0),
+    "cache_dir_vae": ("optional_str", None),
+    "disabled": ("bool", False),
+}
+
+_TEXT_EMBED_KEYS: dict[str, tuple[str, Any]] = {
+    "id": ("str", _REQUIRED),
+    "dataset_type": ("str", "text_embeds"),
+    "type": ("str", "local"),
+    "cache_dir": ("str", _REQUIRED),
+    "default": ("bool", True),
+    "disabled": ("bool", False),
+}
+
+_KIND_WORDS = {
+    "str": "a string",
+    "optional_str": "a string or null",
+    "number": "a number",
+    "int": "an integer",
+    "bool": 'true/false (or the strings "true"/"false")',
+}
+
+
+def load_dataset_plan(path: str | Path) -> DatasetPlan:
+    """Read and validate a ``multidatabackend.json`` file.
+
+    Raises:
+        DatasetConfigError: the file is missing, not valid JSON (with line and column), or any
+            entry breaks a rule of :func:`parse_dataset_plan`.
+    """
+    source = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DatasetConfigError(
+            f"{source}: dataset list not found; create it (see multidatabackend.json.example) "
+            f"or point --data_backend_config at the right file"
+        ) from None
+    except OSError as exc:
+        raise DatasetConfigError(f"{source}: cannot read the dataset list: {exc}") from exc
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetConfigError(
+            f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
+            f"fix the syntax there (a trailing comma or a missing quote is the usual cause)"
+        ) from None
+    return parse_dataset_plan(entries, source=source)
+
+
+def parse_dataset_plan(entries: list, source: str = "<memory>") -> DatasetPlan:
+    """Validate an already-decoded dataset list.
+
+    ``source`` names the origin in error messages (the file path when called by
+    :func:`load_dataset_plan`).
+
+    Raises:
+        DatasetConfigError: see the module docstring; each message names file, dataset, key,
+            value and the fix.
+    """
+    if not isinstance(entries, list):
+        raise DatasetConfigError(
+            f"{source}: the dataset list must be a JSON list of objects, got {type(entries).__name__}; "
+            f"wrap the entries in [ ... ]"
+        )
+    images: list[ImageDatasetConfig] = []
+    text_embeds: list[TextEmbedDatasetConfig] = []
+    seen_ids: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        label = f"entry {index}"
+        if not isinstance(entry, dict):
+            raise DatasetConfigError(
+                f"{source}: {label} must be a JSON object, got {type(entry).__name__} {entry!r}"
+            )
+        parsed = _parse_entry(entry, index, source)
+        _check_unique_id(parsed.id, index, seen_ids, source)
+        if isinstance(parsed, ImageDatasetConfig):
+            images.append(parsed)
+        else:
+            text_embeds.append(parsed)
+    return DatasetPlan(images=tuple(images), text_embeds=_pick_default_text_embeds(text_embeds, images, source))
+
+
+# --- per-entry parsing -------------------------------------------------------------------------
+
+
+def _parse_entry(entry: dict, index: int, source: str) -> ImageDatasetConfig | TextEmbedDatasetConfig:
+    """Dispatch on ``dataset_type`` and parse one entry."""
+    dataset_type = entry.get("dataset_type", "image")
+    where = _where(source, entry, index)
+    if dataset_type not in DATASET_TYPES:
+        raise DatasetConfigError(
+            f"{where}: key 'dataset_type' has value {dataset_type!r}; use one of {list(DATASET_TYPES)}"
+        )
+    if dataset_type == "text_embeds":
+        return _parse_text_embeds(entry, where)
+    return _parse_image(entry, where)
+
+
+def _parse_image(entry: dict, where: str) -> ImageDatasetConfig:
+    """Validate an image entry's keys, types and cross-field rules."""
+    values = _typed_values(entry, _IMAGE_KEYS, where)
+    values.pop("dataset_type")
+    _check_choice(where, "type", values["type"], SUPPORTED_BACKEND_TYPES, "only local is supported so far")
+    _check_choice(where, "caption_strategy", values["caption_strategy"], CAPTION_STRATEGIES)
+    if values["resolution_type"] is not None:
+        _check_choice(where, "resolution_type", values["resolution_type"], RESOLUTION_TYPES)
+    if values["caption_strategy"] == "instanceprompt" and not (values["instance_prompt"] or "").strip():
+        raise DatasetConfigError(
+            f"{where}: key 'instance_prompt' has value {values['instance_prompt']!r}; "
+            f"caption_strategy 'instanceprompt' needs a non-empty instance_prompt"
+        )
+    if values["resolution"] is not None and values["resolution"] <= 0:
+        raise DatasetConfigError(
+            f"{where}: key 'resolution' has value {values['resolution']!r}; use a positive number "
+            f"or remove the key to inherit --resolution"
+        )
+    if values["repeats"] < 0:
+        raise DatasetConfigError(
+            f"{where}: key 'repeats' has value {values['repeats']!r}; use 0 (seen once per epoch) or more"
+        )
+    if values["resolution"] is not None:
+        values["resolution"] = float(values["resolution"])
+    if not values["disabled"]:
+        _check_directory(where, values["instance_data_dir"])
+    return ImageDatasetConfig(**values)
+
+
+def _parse_text_embeds(entry: dict, where: str) -> TextEmbedDatasetConfig:
+    """Validate a text_embeds entry; ``type`` and ``disabled`` are checked but not stored."""
+    values = _typed_values(entry, _TEXT_EMBED_KEYS, where)
+    _check_choice(where, "type", values["type"], SUPPORTED_BACKEND_TYPES, "only local is supported so far")
+    return TextEmbedDatasetConfig(id=values["id"], cache_dir=values["cache_dir"], default=values["default"])
+
+
+def _typed_values(entry: dict, declared: dict[str, tuple[str, Any]], where: str) -> dict[str, Any]:
+    """Reject unknown keys, fill defaults, and coerce/check every declared key's type."""
+    for key in entry:
+        if key not in declared:
+            raise DatasetConfigError(f"{where}: unknown key {key!r}; {_suggest(key, declared)}")
+    values: dict[str, Any] = {}
+    for key, (kind, default) in declared.items():
+        if key not in entry:
+            if default is _REQUIRED:
+                raise DatasetConfigError(f"{where}: required key {key!r} is missing; add it to the entry")
+            values[key] = default
+            continue
+        values[key] = _coerce(where, key, entry[key], kind)
+    return values
+
+
+def _coerce(where: str, key: str, value: Any, kind: str) -> Any:
+    """Return ``value`` as ``kind`` or raise naming key, value and expected type.
+
+    Booleans also accept the strings "true"/"false" because hand-edited and generated configs
+    often quote them. ``bool`` is rejected for numbers since ``True`` is an ``int`` in Python.
+    """
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+    elif kind == "optional_str":
+        if value is None or isinstance(value, str):
+            return value
+    elif kind == "number":
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return value
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    raise DatasetConfigError(
+        f"{where}: key {key!r} has value {value!r} ({type(value).__name__}); expected {_KIND_WORDS[kind]}"
+    )
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def _check_choice(where: str, key: str, value: str, choices: tuple[str, ...], note: str = "") -> None:
+    """Raise unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        extra = f" ({note})" if note else ""
+        raise DatasetConfigError(f"{where}: key {key!r} has value {value!r}; use one of {list(choices)}{extra}")
+
+
+def _check_directory(where: str, directory: str) -> None:
+    """The image folder must exist now: failing here beats failing after the model loads."""
+    path = Path(directory)
+    if not path.exists():
+        raise DatasetConfigError(
+            f"{where}: key 'instance_data_dir' has value {directory!r}, but {path.resolve()} does not exist; "
+            f"fix the path or set \"disabled\": true"
+        )
+    if not path.is_dir():
+        raise DatasetConfigError(
+            f"{where}: key 'instance_data_dir' has value {directory!r}, but {path.resolve()} is not a "
+            f"directory; point it at the folder holding the images"
+        )
+
+
+def _check_unique_id(dataset_id: str, index: int, seen: dict[str, int], source: str) -> None:
+    """Ids name cache folders, so two datasets sharing one would overwrite each other's caches."""
+    if dataset_id in seen:
+        raise DatasetConfigError(
+            f"{source}: dataset {dataset_id!r} (entry {index}): key 'id' has value {dataset_id!r}, "
+            f"already used by entry {seen[dataset_id]}; give each dataset a unique id"
+        )
+    seen[dataset_id] = index
+
+
+def _pick_default_text_embeds(
+    text_embeds: list[TextEmbedDatasetConfig], images: list[ImageDatasetConfig], source: str
+) -> TextEmbedDatasetConfig:
+    """Require at least one enabled image dataset and exactly one default text-embed cache."""
+    if not any(not cfg.disabled for cfg in images):
+        raise DatasetConfigError(
+            f"{source}: no enabled image dataset; add an entry with \"dataset_type\": \"image\" "
+            f"(or remove \"disabled\": true from one)"
+        )
+    if not text_embeds:
+        raise DatasetConfigError(
+            f"{source}: no text_embeds entry; add "
+            f'{{"id": "text-embeds", "dataset_type": "text_embeds", "type": "local", "cache_dir": "cache/text"}}'
+        )
+    if len(text_embeds) == 1:
+        return text_embeds[0]
+    defaults = [cfg for cfg in text_embeds if cfg.default]
+    if len(defaults) != 1:
+        ids = [cfg.id for cfg in defaults] if defaults else [cfg.id for cfg in text_embeds]
+        raise DatasetConfigError(
+            f"{source}: {len(text_embeds)} text_embeds entries and {len(defaults)} with key 'default' "
+            f"true ({ids}); set \"default\": true on exactly one and \"default\": false on the others"
+        )
+    return defaults[0]
+
+
+# --- message helpers ---------------------------------------------------------------------------
+
+
+def _where(source: str, entry: dict, index: int) -> str:
+    """``file: dataset 'id' (entry N)``, or just the index when the id is missing or not a string."""
+    dataset_id = entry.get("id")
+    if isinstance(dataset_id, str):
+        return f"{source}: dataset {dataset_id!r} (entry {index})"
+    return f"{source}: entry {index}"
+
+
+def _suggest(key: str, known: dict[str, Any]) -> str:
+    """'did you mean X?' with the closest known key, or the list of known keys."""
+    matches = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    if matches:
+        return f"did you mean {matches[0]!r}?"
+    return f"known keys are {sorted(known)}"

@@ -1,0 +1,1 @@
+"""Training methods: how the loss of one batch is computed (SFT is the default)."""

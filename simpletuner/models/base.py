@@ -1,0 +1,125 @@
+"""The model-family contract.
+
+A family is one file that subclasses :class:`ModelFamily` and implements only what differs between
+architectures: which components it loads, how prompts become embeddings, how pixels become latents
+(and back), how the denoiser is called, and which pipeline validates it. Everything the trainer
+needs goes through this interface, so adding a family never touches the trainer.
+
+Cache contract: ``encode_images`` returns *raw* encoder outputs (e.g. the VAE posterior's mean and
+std) and ``latents_from_cache`` turns them into training latents (sampling, scaling). Changing a
+scaling factor therefore never invalidates a cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simpletuner.models.registry import FAMILIES, FamilyInfo
+
+logger = logging.getLogger(__name__)
+
+
+class ModelFamily(ABC):
+    """Owns the components of one model and the operations the trainer needs on them."""
+
+    #: Set by subclasses to their registry key.
+    family: str = ""
+    #: Attribute name of the trained network ("unet" or "transformer"); also its pipeline folder.
+    denoiser_name: str = "unet"
+
+    def __init__(self, config, device: torch.device, weight_dtype: torch.dtype):
+        self.config = config
+        self.device = device
+        self.weight_dtype = weight_dtype
+        self.denoiser: torch.nn.Module | None = None
+
+    # --- identity ------------------------------------------------------------------------------
+
+    @property
+    def info(self) -> FamilyInfo:
+        return FAMILIES[self.family]
+
+    @property
+    def model_path(self) -> str:
+        """The folder, single file or hub id to load: an explicit path wins over the flavour."""
+        if self.config.pretrained_model_name_or_path:
+            return str(self.config.pretrained_model_name_or_path)
+        flavour = self.config.model_flavour or self.info.default_flavour
+        return self.info.flavours[flavour]
+
+    @property
+    def prediction_type(self) -> str:
+        return self.config.prediction_type or self.default_prediction_type()
+
+    def default_prediction_type(self) -> str:
+        return self.info.prediction_types[0]
+
+    def is_single_file(self) -> bool:
+        return Path(self.model_path).suffix in (".safetensors", ".ckpt")
+
+    # --- what each family implements -------------------------------------------------------------
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load every component onto ``self.device``; frozen parts in ``self.weight_dtype``."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Text conditioning for a batch of prompts, as named tensors (batch first)."""
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw latent-encoder outputs for pixels in [-1, 1] (N, C, H, W)."""
+
+    @abstractmethod
+    def latents_from_cache(self, cached: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training latents from cached encoder outputs (batched)."""
+
+    @abstractmethod
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The denoiser's output for a batch."""
+
+    @abstractmethod
+    def noise_scheduler(self):
+        """The training noise schedule (a diffusers scheduler)."""
+
+    @abstractmethod
+    def build_pipeline(self, denoiser: torch.nn.Module | None = None):
+        """An inference pipeline around ``denoiser`` (default: the trained one) for validation."""
+
+    @abstractmethod
+    def lora_target_modules(self) -> list[str]:
+        """Module names a default LoRA adapts."""
+
+    @abstractmethod
+    def save_lora(self, folder: Path, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+        """Write adapter weights in the layout the family's pipeline loads; returns the file."""
+
+    @abstractmethod
+    def save_full(self, folder: Path, denoiser: torch.nn.Module) -> Path:
+        """Write a complete pipeline folder with ``denoiser`` in place of the base one."""
+
+    # --- shared helpers ----------------------------------------------------------------------------
+
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def fingerprint_parts(self) -> dict[str, str]:
+        """What identifies the encoders, for cache keys: change the model, rebuild the cache."""
+        return {"family": self.family, "model": self.model_path,
+                "vae": str(self.config.pretrained_vae_model_name_or_path or self.model_path)}
+
+    def freeze_encoders(self) -> None:
+        """Encoders are never trained here; keep them in eval mode without gradients."""
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+            module.eval()
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return []

@@ -1,0 +1,129 @@
+"""Stable Diffusion 1.x and 2.x: a UNet2DConditionModel conditioned on one CLIP text encoder.
+
+SD 1.x predicts noise (epsilon); SD 2.x (768 px models) predicts velocity (v-prediction). Both share
+everything else, so SD 2.x is this class with a different catalogue entry.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simpletuner.models.base import ModelFamily
+
+logger = logging.getLogger(__name__)
+
+#: Attention projections of every transformer block: the usual LoRA target for SD UNets.
+UNET_ATTENTION_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+class StableDiffusion1x(ModelFamily):
+    family = "sd1x"
+    denoiser_name = "unet"
+
+    # --- loading -----------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if self.is_single_file():
+            self._load_single_file()
+        else:
+            source = dict(revision=self.config.revision)
+            path = self.model_path
+            self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **source)
+            self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=self.config.variant, **source)
+            self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=self.config.variant, **source)
+            self.vae = self._load_vae(path)
+            self._scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **source)
+        self._scheduler.register_to_config(prediction_type=self.prediction_type)
+        for module in (self.text_encoder, self.vae, self.unet):
+            module.to(self.device)
+            if self.weight_dtype != torch.float32:  # the VAE stays fp32 below bf16: fp16 VAEs overflow
+                module.to(dtype=self.weight_dtype if module is not self.vae or self.weight_dtype == torch.bfloat16 else torch.float32)
+        self.denoiser = self.unet
+        self.freeze_encoders()
+
+    def _load_vae(self, path: str):
+        from diffusers import AutoencoderKL
+
+        if self.config.pretrained_vae_model_name_or_path:
+            vae_path = self.config.pretrained_vae_model_name_or_path
+            subfolder = "vae" if (Path(vae_path) / "vae").is_dir() else None
+            return AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder)
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", revision=self.config.revision, variant=self.config.variant)
+
+    def _load_single_file(self) -> None:
+        from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+        pipeline = StableDiffusionPipeline.from_single_file(self.model_path)
+        self.tokenizer, self.text_encoder = pipeline.tokenizer, pipeline.text_encoder
+        self.unet = pipeline.unet
+        self.vae = self._load_vae(self.model_path) if self.config.pretrained_vae_model_name_or_path else pipeline.vae
+        self._scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.vae]
+
+    def noise_scheduler(self):
+        return self._scheduler
+
+    # --- conditioning and latents ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return {"prompt_embeds": hidden}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        posterior = self.vae.encode(pixels.to(self.device, dtype=self.vae.dtype)).latent_dist
+        return {"latent_mean": posterior.mean.float(), "latent_std": posterior.std.float()}
+
+    def latents_from_cache(self, cached: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        mean, std = cached["latent_mean"], cached["latent_std"]
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return (mean + std * noise) * self.vae.config.scaling_factor
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.denoiser(noisy_latents, timesteps, encoder_hidden_states=text["prompt_embeds"], return_dict=False)[0]
+
+    # --- validation and outputs ------------------------------------------------------------------------
+
+    def build_pipeline(self, denoiser: torch.nn.Module | None = None):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        scheduler = DDIMScheduler.from_config(self._scheduler.config)
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            unet=denoiser if denoiser is not None else self.denoiser, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+    def lora_target_modules(self) -> list[str]:
+        return list(UNET_ATTENTION_TARGETS)
+
+    def save_lora(self, folder: Path, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=lora_state, safe_serialization=True,
+            unet_lora_adapter_metadata=metadata.get("lora_config"),
+        )
+        return folder / "pytorch_lora_weights.safetensors"
+
+    def save_full(self, folder: Path, denoiser: torch.nn.Module) -> Path:
+        pipeline = self.build_pipeline(denoiser)
+        pipeline.scheduler = self._scheduler.__class__.from_config(self._scheduler.config)
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        return folder
+
+
+class StableDiffusion2x(StableDiffusion1x):
+    family = "sd2x"

@@ -1,0 +1,161 @@
+"""From command line + config file + defaults to one validated :class:`TrainConfig`.
+
+Precedence: CLI flags > config file > table defaults. Deprecated aliases are accepted everywhere
+with a warning and mapped to their canonical option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from simpletuner.options import ConfigError, alias_targets, all_options, options_by_name, unknown_option_message
+from simpletuner.options.files import LauncherSettings, find_config_file, load_launcher_settings, read_config_file
+from simpletuner.options.spec import Option
+from simpletuner.options.values import coerce_value
+
+logger = logging.getLogger(__name__)
+
+
+class TrainConfig:
+    """The resolved options of one run: attribute access to every option's typed value.
+
+    Immutable on purpose: the trainer reads it, nothing rewrites it behind the user's back.
+    ``explicit`` records which options the user set (CLI or file), for summaries and validation.
+    """
+
+    __slots__ = ("_values", "explicit")
+
+    def __init__(self, values: Mapping[str, Any], explicit: frozenset[str] = frozenset()):
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "explicit", frozenset(explicit))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(unknown_option_message(name, "TrainConfig")) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("TrainConfig is immutable; use .replace(**changes)")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some values changed (used by tests and derived settings)."""
+        unknown = [k for k in changes if k not in self._values]
+        if unknown:
+            raise AttributeError(unknown_option_message(unknown[0], "TrainConfig.replace"))
+        return TrainConfig({**self._values, **changes}, self.explicit | set(changes))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def non_default(self) -> dict[str, Any]:
+        """The options whose value differs from the table default."""
+        table = options_by_name()
+        return {k: v for k, v in self._values.items() if v != table[k].default}
+
+
+@dataclass
+class ResolvedRun:
+    """Everything ``simpletuner train`` needs before it loads anything heavy."""
+
+    config: TrainConfig
+    config_file: Path | None
+    launcher: LauncherSettings
+    dry_run: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def _metavar(option: Option) -> str:
+    return option.metavar or option.name.upper()
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every option of the table to ``parser`` (grouped as in the table).
+
+    Defaults are suppressed so we can tell which flags were actually given on the command line.
+    """
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in all_options():
+        group = groups.get(option.group) or groups.setdefault(option.group, parser.add_argument_group(option.group))
+        names = [f"--{option.name}"] + [f"--{alias}" for alias in option.aliases]
+        help_text = option.help + ("" if option.implemented else " [not supported yet]")
+        if option.default is not None and option.default != "":
+            help_text += f" (default: {option.default})"
+        kwargs: dict[str, Any] = dict(dest=option.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+        if option.kind == "bool":
+            kwargs.update(nargs="?", const="true", metavar="true|false")
+        else:
+            kwargs.update(metavar=_metavar(option))
+        group.add_argument(*names, **kwargs)
+
+
+def build_train_parser(prog: str = "simpletuner train") -> argparse.ArgumentParser:
+    """The parser of ``simpletuner train``: run-level flags plus every option of the table."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Fine-tune a diffusion model. Options come from flags, then the config file, then defaults.",
+        allow_abbrev=False,
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", default=None, help="Path to a config.json or config.toml (default: config/config.json).")
+    run.add_argument("--env", default=None, help="Use config/<ENV>/config.json and config/<ENV>/config.env.")
+    run.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                     help="Print the resolved config and the dataset plan, then exit without training.")
+    add_option_arguments(parser)
+    return parser
+
+
+def _used_alias_in_argv(argv: Sequence[str]) -> list[str]:
+    aliases = alias_targets()
+    used = []
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0]
+            if name in aliases:
+                used.append(name)
+    return used
+
+
+def merge_sources(file_values: Mapping[str, Any], cli_values: Mapping[str, Any], file_label: str,
+                  warnings: list[str]) -> TrainConfig:
+    """Apply defaults, then file values, then CLI values; every value is coerced and checked."""
+    table = options_by_name()
+    aliases = alias_targets()
+    values = {name: option.default for name, option in table.items()}
+    explicit: set[str] = set()
+    for source, raw_values in ((file_label, file_values), ("command line", cli_values)):
+        for key, raw in raw_values.items():
+            name = key
+            if key in aliases:
+                name = aliases[key]
+                warnings.append(f"{source}: `{key}` is deprecated; use `{name}` instead")
+            if name not in table:
+                raise ConfigError(unknown_option_message(key, source))
+            values[name] = coerce_value(table[name], raw, source)
+            explicit.add(name)
+    return TrainConfig(values, frozenset(explicit))
+
+
+def resolve_run(argv: Sequence[str], environ: Mapping[str, str] | None = None, root: Path | None = None) -> ResolvedRun:
+    """Parse ``simpletuner train`` arguments and produce the validated run description."""
+    from simpletuner.options.validation import validate_config
+
+    environ = os.environ if environ is None else environ
+    root = Path.cwd() if root is None else root
+    parser = build_train_parser()
+    namespace = parser.parse_args(list(argv))
+    cli_values = {k: v for k, v in vars(namespace).items() if k not in ("config", "env", "dry_run")}
+    # argparse maps aliases to the canonical dest; remember which were used so we can warn.
+    warnings = [f"command line: `--{a}` is deprecated; use `--{alias_targets()[a]}` instead" for a in _used_alias_in_argv(argv)]
+    env_name = namespace.env or environ.get("ENV") or None
+    config_file = find_config_file(namespace.config, env_name, root)
+    file_values = read_config_file(config_file) if config_file else {}
+    config = merge_sources(file_values, cli_values, str(config_file) if config_file else "config", warnings)
+    launcher = load_launcher_settings(root, env_name, environ)
+    warnings.extend(validate_config(config))
+    return ResolvedRun(config=config, config_file=config_file, launcher=launcher, dry_run=namespace.dry_run, warnings=warnings)

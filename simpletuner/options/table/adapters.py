@@ -1,0 +1,138 @@
+"""Adapter training: LoRA (PEFT), LyCORIS, DoRA and related targeting options."""
+
+from __future__ import annotations
+
+from simpletuner.options.spec import Option
+
+_G = "adapters"
+
+FLUX_LORA_TARGETS = (
+    "mmdit",
+    "context",
+    "context+ffs",
+    "all",
+    "all+ffs",
+    "ai-toolkit",
+    "tiny",
+    "nano",
+    "controlnet",
+    "all+ffs+embedder",
+    "all+ffs+embedder+controlnet",
+)
+
+OPTIONS: list[Option] = [
+    Option(
+        name="lora_type",
+        kind="str",
+        default="standard",
+        help="Adapter implementation: standard uses PEFT LoRA, lycoris uses the LyCORIS library (needed by some families).",
+        group=_G,
+        choices=("standard", "lycoris"),
+        implemented=True,
+    ),
+    Option(
+        name="lora_rank",
+        kind="int",
+        default=16,
+        help="Inner dimension of the low-rank matrices; higher ranks can learn more but use more memory and disk.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="lora_alpha",
+        kind="float",
+        default=None,
+        help="Scale applied to the adapter output (alpha / rank). Leave unset to use the rank, giving a scale of 1.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="lora_dropout",
+        kind="float",
+        default=0.1,
+        help="Fraction of adapter activations zeroed at random each step, a mild guard against overfitting.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="lora_init_type",
+        kind="str",
+        default=None,
+        help="How the adapter matrices are initialised before training.",
+        group=_G,
+        choices=("default", "gaussian", "loftq", "olora", "pissa"),
+    ),
+    Option(
+        name="lora_format",
+        kind="str",
+        default="diffusers",
+        help="Key layout used when saving and loading LoRA files: the Diffusers/PEFT layout or the ComfyUI layout.",
+        group=_G,
+        choices=("diffusers", "comfyui"),
+    ),
+    Option(
+        name="peft_lora_mode",
+        kind="str",
+        default=None,
+        help="Variant of PEFT LoRA to train; singlora uses a single shared matrix per layer.",
+        group=_G,
+        choices=("standard", "singlora"),
+    ),
+    Option(
+        name="peft_lora_target_modules",
+        kind="json",
+        default=None,
+        help="JSON list of module names (or a file holding one) that receive LoRA layers, replacing the family's preset.",
+        group=_G,
+    ),
+    Option(
+        name="singlora_ramp_up_steps",
+        kind="int",
+        default=None,
+        help="Steps over which a SingLoRA adapter's influence is faded in from zero.",
+        group=_G,
+    ),
+    Option(
+        name="slider_lora_target",
+        kind="bool",
+        default=False,
+        help="Place standard LoRA layers on self-attention and conv/time-embedding modules, which suits slider-style concepts.",
+        group=_G,
+    ),
+    Option(
+        name="flux_lora_target",
+        kind="str",
+        default=None,
+        help="Preset naming which Flux layers get adapter weights.",
+        group=_G,
+        choices=FLUX_LORA_TARGETS,
+    ),
+    Option(
+        name="init_lora",
+        kind="str",
+        default=None,
+        help="Existing LoRA or LyCORIS .safetensors file whose weights seed the new adapter.",
+        group=_G,
+    ),
+    Option(
+        name="lycoris_config",
+        kind="json",
+        default=None,
+        help="JSON file (or inline JSON) describing the LyCORIS algorithm, dimensions and target modules.",
+        group=_G,
+    ),
+    Option(
+        name="init_lokr_norm",
+        kind="float",
+        default=None,
+        help="When set, LoKr layers start from a small random perturbation of this scale instead of zeros.",
+        group=_G,
+    ),
+    Option(
+        name="use_dora",
+        kind="bool",
+        default=False,
+        help="Train a DoRA adapter, which learns magnitude and direction of the weights separately.",
+        group=_G,
+    ),
+]

@@ -1,0 +1,93 @@
+"""Saving, rotating and resuming checkpoints."""
+
+from __future__ import annotations
+
+from simpletuner.options.spec import Option
+
+_G = "checkpointing"
+
+OPTIONS: list[Option] = [
+    Option(
+        name="checkpoint_step_interval",
+        kind="int",
+        default=None,
+        help="Write a resumable checkpoint every N optimizer steps.",
+        group=_G,
+        aliases=("checkpointing_steps",),
+        implemented=True,
+    ),
+    Option(
+        name="checkpoint_epoch_interval",
+        kind="int",
+        default=None,
+        help="Write a checkpoint after every N completed epochs, in addition to any step-based ones.",
+        group=_G,
+    ),
+    Option(
+        name="checkpoints_total_limit",
+        kind="int",
+        default=None,
+        help="Delete the oldest checkpoints beyond this count.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="checkpointing_rolling_steps",
+        kind="int",
+        default=None,
+        help="Step interval for an extra set of rolling checkpoints kept separately from the regular ones.",
+        group=_G,
+    ),
+    Option(
+        name="checkpoints_rolling_total_limit",
+        kind="int",
+        default=None,
+        help="How many rolling checkpoints to keep.",
+        group=_G,
+    ),
+    Option(
+        name="checkpointing_use_tempdir",
+        kind="bool",
+        default=False,
+        help="Write each checkpoint into a temporary folder first and move it into place once complete.",
+        group=_G,
+    ),
+    Option(
+        name="resume_from_checkpoint",
+        kind="str",
+        default=None,
+        help="Continue a previous run: latest, a checkpoint name or path inside output_dir, or an S3 URI/key (needs a publishing_config S3 entry).",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="disk_low_threshold",
+        kind="str",
+        default=None,
+        help="Free space required before a checkpoint is saved, as bytes or a size like 50M, 100G or 1T. Unset disables the check.",
+        group=_G,
+    ),
+    Option(
+        name="disk_low_action",
+        kind="str",
+        default="stop",
+        help="Reaction when free space is under disk_low_threshold: stop the run, wait and re-check every 30 seconds, or run disk_low_script.",
+        group=_G,
+        choices=("stop", "wait", "script"),
+    ),
+    Option(
+        name="disk_low_script",
+        kind="str",
+        default=None,
+        help="Executable cleanup script run when disk_low_action is script; training stops if it fails or frees too little.",
+        group=_G,
+    ),
+    Option(
+        name="post_checkpoint_script",
+        kind="str",
+        default=None,
+        help="Command run in the background after each checkpoint is written locally. "
+        "Placeholders like {local_checkpoint_path} and {global_step} are filled in.",
+        group=_G,
+    ),
+]

@@ -1,0 +1,192 @@
+"""Model selection: which architecture, which weights, and how they are loaded."""
+
+from __future__ import annotations
+
+from simpletuner.options.spec import Option
+
+_G = "model"
+
+MODEL_FAMILIES = (
+    "kolors",
+    "auraflow",
+    "omnigen",
+    "flux",
+    "deepfloyd",
+    "cosmos2image",
+    "sana",
+    "qwen_image",
+    "pixart_sigma",
+    "sdxl",
+    "sd1x",
+    "sd2x",
+    "wan",
+    "hidream",
+    "sd3",
+    "lumina2",
+    "ltxvideo",
+)
+
+OPTIONS: list[Option] = [
+    Option(
+        name="model_family",
+        kind="str",
+        default=None,
+        help="Architecture to fine-tune; this decides the loader, the pipeline and most per-model defaults.",
+        group=_G,
+        choices=MODEL_FAMILIES,
+        implemented=True,
+        required=True,
+    ),
+    Option(
+        name="model_flavour",
+        kind="str",
+        default=None,
+        help="Named release within the chosen family (for example a dev or schnell build); picks the default weights to download.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="model_type",
+        kind="str",
+        default="lora",
+        help="Train a small adapter on top of frozen weights (lora) or update every weight of the network (full).",
+        group=_G,
+        choices=("full", "lora"),
+        implemented=True,
+        required=True,
+    ),
+    Option(
+        name="pretrained_model_name_or_path",
+        kind="str",
+        default=None,
+        help="Hub repository id, local folder or single .safetensors file to start from. "
+        "When unset, the flavour's usual checkpoint is used.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="pretrained_vae_model_name_or_path",
+        kind="str",
+        default=None,
+        help="Load the autoencoder from this hub id or folder instead of the one shipped with the base model.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="pretrained_transformer_model_name_or_path",
+        kind="str",
+        default=None,
+        help="Take the transformer (denoiser) weights from a different hub id or folder than the rest of the pipeline.",
+        group=_G,
+    ),
+    Option(
+        name="pretrained_transformer_subfolder",
+        kind="str",
+        default=None,
+        help="Folder inside the transformer source that holds its weights.",
+        group=_G,
+    ),
+    Option(
+        name="pretrained_unet_model_name_or_path",
+        kind="str",
+        default=None,
+        help="Take the UNet weights from a different hub id or folder than the rest of the pipeline.",
+        group=_G,
+    ),
+    Option(
+        name="pretrained_unet_subfolder",
+        kind="str",
+        default=None,
+        help="Folder inside the UNet source that holds its weights.",
+        group=_G,
+    ),
+    Option(
+        name="pretrained_t5_model_name_or_path",
+        kind="str",
+        default=None,
+        help="Where to load the T5 text encoder from; handy to share one download between several base models.",
+        group=_G,
+    ),
+    Option(
+        name="pretrained_gemma_model_name_or_path",
+        kind="str",
+        default=None,
+        help="Where to load the Gemma text encoder from for families that use one, without changing the base model path.",
+        group=_G,
+    ),
+    Option(
+        name="revision",
+        kind="str",
+        default=None,
+        help="Branch, tag or commit of the hub repository to download.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="variant",
+        kind="str",
+        default=None,
+        help="Weight file variant to request from the repository, such as fp16.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="controlnet",
+        kind="bool",
+        default=False,
+        help="Train a ControlNet branch (full or LoRA) next to the main network.",
+        group=_G,
+    ),
+    Option(
+        name="controlnet_model_name_or_path",
+        kind="str",
+        default=None,
+        help="Existing ControlNet weights to start from instead of a freshly initialised branch.",
+        group=_G,
+    ),
+    Option(
+        name="controlnet_custom_config",
+        kind="json",
+        default=None,
+        help="JSON object (or file) overriding the architecture settings of a newly created ControlNet.",
+        group=_G,
+    ),
+    Option(
+        name="control",
+        kind="bool",
+        default=False,
+        help="Train with the control image concatenated to the input channels instead of through a separate branch.",
+        group=_G,
+    ),
+    Option(
+        name="tread_config",
+        kind="json",
+        default=None,
+        help="JSON settings (or a file) for TREAD token routing, which lets some tokens skip layers to speed up training.",
+        group=_G,
+    ),
+    Option(
+        name="custom_text_encoder_intermediary_layers",
+        kind="list",
+        default=None,
+        help="Experimental, FLUX.2 only: indices of the text encoder hidden layers to feed the model, e.g. [10, 20, 30]. "
+        "Changing them invalidates cached text embeddings.",
+        group=_G,
+    ),
+    Option(
+        name="fuse_qkv_projections",
+        kind="bool",
+        default=False,
+        help="Merge the query, key and value projections of attention layers into one matmul; "
+        "pays off with Flash Attention 3 on Hopper GPUs.",
+        group=_G,
+    ),
+    Option(
+        name="delete_model_after_load",
+        kind="bool",
+        default=False,
+        help="Remove the downloaded base model files from the Hugging Face cache once they are in memory, to save disk. "
+        "The next run will download them again.",
+        group=_G,
+    ),
+]

@@ -1,0 +1,154 @@
+"""Numeric precision, quantisation and attention kernels."""
+
+from __future__ import annotations
+
+from simpletuner.options.spec import Option
+
+_G = "precision"
+
+QUANTIZATION_PRESETS = (
+    "no_change",
+    "int8-quanto",
+    "int4-quanto",
+    "int2-quanto",
+    "int8-torchao",
+    "nf4-bnb",
+    "int4-torchao",
+    "fp8-quanto",
+    "fp8uz-quanto",
+    "fp8-torchao",
+)
+
+ATTENTION_MECHANISMS = (
+    "diffusers",
+    "xformers",
+    "flash-attn",
+    "flash-attn-2",
+    "flash-attn-3",
+    "flash-attn-3-varlen",
+    "flex",
+    "cudnn",
+    "native-efficient",
+    "native-flash",
+    "native-math",
+    "native-npu",
+    "native-xla",
+    "sla",
+    "sageattention",
+    "sageattention-int8-fp16-triton",
+    "sageattention-int8-fp16-cuda",
+    "sageattention-int8-fp8-cuda",
+)
+
+
+def _text_encoder_precision(index: int) -> Option:
+    return Option(
+        name=f"text_encoder_{index}_precision",
+        kind="str",
+        default=None,
+        help=f"Quantisation preset for text encoder number {index}; a smaller type frees memory at some cost in fidelity.",
+        group=_G,
+        choices=QUANTIZATION_PRESETS,
+    )
+
+
+OPTIONS: list[Option] = [
+    Option(
+        name="mixed_precision",
+        kind="str",
+        default="bf16",
+        help="Numeric type used for forward and backward computation; no keeps everything in fp32.",
+        group=_G,
+        choices=("no", "bf16", "fp16", "fp8"),
+        implemented=True,
+    ),
+    Option(
+        name="base_model_precision",
+        kind="str",
+        default=None,
+        help="Quantise the frozen base model to this type when it is loaded, cutting memory use. "
+        "no_change keeps the original weights.",
+        group=_G,
+        choices=QUANTIZATION_PRESETS,
+    ),
+    *(_text_encoder_precision(i) for i in (1, 2, 3, 4)),
+    Option(
+        name="base_model_default_dtype",
+        kind="str",
+        default=None,
+        help="Type given to base model weights that the quantiser leaves untouched.",
+        group=_G,
+        choices=("bf16", "fp32"),
+    ),
+    Option(
+        name="quantize_via",
+        kind="str",
+        default="cpu",
+        help="Device that performs quantisation: cpu is slow but safe, accelerator is quicker but may run out of memory, "
+        "pipeline hands it to Diffusers at load time.",
+        group=_G,
+        choices=("cpu", "accelerator", "pipeline"),
+    ),
+    Option(
+        name="quantization_config",
+        kind="json",
+        default=None,
+        help="Per-component Diffusers quantisation settings (keys such as unet, transformer, text_encoder, default), "
+        "inline or as a file; used with quantize_via=pipeline.",
+        group=_G,
+    ),
+    Option(
+        name="quantize_activations",
+        kind="bool",
+        default=False,
+        help="Also quantise intermediate activations, not just weights, while training.",
+        group=_G,
+    ),
+    Option(
+        name="vae_dtype",
+        kind="str",
+        default=None,
+        help="Numeric type for the autoencoder while encoding and decoding; default follows the model's own choice.",
+        group=_G,
+        choices=("default", "fp32", "fp16", "bf16"),
+    ),
+    Option(
+        name="gradient_precision",
+        kind="str",
+        default=None,
+        help="Keep gradients in fp32, or leave them in whatever type the model produces (unmodified).",
+        group=_G,
+        choices=("unmodified", "fp32"),
+    ),
+    Option(
+        name="attention_mechanism",
+        kind="str",
+        default="diffusers",
+        help="Attention kernel to use. diffusers means PyTorch SDPA; the others need their own packages or hardware.",
+        group=_G,
+        choices=ATTENTION_MECHANISMS,
+    ),
+    Option(
+        name="sageattention_usage",
+        kind="str",
+        default=None,
+        help="Phases in which a SageAttention kernel is active. Its kernels pass no gradients to the QKV projections, "
+        "so enabling it for training leaves those layers unlearned.",
+        group=_G,
+        choices=("training", "inference", "training+inference"),
+    ),
+    Option(
+        name="sla_config",
+        kind="json",
+        default=None,
+        help="JSON (or Python dict) overrides for Sparse-Linear Attention runtime settings, e.g. topk or blkq.",
+        group=_G,
+    ),
+    Option(
+        name="disable_tf32",
+        kind="bool",
+        default=False,
+        help="Turn off TF32 matmuls on NVIDIA GPUs and compute in strict fp32; slower but more exact.",
+        group=_G,
+    ),
+]

@@ -1,0 +1,88 @@
+"""Tokenizers built entirely offline, for the tiny test and demo models.
+
+A CLIP tokenizer needs a vocabulary and BPE merges. Hub files are not available here, so we build
+them in code: the 256 byte symbols (alone and with the ``</w>`` end-of-word marker) so that any text
+can be tokenized, plus merges *learned* from a small word list so that the words the demo uses
+("red", "circle", "background", ...) become single tokens. One token per word gives the random text
+encoder clearly different inputs for captions that differ by one word.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import lru_cache
+from typing import Iterable
+
+from simpletuner.testing.shapes import BACKGROUND_NAME, PALETTE, SHAPES
+
+#: Words that become single tokens: the demo captions plus a few common prompt words.
+DEMO_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "on", "of", "in", "and", "with", "background", "photo", "picture",
+    BACKGROUND_NAME, *PALETTE, *SHAPES, "black", "grey", "gray", "orange", "pink", "brown",
+    "small", "large", "big", "shape", "blurry", "cropped", "ugly", "dog", "cat",
+)
+START_TOKEN = "<|startoftext|>"
+END_TOKEN = "<|endoftext|>"
+
+
+@lru_cache(maxsize=1)
+def byte_symbols() -> tuple[str, ...]:
+    """The printable stand-ins GPT-2/CLIP byte-level BPE uses for the 256 byte values."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return tuple(chr(c) for c in codes)
+
+
+def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """Classic BPE training until every word is one symbol.
+
+    Replaying merges in rank order reproduces the training segmentation, so each listed word is
+    tokenized as exactly one token by the real CLIP tokenizer.
+    """
+    segmented = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in set(words) if w}
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols in segmented.values():
+            pairs.update(zip(symbols, symbols[1:]))
+        if not pairs:
+            return merges
+        best = max(pairs, key=lambda p: (pairs[p], p))  # frequency first, then a stable tie-break
+        merges.append(best)
+        segmented = {w: _apply_merge(symbols, best) for w, symbols in segmented.items()}
+
+
+def _apply_merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return tuple(merged)
+
+
+def build_clip_tokenizer(words: Iterable[str] = DEMO_WORDS, model_max_length: int = 77):
+    """A real ``CLIPTokenizer`` whose vocabulary is bytes + the merged symbols for ``words``."""
+    from transformers import CLIPTokenizer
+
+    symbols = byte_symbols()
+    merges = learn_merges(words)
+    vocab: dict[str, int] = {}
+    for token in [*symbols, *(s + "</w>" for s in symbols), *(a + b for a, b in merges)]:
+        vocab.setdefault(token, len(vocab))
+    vocab[START_TOKEN] = len(vocab)
+    vocab[END_TOKEN] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return tokenizer

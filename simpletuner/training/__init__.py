@@ -1,0 +1,1 @@
+"""The training loop and the pieces it is assembled from (objectives, optimizers, schedules, EMA, checkpoints)."""

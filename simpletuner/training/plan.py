@@ -1,0 +1,45 @@
+"""``--dry-run``: show what a run would do without loading a model.
+
+Prints the resolved config (what differs from the defaults, and where it came from), the launcher
+settings, and for each dataset how many images were found, skipped and in which buckets. Only the
+image headers are read, so this is fast and needs no torch.
+"""
+
+from __future__ import annotations
+
+import json
+
+from simpletuner.data.buckets import assign_buckets
+from simpletuner.data.config import load_dataset_plan
+from simpletuner.data.metadata import scan_image_dataset
+
+
+def describe_datasets(config) -> list[str]:
+    plan = load_dataset_plan(config.data_backend_config)
+    lines = [f"datasets ({config.data_backend_config}):"]
+    for dataset in plan.enabled_images:
+        dataset = dataset.with_global_defaults(config.resolution, config.resolution_type, config.cache_dir)
+        scan = scan_image_dataset(dataset)
+        buckets = assign_buckets(scan.records, dataset.resolution, dataset.resolution_type,
+                                 config.aspect_bucket_alignment, dataset.crop)
+        sizes = ", ".join(f"{w}x{h}: {len(records)}" for (w, h), records in buckets.items()) or "none"
+        lines.append(f"  {dataset.id}: {len(scan.records)} images in {dataset.instance_data_dir}, "
+                     f"{len(scan.skipped)} skipped, repeats {dataset.repeats}; buckets {sizes}")
+        for path, reason in scan.skipped[:5]:
+            lines.append(f"    skipped {path}: {reason}")
+    lines.append(f"  text embeds cache: {plan.text_embeds.cache_dir}")
+    return lines
+
+
+def describe_plan(run) -> str:
+    """The text ``--dry-run`` prints."""
+    config = run.config
+    lines = [
+        "=== resolved config (values that differ from the defaults) ===",
+        json.dumps(config.non_default(), indent=2, default=str),
+        f"config file: {run.config_file or 'none (flags only)'}",
+        f"launcher: {run.launcher.num_processes} process(es), dynamo {run.launcher.dynamo_backend or 'off'}"
+        + (f", from {run.launcher.source}" if run.launcher.source else ""),
+    ]
+    lines += describe_datasets(config)
+    return "\n".join(lines)

@@ -1,0 +1,354 @@
+"""The training run, top to bottom: setup, fit, save.
+
+Features plug in as objects (the model family, the method computing the loss, EMA, the validator,
+the tracker) so the loop itself stays short. accelerate owns devices, mixed precision, gradient
+accumulation and the distributed plumbing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+
+import torch
+
+from simpletuner.training import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+FULL_WEIGHTS_FILE = "denoiser.safetensors"
+
+
+@dataclass
+class LoopState:
+    """Counters with units in their names; saved in every checkpoint."""
+
+    global_step: int = 0
+    micro_step: int = 0
+    num_images_seen: int = 0
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """One training run. ``setup()`` builds everything, ``fit()`` trains, ``save_final()`` writes outputs."""
+
+    def __init__(self, config, launcher=None, config_file: Path | None = None, show_progress: bool = True):
+        self.config = config
+        self.launcher = launcher
+        self.config_file = config_file
+        self.show_progress = show_progress
+        self.output_dir = Path(config.output_dir)
+        self.state = LoopState()
+
+    # --- setup ---------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        config = self.config
+        if config.torch_num_threads:
+            torch.set_num_threads(config.torch_num_threads)
+        dynamo = getattr(self.launcher, "dynamo_backend", None)
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            **({"dynamo_backend": dynamo} if dynamo else {}),
+        )
+        self.is_main = self.accelerator.is_main_process
+        if config.seed is not None:
+            set_seed(config.seed)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temp_folders(self.output_dir)
+            self._write_resolved_config()
+        self.model = self._load_model()
+        self.data = self._build_data()
+        self.trainable = self._prepare_trainable()
+        self._build_optimization()
+        self._build_observers()
+        self._maybe_resume()
+        if self.is_main:
+            logger.info("\n%s", self.startup_summary())
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float32
+
+    def _write_resolved_config(self) -> None:
+        resolved = {"config_file": str(self.config_file) if self.config_file else None, **self.config.as_dict()}
+        (self.output_dir / "training_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")
+
+    def _load_model(self):
+        from simpletuner.models.registry import load_family_class
+
+        family_class = load_family_class(self.config.model_family)
+        model = family_class(self.config, self.accelerator.device, self.weight_dtype)
+        logger.info("loading %s from %s", self.config.model_family, model.model_path)
+        model.load()
+        return model
+
+    def _build_data(self):
+        from simpletuner.data.config import load_dataset_plan
+        from simpletuner.data.dataset import build_training_data
+
+        plan = load_dataset_plan(self.config.data_backend_config)
+        with self.accelerator.main_process_first():
+            return build_training_data(self.config, self.model, plan, show_progress=self.show_progress and self.is_main)
+
+    def _prepare_trainable(self) -> list[torch.nn.Parameter]:
+        from simpletuner.models.adapters import add_lora
+
+        denoiser = self.model.denoiser
+        if self.config.model_type == "lora":
+            self.lora_config = add_lora(denoiser, self.model.lora_target_modules(), self.config.lora_rank,
+                                        self.config.lora_alpha, self.config.lora_dropout)
+        else:
+            self.lora_config = None
+            denoiser.requires_grad_(True)
+        denoiser.train()
+        return [p for p in denoiser.parameters() if p.requires_grad]
+
+    def _build_optimization(self) -> None:
+        from simpletuner.methods.sft import SupervisedFineTuning
+        from simpletuner.training.ema import EmaWeights
+        from simpletuner.training.lr import build_lr_scheduler
+        from simpletuner.training.optim import build_optimizer
+
+        config = self.config
+        self.steps_per_epoch = max(1, self.data.sampler.batches_per_epoch() // config.gradient_accumulation_steps)
+        self.max_steps = config.max_train_steps or config.num_train_epochs * self.steps_per_epoch
+        optimizer = build_optimizer(config, self.trainable)
+        # The LR schedule is stepped once per optimizer step, on every process, so it is not prepared.
+        self.lr_scheduler = build_lr_scheduler(config, optimizer, self.max_steps)
+        self.model.denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
+        self.ema = EmaWeights(self.trainable, config.ema_decay) if config.use_ema else None
+        self.method = SupervisedFineTuning(self.model, config.caption_dropout_probability)
+
+    def _build_observers(self) -> None:
+        from simpletuner.tracking import build_tracker
+        from simpletuner.validation.runner import ValidationSettings, Validator
+
+        config = self.config
+        self.tracker = build_tracker(config, self.output_dir, self.is_main)
+        edge = max(max(size) for size in self.data.sampler.bucket_sizes)
+        self.validator = Validator(
+            settings=ValidationSettings.from_config(config, fallback_edge=edge),
+            output_dir=self.output_dir, tracker=self.tracker,
+            interval=None if config.validation_disable else config.validation_step_interval,
+            benchmark_enabled=not config.disable_benchmark and not config.validation_disable,
+            device=self.accelerator.device,
+        )
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def _unwrapped_denoiser(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model.denoiser)
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.is_main:
+            return None
+        from safetensors.torch import save_model
+
+        step = self.state.global_step
+        writers = {
+            "optimizer.pt": lambda path: torch.save(self.optimizer.state_dict(), path),
+            "lr_scheduler.pt": lambda path: torch.save(self.lr_scheduler.state_dict(), path),
+            "random_states.pt": lambda path: torch.save(ckpt.rng_state(), path),
+            "sampler.json": lambda path: path.write_text(json.dumps(self.data.state_dict())),
+        }
+        if self.config.model_type == "lora":
+            writers[WEIGHTS_FILE] = lambda path: self._save_lora(path.parent)
+        else:
+            writers[FULL_WEIGHTS_FILE] = lambda path: save_model(self._unwrapped_denoiser(), str(path))
+        if self.ema is not None:
+            writers["ema.pt"] = lambda path: torch.save(self.ema.state_dict(), path)
+        training_state = {"global_step": step, "micro_step": self.state.micro_step,
+                          "num_images_seen": self.state.num_images_seen, "max_steps": self.max_steps,
+                          "model_type": self.config.model_type, "model_family": self.config.model_family}
+        folder = ckpt.write_checkpoint(self.output_dir, step, writers, training_state)
+        logger.info("saved checkpoint %s", folder)
+        ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
+        return folder
+
+    def _maybe_resume(self) -> None:
+        from safetensors.torch import load_model
+
+        from simpletuner.models.adapters import load_lora_weights_into
+
+        folder = ckpt.resolve_resume_path(self.output_dir, self.config.resume_from_checkpoint)
+        if folder is None:
+            if self.config.resume_from_checkpoint == "latest":
+                logger.info("no checkpoint in %s yet: starting from step 0", self.output_dir)
+            return
+        state = ckpt.read_training_state(folder)
+        if state.get("model_type") != self.config.model_type:
+            raise ckpt.CheckpointError(
+                f"{folder} was saved by a --model_type {state.get('model_type')} run; this run uses "
+                f"--model_type {self.config.model_type}. Use a matching checkpoint or a new --output_dir"
+            )
+        denoiser = self._unwrapped_denoiser()
+        if self.config.model_type == "lora":
+            load_lora_weights_into(denoiser, folder / WEIGHTS_FILE, prefix=self.model.denoiser_name)
+        else:
+            load_model(denoiser, str(folder / FULL_WEIGHTS_FILE))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        self.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=False))
+        if self.ema is not None and (folder / "ema.pt").exists():
+            self.ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
+        self.data.load_state_dict(json.loads((folder / "sampler.json").read_text()))
+        ckpt.restore_rng_state(torch.load(folder / "random_states.pt", weights_only=False))
+        self.state.global_step = state["global_step"]
+        self.state.micro_step = state["micro_step"]
+        self.state.num_images_seen = state["num_images_seen"]
+        self.resumed_from = folder
+        logger.info("resumed from %s at step %d", folder, self.state.global_step)
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def fit(self) -> LoopState:
+        from tqdm.auto import tqdm
+
+        if self.state.global_step == 0 and self.is_main:
+            self.validator.run_benchmark(self.model)
+        progress = tqdm(total=self.max_steps, initial=self.state.global_step, desc="training",
+                        disable=not (self.show_progress and self.is_main), dynamic_ncols=True)
+        while self.state.global_step < self.max_steps:
+            started = time.perf_counter()
+            loss, grad_norm = self.optimization_step()
+            seconds = time.perf_counter() - started
+            self._after_step(loss, grad_norm, seconds, progress)
+        progress.close()
+        return self.state
+
+    def optimization_step(self) -> tuple[float, float | None]:
+        """``gradient_accumulation_steps`` micro-batches, then one optimizer step."""
+        accelerator = self.accelerator
+        denoiser = self.model.denoiser
+        total = 0.0
+        grad_norm = None
+        for _ in range(self.config.gradient_accumulation_steps):
+            batch = self.data.next_batch()
+            with accelerator.accumulate(denoiser):
+                output = self.method.compute_loss(batch, accelerator.device)
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients and self.config.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += output.loss.detach().item()
+            self.state.micro_step += 1
+            self.state.num_images_seen += batch["latent_mean"].shape[0] * accelerator.num_processes
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+        return total / self.config.gradient_accumulation_steps, None if grad_norm is None else float(grad_norm)
+
+    def _after_step(self, loss: float, grad_norm: float | None, seconds: float, progress) -> None:
+        state = self.state
+        state.global_step += 1
+        state.losses.append(loss)
+        state.step_seconds.append(seconds)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss} at step {state.global_step}; lower --learning_rate or set --max_grad_norm "
+                "(the last checkpoint is intact)"
+            )
+        lr = self.lr_scheduler.get_last_lr()[0]
+        scalars = {"loss/train": loss, "lr": lr, "timing/sec_per_step": seconds}
+        if grad_norm is not None:
+            scalars["grad_norm"] = grad_norm
+        self.tracker.log_scalars(scalars, state.global_step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if self.config.checkpoint_step_interval and state.global_step % self.config.checkpoint_step_interval == 0:
+            self.accelerator.wait_for_everyone()
+            self.save_checkpoint()
+        if self.is_main and self.validator.due(state.global_step):
+            self.validator.run(self.model, state.global_step)
+
+    # --- outputs -------------------------------------------------------------------------------------
+
+    def _provenance(self) -> dict[str, str]:
+        from simpletuner import __version__
+
+        return {
+            "simpletuner_version": __version__,
+            "base_model": self.model.model_path,
+            "model_family": self.config.model_family,
+            "global_step": str(self.state.global_step),
+            "num_images_seen": str(self.state.num_images_seen),
+        }
+
+    def _save_lora(self, folder: Path) -> Path:
+        from simpletuner.models.adapters import add_file_metadata, lora_state_dict
+
+        folder.mkdir(parents=True, exist_ok=True)
+        state = lora_state_dict(self._unwrapped_denoiser())
+        file = self.model.save_lora(folder, state, {"lora_config": self.lora_config})
+        add_file_metadata(file, self._provenance())
+        return file
+
+    def save_final(self) -> Path | None:
+        """The run's product: a LoRA file or a full pipeline folder, plus EMA weights beside it."""
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return None
+        if self.config.model_type == "lora":
+            result = self._save_lora(self.output_dir)
+            if self.ema is not None:
+                with self.ema.applied():
+                    self._save_lora(self.output_dir / "ema")
+        else:
+            result = self.model.save_full(self.output_dir / "pipeline", self._unwrapped_denoiser())
+            if self.ema is not None:
+                with self.ema.applied():
+                    self.model.save_full(self.output_dir / "ema" / "pipeline", self._unwrapped_denoiser())
+        logger.info("saved %s", result)
+        if self.validator.enabled and not self.validator.due(self.state.global_step):
+            self.validator.run(self.model, self.state.global_step)
+        self.tracker.close()
+        return result
+
+    # --- reporting -----------------------------------------------------------------------------------
+
+    def startup_summary(self) -> str:
+        config = self.config
+        denoiser = self._unwrapped_denoiser()
+        total = sum(p.numel() for p in denoiser.parameters())
+        trainable = sum(p.numel() for p in self.trainable)
+        effective = config.train_batch_size * config.gradient_accumulation_steps * self.accelerator.num_processes
+        lines = [
+            "=== simpletuner run ===",
+            f"model:        {config.model_family} ({self.model.model_path}), prediction {self.model.prediction_type}",
+            f"training:     {config.model_type}"
+            + (f" rank {config.lora_rank}" if config.model_type == "lora" else "")
+            + f", {trainable:,} of {total:,} parameters trainable ({100 * trainable / max(total, 1):.2f}%)",
+            f"precision:    {config.mixed_precision}, device {self.accelerator.device}, processes {self.accelerator.num_processes}",
+            f"batch:        {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation x "
+            f"{self.accelerator.num_processes} processes = {effective} images per step",
+            f"steps:        {self.max_steps} ({self.steps_per_epoch} per epoch), starting at {self.state.global_step}",
+            f"optimizer:    {config.optimizer}, lr {config.learning_rate} ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
+            self.data.describe(),
+            f"output:       {self.output_dir}",
+        ]
+        return "\n".join(lines)
+
+    def step_time_median(self) -> float:
+        return median(self.state.step_seconds) if self.state.step_seconds else float("nan")
+
+
+def train(config, launcher=None, config_file: Path | None = None, show_progress: bool = True) -> Trainer:
+    """Run a whole training job; returns the finished trainer (tests read its state)."""
+    trainer = Trainer(config, launcher=launcher, config_file=config_file, show_progress=show_progress)
+    trainer.setup()
+    trainer.fit()
+    trainer.save_final()
+    return trainer

@@ -1,0 +1,155 @@
+"""Validation: sample images with the family's own pipeline during training, save grids, log them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def parse_resolutions(text: str | None, fallback_edge: int) -> list[tuple[int, int]]:
+    """``"512"``, ``"512x768"`` or a comma-separated list of those -> [(width, height), ...]."""
+    if not text:
+        return [(fallback_edge, fallback_edge)]
+    sizes = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            if "x" in part:
+                width, height = (int(v) for v in part.split("x", 1))
+            else:
+                width = height = int(float(part))
+        except ValueError:
+            raise ValueError(f"--validation_resolution: {part!r} is not WIDTH, or WIDTHxHEIGHT") from None
+        sizes.append((width, height))
+    return sizes or [(fallback_edge, fallback_edge)]
+
+
+def make_grid(images: list, columns: int):
+    """Paste images (same size) into one grid image, row-major."""
+    from PIL import Image
+
+    width, height = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def stitch_left(benchmark, image):
+    """Put the base model's image to the left of the trained one, for before/after comparison."""
+    from PIL import Image
+
+    canvas = Image.new("RGB", (benchmark.width + image.width, max(benchmark.height, image.height)), "white")
+    canvas.paste(benchmark.convert("RGB"), (0, 0))
+    canvas.paste(image.convert("RGB"), (benchmark.width, 0))
+    return canvas
+
+
+@dataclass
+class ValidationSettings:
+    prompts: list[str]
+    negative_prompt: str | None
+    num_images: int
+    num_inference_steps: int
+    guidance: float
+    seed: int
+    resolutions: list[tuple[int, int]]
+
+    @classmethod
+    def from_config(cls, config, fallback_edge: int) -> "ValidationSettings":
+        return cls(
+            prompts=[config.validation_prompt] if config.validation_prompt else [],
+            negative_prompt=config.validation_negative_prompt or None,
+            num_images=config.num_validation_images or 1,
+            num_inference_steps=config.validation_num_inference_steps,
+            guidance=config.validation_guidance,
+            seed=config.validation_seed if config.validation_seed is not None else (config.seed or 0),
+            resolutions=parse_resolutions(config.validation_resolution, fallback_edge),
+        )
+
+
+def generate_images(pipeline, prompts: list[str], settings: ValidationSettings, device,
+                    size: tuple[int, int], batch_size: int = 16) -> list:
+    """One image per prompt, each with its own seeded generator so results do not depend on batching
+    and never touch the global random state (which would break exact resume)."""
+    import torch
+
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(settings.seed + start + i) for i in range(len(chunk))]
+        result = pipeline(
+            prompt=chunk,
+            negative_prompt=[settings.negative_prompt] * len(chunk) if settings.negative_prompt else None,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance,
+            width=size[0], height=size[1],
+            generator=generators,
+        )
+        images.extend(result.images)
+    return images
+
+
+@dataclass
+class Validator:
+    """Runs validation at the configured interval and keeps the base model's images for comparison."""
+
+    settings: ValidationSettings
+    output_dir: Path
+    tracker: object
+    interval: int | None
+    benchmark_enabled: bool
+    device: object
+    benchmark: dict[tuple[int, int], list] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.settings.prompts)
+
+    def due(self, step: int) -> bool:
+        return self.enabled and bool(self.interval) and step > 0 and step % self.interval == 0
+
+    def run(self, model, step: int, label: str | None = None) -> dict[tuple[int, int], list]:
+        """Sample every prompt x image index x resolution; write PNGs and a grid per resolution."""
+        import torch
+
+        denoiser = model.denoiser
+        was_training = denoiser.training
+        denoiser.eval()
+        pipeline = model.build_pipeline(denoiser)
+        pipeline.set_progress_bar_config(disable=True)
+        prompts = [p for p in self.settings.prompts for _ in range(self.settings.num_images)]
+        folder = self.output_dir / "validation" / (label or f"step_{step}")
+        folder.mkdir(parents=True, exist_ok=True)
+        results = {}
+        with torch.no_grad():
+            for size in self.settings.resolutions:
+                images = generate_images(pipeline, prompts, self.settings, self.device, size)
+                results[size] = images
+                self._write(folder, size, prompts, images, step)
+        if was_training:
+            denoiser.train()
+        logger.info("validation images for step %d written to %s", step, folder)
+        return results
+
+    def run_benchmark(self, model) -> None:
+        """Images from the untrained model at step 0, later stitched left of each validation image."""
+        if self.enabled and self.benchmark_enabled:
+            self.benchmark = self.run(model, 0, label="step_0_base_model")
+
+    def _write(self, folder: Path, size: tuple[int, int], prompts: list[str], images: list, step: int) -> None:
+        tag = f"{size[0]}x{size[1]}"
+        base = self.benchmark.get(size)
+        shown = []
+        for index, image in enumerate(images):
+            image.save(folder / f"{tag}_{index:02d}.png")
+            shown.append(stitch_left(base[index], image) if base and step > 0 else image)
+        grid = make_grid(shown, columns=min(len(shown), 4))
+        grid.save(folder / f"grid_{tag}.png")
+        self.tracker.log_image(f"validation/{tag}", grid, step)
