@@ -102,6 +102,12 @@ class TrainingData:
         batch["paths"] = [str(r.path) for r in records]
         return batch
 
+    def skip_batch(self) -> None:
+        """Advance the batch order without loading anything (another process trains on that batch)."""
+        if self._batches is None:
+            self._batches = iter(self.sampler)
+        next(self._batches)
+
     def state_dict(self) -> dict:
         """The sampler position; everything else is rebuilt from the caches on resume."""
         return self.sampler.state_dict()

@@ -35,11 +35,10 @@ def add_lora(denoiser: torch.nn.Module, target_modules: list[str], rank: int, al
 
 def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights, named as diffusers' LoRA loaders expect (without the denoiser prefix)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(denoiser)
-    return {k: v.detach().to("cpu").contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
 def load_lora_weights_into(denoiser: torch.nn.Module, file: Path, prefix: str) -> None:

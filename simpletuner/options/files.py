@@ -63,12 +63,12 @@ def find_config_file(explicit: str | None, env_name: str | None, root: Path) -> 
     return None
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Key -> raw value from a config file, leading dashes stripped, placeholders substituted."""
+def read_config_file(path: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Key -> raw value from a config file, leading dashes stripped, ``{env:VAR}`` filled from ``environ``."""
     data = load_toml_file(path) if path.suffix == ".toml" else load_json_file(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be an object of option names to values, not {type(data).__name__}")
-    return {key.lstrip("-"): substitute_env(value, key.lstrip("-"), path) for key, value in data.items()}
+    return {key.lstrip("-"): substitute_env(value, key.lstrip("-"), path, environ) for key, value in data.items()}
 
 
 def substitute_env(value: Any, key: str, source: Path | str, environ: Mapping[str, str] | None = None) -> Any:

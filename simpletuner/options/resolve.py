@@ -121,6 +121,14 @@ def _used_alias_in_argv(argv: Sequence[str]) -> list[str]:
     return used
 
 
+def _reject_unknown_arguments(unknown: Sequence[str]) -> None:
+    """argparse only says "unrecognized arguments"; name the closest known option instead."""
+    for token in unknown:
+        if token.startswith("--"):
+            raise ConfigError(unknown_option_message(token[2:].split("=", 1)[0], "command line"))
+    raise ConfigError(f"command line: unexpected argument {unknown[0]!r}; options are written `--name value`")
+
+
 def merge_sources(file_values: Mapping[str, Any], cli_values: Mapping[str, Any], file_label: str,
                   warnings: list[str]) -> TrainConfig:
     """Apply defaults, then file values, then CLI values; every value is coerced and checked."""
@@ -148,13 +156,15 @@ def resolve_run(argv: Sequence[str], environ: Mapping[str, str] | None = None, r
     environ = os.environ if environ is None else environ
     root = Path.cwd() if root is None else root
     parser = build_train_parser()
-    namespace = parser.parse_args(list(argv))
+    namespace, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        _reject_unknown_arguments(unknown)
     cli_values = {k: v for k, v in vars(namespace).items() if k not in ("config", "env", "dry_run")}
     # argparse maps aliases to the canonical dest; remember which were used so we can warn.
     warnings = [f"command line: `--{a}` is deprecated; use `--{alias_targets()[a]}` instead" for a in _used_alias_in_argv(argv)]
     env_name = namespace.env or environ.get("ENV") or None
     config_file = find_config_file(namespace.config, env_name, root)
-    file_values = read_config_file(config_file) if config_file else {}
+    file_values = read_config_file(config_file, environ) if config_file else {}
     config = merge_sources(file_values, cli_values, str(config_file) if config_file else "config", warnings)
     launcher = load_launcher_settings(root, env_name, environ)
     warnings.extend(validate_config(config))

@@ -46,6 +46,7 @@ class Trainer:
         self.show_progress = show_progress
         self.output_dir = Path(config.output_dir)
         self.state = LoopState()
+        self._last_step_end: float | None = None
 
     # --- setup ---------------------------------------------------------------------------------------
 
@@ -123,7 +124,8 @@ class Trainer:
         from simpletuner.training.optim import build_optimizer
 
         config = self.config
-        self.steps_per_epoch = max(1, self.data.sampler.batches_per_epoch() // config.gradient_accumulation_steps)
+        batches_per_process = self.data.sampler.batches_per_epoch() // self.accelerator.num_processes
+        self.steps_per_epoch = max(1, batches_per_process // config.gradient_accumulation_steps)
         self.max_steps = config.max_train_steps or config.num_train_epochs * self.steps_per_epoch
         optimizer = build_optimizer(config, self.trainable)
         # The LR schedule is stepped once per optimizer step, on every process, so it is not prepared.
@@ -214,19 +216,33 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------------
 
     def fit(self) -> LoopState:
-        from tqdm.auto import tqdm
-
         if self.state.global_step == 0 and self.is_main:
             self.validator.run_benchmark(self.model)
-        progress = tqdm(total=self.max_steps, initial=self.state.global_step, desc="training",
-                        disable=not (self.show_progress and self.is_main), dynamic_ncols=True)
+        progress = self.progress_bar()
         while self.state.global_step < self.max_steps:
-            started = time.perf_counter()
-            loss, grad_norm = self.optimization_step()
-            seconds = time.perf_counter() - started
-            self._after_step(loss, grad_norm, seconds, progress)
+            self.run_one_step(progress)
         progress.close()
         return self.state
+
+    def progress_bar(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.max_steps, initial=self.state.global_step, desc="training",
+                    disable=not (self.show_progress and self.is_main), dynamic_ncols=True)
+
+    def run_one_step(self, progress) -> None:
+        """One optimizer step and everything that follows it (logging, checkpoint, validation).
+
+        The recorded step time runs from the end of the previous step's optimizer work to the end
+        of this one's, so the previous step's logging and bookkeeping are counted too.
+        """
+        if self._last_step_end is None:
+            self._last_step_end = time.perf_counter()
+        loss, grad_norm = self.optimization_step()
+        now = time.perf_counter()
+        seconds = now - self._last_step_end
+        self._last_step_end = now
+        self._after_step(loss, grad_norm, seconds, progress)
 
     def optimization_step(self) -> tuple[float, float | None]:
         """``gradient_accumulation_steps`` micro-batches, then one optimizer step."""
@@ -235,7 +251,7 @@ class Trainer:
         total = 0.0
         grad_norm = None
         for _ in range(self.config.gradient_accumulation_steps):
-            batch = self.data.next_batch()
+            batch = self._next_local_batch()
             with accelerator.accumulate(denoiser):
                 output = self.method.compute_loss(batch, accelerator.device)
                 accelerator.backward(output.loss)
@@ -250,6 +266,18 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
         return total / self.config.gradient_accumulation_steps, None if grad_norm is None else float(grad_norm)
+
+    def _next_local_batch(self) -> dict:
+        """Every process walks the same seeded batch order and keeps every N-th batch, so the
+        processes train on different images and the order survives a resume unchanged."""
+        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        batch = None
+        for index in range(processes):
+            if index == rank:
+                batch = self.data.next_batch()
+            else:
+                self.data.skip_batch()
+        return batch
 
     def _after_step(self, loss: float, grad_norm: float | None, seconds: float, progress) -> None:
         state = self.state

@@ -56,7 +56,7 @@ OPTIONS: list[Option] = [
         name="resume_from_checkpoint",
         kind="str",
         default=None,
-        help="Continue a previous run: latest, a checkpoint name or path inside output_dir, or an S3 URI/key (needs a publishing_config S3 entry).",
+        help="Continue a previous run: latest (the newest complete checkpoint in output_dir; starts fresh when there is none), or a checkpoint folder name inside output_dir or a path to one.",
         group=_G,
         implemented=True,
     ),

@@ -245,7 +245,7 @@ OPTIONS: list[Option] = [
         name="cache_dir",
         kind="str",
         default="cache",
-        help="Folder for downloaded models, datasets and other cached files.",
+        help="Base folder for caches: a dataset's VAE latents go to cache_dir/vae/DATASET_ID unless its multidatabackend.json entry sets cache_dir_vae.",
         group=_G,
         implemented=True,
     ),
@@ -255,7 +255,6 @@ OPTIONS: list[Option] = [
         default="",
         help="Local folder for cached text embeddings; empty means a default location under cache_dir.",
         group=_G,
-        implemented=True,
     ),
     Option(
         name="cache_dir_vae",
@@ -263,7 +262,6 @@ OPTIONS: list[Option] = [
         default="",
         help="Local folder for cached latents; empty means a default location under cache_dir.",
         group=_G,
-        implemented=True,
     ),
     Option(
         name="compress_disk_cache",

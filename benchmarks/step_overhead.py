@@ -1,0 +1,119 @@
+"""Trainer step time vs a bare PyTorch loop doing the same work, measured in one run.
+
+Both sides train the same tiny sd1x UNet with the same LoRA (rank 4), optimizer, batch size (4) and
+cached latents/text embeddings: draw latents from the cached posterior, noise them at random
+timesteps, forward, MSE, backward, clip gradients, optimizer step. The trainer additionally does
+what a real run does every step: batch assembly from the sampler, accelerate's accumulation context,
+the LR schedule, tensorboard scalars and the progress bar. Rounds alternate between the two so
+background load affects both equally. Prints the ratio of median step times (target: <= 1.10).
+
+    python benchmarks/step_overhead.py [--steps 40] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_trainer(work: Path, batch_size: int):
+    from simpletuner.options.resolve import resolve_run
+    from simpletuner.testing.shapes import make_demo_dataset
+    from simpletuner.testing.tiny_models import make_tiny_model
+    from simpletuner.training.trainer import Trainer
+
+    make_tiny_model("sd1x", work / "model")
+    make_demo_dataset(work / "data", 64, size=64)
+    datasets = [
+        {"id": "shapes", "type": "local", "instance_data_dir": str(work / "data"), "resolution": 64,
+         "resolution_type": "pixel"},
+        {"id": "text", "dataset_type": "text_embeds", "cache_dir": str(work / "cache" / "text")},
+    ]
+    (work / "datasets.json").write_text(json.dumps(datasets))
+    argv = ["--model_family", "sd1x", "--pretrained_model_name_or_path", str(work / "model"),
+            "--model_type", "lora", "--lora_rank", "4", "--lora_dropout", "0", "--output_dir", str(work / "out"),
+            "--data_backend_config", str(work / "datasets.json"), "--cache_dir", str(work / "cache"),
+            "--resolution", "64", "--resolution_type", "pixel", "--mixed_precision", "no",
+            "--train_batch_size", str(batch_size), "--max_train_steps", "100000", "--optimizer", "optimi-adamw",
+            "--learning_rate", "1e-4", "--max_grad_norm", "1.0", "--seed", "0", "--report_to", "tensorboard"]
+    trainer = Trainer(resolve_run(argv).config, show_progress=True)
+    trainer.setup()
+    return trainer
+
+
+def bare_loop_factory(trainer):
+    """A plain PyTorch step over the same model, optimizer and a fixed batch of the same tensors."""
+    import torch
+    import torch.nn.functional as F
+
+    model = trainer.model
+    unet = trainer._unwrapped_denoiser()
+    scheduler = model.noise_scheduler()
+    params = trainer.trainable
+    optimizer = trainer.optimizer.optimizer  # the same optimi AdamW, unwrapped from accelerate
+    batch = trainer.data.next_batch()
+    mean, std, embeds = batch["latent_mean"], batch["latent_std"], batch["prompt_embeds"]
+    scale = model.vae.config.scaling_factor
+
+    def step() -> float:
+        latents = (mean + std * torch.randn_like(mean)) * scale
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+        loss = F.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="steps per round and side")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args()
+    import torch
+
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = build_trainer(Path(folder), args.batch_size)
+        bare_step = bare_loop_factory(trainer)
+        progress = trainer.progress_bar()
+        trainer_times, bare_times = [], []
+        for _ in range(5):  # warm-up both paths
+            trainer.run_one_step(progress)
+            bare_step()
+        for _ in range(args.rounds):
+            trainer._last_step_end = None
+            start = len(trainer.state.step_seconds)
+            for _ in range(args.steps + 1):
+                trainer.run_one_step(progress)
+            trainer_times += trainer.state.step_seconds[start + 1:]  # the first is only optimizer work
+            for _ in range(args.steps):
+                started = time.perf_counter()
+                bare_step()
+                bare_times.append(time.perf_counter() - started)
+        progress.close()
+    trainer_median = statistics.median(trainer_times)
+    bare_median = statistics.median(bare_times)
+    print(f"\ntorch threads {torch.get_num_threads()}, batch {args.batch_size}, {len(trainer_times)} steps per side")
+    print(f"trainer median step: {trainer_median * 1000:.2f} ms")
+    print(f"bare    median step: {bare_median * 1000:.2f} ms")
+    print(f"ratio trainer / bare: {trainer_median / bare_median:.3f} (target <= 1.10)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Shared test setup: never reach a model hub, and a tiny captioned image folder for config tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: (width, height) of the images written by ``tiny_image_folder``: at resolution 64 (pixel, alignment 8)
+#: they fall into the buckets 64x64 (4 images) and 96x64 (2 images).
+TINY_IMAGE_SIZES = ((64, 64),) * 4 + ((96, 64),) * 2
+
+
+@pytest.fixture
+def tiny_image_folder(tmp_path: Path) -> Path:
+    """``tmp_path/images`` with 6 PNGs and a ``<stem>.txt`` caption beside each."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, size in enumerate(TINY_IMAGE_SIZES):
+        Image.new("RGB", size, (40 * index, 100, 200)).save(folder / f"img{index}.png")
+        (folder / f"img{index}.txt").write_text(f"a shape number {index}", encoding="utf-8")
+    return folder
