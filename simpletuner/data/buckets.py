@@ -118,3 +118,19 @@ def _check_resolution_type(resolution_type: str) -> None:
     """Raise listing the valid names: strategies are chosen by name, so typos must be loud."""
     if resolution_type not in RESOLUTION_TYPES:
         raise ValueError(f"unknown resolution_type {resolution_type!r}; use one of {list(RESOLUTION_TYPES)}")
+
+
+def bucket_alignment(requested: int, vae_scale_factor: int, edge: float) -> int:
+    """The rounding step for bucket sizes of one dataset.
+
+    Rule: the configured ``aspect_bucket_alignment``, raised to the VAE scale factor when smaller
+    (a bucket edge must map to whole latent cells). When the dataset's pixel edge is smaller than
+    that alignment (e.g. 32 px images with the default 64), aligning would upscale every image to
+    the alignment, so ``2 * vae_scale_factor`` is used instead: whole latent cells, and an even
+    latent size for the UNet's downsampling. A 64 px dataset with alignment 64 keeps 64 and so
+    gets 64x64 buckets.
+    """
+    alignment = max(requested, vae_scale_factor)
+    if edge < alignment:
+        return vae_scale_factor * 2
+    return alignment

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from simpletuner.data.buckets import assign_buckets, merge_buckets, pixel_edge
+from simpletuner.data.buckets import assign_buckets, bucket_alignment, merge_buckets, pixel_edge
 from simpletuner.data.cache.store import CacheReport, TensorMemory
 from simpletuner.data.cache.text import EMPTY_CAPTION, TextEmbedCache
 from simpletuner.data.cache.vae import VaeCache
@@ -147,22 +147,6 @@ class TrainingData:
             empty = {name: t.unsqueeze(0).expand(batch_size, *t.shape) for name, t in single.items()}
             self._empty_by_batch[batch_size] = empty
         return empty
-
-
-def bucket_alignment(requested: int, vae_scale_factor: int, edge: float) -> int:
-    """The rounding step for bucket sizes of one dataset.
-
-    Rule: the configured ``aspect_bucket_alignment``, raised to the VAE scale factor when smaller
-    (a bucket edge must map to whole latent cells). When the dataset's pixel edge is smaller than
-    that alignment (e.g. 32 px images with the default 64), aligning would upscale every image to
-    the alignment, so ``2 * vae_scale_factor`` is used instead: whole latent cells, and an even
-    latent size for the UNet's downsampling. A 64 px dataset with alignment 64 keeps 64 and so
-    gets 64x64 buckets.
-    """
-    alignment = max(requested, vae_scale_factor)
-    if edge < alignment:
-        return vae_scale_factor * 2
-    return alignment
 
 
 def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = True) -> TrainingData:

@@ -112,7 +112,8 @@ class ModelFamily(ABC):
 
     def fingerprint_parts(self) -> dict[str, str]:
         """What identifies the encoders, for cache keys: change the model, rebuild the cache."""
-        return {"family": self.family, "model": self.model_path,
+        return {"family": self.family, "model": self.model_path, "revision": str(self.config.revision),
+                "variant": str(self.config.variant),
                 "vae": str(self.config.pretrained_vae_model_name_or_path or self.model_path)}
 
     def freeze_encoders(self) -> None:

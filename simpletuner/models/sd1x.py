@@ -40,6 +40,7 @@ class StableDiffusion1x(ModelFamily):
             self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=self.config.variant, **source)
             self.vae = self._load_vae(path)
             self._scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **source)
+        self._checkpoint_prediction_type = self._scheduler.config.get("prediction_type")
         self._scheduler.register_to_config(prediction_type=self.prediction_type)
         for module in (self.text_encoder, self.vae, self.unet):
             module.to(self.device)
@@ -65,6 +66,12 @@ class StableDiffusion1x(ModelFamily):
         self.unet = pipeline.unet
         self.vae = self._load_vae(self.model_path) if self.config.pretrained_vae_model_name_or_path else pipeline.vae
         self._scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+
+    def default_prediction_type(self) -> str:
+        """What the checkpoint's own scheduler says (SD 2.x "-base" models are epsilon, the 768 px
+        ones v-prediction); the family default only when the checkpoint does not say."""
+        shipped = getattr(self, "_checkpoint_prediction_type", None)
+        return shipped if shipped in self.info.prediction_types else super().default_prediction_type()
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.vae]

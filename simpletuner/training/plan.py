@@ -9,19 +9,32 @@ from __future__ import annotations
 
 import json
 
-from simpletuner.data.buckets import assign_buckets
+from pathlib import Path
+
+from simpletuner.data.buckets import assign_buckets, bucket_alignment, pixel_edge
 from simpletuner.data.config import load_dataset_plan
 from simpletuner.data.metadata import scan_image_dataset
 
 
+def vae_scale_factor_of(model_path: str | None) -> int:
+    """Pixels per latent cell, read from a local model folder's VAE config (8, as for every SD
+    VAE, when the model is not a local folder); reading JSON keeps the dry run torch-free."""
+    config_file = Path(model_path or "") / "vae" / "config.json"
+    if model_path and config_file.is_file():
+        return 2 ** (len(json.loads(config_file.read_text(encoding="utf-8"))["block_out_channels"]) - 1)
+    return 8
+
+
 def describe_datasets(config) -> list[str]:
     plan = load_dataset_plan(config.data_backend_config)
+    scale = vae_scale_factor_of(config.pretrained_model_name_or_path)
     lines = [f"datasets ({config.data_backend_config}):"]
     for dataset in plan.enabled_images:
         dataset = dataset.with_global_defaults(config.resolution, config.resolution_type, config.cache_dir)
         scan = scan_image_dataset(dataset)
-        buckets = assign_buckets(scan.records, dataset.resolution, dataset.resolution_type,
-                                 config.aspect_bucket_alignment, dataset.crop)
+        edge = pixel_edge(dataset.resolution, dataset.resolution_type)
+        alignment = bucket_alignment(config.aspect_bucket_alignment, scale, edge)
+        buckets = assign_buckets(scan.records, dataset.resolution, dataset.resolution_type, alignment, dataset.crop)
         sizes = ", ".join(f"{w}x{h}: {len(records)}" for (w, h), records in buckets.items()) or "none"
         lines.append(f"  {dataset.id}: {len(scan.records)} images in {dataset.instance_data_dir}, "
                      f"{len(scan.skipped)} skipped, repeats {dataset.repeats}; buckets {sizes}")

@@ -147,6 +147,7 @@ class Trainer:
             interval=None if config.validation_disable else config.validation_step_interval,
             benchmark_enabled=not config.disable_benchmark and not config.validation_disable,
             device=self.accelerator.device,
+            disabled=config.validation_disable,
         )
 
     # --- checkpoints ---------------------------------------------------------------------------------

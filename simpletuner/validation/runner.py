@@ -106,11 +106,12 @@ class Validator:
     interval: int | None
     benchmark_enabled: bool
     device: object
+    disabled: bool = False
     benchmark: dict[tuple[int, int], list] = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.settings.prompts)
+        return bool(self.settings.prompts) and not self.disabled
 
     def due(self, step: int) -> bool:
         return self.enabled and bool(self.interval) and step > 0 and step % self.interval == 0
