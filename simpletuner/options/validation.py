@@ -118,16 +118,35 @@ def check_paths(config) -> None:
         raise ConfigError("`--data_backend_config` is required: point it at your multidatabackend.json")
     if not Path(config.data_backend_config).is_file():
         raise ConfigError(f"`--data_backend_config`: file {config.data_backend_config!r} does not exist")
+    from simpletuner.data.config import load_dataset_plan
+
+    load_dataset_plan(config.data_backend_config)  # every dataset mistake surfaces before a model loads
 
 
-def warn_validation_settings(config) -> list[str]:
+def check_validation_settings(config) -> None:
+    from simpletuner.validation.resolutions import parse_resolutions
+
+    try:
+        parse_resolutions(config.validation_resolution, fallback_edge=64)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def collect_warnings(config) -> list[str]:
+    """Settings that are legal but probably not what the user meant."""
+    warnings = []
     if config.validation_step_interval and not config.validation_prompt:
-        return ["`--validation_step_interval` is set but `--validation_prompt` is empty: no validation images will be made"]
-    return []
+        warnings.append("`--validation_step_interval` is set but `--validation_prompt` is empty: "
+                        "no validation images will be made")
+    if config.lr_scheduler == "constant" and config.lr_warmup_steps:
+        warnings.append(f"`--lr_warmup_steps {config.lr_warmup_steps}` has no effect with `--lr_scheduler constant`; "
+                        "use `constant_with_warmup` to ramp the learning rate up")
+    return warnings
 
 
 RULES: tuple[Callable, ...] = (
-    check_required, check_unimplemented, check_family, check_supported_values, check_conflicts, check_ranges, check_paths,
+    check_required, check_unimplemented, check_family, check_supported_values, check_conflicts, check_ranges,
+    check_validation_settings, check_paths,
 )
 
 
@@ -135,4 +154,4 @@ def validate_config(config) -> list[str]:
     """Run every rule; raise on the first error, return the warnings."""
     for rule in RULES:
         rule(config)
-    return warn_validation_settings(config)
+    return collect_warnings(config)

@@ -6,27 +6,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from simpletuner.validation.resolutions import parse_resolutions
+
 logger = logging.getLogger(__name__)
-
-
-def parse_resolutions(text: str | None, fallback_edge: int) -> list[tuple[int, int]]:
-    """``"512"``, ``"512x768"`` or a comma-separated list of those -> [(width, height), ...]."""
-    if not text:
-        return [(fallback_edge, fallback_edge)]
-    sizes = []
-    for part in str(text).split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        try:
-            if "x" in part:
-                width, height = (int(v) for v in part.split("x", 1))
-            else:
-                width = height = int(float(part))
-        except ValueError:
-            raise ValueError(f"--validation_resolution: {part!r} is not WIDTH, or WIDTHxHEIGHT") from None
-        sizes.append((width, height))
-    return sizes or [(fallback_edge, fallback_edge)]
 
 
 def make_grid(images: list, columns: int):
@@ -129,7 +111,7 @@ class Validator:
         folder = self.output_dir / "validation" / (label or f"step_{step}")
         folder.mkdir(parents=True, exist_ok=True)
         results = {}
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast(model):
             for size in self.settings.resolutions:
                 images = generate_images(pipeline, prompts, self.settings, self.device, size)
                 results[size] = images
@@ -138,6 +120,17 @@ class Validator:
             denoiser.train()
         logger.info("validation images for step %d written to %s", step, folder)
         return results
+
+    def _autocast(self, model):
+        """Half-precision models mix dtypes inside the pipeline (the scheduler works in fp32);
+        autocast keeps every layer's inputs in the layer's dtype, as in training."""
+        import contextlib
+
+        import torch
+
+        if model.weight_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=model.weight_dtype)
 
     def run_benchmark(self, model) -> None:
         """Images from the untrained model at step 0, later stitched left of each validation image."""

@@ -8,6 +8,7 @@ images are skipped, and an interrupted run resumes with exactly the same losses.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -210,3 +211,15 @@ def test_corrupt_image_is_skipped_and_counted(tiny_model, workspace, caplog):
     assert [path.name for path, _ in summary.skipped] == [victim.name]
     assert "1 skipped" in trainer.data.describe()
     assert len(trainer.state.losses) == 2
+
+
+def test_bf16_lora_run_trains_fp32_adapters_on_a_bf16_base(tiny_model, workspace):
+    config = resolved(tiny_model, workspace, mixed_precision="bf16", optimizer="adamw_bf16", max_train_steps=2,
+                      validation_prompt="a blue square on a white background", validation_num_inference_steps=2)
+    trainer = train(config, show_progress=False)
+    unet = trainer._unwrapped_denoiser()
+    frozen = {p.dtype for p in unet.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in unet.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert all(math.isfinite(loss) for loss in trainer.state.losses)
+    assert (workspace / "out" / "validation" / "step_2" / "grid_64x64.png").is_file()
