@@ -62,9 +62,18 @@ def cmd_train(argv: Sequence[str]) -> int:
 
     if needs_relaunch(run.launcher):
         return relaunch_under_accelerate(run.launcher, argv)
+    from simpletuner.training.checkpoint import CheckpointError
     from simpletuner.training.trainer import train
 
-    train(run.config, launcher=run.launcher, config_file=run.config_file)
+    try:
+        train(run.config, launcher=run.launcher, config_file=run.config_file)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. Checkpoints in {run.config.output_dir} are intact; continue with "
+              "`--resume_from_checkpoint latest`.", file=sys.stderr)
+        return 130
+    except (CheckpointError, FloatingPointError) as error:
+        print(f"simpletuner train: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -25,3 +25,16 @@ def tiny_image_folder(tmp_path: Path) -> Path:
         Image.new("RGB", size, (40 * index, 100, 200)).save(folder / f"img{index}.png")
         (folder / f"img{index}.txt").write_text(f"a shape number {index}", encoding="utf-8")
     return folder
+
+
+def write_minimal_dataset_list(folder: Path) -> Path:
+    """A valid multidatabackend.json (an image folder, empty, and a text-embed cache) in ``folder``."""
+    import json
+
+    (folder / "images").mkdir(exist_ok=True)
+    dataset_list = folder / "multidatabackend.json"
+    dataset_list.write_text(json.dumps([
+        {"id": "images", "type": "local", "instance_data_dir": str(folder / "images")},
+        {"id": "text", "dataset_type": "text_embeds", "cache_dir": str(folder / "cache" / "text")},
+    ]), encoding="utf-8")
+    return dataset_list

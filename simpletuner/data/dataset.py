@@ -23,6 +23,7 @@ from simpletuner.data.cache.vae import VaeCache
 from simpletuner.data.config import DatasetPlan, ImageDatasetConfig
 from simpletuner.data.metadata import ImageRecord, scan_image_dataset
 from simpletuner.data.sampler import BucketBatchSampler
+from simpletuner.options import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ TEXT_ENCODE_BATCH_SIZE = 16
 _REASONS_SHOWN = 3
 
 
-class NoTrainingDataError(RuntimeError):
+class NoTrainingDataError(ConfigError):
     """Nothing is left to train on after scanning and caching; the message says what was skipped."""
 
 
@@ -175,7 +176,14 @@ def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = 
     captions = [record.caption for records in merged.values() for record in records]
     text_report = text_cache.ensure(captions, TEXT_ENCODE_BATCH_SIZE, progress=show_progress)
     logger.info("text embeds: %d reused, %d built", text_report.reused, text_report.built)
-    sampler = BucketBatchSampler(merged, config.train_batch_size, seed=config.seed or 0, repeats=repeats)
+    try:
+        sampler = BucketBatchSampler(merged, config.train_batch_size, seed=config.seed or 0, repeats=repeats)
+    except ValueError:
+        sizes = ", ".join(f"{w}x{h}: {len(records)} images" for (w, h), records in merged.items())
+        raise NoTrainingDataError(
+            f"`--train_batch_size {config.train_batch_size}` is larger than every aspect bucket ({sizes}), "
+            "so no batch can be formed; lower --train_batch_size or add images"
+        ) from None
     bucket_of = {record: size for size, records in merged.items() for record in records}
     return TrainingData(sampler, summaries, text_report, latent_caches, text_cache, bucket_of)
 

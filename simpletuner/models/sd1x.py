@@ -27,7 +27,7 @@ class StableDiffusion1x(ModelFamily):
     # --- loading -----------------------------------------------------------------------------------
 
     def load(self) -> None:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         if self.is_single_file():
@@ -61,7 +61,16 @@ class StableDiffusion1x(ModelFamily):
     def _load_single_file(self) -> None:
         from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-        pipeline = StableDiffusionPipeline.from_single_file(self.model_path)
+        # A single file holds weights only; the component configs come from the flavour's hub folder
+        # (read from the local Hugging Face cache when offline).
+        config_source = self.info.flavours[self.config.model_flavour or self.info.default_flavour]
+        try:
+            pipeline = StableDiffusionPipeline.from_single_file(self.model_path, config=config_source)
+        except (OSError, ValueError) as error:
+            raise RuntimeError(
+                f"{self.model_path}: a single-file checkpoint needs the diffusers configs of {config_source} "
+                f"(pick another with --model_flavour), which could not be loaded: {error}"
+            ) from error
         self.tokenizer, self.text_encoder = pipeline.tokenizer, pipeline.text_encoder
         self.unet = pipeline.unet
         self.vae = self._load_vae(self.model_path) if self.config.pretrained_vae_model_name_or_path else pipeline.vae

@@ -73,7 +73,6 @@ def write_demo_config(out: Path, model_dir: Path, data_dir: Path, steps: int | N
 
 def run_demo(out: Path, steps: int | None = None, samples: int | None = None) -> dict:
     """Run the whole demo; returns the score curve {step: (colour, shape)}."""
-    import torch
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_model
 

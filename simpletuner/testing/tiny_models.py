@@ -92,7 +92,7 @@ def build_tiny_pipeline(family: str, seed: int = 0, vae_train_steps: int = 0):
     """Build the pipeline in memory. ``vae_train_steps`` > 0 trains the VAE from scratch instead of
     loading the shipped demo VAE weights."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from simpletuner.testing.tokenizers import build_clip_tokenizer

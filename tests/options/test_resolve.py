@@ -9,14 +9,14 @@ import pytest
 
 from simpletuner.options import ConfigError
 from simpletuner.options.files import LauncherSettings, load_launcher_settings, parse_env_file
+from tests.conftest import write_minimal_dataset_list
 from simpletuner.options.resolve import TrainConfig, resolve_run
 
 
 @pytest.fixture
 def base(tmp_path: Path) -> dict:
     """The smallest valid config: the required keys plus a dataset list that exists."""
-    dataset_list = tmp_path / "multidatabackend.json"
-    dataset_list.write_text("[]", encoding="utf-8")  # validation only checks the file exists
+    dataset_list = write_minimal_dataset_list(tmp_path)
     return {"model_family": "sd1x", "output_dir": str(tmp_path / "out"), "data_backend_config": str(dataset_list)}
 
 
@@ -247,4 +247,4 @@ def test_train_config_is_immutable_and_replace_checks_names() -> None:
     with pytest.raises(AttributeError, match="did you mean `lora_rank`"):
         config.replace(lora_rnk=4)
     with pytest.raises(AttributeError, match="did you mean `learning_rate`"):
-        config.learning_rat
+        config.learning_rat  # noqa: B018  (the attribute access is what is tested)

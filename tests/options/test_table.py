@@ -8,7 +8,7 @@ import pytest
 
 from simpletuner.options import all_options, alias_targets, closest_name, options_by_name
 from simpletuner.options.docs import default_docs_path, render_options_markdown
-from simpletuner.options.spec import VALUE_KINDS, Option
+from simpletuner.options.spec import Option
 from simpletuner.options.values import coerce_value
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from simpletuner.options import ConfigError
+from tests.conftest import write_minimal_dataset_list
 from simpletuner.options.resolve import resolve_run
 
 
 @pytest.fixture
 def base(tmp_path: Path) -> dict:
-    dataset_list = tmp_path / "multidatabackend.json"
-    dataset_list.write_text("[]", encoding="utf-8")
+    dataset_list = write_minimal_dataset_list(tmp_path)
     return {"model_family": "sd1x", "output_dir": str(tmp_path / "out"), "data_backend_config": str(dataset_list)}
 
 

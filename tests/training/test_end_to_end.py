@@ -223,3 +223,9 @@ def test_bf16_lora_run_trains_fp32_adapters_on_a_bf16_base(tiny_model, workspace
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
     assert all(math.isfinite(loss) for loss in trainer.state.losses)
     assert (workspace / "out" / "validation" / "step_2" / "grid_64x64.png").is_file()
+
+
+def test_batch_larger_than_every_bucket_is_a_clear_error(tiny_model, workspace, capsys):
+    assert main(["train", *base_args(tiny_model, workspace, train_batch_size=100)]) == 2
+    error = capsys.readouterr().err
+    assert "`--train_batch_size 100` is larger than every aspect bucket (64x64: 16 images)" in error
