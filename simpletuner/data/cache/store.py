@@ -197,6 +197,23 @@ class TensorMemory:
         return len(self._entries)
 
 
+def load_entry(memory: "TensorMemory", cache_dir: Path, key: str, what: str) -> dict[str, torch.Tensor]:
+    """An entry's tensors, from RAM when already there, else from disk (then kept in RAM).
+
+    ``what`` describes the entry for the error message (e.g. "latents of photo.png").
+    """
+    tensors = memory.get(key)
+    if tensors is not None:
+        return tensors
+    path = entry_path(cache_dir, key)
+    tensors = read_entry(path, key)
+    if tensors is None:
+        raise CacheReadError(f"cache entry {path} ({what}) is missing or corrupt; "
+                             "restart training and it will be rebuilt")
+    memory.put(key, tensors)
+    return tensors
+
+
 def _make_temp_file(path: Path) -> Path:
     """A new, uniquely named hidden file beside ``path`` (same filesystem, so rename is atomic)."""
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

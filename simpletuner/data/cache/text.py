@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from simpletuner.data.cache.store import (
-    CacheReadError,
     CacheReport,
+    load_entry,
     TensorMemory,
     entry_path,
     fingerprint,
@@ -80,17 +80,7 @@ class TextEmbedCache:
             CacheReadError: no valid entry exists (``ensure`` was not called for it, or it was
                 corrupted since).
         """
-        key = self.key(caption)
-        tensors = self.memory.get(key)
-        if tensors is not None:
-            return tensors
-        path = entry_path(self.cache_dir, key)
-        tensors = read_entry(path, key)
-        if tensors is None:
-            raise CacheReadError(f"text embed cache entry {path} for caption {caption!r} is missing or "
-                                 f"corrupt; restart training and it will be rebuilt")
-        self.memory.put(key, tensors)
-        return tensors
+        return load_entry(self.memory, self.cache_dir, self.key(caption), f"text embeds of {caption!r}")
 
     def _encode_chunk(self, captions: list[str]) -> None:
         """Encode one batch of captions and write one entry per caption."""

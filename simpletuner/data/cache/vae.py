@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from simpletuner.data.cache.store import (
-    CacheReadError,
     CacheReport,
+    load_entry,
     TensorMemory,
     entry_path,
     fingerprint,
@@ -176,16 +176,7 @@ class VaeCache:
         if key is None:
             raise KeyError(f"{record.path} at {size[0]}x{size[1]} is not in the latent cache of "
                            f"dataset {self.dataset_id!r}; call ensure() first")
-        tensors = self.memory.get(key)
-        if tensors is not None:
-            return tensors
-        path = entry_path(self.cache_dir, key)
-        tensors = read_entry(path, key)
-        if tensors is None:
-            raise CacheReadError(f"latent cache entry {path} (for {record.path}) is missing or corrupt; "
-                                 f"restart training and it will be rebuilt")
-        self.memory.put(key, tensors)
-        return tensors
+        return load_entry(self.memory, self.cache_dir, key, f"latents of {record.path}")
 
     # --- internals -----------------------------------------------------------------------------------
 
