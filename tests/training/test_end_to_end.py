@@ -84,7 +84,14 @@ def test_lora_run_through_cli_loads_in_diffusers(tiny_model, workspace):
     # validation: base-model images at step 0 and the final ones with a grid, and tensorboard events
     assert (out / "validation" / "step_0_base_model" / "grid_64x64.png").is_file()
     assert len(list((out / "validation" / "step_3").glob("64x64_*.png"))) == 2
-    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    for tag in ("loss/train", "lr", "grad_norm", "timing/sec_per_step"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3], tag
+    assert all(e.value > 0 for e in events.Scalars("loss/train"))
+    assert "validation/64x64" in events.Tags()["images"]
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
