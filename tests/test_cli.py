@@ -165,7 +165,7 @@ def test_dry_run_prints_config_and_dataset_plan(
     assert f"config file: {config}" in out
     assert "launcher: 1 process(es), dynamo off" in out
     assert (
-        f"  tiny: 6 images in {tiny_image_folder}, 0 skipped, repeats 0; buckets 64x64: 4, 96x64: 2" in out
+        f"  tiny: 6 images used in {tiny_image_folder}, 0 skipped, repeats 0; buckets 64x64: 4, 96x64: 2" in out
     )
     assert f"  text embeds cache: {tmp_path / 'cache/text'}" in out
     assert not (tmp_path / "out").exists()  # a dry run writes nothing

@@ -3,10 +3,17 @@
 Each strategy is a small function chosen by name (``ImageDatasetConfig.caption_strategy``). They
 return None instead of raising when there is no usable caption, so the metadata scan can skip the
 image with a reason and keep going: one missing ``.txt`` should not abort a 10k-image scan.
+
+Caption files are read as UTF-8 (a BOM is fine; UTF-16 with a BOM too). A file that is not valid
+UTF-8 is still used, decoded as Windows-1252 (or Latin-1 for the few bytes cp1252 leaves
+undefined), with one warning naming the file: such files come from older Windows tools, and
+skipping the image would lose a good training pair over an accent. Nothing is rewritten on disk.
 """
 
 from __future__ import annotations
 
+import codecs
+import logging
 import re
 from pathlib import Path
 from typing import Callable
@@ -18,6 +25,8 @@ _DUPLICATE_SUFFIX = re.compile(r"\s*\(\d+\)$")
 # "cat 0042" -> "cat": a trailing counter from a camera or an export tool.
 _NUMBER_SUFFIX = re.compile(r"\s+\d+$")
 _SPACES = re.compile(r"\s+")
+
+logger = logging.getLogger(__name__)
 
 
 def caption_file_for(image_path: Path) -> Path:
@@ -31,14 +40,39 @@ def caption_from_textfile(image_path: Path) -> str | None:
     Multi-line caption files (one caption per line, for caption variety) exist in the wild; until
     caption sampling is implemented we keep only the first line, so training is deterministic.
     """
+    sidecar = caption_file_for(image_path)
     try:
-        text = caption_file_for(image_path).read_text(encoding="utf-8-sig", errors="replace")
+        text = decode_caption_bytes(sidecar.read_bytes(), sidecar)
     except (FileNotFoundError, IsADirectoryError):
         return None
     for line in text.splitlines():
         if line.strip():
             return line.strip()
     return None
+
+
+def decode_caption_bytes(data: bytes, source: Path) -> str:
+    """Text of a caption file: UTF-8 (BOM optional) or BOM-marked UTF-16, else a legacy codepage.
+
+    The legacy fallback logs one warning naming ``source``, so the user can re-save it as UTF-8;
+    the words are kept because a caption with one odd accent is still a good caption.
+    """
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            pass  # a BOM-like start that is not UTF-16 after all: try the byte encodings
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        first_bad = exc.start
+    try:
+        text, encoding = data.decode("cp1252"), "cp1252"
+    except UnicodeDecodeError:  # cp1252 leaves 5 bytes undefined; latin-1 maps every byte
+        text, encoding = data.decode("latin-1"), "latin-1"
+    logger.warning("caption file %s is not valid UTF-8 (byte 0x%02x at offset %d); decoded as %s; "
+                   "re-save it as UTF-8 to silence this", source, data[first_bad], first_bad, encoding)
+    return text
 
 
 def caption_from_filename(image_path: Path) -> str | None:

@@ -52,6 +52,18 @@ class ImageDatasetConfig:
             balance a small dataset against a large one.
         cache_dir_vae: where VAE latents are cached; None means ``<global cache_dir>/vae/<id>``.
         disabled: keep the entry in the file but do not train on it.
+        minimum_image_size: leave out images smaller than this (unit of ``resolution_type``).
+        maximum_image_size: images larger than this are first shrunk to ``target_downsample_size``.
+        target_downsample_size: the size very large images are shrunk to; set with the above.
+        minimum_aspect_ratio / maximum_aspect_ratio: leave out images whose width/height is outside.
+        max_upscale_threshold: leave out images that need more than this fraction of enlargement.
+        crop_style: where a crop window sits: ``center``, ``corner`` (top-left) or ``random``.
+        crop_aspect: aspect of cropped images: ``square``, ``preserve`` (the image's own), ``closest``
+            (nearest of ``crop_aspect_buckets``) or ``random`` (one of them, chosen per image).
+        crop_aspect_buckets: aspect ratios (width/height) for ``closest`` and ``random``.
+        probability: relative weight when several datasets are mixed (0 disables drawing from it).
+        max_num_samples: use at most this many images (a seeded random subset) from the dataset.
+        start_step / end_step: the dataset is drawn only at optimizer steps in [start_step, end_step).
     """
 
     id: str
@@ -65,6 +77,19 @@ class ImageDatasetConfig:
     repeats: int = 0
     cache_dir_vae: str | None = None
     disabled: bool = False
+    minimum_image_size: float | None = None
+    maximum_image_size: float | None = None
+    target_downsample_size: float | None = None
+    minimum_aspect_ratio: float | None = None
+    maximum_aspect_ratio: float | None = None
+    max_upscale_threshold: float | None = None
+    crop_style: str = "center"
+    crop_aspect: str = "square"
+    crop_aspect_buckets: tuple[float, ...] | None = None
+    probability: float = 1.0
+    max_num_samples: int | None = None
+    start_step: int = 0
+    end_step: int | None = None
 
     def with_global_defaults(
         self, resolution: float, resolution_type: str, cache_dir: str | Path
@@ -135,7 +160,23 @@ _IMAGE_KEYS: dict[str, tuple[str, Any]] = {
     "repeats": ("int", 0),
     "cache_dir_vae": ("optional_str", None),
     "disabled": ("bool", False),
+    "minimum_image_size": ("number", None),
+    "maximum_image_size": ("number", None),
+    "target_downsample_size": ("number", None),
+    "minimum_aspect_ratio": ("number", None),
+    "maximum_aspect_ratio": ("number", None),
+    "max_upscale_threshold": ("number", None),
+    "crop_style": ("str", "center"),
+    "crop_aspect": ("str", "square"),
+    "crop_aspect_buckets": ("number_list", None),
+    "probability": ("number", 1.0),
+    "max_num_samples": ("optional_int", None),
+    "start_step": ("int", 0),
+    "end_step": ("optional_int", None),
 }
+
+CROP_STYLES = ("center", "corner", "random")
+CROP_ASPECTS = ("square", "preserve", "closest", "random")
 
 _TEXT_EMBED_KEYS: dict[str, tuple[str, Any]] = {
     "id": ("str", _REQUIRED),
@@ -152,6 +193,8 @@ _KIND_WORDS = {
     "number": "a number",
     "int": "an integer",
     "bool": 'true/false (or the strings "true"/"false")',
+    "number_list": "a list of positive numbers or null",
+    "optional_int": "an integer or null",
 }
 
 
@@ -255,6 +298,8 @@ def _parse_image(entry: dict, where: str) -> ImageDatasetConfig:
         )
     if values["resolution"] is not None:
         values["resolution"] = float(values["resolution"])
+    _check_geometry(where, values)
+    _check_sampling(where, values)
     if not values["disabled"]:
         _check_directory(where, values["instance_data_dir"])
     return ImageDatasetConfig(**values)
@@ -303,6 +348,18 @@ def _coerce(where: str, key: str, value: Any, kind: str) -> Any:
     elif kind == "number":
         if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
             return value
+    elif kind == "number_list":
+        if value is None:
+            return None
+        if isinstance(value, list) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value
+        ):
+            return tuple(float(v) for v in value)
+    elif kind == "optional_int":
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
     elif kind == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -314,6 +371,60 @@ def _coerce(where: str, key: str, value: Any, kind: str) -> Any:
 
 
 # --- checks ------------------------------------------------------------------------------------
+
+
+def _check_sampling(where: str, values: dict[str, Any]) -> None:
+    """Mixing weight, subset size and the active step window."""
+    if values["probability"] is None or values["probability"] < 0:
+        raise DatasetConfigError(
+            f"{where}: key 'probability' has value {values['probability']!r}; use 0 or a positive weight"
+        )
+    if values["max_num_samples"] is not None and values["max_num_samples"] < 1:
+        raise DatasetConfigError(
+            f"{where}: key 'max_num_samples' has value {values['max_num_samples']!r}; use 1 or more, or remove it"
+        )
+    if values["start_step"] < 0:
+        raise DatasetConfigError(f"{where}: key 'start_step' has value {values['start_step']!r}; use 0 or more")
+    if values["end_step"] is not None and values["end_step"] <= values["start_step"]:
+        raise DatasetConfigError(
+            f"{where}: key 'end_step' ({values['end_step']!r}) must be greater than 'start_step' "
+            f"({values['start_step']!r})"
+        )
+
+
+def _check_geometry(where: str, values: dict[str, Any]) -> None:
+    """Size, aspect and crop keys: each must make sense alone and together."""
+    _check_choice(where, "crop_style", values["crop_style"], CROP_STYLES)
+    _check_choice(where, "crop_aspect", values["crop_aspect"], CROP_ASPECTS)
+    for key in ("minimum_image_size", "maximum_image_size", "target_downsample_size",
+                "minimum_aspect_ratio", "maximum_aspect_ratio"):
+        if values[key] is not None and values[key] <= 0:
+            raise DatasetConfigError(f"{where}: key {key!r} has value {values[key]!r}; use a positive number")
+    if values["max_upscale_threshold"] is not None and values["max_upscale_threshold"] < 0:
+        raise DatasetConfigError(
+            f"{where}: key 'max_upscale_threshold' has value {values['max_upscale_threshold']!r}; use 0 or more "
+            "(0.2 allows 20% enlargement)"
+        )
+    if (values["maximum_image_size"] is None) != (values["target_downsample_size"] is None):
+        raise DatasetConfigError(
+            f"{where}: keys 'maximum_image_size' and 'target_downsample_size' must be set together "
+            f"(got {values['maximum_image_size']!r} and {values['target_downsample_size']!r})"
+        )
+    if values["maximum_image_size"] is not None and values["target_downsample_size"] > values["maximum_image_size"]:
+        raise DatasetConfigError(
+            f"{where}: key 'target_downsample_size' ({values['target_downsample_size']!r}) must not exceed "
+            f"'maximum_image_size' ({values['maximum_image_size']!r})"
+        )
+    low, high = values["minimum_aspect_ratio"], values["maximum_aspect_ratio"]
+    if low is not None and high is not None and low > high:
+        raise DatasetConfigError(
+            f"{where}: key 'minimum_aspect_ratio' ({low!r}) is larger than 'maximum_aspect_ratio' ({high!r})"
+        )
+    if values["crop_aspect"] in ("closest", "random") and not values["crop_aspect_buckets"]:
+        raise DatasetConfigError(
+            f"{where}: crop_aspect {values['crop_aspect']!r} needs 'crop_aspect_buckets', a list of aspect "
+            "ratios such as [0.75, 1.0, 1.33]"
+        )
 
 
 def _check_choice(where: str, key: str, value: str, choices: tuple[str, ...], note: str = "") -> None:

@@ -10,18 +10,21 @@ step: after start-up every tensor of a small dataset already sits in RAM.
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+
 
 import torch
 
-from simpletuner.data.buckets import assign_buckets, bucket_alignment, merge_buckets, pixel_edge
+from simpletuner.data.buckets import bucket_alignment, pixel_edge
 from simpletuner.data.cache.store import CacheReport, TensorMemory
 from simpletuner.data.cache.text import EMPTY_CAPTION, TextEmbedCache
 from simpletuner.data.cache.vae import VaeCache
 from simpletuner.data.config import DatasetPlan, ImageDatasetConfig
+from simpletuner.data.geometry import buckets_of, place_images
 from simpletuner.data.metadata import ImageRecord, scan_image_dataset
+from simpletuner.data.mixing import DatasetMixer, DatasetSchedule, dataset_weight
 from simpletuner.data.sampler import BucketBatchSampler
 from simpletuner.options import ConfigError
 
@@ -66,7 +69,7 @@ class TrainingData:
     """Batches of cached tensors in the sampler's resumable order.
 
     Attributes:
-        sampler: the bucketed batch order (its state is what a checkpoint saves).
+        sampler: which dataset and bucket each batch comes from (its state is what a checkpoint saves).
         summaries: one per enabled image dataset.
         text_report: what the text-embedding cache did.
         latent_caches: the latent cache of each dataset, by dataset id.
@@ -74,26 +77,25 @@ class TrainingData:
         bucket_of: the bucket size each record is trained at.
     """
 
-    sampler: BucketBatchSampler
+    sampler: DatasetMixer
     summaries: list[DatasetSummary]
     text_report: CacheReport
     latent_caches: dict[str, VaeCache] = field(default_factory=dict, repr=False)
     text_cache: TextEmbedCache | None = field(default=None, repr=False)
     bucket_of: dict[ImageRecord, Size] = field(default_factory=dict, repr=False)
-    _batches: Iterator[list[ImageRecord]] | None = field(default=None, init=False, repr=False)
+    batch_size: int = 1
     _empty_by_batch: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
 
-    def next_batch(self) -> dict:
-        """The next batch: stacked latents and prompt embeds of records that share one bucket.
+    def next_batch(self, step: int = 0) -> dict:
+        """The next batch at optimizer step ``step``: stacked latents and prompt embeds of records
+        that share one dataset and one bucket.
 
         Keys: ``latent_mean``/``latent_std`` [B, C, h, w], every text-cache tensor (e.g.
         ``prompt_embeds`` [B, L, D]), ``empty_prompt`` (the same text keys holding the ``""``
         embeds, batch B, for caption dropout; expanded views, so do not modify them in place),
         ``captions`` and ``paths``.
         """
-        if self._batches is None:
-            self._batches = iter(self.sampler)
-        records = next(self._batches)
+        records = self.sampler.next_batch(step)
         latents = [self.latent_caches[r.dataset_id].load(r, self.bucket_of[r]) for r in records]
         texts = [self.text_cache.load(r.caption) for r in records]
         batch: dict = {name: torch.stack([entry[name] for entry in latents]) for name in latents[0]}
@@ -103,20 +105,17 @@ class TrainingData:
         batch["paths"] = [str(r.path) for r in records]
         return batch
 
-    def skip_batch(self) -> None:
+    def skip_batch(self, step: int = 0) -> None:
         """Advance the batch order without loading anything (another process trains on that batch)."""
-        if self._batches is None:
-            self._batches = iter(self.sampler)
-        next(self._batches)
+        self.sampler.next_batch(step)
 
     def state_dict(self) -> dict:
         """The sampler position; everything else is rebuilt from the caches on resume."""
         return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume the batch order; the live iterator is dropped because it holds the old epoch plan."""
+        """Resume the batch order exactly where the checkpoint left it."""
         self.sampler.load_state_dict(state)
-        self._batches = None
 
     def describe(self) -> str:
         """Multi-line start-up summary: per dataset what was found, skipped, bucketed and cached."""
@@ -132,12 +131,17 @@ class TrainingData:
             sizes = ", ".join(f"{w}x{h}: {count}" for (w, h), count in summary.buckets.items())
             lines.append(f"  buckets: {sizes or 'none'}")
             lines.append(f"  latents: {summary.latents_reused} reused, {summary.latents_built} built")
+            sampler = self.sampler.samplers[summary.id]
+            schedule = self.sampler.schedules[summary.id]
+            window = f", steps {schedule.start_step}..{schedule.end_step}" if schedule.end_step else (
+                f", from step {schedule.start_step}" if schedule.start_step else "")
+            lines.append(f"  batches per epoch: {sampler.batches_per_epoch()}, draw weight {schedule.weight:g}{window}")
+            if sampler.dropped_records():
+                lines.append(f"  {sampler.dropped_records()} images unused: their bucket holds fewer than "
+                             "batch size copies")
         lines.append(f"text embeds: {self.text_report.reused} reused, {self.text_report.built} built")
-        dropped = self.sampler.dropped_records()
         lines.append(f"batches per epoch: {self.sampler.batches_per_epoch()} "
-                     f"(batch size {self.sampler.batch_size})")
-        if dropped:
-            lines.append(f"  {dropped} images unused: their bucket holds fewer than batch size copies")
+                     f"(batch size {self.batch_size})")
         return "\n".join(lines)
 
     def _empty_prompt(self, batch_size: int) -> dict[str, torch.Tensor]:
@@ -159,33 +163,53 @@ def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = 
     """
     memory = TensorMemory()
     summaries: list[DatasetSummary] = []
-    bucket_maps: list[dict[Size, list[ImageRecord]]] = []
+    per_dataset: dict[str, dict[Size, list[ImageRecord]]] = {}
+    configs: dict[str, ImageDatasetConfig] = {}
     latent_caches: dict[str, VaeCache] = {}
-    repeats: dict[str, int] = {}
     for raw_cfg in plan.enabled_images:
         cfg = raw_cfg.with_global_defaults(config.resolution, config.resolution_type, config.cache_dir)
         buckets, summary, cache = _prepare_dataset(cfg, config, model, memory, show_progress)
         summaries.append(summary)
-        bucket_maps.append(buckets)
         latent_caches[cfg.id] = cache
-        repeats[cfg.id] = cfg.repeats
-    merged = merge_buckets(*bucket_maps)
-    if not any(merged.values()):
+        if any(buckets.values()):
+            per_dataset[cfg.id] = buckets
+            configs[cfg.id] = cfg
+    if not per_dataset:
         raise NoTrainingDataError(_nothing_left_message(summaries))
     text_cache = TextEmbedCache(Path(plan.text_embeds.cache_dir), model, memory)
-    captions = [record.caption for records in merged.values() for record in records]
+    captions = [record.caption for buckets in per_dataset.values() for records in buckets.values() for record in records]
     text_report = text_cache.ensure(captions, TEXT_ENCODE_BATCH_SIZE, progress=show_progress)
     logger.info("text embeds: %d reused, %d built", text_report.reused, text_report.built)
-    try:
-        sampler = BucketBatchSampler(merged, config.train_batch_size, seed=config.seed or 0, repeats=repeats)
-    except ValueError:
-        sizes = ", ".join(f"{w}x{h}: {len(records)} images" for (w, h), records in merged.items())
-        raise NoTrainingDataError(
-            f"`--train_batch_size {config.train_batch_size}` is larger than every aspect bucket ({sizes}), "
-            "so no batch can be formed; lower --train_batch_size or add images"
-        ) from None
-    bucket_of = {record: size for size, records in merged.items() for record in records}
-    return TrainingData(sampler, summaries, text_report, latent_caches, text_cache, bucket_of)
+    mixer = _build_mixer(per_dataset, configs, config)
+    bucket_of = {record: size for buckets in per_dataset.values() for size, records in buckets.items()
+                 for record in records}
+    return TrainingData(mixer, summaries, text_report, latent_caches, text_cache, bucket_of,
+                        batch_size=config.train_batch_size)
+
+
+def _build_mixer(per_dataset: dict[str, dict[Size, list[ImageRecord]]], configs: dict[str, ImageDatasetConfig],
+                 config) -> DatasetMixer:
+    """One seeded bucket sampler per dataset and the draw schedule that mixes them."""
+    seed = config.seed or 0
+    samplers: dict[str, BucketBatchSampler] = {}
+    schedules: dict[str, DatasetSchedule] = {}
+    for name, buckets in per_dataset.items():
+        cfg = configs[name]
+        try:
+            samplers[name] = BucketBatchSampler(buckets, config.train_batch_size, seed=seed,
+                                                repeats={name: cfg.repeats})
+        except ValueError:
+            sizes = ", ".join(f"{w}x{h}: {len(records)} images" for (w, h), records in buckets.items())
+            raise NoTrainingDataError(
+                f"dataset {name}: `--train_batch_size {config.train_batch_size}` is larger than every aspect "
+                f"bucket ({sizes}), so no batch can be formed; lower --train_batch_size or add images"
+            ) from None
+        images = sum(len(records) for records in buckets.values())
+        schedules[name] = DatasetSchedule(
+            weight=dataset_weight(config.data_backend_sampling, cfg.probability, images, cfg.repeats),
+            start_step=cfg.start_step, end_step=cfg.end_step,
+        )
+    return DatasetMixer(samplers, schedules, seed=seed)
 
 
 def _prepare_dataset(
@@ -193,24 +217,38 @@ def _prepare_dataset(
 ) -> tuple[dict[Size, list[ImageRecord]], DatasetSummary, VaeCache]:
     """Scan, bucket and latent-cache one dataset (whose inherited settings are already filled)."""
     scan = scan_image_dataset(cfg)
+    records = _subset(scan.records, cfg, config.seed or 0)
     for path, reason in scan.skipped:
         logger.warning("dataset %s: skipping %s: %s", cfg.id, path, reason)
     edge = pixel_edge(cfg.resolution, cfg.resolution_type)
     alignment = bucket_alignment(config.aspect_bucket_alignment, model.vae_scale_factor(), edge)
-    buckets = assign_buckets(scan.records, cfg.resolution, cfg.resolution_type, alignment, cfg.crop)
+    placed, excluded = place_images(records, cfg, alignment)
+    for path, reason in excluded:
+        logger.info("dataset %s: leaving out %s: %s", cfg.id, path, reason)
+    buckets = buckets_of(placed)
     cache = VaeCache(cfg.cache_dir_vae, cfg.id, cfg.instance_data_dir, crop=cfg.crop, memory=memory)
-    report = cache.ensure(buckets, model, config.vae_batch_size, progress=show_progress)
+    anchors = {record.path: placement.anchor for record, placement in placed.items()}
+    report = cache.ensure(buckets, model, config.vae_batch_size, progress=show_progress, anchors=anchors)
     buckets = _without(buckets, {path for path, _ in report.skipped})
     logger.info("dataset %s: latents: %d reused, %d built", cfg.id, report.reused, report.built)
     summary = DatasetSummary(
         id=cfg.id,
         found=len(scan.records) + len(scan.skipped),
-        skipped=list(scan.skipped) + list(report.skipped),
+        skipped=list(scan.skipped) + excluded + list(report.skipped),
         buckets={size: len(records) for size, records in buckets.items()},
         latents_built=report.built,
         latents_reused=report.reused,
     )
     return buckets, summary, cache
+
+
+def _subset(records: list[ImageRecord], cfg: ImageDatasetConfig, seed: int) -> list[ImageRecord]:
+    """At most ``max_num_samples`` records: a seeded random subset, kept in scan order."""
+    if cfg.max_num_samples is None or len(records) <= cfg.max_num_samples:
+        return records
+    chosen = set(random.Random(f"max-num-samples:{seed}:{cfg.id}").sample(range(len(records)), cfg.max_num_samples))
+    logger.info("dataset %s: using %d of %d images (max_num_samples)", cfg.id, cfg.max_num_samples, len(records))
+    return [record for index, record in enumerate(records) if index in chosen]
 
 
 def _without(buckets: dict[Size, list[ImageRecord]], paths: set[Path]) -> dict[Size, list[ImageRecord]]:

@@ -5,21 +5,49 @@ This is the only place pixels are decoded. A truncated or corrupt file raises
 training on a half-grey picture. We never enable PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES``: with it
 on, PIL pads a truncated file with grey and says nothing.
 
+What is accepted, and how (``tests/data/nasty_corpus.py`` holds one file of each kind):
+
+* The format is sniffed from the content among :data:`IMAGE_FORMATS`, whatever the extension says:
+  a PNG named ``.jpg`` is used; a text file named ``.png`` is "not an image"; a zero-byte file is
+  an "empty file". Other formats PIL knows (EPS, PDF, ...) are refused, so a renamed file never
+  reaches a plugin that shells out (Ghostscript) or that we have never tested.
+* A header claiming more than :data:`MAX_IMAGE_PIXELS` pixels raises :class:`ImageTooLargeError`
+  before anything is decoded (the scan rejects it from the header alone), so a 40000x40000 bomb
+  costs a few bytes of memory, not gigabytes. PIL's global ``Image.MAX_IMAGE_PIXELS`` is left alone.
+* Animated GIF / WebP / PNG: only the first frame is used (what a viewer shows as a still).
+* EXIF orientation is applied, so the decoded pixels and the scanned size are upright.
+* CMYK (Adobe-inverted or not), palette, greyscale, 16-bit and float images become 8-bit RGB;
+  16-bit values are scaled down, not clipped to white; transparency (alpha channel, palette or
+  colour-key ``tRNS``) is composited onto white.
+
 torch is imported inside :func:`load_image_tensor` so that importing this module stays cheap.
 """
 
 from __future__ import annotations
 
+import re
 import struct
+import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
+
+#: Most pixels an image may have (width x height). Equal to the size at which PIL's own default
+#: guard raises (2 x ``PIL.Image.MAX_IMAGE_PIXELS``), about 13400 x 13400: far above any training
+#: resolution, far below what a few-byte PNG can claim. Checked on the header, before decoding.
+MAX_IMAGE_PIXELS = 178_956_970
+
+#: PIL format names the loader opens; the content decides, not the extension. JPEG covers MPO
+#: (multi-picture camera JPEGs) too, since PIL's JPEG opener returns those.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 #: Errors PIL lets escape for unreadable files: truncated data (OSError), bad structure
 #: (SyntaxError, ValueError, struct.error, EOFError), broken compressed streams (zlib.error), and
@@ -38,38 +66,131 @@ _DECODE_ERRORS = (
 #: shown on white, and black would teach dark halos.
 _BACKGROUND_RGB = (255, 255, 255)
 
+#: The pixel count in PIL's DecompressionBombError message: "Image size (N pixels) exceeds ...".
+_PIL_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
 
 class CorruptImageError(Exception):
     """An image file that cannot be fully decoded; the message names the file and the reason."""
 
 
-def load_image_tensor(path: Path, size: tuple[int, int]) -> "torch.Tensor":
+class ImageTooLargeError(CorruptImageError):
+    """The header claims more pixels than :data:`MAX_IMAGE_PIXELS`; nothing was decoded.
+
+    Attributes:
+        reason: the explanation without the path (the scan reports the path separately).
+    """
+
+    def __init__(self, path: Path, pixels: int | None, size: tuple[int, int] | None = None) -> None:
+        claimed = f"{pixels} pixels" if pixels is not None else "an unknown number of pixels"
+        if size is not None:
+            claimed = f"{size[0]}x{size[1]} = {claimed}"
+        self.reason = (
+            f"image too large: header claims {claimed}, over the limit of {MAX_IMAGE_PIXELS} pixels "
+            "(simpletuner.data.images.MAX_IMAGE_PIXELS); rejected before decoding"
+        )
+        super().__init__(f"{path}: {self.reason}")
+
+
+def load_image_tensor(
+    path: Path, size: tuple[int, int], anchor: tuple[float, float] = (0.5, 0.5)
+) -> "torch.Tensor":
     """Decode ``path`` into a float32 tensor of shape (3, height, width) with values in [-1, 1].
 
     Steps: full decode, EXIF orientation, RGB (alpha composited on white), Lanczos resize so the
-    image covers ``size`` (aspect kept; small images are upscaled), then a centre crop to exactly
-    ``size`` = (width, height).
+    image covers ``size`` (aspect kept; small images are upscaled), then a crop to exactly
+    ``size`` = (width, height) placed by ``anchor`` (see :func:`crop_at`; the default centres it).
 
     Raises:
-        CorruptImageError: the file is truncated, corrupt or not an image.
+        CorruptImageError: the file is truncated, corrupt, too large or not an image.
     """
     import torch
 
     image = decode_image(Path(path))
     image = resize_to_cover(to_rgb(orient(image)), size)
-    image = center_crop(image, size)
+    image = crop_at(image, size, anchor)
     pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # [0, 255] -> [-1, 1]
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
-def decode_image(path: Path) -> Image.Image:
-    """Open and fully decode ``path`` (``.load()``), so truncation shows up now and not later."""
+@contextmanager
+def open_image(path: Path) -> Iterator[ImageFile.ImageFile]:
+    """``Image.open`` restricted to :data:`IMAGE_FORMATS`, with the pixel limit already checked.
+
+    Only the header is read; the caller decides whether to ``.load()``. The scan and the decoder
+    both open files through here, so they accept and refuse exactly the same files.
+
+    Raises:
+        ImageTooLargeError: the header claims more than :data:`MAX_IMAGE_PIXELS` pixels.
+        Whatever PIL raises for an unreadable header (UnidentifiedImageError, OSError, ...).
+    """
+    with warnings.catch_warnings():
+        # PIL warns from half our limit on; our own check below is the one that decides.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path, formats=_available_formats())
+        except Image.DecompressionBombError as exc:  # PIL's hard limit fired inside open()
+            pixels = _bomb_pixels(exc)
+            if pixels is not None and pixels <= MAX_IMAGE_PIXELS:
+                raise  # someone lowered PIL's global limit below ours; PIL's message says so
+            raise ImageTooLargeError(path, pixels) from exc
+    with image:
+        check_pixel_limit(path, image.size)
+        yield image
+
+
+def check_pixel_limit(path: Path, size: tuple[int, int]) -> None:
+    """Raise :class:`ImageTooLargeError` when ``size`` exceeds :data:`MAX_IMAGE_PIXELS`.
+
+    Needed on top of PIL's guard because that one is a process-wide setting other code may raise
+    or disable (``Image.MAX_IMAGE_PIXELS = None`` is a common snippet).
+    """
+    pixels = size[0] * size[1]
+    if pixels > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(path, pixels, size)
+
+
+def unreadable_reason(path: Path, exc: BaseException) -> str:
+    """A short, user-facing reason why PIL could not open or decode ``path``."""
     try:
-        with Image.open(path) as image:
+        if Path(path).stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(exc, UnidentifiedImageError):
+        formats = "/".join(IMAGE_FORMATS)
+        return f"not an image (content is not {formats}, whatever the extension says)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _available_formats() -> tuple[str, ...]:
+    """:data:`IMAGE_FORMATS` this Pillow build can open (WebP support is optional in Pillow).
+
+    ``Image.open`` raises KeyError for a listed format with no registered opener.
+    """
+    Image.init()
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
+
+
+def _bomb_pixels(exc: Image.DecompressionBombError) -> int | None:
+    """The pixel count PIL put in its bomb error message; None if the wording ever changes."""
+    match = _PIL_BOMB_PIXELS.search(str(exc))
+    return int(match.group(1)) if match else None
+
+
+def decode_image(path: Path) -> Image.Image:
+    """Open and fully decode ``path`` (``.load()``), so truncation shows up now and not later.
+
+    For animated files this is the first frame: a freshly opened image is positioned on frame 0.
+    """
+    try:
+        with open_image(path) as image:
             image.load()  # pixel data stays usable after the file is closed on exit
         return image
+    except CorruptImageError:
+        raise
     except _DECODE_ERRORS as exc:
-        raise CorruptImageError(f"{path}: cannot decode image: {type(exc).__name__}: {exc}") from exc
+        raise CorruptImageError(f"{path}: cannot decode image: {unreadable_reason(path, exc)}") from exc
 
 
 def orient(image: Image.Image) -> Image.Image:
@@ -115,9 +236,24 @@ def resize_to_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 def center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Crop the centre ``size`` = (width, height) region; the image must already cover it."""
+    return crop_at(image, size, (0.5, 0.5))
+
+
+def crop_at(image: Image.Image, size: tuple[int, int], anchor: tuple[float, float]) -> Image.Image:
+    """Crop a ``size`` = (width, height) window placed by ``anchor`` = (x, y) in [0, 1].
+
+    The anchor is the fraction of the slack (image size minus window size) left of / above the
+    window: 0 takes the top/left, 0.5 centres it (as ``(slack) // 2``), 1 takes the bottom/right.
+    The image must already cover ``size``.
+    """
     target_width, target_height = size
-    left = (image.width - target_width) // 2
-    top = (image.height - target_height) // 2
+    left = _offset(image.width - target_width, anchor[0])
+    top = _offset(image.height - target_height, anchor[1])
     if (left, top) == (0, 0) and image.size == size:
         return image
     return image.crop((left, top, left + target_width, top + target_height))
+
+
+def _offset(slack: int, fraction: float) -> int:
+    """``fraction`` of ``slack`` pixels, floored and kept inside [0, slack]."""
+    return min(slack, max(0, int(slack * fraction)))

@@ -4,11 +4,15 @@ Bucketing only needs each image's width and height, which PIL reads from the fil
 the decode keeps a 10k-image scan to a couple of seconds. The price is that a file truncated after a
 valid header passes the scan; it is caught at decode time by
 :func:`simpletuner.data.images.load_image_tensor`.
+
+The scan opens files exactly as the decoder does (:func:`simpletuner.data.images.open_image`), so
+it refuses what the decoder would refuse: non-images whatever their extension, empty files, and
+headers claiming more than :data:`simpletuner.data.images.MAX_IMAGE_PIXELS` pixels. It never logs:
+it returns each skipped file once with its reason, and the caller logs one line per file.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +21,11 @@ from PIL import Image
 from simpletuner.data.backends.local import LocalBackend
 from simpletuner.data.captions import caption_file_for, caption_for
 from simpletuner.data.config import ImageDatasetConfig
+from simpletuner.data.images import ImageTooLargeError, open_image, unreadable_reason
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: Files the scan looks at; their content is still sniffed (a PNG named .jpg is used). ``.gif``
+#: contributes its first frame, as animated files do everywhere in the loader.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
 @dataclass(frozen=True)
@@ -57,16 +64,15 @@ _EXIF_ORIENTATION_TAG = 0x0112
 def read_image_size(path: Path) -> tuple[int, int]:
     """Displayed (width, height) from the header only; ``Image.open`` is lazy and we never ``.load()``.
 
-    Raises whatever PIL raises for an unreadable header (OSError, SyntaxError, ValueError, ...).
+    Raises:
+        ImageTooLargeError: the header claims more pixels than the decoder would accept.
+        Whatever PIL raises for an unreadable header (OSError, SyntaxError, ValueError, ...).
     """
-    with warnings.catch_warnings():
-        # A huge image is a decode-time concern; the header read itself is cheap.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            width, height = image.size
-            if _exif_orientation(image) in _TRANSPOSING_ORIENTATIONS:
-                return height, width
-            return width, height
+    with open_image(path) as image:
+        width, height = image.size
+        if _exif_orientation(image) in _TRANSPOSING_ORIENTATIONS:
+            return height, width
+        return width, height
 
 
 def _exif_orientation(image: Image.Image) -> int:
@@ -96,7 +102,7 @@ def scan_image_dataset(cfg: ImageDatasetConfig) -> ScanResult:
         try:
             width, height = read_image_size(path)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad headers
-            result.skipped.append((path, f"cannot read image header: {type(exc).__name__}: {exc}"))
+            result.skipped.append((path, _unreadable_header_reason(path, exc)))
             continue
         caption = caption_for(path, cfg)
         if caption is None:
@@ -106,12 +112,19 @@ def scan_image_dataset(cfg: ImageDatasetConfig) -> ScanResult:
     return result
 
 
+def _unreadable_header_reason(path: Path, exc: Exception) -> str:
+    """Why the header of ``path`` was refused: too large, empty, not an image, or PIL's error."""
+    if isinstance(exc, ImageTooLargeError):
+        return exc.reason
+    return f"cannot read image header: {unreadable_reason(path, exc)}"
+
+
 def _missing_caption_reason(path: Path, cfg: ImageDatasetConfig) -> str:
     """Explain why no caption was found, naming the file the user should create or fix."""
     if cfg.caption_strategy == "textfile":
         sidecar = caption_file_for(path)
         if sidecar.exists():
-            return f"caption file {sidecar} is empty"
+            return f"empty caption: caption file {sidecar} has no non-blank line"
         return f"caption file {sidecar} not found (caption_strategy 'textfile' expects <stem>.txt beside the image)"
     if cfg.caption_strategy == "filename":
         return f"file name {path.name!r} gives an empty caption (caption_strategy 'filename')"

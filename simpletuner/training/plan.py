@@ -11,8 +11,9 @@ import json
 
 from pathlib import Path
 
-from simpletuner.data.buckets import assign_buckets, bucket_alignment, pixel_edge
+from simpletuner.data.buckets import bucket_alignment, pixel_edge
 from simpletuner.data.config import load_dataset_plan
+from simpletuner.data.geometry import buckets_of, place_images
 from simpletuner.data.metadata import scan_image_dataset
 
 
@@ -34,11 +35,13 @@ def describe_datasets(config) -> list[str]:
         scan = scan_image_dataset(dataset)
         edge = pixel_edge(dataset.resolution, dataset.resolution_type)
         alignment = bucket_alignment(config.aspect_bucket_alignment, scale, edge)
-        buckets = assign_buckets(scan.records, dataset.resolution, dataset.resolution_type, alignment, dataset.crop)
+        placed, excluded = place_images(scan.records, dataset, alignment)
+        buckets = buckets_of(placed)
+        skipped = list(scan.skipped) + excluded
         sizes = ", ".join(f"{w}x{h}: {len(records)}" for (w, h), records in buckets.items()) or "none"
-        lines.append(f"  {dataset.id}: {len(scan.records)} images in {dataset.instance_data_dir}, "
-                     f"{len(scan.skipped)} skipped, repeats {dataset.repeats}; buckets {sizes}")
-        for path, reason in scan.skipped[:5]:
+        lines.append(f"  {dataset.id}: {len(placed)} images used in {dataset.instance_data_dir}, "
+                     f"{len(skipped)} skipped, repeats {dataset.repeats}; buckets {sizes}")
+        for path, reason in skipped[:5]:
             lines.append(f"    skipped {path}: {reason}")
     lines.append(f"  text embeds cache: {plan.text_embeds.cache_dir}")
     return lines

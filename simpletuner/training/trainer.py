@@ -273,11 +273,12 @@ class Trainer:
         processes train on different images and the order survives a resume unchanged."""
         processes, rank = self.accelerator.num_processes, self.accelerator.process_index
         batch = None
+        step = self.state.global_step
         for index in range(processes):
             if index == rank:
-                batch = self.data.next_batch()
+                batch = self.data.next_batch(step)
             else:
-                self.data.skip_batch()
+                self.data.skip_batch(step)
         return batch
 
     def _after_step(self, loss: float, grad_norm: float | None, seconds: float, progress) -> None:

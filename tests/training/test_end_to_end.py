@@ -236,3 +236,31 @@ def test_batch_larger_than_every_bucket_is_a_clear_error(tiny_model, workspace, 
     assert main(["train", *base_args(tiny_model, workspace, train_batch_size=100)]) == 2
     error = capsys.readouterr().err
     assert "`--train_batch_size 100` is larger than every aspect bucket (64x64: 16 images)" in error
+
+
+def test_two_datasets_are_mixed_by_weight_and_step_window(tiny_model, workspace):
+    make_demo_dataset(workspace / "more", 8, size=96, seed=9)
+    datasets = json.loads((workspace / "multidatabackend.json").read_text())
+    datasets[0]["end_step"] = 2
+    datasets.insert(1, {"id": "more", "type": "local", "instance_data_dir": str(workspace / "more"),
+                        "resolution": 32, "resolution_type": "pixel", "start_step": 2, "probability": 2.0})
+    (workspace / "multidatabackend.json").write_text(json.dumps(datasets))
+    seen = []
+    original = Trainer._next_local_batch
+
+    def record_batch(self):
+        batch = original(self)
+        seen.append((self.state.global_step, {Path(p).parent.name for p in batch["paths"]},
+                     tuple(batch["latent_mean"].shape[-2:])))
+        return batch
+
+    Trainer._next_local_batch = record_batch
+    try:
+        trainer = train(resolved(tiny_model, workspace, max_train_steps=4), show_progress=False)
+    finally:
+        Trainer._next_local_batch = original
+    assert [(step, folders) for step, folders, _ in seen] == [
+        (0, {"data"}), (1, {"data"}), (2, {"more"}), (3, {"more"})]
+    assert {shape for step, _, shape in seen if step >= 2} == {(8, 8)}  # 32 px / VAE factor 4
+    summary = trainer.data.describe()
+    assert "dataset more: 8 found, 8 used" in summary and "draw weight 16" in summary

@@ -132,6 +132,7 @@ class VaeCache:
         self.memory = memory if memory is not None else TensorMemory()
         self.index = ContentIndex(self.cache_dir / CONTENT_INDEX_NAME, Path(data_root))
         self._keys: dict[tuple[Path, Size], str] = {}
+        self._anchors: dict[Path, tuple[float, float]] = {}
 
     def ensure(
         self,
@@ -139,12 +140,15 @@ class VaeCache:
         model,
         batch_size: int,
         progress: bool = True,
+        anchors: dict[Path, tuple[float, float]] | None = None,
     ) -> CacheReport:
         """Make sure every record has a valid entry for its bucket size, encoding what is missing.
 
-        Undecodable images are skipped (one warning each) and listed in the report, so the caller
-        can drop them from its buckets; the rest of the dataset is still cached.
+        ``anchors`` places each image's crop window (see :mod:`simpletuner.data.geometry`); images
+        not listed are centred. Undecodable images are skipped (one warning each) and listed in the
+        report, so the caller can drop them from its buckets; the rest of the dataset is still cached.
         """
+        self._anchors = dict(anchors or {})
         if batch_size < 1:
             raise ValueError(f"vae batch size must be at least 1, got {batch_size}")
         report = CacheReport()
@@ -190,9 +194,12 @@ class VaeCache:
             report.skipped.append((record.path, reason))
             return None
         key = fingerprint(kind="vae_latents", content_sha256=content, size=list(size), crop=self.crop,
-                          model=model_parts)
+                          anchor=list(self._anchor(record)), model=model_parts)
         self._keys[(record.path, tuple(size))] = key
         return key
+
+    def _anchor(self, record: ImageRecord) -> tuple[float, float]:
+        return self._anchors.get(record.path, (0.5, 0.5))
 
     def _build(self, pending: dict[Size, list[ImageRecord]], model, batch_size: int, progress: bool,
                report: CacheReport) -> None:
@@ -211,7 +218,7 @@ class VaeCache:
         decoded: list[tuple[ImageRecord, torch.Tensor]] = []
         for record in chunk:
             try:
-                decoded.append((record, load_image_tensor(record.path, size)))
+                decoded.append((record, load_image_tensor(record.path, size, anchor=self._anchor(record))))
             except CorruptImageError as exc:
                 logger.warning("dataset %s: skipping %s", self.dataset_id, exc)
                 report.skipped.append((record.path, str(exc)))

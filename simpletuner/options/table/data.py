@@ -107,6 +107,7 @@ OPTIONS: list[Option] = [
         help="How datasets are mixed: auto-weighting samples in proportion to dataset size, uniform ignores size and uses only manual weights.",
         group=_G,
         choices=("uniform", "auto-weighting"),
+        implemented=True,
     ),
     Option(
         name="allow_dataset_oversubscription",
