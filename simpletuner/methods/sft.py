@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from simpletuner.training.objectives import add_noise, mse_loss, sample_timesteps, training_target
+from simpletuner.training.objectives import add_noise, mse_loss, training_target
+from simpletuner.training.timesteps import build_timestep_sampler
 
 
 @dataclass
@@ -23,11 +24,12 @@ class LossOutput:
 class SupervisedFineTuning:
     """The default method; one instance per run."""
 
-    def __init__(self, model, caption_dropout_probability: float):
+    def __init__(self, model, caption_dropout_probability: float, config=None):
         self.model = model
         self.caption_dropout_probability = caption_dropout_probability
         self.scheduler = model.noise_scheduler()
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
+        self.sample_timesteps = build_timestep_sampler(config, self.scheduler)
 
     def text_conditioning(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         """Prompt embeddings, with a random subset replaced by the empty prompt's."""
@@ -48,7 +50,7 @@ class SupervisedFineTuning:
         latents = model.latents_from_cache(cached)
         text = self.text_conditioning(batch, device)
         noise = torch.randn_like(latents)
-        timesteps = sample_timesteps(latents.shape[0], self.num_train_timesteps, device)
+        timesteps = self.sample_timesteps(latents.shape[0], device)
         noisy = add_noise(self.scheduler, latents, noise, timesteps)
         dtype = model.weight_dtype
         prediction = model.predict(noisy.to(dtype), timesteps, {k: v.to(dtype) for k, v in text.items()})

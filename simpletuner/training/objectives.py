@@ -14,12 +14,6 @@ import torch.nn.functional as F
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def sample_timesteps(batch_size: int, num_train_timesteps: int, device: torch.device,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform integer timesteps in [0, num_train_timesteps)."""
-    return torch.randint(0, num_train_timesteps, (batch_size,), device=device, generator=generator).long()
-
-
 def add_noise(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """The forward process q(x_t | x_0), via the scheduler so its beta schedule is respected."""
     return scheduler.add_noise(latents, noise, timesteps)

@@ -132,7 +132,7 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(config, optimizer, self.max_steps)
         self.model.denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
         self.ema = EmaWeights(self.trainable, config.ema_decay) if config.use_ema else None
-        self.method = SupervisedFineTuning(self.model, config.caption_dropout_probability)
+        self.method = SupervisedFineTuning(self.model, config.caption_dropout_probability, config=config)
 
     def _build_observers(self) -> None:
         from simpletuner.tracking import build_tracker
