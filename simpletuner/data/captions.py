@@ -8,6 +8,11 @@ Caption files are read as UTF-8 (a BOM is fine; UTF-16 with a BOM too). A file t
 UTF-8 is still used, decoded as Windows-1252 (or Latin-1 for the few bytes cp1252 leaves
 undefined), with one warning naming the file: such files come from older Windows tools, and
 skipping the image would lose a good training pair over an accent. Nothing is rewritten on disk.
+
+Given a storage backend (:mod:`simpletuner.data.backends`), ``image_path`` is the image's key in it
+and the sidecar is read through the backend (a bucket, for example); without one it is a local path.
+The ``parquet`` and ``huggingface`` strategies take captions from a table's columns; the metadata
+scan reads those, so they never reach :func:`caption_for`.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from __future__ import annotations
 import codecs
 import logging
 import re
-from pathlib import Path
-from typing import Callable
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Callable
 
 from simpletuner.data.config import ImageDatasetConfig
+
+if TYPE_CHECKING:
+    from simpletuner.data.backends import Backend
 
 # "photo (3)" -> "photo": the suffix file managers add to duplicates.
 _DUPLICATE_SUFFIX = re.compile(r"\s*\(\d+\)$")
@@ -34,15 +42,26 @@ def caption_file_for(image_path: Path) -> Path:
     return Path(image_path).with_suffix(".txt")
 
 
-def caption_from_textfile(image_path: Path) -> str | None:
+def caption_key_for(image_key: str) -> str:
+    """The sidecar's key in a backend: ``<stem>.txt`` beside the image's key."""
+    return PurePosixPath(image_key).with_suffix(".txt").as_posix()
+
+
+def caption_from_textfile(image_path: Path | str, backend: "Backend | None" = None) -> str | None:
     """The first non-empty line of ``<stem>.txt``, stripped; None when missing or blank.
 
     Multi-line caption files (one caption per line, for caption variety) exist in the wild; until
     caption sampling is implemented we keep only the first line, so training is deterministic.
     """
-    sidecar = caption_file_for(image_path)
     try:
-        text = decode_caption_bytes(sidecar.read_bytes(), sidecar)
+        if backend is None:
+            sidecar = caption_file_for(image_path)
+            text = decode_caption_bytes(sidecar.read_bytes(), sidecar)
+        else:
+            key = caption_key_for(str(image_path))
+            if not backend.exists(key):
+                return None
+            text = decode_caption_bytes(backend.read_bytes(key), backend.locate(key))
     except (FileNotFoundError, IsADirectoryError):
         return None
     for line in text.splitlines():
@@ -51,7 +70,7 @@ def caption_from_textfile(image_path: Path) -> str | None:
     return None
 
 
-def decode_caption_bytes(data: bytes, source: Path) -> str:
+def decode_caption_bytes(data: bytes, source: Path | str) -> str:
     """Text of a caption file: UTF-8 (BOM optional) or BOM-marked UTF-16, else a legacy codepage.
 
     The legacy fallback logs one warning naming ``source``, so the user can re-save it as UTF-8;
@@ -75,7 +94,7 @@ def decode_caption_bytes(data: bytes, source: Path) -> str:
     return text
 
 
-def caption_from_filename(image_path: Path) -> str | None:
+def caption_from_filename(image_path: Path | str) -> str | None:
     """The file stem with ``_``/``-`` as spaces and counters (``" (2)"``, ``"_0042"``) dropped.
 
     A stem that is only a counter ("0001.png") yields None: an empty prompt would teach nothing.
@@ -96,14 +115,16 @@ def caption_from_instance_prompt(cfg: ImageDatasetConfig) -> str | None:
     return prompt or None
 
 
-def caption_for(image_path: Path, cfg: ImageDatasetConfig) -> str | None:
+def caption_for(image_path: Path | str, cfg: ImageDatasetConfig, backend: "Backend | None" = None) -> str | None:
     """The caption for ``image_path`` under ``cfg.caption_strategy``; None when there is none.
+
+    ``image_path`` is a local path, or the image's key in ``backend`` when one is given.
 
     Raises:
         ValueError: an unknown strategy (config validation normally prevents this); lists valid ones.
     """
     strategies: dict[str, Callable[[], str | None]] = {
-        "textfile": lambda: caption_from_textfile(image_path),
+        "textfile": lambda: caption_from_textfile(image_path, backend),
         "filename": lambda: caption_from_filename(image_path),
         "instanceprompt": lambda: caption_from_instance_prompt(cfg),
     }

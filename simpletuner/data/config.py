@@ -15,17 +15,27 @@ import dataclasses
 import difflib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from simpletuner.options import ConfigError
 
-CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt")
+CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt", "parquet", "huggingface")
 #: ``pixel``: shorter edge in px; ``pixel_area``: edge of an equal-area square in px;
 #: ``area``: megapixels (see :func:`simpletuner.data.buckets.target_size`).
 RESOLUTION_TYPES = ("pixel", "pixel_area", "area")
-SUPPORTED_BACKEND_TYPES = ("local",)
+SUPPORTED_BACKEND_TYPES = ("local", "aws", "parquet", "huggingface")
+#: Where the list of images (and captions/sizes from a table) comes from; see ``metadata_backend``.
+METADATA_BACKENDS = ("discovery", "parquet", "huggingface")
+#: The metadata backend each storage type implies, and the ones it allows.
+_METADATA_FOR_TYPE = {
+    "local": ("discovery", "parquet"),
+    "aws": ("discovery", "parquet"),
+    "parquet": ("parquet",),
+    "huggingface": ("huggingface",),
+}
+TEXT_EMBED_BACKEND_TYPES = ("local",)
 DATASET_TYPES = ("image", "text_embeds")
 
 
@@ -34,14 +44,60 @@ class DatasetConfigError(ConfigError):
 
 
 @dataclass(frozen=True)
+class AwsSettings:
+    """The ``aws_*`` keys of a dataset entry: where its bucket is and how to sign in.
+
+    Credentials left out (None) come from the standard AWS environment. They are excluded from
+    ``repr`` so that logging a config never prints them.
+    """
+
+    bucket_name: str
+    data_prefix: str = ""
+    region_name: str | None = None
+    endpoint_url: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    """The ``parquet`` or ``huggingface`` object of a dataset entry: which columns mean what.
+
+    Attributes:
+        path: the parquet file (or folder of parquet files); unused for ``huggingface``, whose
+            table is ``dataset_name``.
+        filename_column: the column naming each image file, relative to ``instance_data_dir`` (or
+            the bucket prefix); unused when ``image_column`` holds the images.
+        caption_column / fallback_caption_column: the caption, and the column used when it is empty.
+        width_column / height_column: image sizes, so that no image header has to be read.
+        image_column: a column holding the encoded image bytes (or a Hugging Face ``Image``).
+        identifier_includes_extension: the file name column is used exactly as written; otherwise
+            a name without an image extension is matched against the files' stems.
+        split: the split of a Hugging Face ``DatasetDict`` (``train`` by default).
+    """
+
+    path: str | None = None
+    filename_column: str | None = None
+    caption_column: str = "caption"
+    fallback_caption_column: str | None = None
+    width_column: str | None = None
+    height_column: str | None = None
+    image_column: str | None = None
+    identifier_includes_extension: bool = False
+    split: str | None = None
+
+
+@dataclass(frozen=True)
 class ImageDatasetConfig:
     """One image dataset from ``multidatabackend.json``.
 
     Attributes:
         id: unique name; used in cache paths and logs, so renaming it invalidates its caches.
-        type: storage backend; only ``local`` is supported so far.
+        type: storage backend: ``local``, ``aws`` (a bucket), ``parquet`` (local files listed by a
+            parquet table) or ``huggingface`` (a dataset saved on disk).
         instance_data_dir: folder holding the images (searched recursively). Relative paths are
-            kept as written and resolved against the working directory by callers.
+            kept as written and resolved against the working directory by callers. None for
+            datasets whose images are in a bucket or a table.
         caption_strategy: where captions come from: ``textfile`` (``<stem>.txt`` beside each
             image), ``filename`` (the file stem) or ``instanceprompt`` (one prompt for all).
         instance_prompt: the prompt used for every image; required for ``instanceprompt``.
@@ -64,11 +120,16 @@ class ImageDatasetConfig:
         probability: relative weight when several datasets are mixed (0 disables drawing from it).
         max_num_samples: use at most this many images (a seeded random subset) from the dataset.
         start_step / end_step: the dataset is drawn only at optimizer steps in [start_step, end_step).
+        metadata_backend: where the image list comes from: ``discovery`` (list the files),
+            ``parquet`` or ``huggingface`` (a table that also gives captions and maybe sizes).
+        aws: bucket settings of an ``aws`` dataset.
+        parquet / huggingface: column settings of a table dataset.
+        dataset_name: the folder of a Hugging Face dataset (``save_to_disk``, parquet or arrow files).
     """
 
     id: str
     type: str
-    instance_data_dir: str
+    instance_data_dir: str | None = None
     caption_strategy: str = "textfile"
     instance_prompt: str | None = None
     resolution: float | None = None
@@ -90,6 +151,11 @@ class ImageDatasetConfig:
     max_num_samples: int | None = None
     start_step: int = 0
     end_step: int | None = None
+    metadata_backend: str = "discovery"
+    aws: AwsSettings | None = None
+    parquet: TableSettings | None = None
+    huggingface: TableSettings | None = None
+    dataset_name: str | None = None
 
     def with_global_defaults(
         self, resolution: float, resolution_type: str, cache_dir: str | Path
@@ -151,7 +217,7 @@ _IMAGE_KEYS: dict[str, tuple[str, Any]] = {
     "id": ("str", _REQUIRED),
     "dataset_type": ("str", "image"),
     "type": ("str", _REQUIRED),
-    "instance_data_dir": ("str", _REQUIRED),
+    "instance_data_dir": ("optional_str", None),  # required by local and parquet (see _check_storage)
     "caption_strategy": ("str", "textfile"),
     "instance_prompt": ("optional_str", None),
     "resolution": ("number", None),
@@ -173,6 +239,41 @@ _IMAGE_KEYS: dict[str, tuple[str, Any]] = {
     "max_num_samples": ("optional_int", None),
     "start_step": ("int", 0),
     "end_step": ("optional_int", None),
+    "metadata_backend": ("optional_str", None),
+    "aws_bucket_name": ("optional_str", None),
+    "aws_data_prefix": ("optional_str", None),
+    "aws_region_name": ("optional_str", None),
+    "aws_endpoint_url": ("optional_str", None),
+    "aws_access_key_id": ("optional_str", None),
+    "aws_secret_access_key": ("optional_str", None),
+    "parquet": ("object", None),
+    "huggingface": ("object", None),
+    "dataset_name": ("optional_str", None),
+}
+
+_AWS_KEYS = ("aws_bucket_name", "aws_data_prefix", "aws_region_name", "aws_endpoint_url",
+             "aws_access_key_id", "aws_secret_access_key")
+
+#: Keys of the ``parquet`` object (SimpleTuner's shape); ``path`` is the table file.
+_PARQUET_KEYS: dict[str, tuple[str, Any]] = {
+    "path": ("str", _REQUIRED),
+    "filename_column": ("str", "filename"),
+    "caption_column": ("str", "caption"),
+    "fallback_caption_column": ("optional_str", None),
+    "width_column": ("optional_str", None),
+    "height_column": ("optional_str", None),
+    "image_column": ("optional_str", None),
+    "identifier_includes_extension": ("bool", False),
+}
+
+#: Keys of the ``huggingface`` object; the dataset folder is the top-level ``dataset_name``.
+_HUGGINGFACE_KEYS: dict[str, tuple[str, Any]] = {
+    "image_column": ("str", "image"),
+    "caption_column": ("str", "caption"),
+    "fallback_caption_column": ("optional_str", None),
+    "width_column": ("optional_str", None),
+    "height_column": ("optional_str", None),
+    "split": ("optional_str", None),
 }
 
 CROP_STYLES = ("center", "corner", "random")
@@ -195,6 +296,7 @@ _KIND_WORDS = {
     "bool": 'true/false (or the strings "true"/"false")',
     "number_list": "a list of positive numbers or null",
     "optional_int": "an integer or null",
+    "object": "a JSON object or null",
 }
 
 
@@ -278,8 +380,11 @@ def _parse_image(entry: dict, where: str) -> ImageDatasetConfig:
     """Validate an image entry's keys, types and cross-field rules."""
     values = _typed_values(entry, _IMAGE_KEYS, where)
     values.pop("dataset_type")
-    _check_choice(where, "type", values["type"], SUPPORTED_BACKEND_TYPES, "only local is supported so far")
+    _check_storage(where, entry, values)
+    if "caption_strategy" not in entry and values["metadata_backend"] != "discovery":
+        values["caption_strategy"] = values["metadata_backend"]  # a table's own captions by default
     _check_choice(where, "caption_strategy", values["caption_strategy"], CAPTION_STRATEGIES)
+    _check_caption_source(where, values)
     if values["resolution_type"] is not None:
         _check_choice(where, "resolution_type", values["resolution_type"], RESOLUTION_TYPES)
     if values["caption_strategy"] == "instanceprompt" and not (values["instance_prompt"] or "").strip():
@@ -301,14 +406,15 @@ def _parse_image(entry: dict, where: str) -> ImageDatasetConfig:
     _check_geometry(where, values)
     _check_sampling(where, values)
     if not values["disabled"]:
-        _check_directory(where, values["instance_data_dir"])
+        _check_paths_exist(where, values)
     return ImageDatasetConfig(**values)
 
 
 def _parse_text_embeds(entry: dict, where: str) -> TextEmbedDatasetConfig:
     """Validate a text_embeds entry; ``type`` and ``disabled`` are checked but not stored."""
     values = _typed_values(entry, _TEXT_EMBED_KEYS, where)
-    _check_choice(where, "type", values["type"], SUPPORTED_BACKEND_TYPES, "only local is supported so far")
+    _check_choice(where, "type", values["type"], TEXT_EMBED_BACKEND_TYPES,
+                  "text embeddings are cached on the local disk so far")
     return TextEmbedDatasetConfig(id=values["id"], cache_dir=values["cache_dir"], default=values["default"])
 
 
@@ -316,6 +422,10 @@ def _typed_values(entry: dict, declared: dict[str, tuple[str, Any]], where: str)
     """Reject unknown keys, fill defaults, and coerce/check every declared key's type."""
     for key in entry:
         if key not in declared:
+            if declared is _IMAGE_KEYS and (key in _PARQUET_KEYS or key in _HUGGINGFACE_KEYS):
+                raise DatasetConfigError(
+                    f"{where}: unknown key {key!r}; table settings go inside the \"parquet\" or "
+                    f"\"huggingface\" object, e.g. \"huggingface\": {{\"{key}\": ...}}")
             raise DatasetConfigError(f"{where}: unknown key {key!r}; {_suggest(key, declared)}")
     values: dict[str, Any] = {}
     for key, (kind, default) in declared.items():
@@ -355,6 +465,9 @@ def _coerce(where: str, key: str, value: Any, kind: str) -> Any:
             isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value
         ):
             return tuple(float(v) for v in value)
+    elif kind == "object":
+        if value is None or isinstance(value, dict):
+            return value
     elif kind == "optional_int":
         if value is None:
             return None
@@ -425,6 +538,95 @@ def _check_geometry(where: str, values: dict[str, Any]) -> None:
             f"{where}: crop_aspect {values['crop_aspect']!r} needs 'crop_aspect_buckets', a list of aspect "
             "ratios such as [0.75, 1.0, 1.33]"
         )
+
+
+def _check_storage(where: str, entry: dict, values: dict[str, Any]) -> None:
+    """Storage type, metadata backend and their keys; replaces the flat ``aws_*`` keys and the
+    ``parquet``/``huggingface`` objects in ``values`` by :class:`AwsSettings` / :class:`TableSettings`."""
+    storage = values["type"]
+    _check_choice(where, "type", storage, SUPPORTED_BACKEND_TYPES)
+    allowed = _METADATA_FOR_TYPE[storage]
+    metadata = values["metadata_backend"] or allowed[0]
+    _check_choice(where, "metadata_backend", metadata, METADATA_BACKENDS)
+    if metadata not in allowed:
+        raise DatasetConfigError(
+            f"{where}: key 'metadata_backend' has value {metadata!r}, which type {storage!r} does not take; "
+            f"use one of {list(allowed)}")
+    values["metadata_backend"] = metadata
+
+    aws = {key: values.pop(key) for key in _AWS_KEYS}
+    if storage == "aws":
+        if not (aws["aws_bucket_name"] or "").strip():
+            raise DatasetConfigError(f"{where}: type 'aws' needs key 'aws_bucket_name' (the bucket holding the images)")
+        values["aws"] = AwsSettings(
+            bucket_name=aws["aws_bucket_name"].strip(), data_prefix=(aws["aws_data_prefix"] or "").strip("/"),
+            region_name=aws["aws_region_name"], endpoint_url=aws["aws_endpoint_url"],
+            access_key_id=aws["aws_access_key_id"], secret_access_key=aws["aws_secret_access_key"])
+    else:
+        stray = [key for key in _AWS_KEYS if key in entry]
+        if stray:
+            raise DatasetConfigError(f"{where}: key {stray[0]!r} is only used with \"type\": \"aws\" "
+                                     f"(this dataset has type {storage!r}); remove it or change the type")
+
+    for name, declared in (("parquet", _PARQUET_KEYS), ("huggingface", _HUGGINGFACE_KEYS)):
+        raw = values[name]
+        if metadata != name:
+            if raw is not None:
+                raise DatasetConfigError(f"{where}: key {name!r} is only used with \"metadata_backend\": "
+                                         f"\"{name}\" (or \"type\": \"{name}\"); remove it or set that")
+            continue
+        if raw is None and name == "parquet":
+            raise DatasetConfigError(
+                f"{where}: metadata_backend 'parquet' needs a \"parquet\" object, e.g. "
+                '{"path": "captions.parquet", "filename_column": "file", "caption_column": "caption"}')
+        table = _typed_values(raw or {}, declared, f"{where}: key {name!r}")
+        if (table["width_column"] is None) != (table["height_column"] is None):
+            raise DatasetConfigError(f"{where}: key {name!r}: set both 'width_column' and 'height_column', "
+                                     "or neither")
+        values[name] = TableSettings(**table)
+
+    if metadata == "huggingface":
+        if not (values["dataset_name"] or "").strip():
+            raise DatasetConfigError(f"{where}: type 'huggingface' needs key 'dataset_name', the folder of a "
+                                     "dataset saved with save_to_disk (or of its parquet/arrow files)")
+    elif values["dataset_name"] is not None:
+        raise DatasetConfigError(f"{where}: key 'dataset_name' is only used with \"type\": \"huggingface\"")
+
+    needs_folder = storage == "local" or (storage == "parquet" and values["parquet"].image_column is None)
+    if needs_folder and values["instance_data_dir"] is None:
+        raise DatasetConfigError(f"{where}: required key 'instance_data_dir' is missing; add it to the entry")
+    cache = values["cache_dir_vae"]
+    if cache is not None and cache.startswith("s3://") and not cache[len("s3://"):].split("/")[0]:
+        raise DatasetConfigError(f"{where}: key 'cache_dir_vae' has value {cache!r}; write s3://<bucket>/<prefix>")
+
+
+def _check_caption_source(where: str, values: dict[str, Any]) -> None:
+    """Table datasets default to their table's captions; table strategies need their table."""
+    metadata, strategy = values["metadata_backend"], values["caption_strategy"]
+    if strategy in ("parquet", "huggingface") and strategy != metadata:
+        raise DatasetConfigError(
+            f"{where}: key 'caption_strategy' has value {strategy!r}, which needs \"metadata_backend\": "
+            f"\"{strategy}\" (or \"type\": \"{strategy}\") and a {strategy!r} object naming the caption column")
+    if metadata == "huggingface" and strategy not in ("huggingface", "instanceprompt"):
+        raise DatasetConfigError(
+            f"{where}: key 'caption_strategy' has value {strategy!r}; a huggingface dataset takes captions "
+            "from its caption column ('huggingface') or from 'instanceprompt'")
+
+
+def _check_paths_exist(where: str, values: dict[str, Any]) -> None:
+    """Local folders and table files must exist now (a bucket is checked when it is first read)."""
+    if values["instance_data_dir"] is not None and values["type"] in ("local", "parquet"):
+        _check_directory(where, values["instance_data_dir"])
+    if values["type"] in ("local", "parquet") and values["parquet"] is not None:
+        table = Path(values["parquet"].path)
+        if not table.exists():
+            raise DatasetConfigError(f"{where}: key 'parquet': 'path' has value {values['parquet'].path!r}, but "
+                                     f"{table.resolve()} does not exist; fix the path or set \"disabled\": true")
+    if values["dataset_name"] is not None and not Path(values["dataset_name"]).is_dir():
+        raise DatasetConfigError(
+            f"{where}: key 'dataset_name' has value {values['dataset_name']!r}, but {Path(values['dataset_name']).resolve()} "
+            "is not a folder; give the folder of a dataset saved with save_to_disk (datasets are never downloaded "
+            "from the hub)")
 
 
 def _check_choice(where: str, key: str, value: str, choices: tuple[str, ...], note: str = "") -> None:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from simpletuner.data.backends import cache_backend, is_remote_cache, open_dataset
 from simpletuner.data.buckets import bucket_alignment, pixel_edge
-from simpletuner.data.cache.store import CacheReport, TensorMemory
+from simpletuner.data.cache.store import BackendEntries, CacheReport, TensorMemory
 from simpletuner.data.cache.text import EMPTY_CAPTION, TextEmbedCache
 from simpletuner.data.cache.vae import VaeCache
 from simpletuner.data.config import DatasetPlan, ImageDatasetConfig
@@ -216,7 +217,8 @@ def _prepare_dataset(
     cfg: ImageDatasetConfig, config, model, memory: TensorMemory, show_progress: bool
 ) -> tuple[dict[Size, list[ImageRecord]], DatasetSummary, VaeCache]:
     """Scan, bucket and latent-cache one dataset (whose inherited settings are already filled)."""
-    scan = scan_image_dataset(cfg)
+    source = open_dataset(cfg)
+    scan = scan_image_dataset(cfg, source)
     records = _subset(scan.records, cfg, config.seed or 0)
     for path, reason in scan.skipped:
         logger.warning("dataset %s: skipping %s: %s", cfg.id, path, reason)
@@ -226,7 +228,9 @@ def _prepare_dataset(
     for path, reason in excluded:
         logger.info("dataset %s: leaving out %s: %s", cfg.id, path, reason)
     buckets = buckets_of(placed)
-    cache = VaeCache(cfg.cache_dir_vae, cfg.id, cfg.instance_data_dir, crop=cfg.crop, memory=memory)
+    entries = BackendEntries(cache_backend(cfg.cache_dir_vae, cfg)) if is_remote_cache(cfg.cache_dir_vae) else None
+    cache = VaeCache(cfg.cache_dir_vae, cfg.id, cfg.instance_data_dir, crop=cfg.crop, memory=memory,
+                     images=source.images, entries=entries)
     anchors = {record.path: placement.anchor for record, placement in placed.items()}
     report = cache.ensure(buckets, model, config.vae_batch_size, progress=show_progress, anchors=anchors)
     buckets = _without(buckets, {path for path, _ in report.skipped})

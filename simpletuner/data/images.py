@@ -20,11 +20,15 @@ What is accepted, and how (``tests/data/nasty_corpus.py`` holds one file of each
   16-bit values are scaled down, not clipped to white; transparency (alpha channel, palette or
   colour-key ``tRNS``) is composited onto white.
 
+Every function takes the image as a local path or as its encoded bytes (an object read from a
+bucket, a cell of a table); ``name`` then says what to call it in messages.
+
 torch is imported inside :func:`load_image_tensor` so that importing this module stays cheap.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 import warnings
@@ -39,6 +43,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
+
+#: An image to open: a local file, or its encoded bytes (from a bucket or a table).
+ImageSource = Path | str | bytes
 
 #: Most pixels an image may have (width x height). Equal to the size at which PIL's own default
 #: guard raises (2 x ``PIL.Image.MAX_IMAGE_PIXELS``), about 13400 x 13400: far above any training
@@ -81,7 +88,7 @@ class ImageTooLargeError(CorruptImageError):
         reason: the explanation without the path (the scan reports the path separately).
     """
 
-    def __init__(self, path: Path, pixels: int | None, size: tuple[int, int] | None = None) -> None:
+    def __init__(self, path: Path | str, pixels: int | None, size: tuple[int, int] | None = None) -> None:
         claimed = f"{pixels} pixels" if pixels is not None else "an unknown number of pixels"
         if size is not None:
             claimed = f"{size[0]}x{size[1]} = {claimed}"
@@ -93,9 +100,10 @@ class ImageTooLargeError(CorruptImageError):
 
 
 def load_image_tensor(
-    path: Path, size: tuple[int, int], anchor: tuple[float, float] = (0.5, 0.5)
+    path: ImageSource, size: tuple[int, int], anchor: tuple[float, float] = (0.5, 0.5), name: str | None = None
 ) -> "torch.Tensor":
-    """Decode ``path`` into a float32 tensor of shape (3, height, width) with values in [-1, 1].
+    """Decode ``path`` (a file, or encoded bytes called ``name``) into a float32 tensor of shape
+    (3, height, width) with values in [-1, 1].
 
     Steps: full decode, EXIF orientation, RGB (alpha composited on white), Lanczos resize so the
     image covers ``size`` (aspect kept; small images are upscaled), then a crop to exactly
@@ -106,15 +114,22 @@ def load_image_tensor(
     """
     import torch
 
-    image = decode_image(Path(path))
+    image = decode_image(path, name)
     image = resize_to_cover(to_rgb(orient(image)), size)
     image = crop_at(image, size, anchor)
     pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # [0, 255] -> [-1, 1]
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
+def _openable(source: ImageSource, name: str | None) -> tuple[object, Path | str]:
+    """What ``Image.open`` takes for ``source`` (bytes are wrapped in a buffer), and its name."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(source), name or "<image bytes>"
+    return source, name or source
+
+
 @contextmanager
-def open_image(path: Path) -> Iterator[ImageFile.ImageFile]:
+def open_image(path: ImageSource, name: str | None = None) -> Iterator[ImageFile.ImageFile]:
     """``Image.open`` restricted to :data:`IMAGE_FORMATS`, with the pixel limit already checked.
 
     Only the header is read; the caller decides whether to ``.load()``. The scan and the decoder
@@ -124,11 +139,12 @@ def open_image(path: Path) -> Iterator[ImageFile.ImageFile]:
         ImageTooLargeError: the header claims more than :data:`MAX_IMAGE_PIXELS` pixels.
         Whatever PIL raises for an unreadable header (UnidentifiedImageError, OSError, ...).
     """
+    source, path = _openable(path, name)
     with warnings.catch_warnings():
         # PIL warns from half our limit on; our own check below is the one that decides.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(path, formats=_available_formats())
+            image = Image.open(source, formats=_available_formats())
         except Image.DecompressionBombError as exc:  # PIL's hard limit fired inside open()
             pixels = _bomb_pixels(exc)
             if pixels is not None and pixels <= MAX_IMAGE_PIXELS:
@@ -139,7 +155,7 @@ def open_image(path: Path) -> Iterator[ImageFile.ImageFile]:
         yield image
 
 
-def check_pixel_limit(path: Path, size: tuple[int, int]) -> None:
+def check_pixel_limit(path: Path | str, size: tuple[int, int]) -> None:
     """Raise :class:`ImageTooLargeError` when ``size`` exceeds :data:`MAX_IMAGE_PIXELS`.
 
     Needed on top of PIL's guard because that one is a process-wide setting other code may raise
@@ -150,13 +166,17 @@ def check_pixel_limit(path: Path, size: tuple[int, int]) -> None:
         raise ImageTooLargeError(path, pixels, size)
 
 
-def unreadable_reason(path: Path, exc: BaseException) -> str:
-    """A short, user-facing reason why PIL could not open or decode ``path``."""
-    try:
-        if Path(path).stat().st_size == 0:
+def unreadable_reason(path: ImageSource, exc: BaseException) -> str:
+    """A short, user-facing reason why PIL could not open or decode ``path`` (a file or bytes)."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        if len(path) == 0:
             return "empty file (0 bytes)"
-    except OSError:
-        pass
+    else:
+        try:
+            if Path(path).stat().st_size == 0:
+                return "empty file (0 bytes)"
+        except OSError:
+            pass
     if isinstance(exc, UnidentifiedImageError):
         formats = "/".join(IMAGE_FORMATS)
         return f"not an image (content is not {formats}, whatever the extension says)"
@@ -178,19 +198,20 @@ def _bomb_pixels(exc: Image.DecompressionBombError) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def decode_image(path: Path) -> Image.Image:
+def decode_image(path: ImageSource, name: str | None = None) -> Image.Image:
     """Open and fully decode ``path`` (``.load()``), so truncation shows up now and not later.
 
     For animated files this is the first frame: a freshly opened image is positioned on frame 0.
     """
     try:
-        with open_image(path) as image:
+        with open_image(path, name) as image:
             image.load()  # pixel data stays usable after the file is closed on exit
         return image
     except CorruptImageError:
         raise
     except _DECODE_ERRORS as exc:
-        raise CorruptImageError(f"{path}: cannot decode image: {unreadable_reason(path, exc)}") from exc
+        shown = _openable(path, name)[1]
+        raise CorruptImageError(f"{shown}: cannot decode image: {unreadable_reason(path, exc)}") from exc
 
 
 def orient(image: Image.Image) -> Image.Image:

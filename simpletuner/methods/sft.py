@@ -1,8 +1,9 @@
 """Supervised fine-tuning: the standard denoising loss on cached latents and text embeddings.
 
 For each batch: draw latents from the cached VAE posterior, drop some captions (so the model also
-learns the unconditional prediction classifier-free guidance needs), noise the latents at uniformly
-sampled timesteps, and regress the family's prediction target with MSE.
+learns the unconditional prediction classifier-free guidance needs), noise the latents (with the
+optional offset-noise and input-perturbation tricks) at timesteps from the configured sampler, and
+regress the family's prediction target with the configured loss and SNR weighting.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from simpletuner.training.objectives import add_noise, mse_loss, training_target
+from simpletuner.training.losses import LossSettings, diffusion_loss
+from simpletuner.training.noise import NoiseSettings, apply_offset_noise, perturbation_strength
+from simpletuner.training.objectives import (add_noise, check_diff2flow_schedule, diff2flow_prediction_and_target,
+                                              training_target)
 from simpletuner.training.timesteps import build_timestep_sampler
 
 
@@ -30,6 +34,12 @@ class SupervisedFineTuning:
         self.scheduler = model.noise_scheduler()
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.sample_timesteps = build_timestep_sampler(config, self.scheduler)
+        # --diff2flow_loss: regress the flow velocity (noise - latents) that the model's output implies.
+        self.diff2flow = bool(getattr(config, "diff2flow_enabled", False) and getattr(config, "diff2flow_loss", False))
+        if self.diff2flow:
+            check_diff2flow_schedule(self.scheduler, model.prediction_type)
+        self.loss_settings = LossSettings.from_config(config)
+        self.noise_settings = NoiseSettings.from_config(config)
 
     def text_conditioning(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         """Prompt embeddings, with a random subset replaced by the empty prompt's."""
@@ -44,16 +54,24 @@ class SupervisedFineTuning:
                     text[key] = torch.where(mask, empty, value)
         return text
 
-    def compute_loss(self, batch: dict, device: torch.device) -> LossOutput:
+    def compute_loss(self, batch: dict, device: torch.device, step: int = 0) -> LossOutput:
         model = self.model
         cached = {"latent_mean": batch["latent_mean"].to(device), "latent_std": batch["latent_std"].to(device)}
         latents = model.latents_from_cache(cached)
         text = self.text_conditioning(batch, device)
         noise = torch.randn_like(latents)
+        noise = apply_offset_noise(noise, self.noise_settings.offset, self.noise_settings.offset_probability)
         timesteps = self.sample_timesteps(latents.shape[0], device)
-        noisy = add_noise(self.scheduler, latents, noise, timesteps)
+        gamma = perturbation_strength(self.noise_settings, step)
+        input_noise = noise + gamma * torch.randn_like(noise) if gamma > 0 else noise
+        noisy = add_noise(self.scheduler, latents, input_noise, timesteps)
         dtype = model.weight_dtype
         prediction = model.predict(noisy.to(dtype), timesteps, {k: v.to(dtype) for k, v in text.items()})
-        target = training_target(self.scheduler, latents, noise, timesteps, model.prediction_type)
-        loss = mse_loss(prediction, target)
+        if self.diff2flow:
+            prediction, target = diff2flow_prediction_and_target(
+                self.scheduler, prediction, noisy, latents, noise, timesteps, model.prediction_type)
+        else:
+            target = training_target(self.scheduler, latents, noise, timesteps, model.prediction_type)
+        loss = diffusion_loss(self.loss_settings, self.scheduler, prediction, target, timesteps,
+                              model.prediction_type)
         return LossOutput(loss, {})

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from simpletuner.models.base import ModelFamily
+from simpletuner.training.objectives import configure_training_scheduler, inference_scheduler_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class StableDiffusion1x(ModelFamily):
             self._scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **source)
         self._checkpoint_prediction_type = self._scheduler.config.get("prediction_type")
         self._scheduler.register_to_config(prediction_type=self.prediction_type)
+        self._scheduler = configure_training_scheduler(self._scheduler, self.config)  # spacing, zero terminal SNR
         for module in (self.text_encoder, self.vae, self.unet):
             module.to(self.device)
             if self.weight_dtype != torch.float32:  # the VAE stays fp32 below bf16: fp16 VAEs overflow
@@ -115,7 +117,7 @@ class StableDiffusion1x(ModelFamily):
     def build_pipeline(self, denoiser: torch.nn.Module | None = None):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        scheduler = DDIMScheduler.from_config(self._scheduler.config)
+        scheduler = DDIMScheduler.from_config(self._scheduler.config, **inference_scheduler_overrides(self.config))
         return StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
             unet=denoiser if denoiser is not None else self.denoiser, scheduler=scheduler,

@@ -12,12 +12,13 @@ from typing import Callable
 
 from simpletuner.models.registry import family_info
 from simpletuner.options import ConfigError, all_options
+from simpletuner.training.optim import OPTIMIZERS, parse_optimizer_config
 
 # Values of implemented options that the trainer cannot act on yet. Keeping them here (instead of
 # narrowing the table's choices) lets `--help` show the full vocabulary users know from other trainers.
 SUPPORTED_VALUES: dict[str, tuple] = {
-    "optimizer": ("adamw_bf16", "optimi-adamw"),
-    "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear", "polynomial"),
+    "optimizer": tuple(OPTIMIZERS),
+    "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial", "sine"),
     "mixed_precision": ("no", "bf16"),
     "lora_type": ("standard",),
     "report_to": ("tensorboard", "none"),
@@ -88,6 +89,196 @@ def check_conflicts(config) -> None:
         )
 
 
+def check_loss_settings(config) -> None:
+    """Loss and noise options: ranges, and options that only act together with another one."""
+    if config.loss_type == "l2":
+        for name in ("huber_schedule", "huber_c"):
+            if name in config.explicit:
+                raise ConfigError(f"`--{name}` only applies to `--loss_type huber` or `smooth_l1`, but "
+                                  "`--loss_type l2` is set; remove one of them")
+    if config.huber_c is not None and not 0 < config.huber_c <= 1:
+        raise ConfigError(f"`--huber_c` = {config.huber_c} must be in (0, 1]")
+    if config.use_soft_min_snr and config.snr_gamma:
+        raise ConfigError("`--use_soft_min_snr` and `--snr_gamma` conflict: soft Min-SNR replaces the hard clamp "
+                          "(its strength comes from `--soft_min_snr_sigma_data`); remove one of them")
+    if config.snr_gamma is not None and config.snr_gamma < 0:
+        raise ConfigError(f"`--snr_gamma` = {config.snr_gamma} must be positive (or 0 to disable)")
+    if config.soft_min_snr_sigma_data is not None and config.soft_min_snr_sigma_data <= 0:
+        raise ConfigError(f"`--soft_min_snr_sigma_data` = {config.soft_min_snr_sigma_data} must be positive")
+    if not config.offset_noise:
+        for name in ("noise_offset", "noise_offset_probability"):
+            if name in config.explicit:
+                raise ConfigError(f"`--{name}` has no effect without `--offset_noise true`; add it or remove "
+                                  f"`--{name}`")
+    if config.noise_offset_probability is not None and not 0 <= config.noise_offset_probability <= 1:
+        raise ConfigError(f"`--noise_offset_probability` = {config.noise_offset_probability} must be between 0 and 1")
+    for name in ("noise_offset", "input_perturbation", "input_perturbation_steps"):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"`--{name}` = {value} must not be negative")
+    if config.input_perturbation_steps and not config.input_perturbation:
+        raise ConfigError("`--input_perturbation_steps` needs `--input_perturbation` > 0")
+
+
+EMA_OPTIONS = ("ema_decay", "ema_device", "ema_cpu_only", "ema_update_interval", "ema_foreach_disable", "ema_validation")
+
+
+def check_ema_settings(config) -> None:
+    if not config.use_ema:
+        changed = [name for name in EMA_OPTIONS if name in config.explicit]
+        if changed:
+            raise ConfigError(f"`--{changed[0]}` only applies with `--use_ema true`; add it or remove `--{changed[0]}`")
+    if not 0 < config.ema_decay < 1:
+        raise ConfigError(f"`--ema_decay` = {config.ema_decay} must be between 0 and 1 (e.g. 0.995)")
+    if config.ema_update_interval is not None and config.ema_update_interval < 1:
+        raise ConfigError(f"`--ema_update_interval` = {config.ema_update_interval} must be at least 1")
+
+
+BIAS_PORTION_STRATEGIES = ("earlier", "later")
+
+#: Options that only flow-matching families act on (they shape the sigma distribution).
+FLOW_OPTIONS = ("flow_sigmoid_scale", "flow_use_uniform_schedule", "flow_use_beta_schedule", "flow_beta_schedule_alpha",
+                "flow_beta_schedule_beta", "flow_schedule_shift", "flow_schedule_auto_shift")
+
+
+def _prediction_type(config) -> str:
+    """The explicit prediction type, else the family's default."""
+    return config.prediction_type or family_info(config.model_family).prediction_types[0]
+
+
+def check_timestep_settings(config) -> None:
+    """Timestep bias, noise schedule and diff2flow options."""
+    strategy = config.timestep_bias_strategy
+    biased = strategy not in (None, "none")
+    if not biased and config.timestep_bias_multiplier is not None:
+        raise ConfigError("`--timestep_bias_multiplier` only applies with `--timestep_bias_strategy earlier`, `later` "
+                          "or `range`; add one or remove the multiplier")
+    for name in ("timestep_bias_begin", "timestep_bias_end"):
+        if getattr(config, name) is not None and strategy != "range":
+            raise ConfigError(f"`--{name}` only applies to `--timestep_bias_strategy range` (got {strategy!r}); "
+                              f"set the strategy to range or remove `--{name}`")
+    if config.timestep_bias_portion is not None and strategy not in BIAS_PORTION_STRATEGIES:
+        raise ConfigError(f"`--timestep_bias_portion` only applies to `--timestep_bias_strategy earlier` or `later` "
+                          f"(got {strategy!r}); the range strategy uses `--timestep_bias_begin`/`--timestep_bias_end`")
+    if config.timestep_bias_multiplier is not None and config.timestep_bias_multiplier <= 0:
+        raise ConfigError(f"`--timestep_bias_multiplier` = {config.timestep_bias_multiplier} must be greater than 0; "
+                          "to sample timesteps evenly use `--timestep_bias_strategy none`")
+    if config.timestep_bias_portion is not None and not 0 < config.timestep_bias_portion <= 1:
+        raise ConfigError(f"`--timestep_bias_portion` = {config.timestep_bias_portion} must be in (0, 1]")
+    begin = config.timestep_bias_begin if config.timestep_bias_begin is not None else 0
+    if begin < 0:
+        raise ConfigError(f"`--timestep_bias_begin` = {begin} must not be negative")
+    if config.timestep_bias_end is not None and begin >= config.timestep_bias_end:
+        raise ConfigError(f"`--timestep_bias_begin` = {begin} must be smaller than `--timestep_bias_end` = "
+                          f"{config.timestep_bias_end} (the range is begin <= t < end)")
+    if config.diff2flow_loss and not config.diff2flow_enabled:
+        raise ConfigError("`--diff2flow_loss` needs `--diff2flow_enabled true`; add it or remove `--diff2flow_loss`")
+    if config.diff2flow_enabled:
+        prediction_type = _prediction_type(config)
+        if prediction_type == "flow_matching":
+            raise ConfigError("`--diff2flow_enabled` bridges epsilon, v_prediction or sample models to the flow "
+                              "target; this model already predicts flow_matching, so remove it")
+        if config.diff2flow_loss:
+            for name in ("snr_gamma", "use_soft_min_snr"):
+                if getattr(config, name):
+                    raise ConfigError(f"`--{name}` weights the native {prediction_type} loss and is not defined for "
+                                      "`--diff2flow_loss`; remove one of them")
+            if config.rescale_betas_zero_snr and prediction_type == "epsilon":
+                raise ConfigError("`--diff2flow_loss` with epsilon prediction cannot recover the image at the pure-noise "
+                                  "timestep that `--rescale_betas_zero_snr` creates; use `--prediction_type "
+                                  "v_prediction` or drop `--rescale_betas_zero_snr`")
+
+
+def check_flow_options(config) -> None:
+    """Flow-matching options only for families that train flow matching, and consistent with each other."""
+    info = family_info(config.model_family)
+    defaults = {option.name: option.default for option in all_options()}
+    changed = [name for name in FLOW_OPTIONS if getattr(config, name) != defaults[name]]
+    if changed and "flow_matching" not in info.prediction_types:
+        raise ConfigError(f"`--{changed[0]}` only applies to flow-matching model families; {info.name} trains "
+                          f"{', '.join(info.prediction_types)}, so remove it")
+    if config.flow_use_uniform_schedule and config.flow_use_beta_schedule:
+        raise ConfigError("`--flow_use_uniform_schedule` and `--flow_use_beta_schedule` conflict: pick one "
+                          "distribution (neither means the sigmoid one)")
+    if config.flow_schedule_auto_shift and config.flow_schedule_shift is not None:
+        raise ConfigError("`--flow_schedule_shift` and `--flow_schedule_auto_shift` conflict: the automatic shift "
+                          "replaces the fixed one; remove one of them")
+    for name in ("flow_sigmoid_scale", "flow_schedule_shift", "flow_beta_schedule_alpha", "flow_beta_schedule_beta"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"`--{name}` = {value} must be positive")
+
+
+def timestep_warnings(config) -> list[str]:
+    warnings = []
+    if config.timestep_bias_strategy not in (None, "none") and config.timestep_bias_multiplier in (None, 1, 1.0):
+        warnings.append(f"`--timestep_bias_strategy {config.timestep_bias_strategy}` has no effect with "
+                        "`--timestep_bias_multiplier` 1 (the default); set it above 1 to favour those timesteps")
+    if config.rescale_betas_zero_snr:
+        spacing = config.inference_scheduler_timestep_spacing or config.training_scheduler_timestep_spacing
+        if _prediction_type(config) == "epsilon":
+            warnings.append("`--rescale_betas_zero_snr` with epsilon prediction: the last timestep is pure noise, from "
+                            "which an epsilon model cannot recover the image (sampling that starts there gives NaNs); "
+                            "use `--prediction_type v_prediction`")
+        elif spacing != "trailing":
+            warnings.append("`--rescale_betas_zero_snr`: sampling should start at the pure-noise last timestep; set "
+                            "`--inference_scheduler_timestep_spacing trailing`")
+    if config.diff2flow_enabled and not config.diff2flow_loss:
+        warnings.append("`--diff2flow_enabled` alone does not change training; add `--diff2flow_loss true` to train "
+                        "against the flow target")
+    return warnings
+
+
+def check_optimizer_settings(config) -> None:
+    """What can be known about the optimizer options without importing its package (or torch).
+
+    Which keys ``--optimizer_config`` may hold, and whether the weights and device suit the
+    optimizer, are checked when the optimizer is built (simpletuner.training.optim).
+    """
+    parse_optimizer_config(config.optimizer_config)
+    entry = OPTIMIZERS.get(config.optimizer)
+    for name in ("adam_beta1", "adam_beta2", "optimizer_beta1", "optimizer_beta2"):
+        value = getattr(config, name)
+        if value is not None and not 0 <= value < 1:
+            raise ConfigError(f"`--{name}` = {value} must be at least 0 and below 1")
+    for name in ("adam_weight_decay", "adam_epsilon"):
+        if getattr(config, name) is not None and getattr(config, name) < 0:
+            raise ConfigError(f"`--{name}` = {getattr(config, name)} must not be negative")
+    if entry is not None and not entry.has_betas:
+        for name in ("optimizer_beta1", "optimizer_beta2"):
+            if getattr(config, name) is not None:
+                raise ConfigError(f"`--{name}` does not apply to `--optimizer {config.optimizer}`, which has no "
+                                  "betas; remove it")
+    if config.prodigy_steps is not None:
+        if config.optimizer != "prodigy":
+            raise ConfigError(f"`--prodigy_steps` only applies to `--optimizer prodigy`, but `--optimizer "
+                              f"{config.optimizer}` is set; remove one of them")
+        if config.prodigy_steps < 1:
+            raise ConfigError(f"`--prodigy_steps` = {config.prodigy_steps} must be at least 1 (leave it unset to "
+                              "adapt throughout)")
+    if config.lr_scale_sqrt and not config.lr_scale:
+        raise ConfigError("`--lr_scale_sqrt` only changes how `--lr_scale` scales the learning rate; add "
+                          "`--lr_scale true` or remove `--lr_scale_sqrt`")
+    if config.max_grad_norm is not None and config.max_grad_norm < 0:
+        raise ConfigError(f"`--max_grad_norm` = {config.max_grad_norm} must not be negative (0 turns clipping off)")
+    if config.grad_clip_method is not None and not config.max_grad_norm:
+        raise ConfigError(f"`--grad_clip_method {config.grad_clip_method}` has no effect while `--max_grad_norm` "
+                          "is 0; set a limit or remove `--grad_clip_method`")
+
+
+def optimizer_warnings(config) -> list[str]:
+    warnings = []
+    entry = OPTIMIZERS.get(config.optimizer)
+    if entry is not None and entry.schedule_free and config.lr_scheduler not in ("constant", "constant_with_warmup"):
+        warnings.append(f"`--optimizer {config.optimizer}` needs no decay schedule (it averages its iterates "
+                        f"instead); `--lr_scheduler {config.lr_scheduler}` decays the rate on top of that. Use "
+                        "`constant` or `constant_with_warmup`")
+    if config.optimizer == "prodigy" and config.learning_rate is not None and config.learning_rate < 0.1:
+        warnings.append(f"`--optimizer prodigy` estimates the step size itself and `--learning_rate` multiplies "
+                        f"that estimate; {config.learning_rate:g} will barely move the weights. 1.0 is usual")
+    return warnings
+
+
 def check_ranges(config) -> None:
     positive = ("train_batch_size", "gradient_accumulation_steps", "lora_rank", "vae_batch_size")
     for name in positive:
@@ -141,11 +332,15 @@ def collect_warnings(config) -> list[str]:
     if config.lr_scheduler == "constant" and config.lr_warmup_steps:
         warnings.append(f"`--lr_warmup_steps {config.lr_warmup_steps}` has no effect with `--lr_scheduler constant`; "
                         "use `constant_with_warmup` to ramp the learning rate up")
+    warnings.extend(timestep_warnings(config))
+    warnings.extend(optimizer_warnings(config))
     return warnings
 
 
 RULES: tuple[Callable, ...] = (
     check_required, check_unimplemented, check_family, check_supported_values, check_conflicts, check_ranges,
+    check_loss_settings, check_ema_settings, check_optimizer_settings,
+    check_timestep_settings, check_flow_options,
     check_validation_settings, check_paths,
 )
 

@@ -11,6 +11,7 @@ import json
 
 from pathlib import Path
 
+from simpletuner.data.backends import open_dataset
 from simpletuner.data.buckets import bucket_alignment, pixel_edge
 from simpletuner.data.config import load_dataset_plan
 from simpletuner.data.geometry import buckets_of, place_images
@@ -32,14 +33,15 @@ def describe_datasets(config) -> list[str]:
     lines = [f"datasets ({config.data_backend_config}):"]
     for dataset in plan.enabled_images:
         dataset = dataset.with_global_defaults(config.resolution, config.resolution_type, config.cache_dir)
-        scan = scan_image_dataset(dataset)
+        source = open_dataset(dataset)
+        scan = scan_image_dataset(dataset, source)
         edge = pixel_edge(dataset.resolution, dataset.resolution_type)
         alignment = bucket_alignment(config.aspect_bucket_alignment, scale, edge)
         placed, excluded = place_images(scan.records, dataset, alignment)
         buckets = buckets_of(placed)
         skipped = list(scan.skipped) + excluded
         sizes = ", ".join(f"{w}x{h}: {len(records)}" for (w, h), records in buckets.items()) or "none"
-        lines.append(f"  {dataset.id}: {len(placed)} images used in {dataset.instance_data_dir}, "
+        lines.append(f"  {dataset.id}: {len(placed)} images used in {source.description}, "
                      f"{len(skipped)} skipped, repeats {dataset.repeats}; buckets {sizes}")
         for path, reason in skipped[:5]:
             lines.append(f"    skipped {path}: {reason}")

@@ -18,6 +18,7 @@ from statistics import median
 import torch
 
 from simpletuner.training import checkpoint as ckpt
+from simpletuner.training.optim import clip_gradients, optimizer_mode, set_optimizer_mode
 
 logger = logging.getLogger(__name__)
 
@@ -119,19 +120,20 @@ class Trainer:
 
     def _build_optimization(self) -> None:
         from simpletuner.methods.sft import SupervisedFineTuning
-        from simpletuner.training.ema import EmaWeights
+        from simpletuner.training.ema import EmaSettings, EmaWeights
         from simpletuner.training.lr import build_lr_scheduler
-        from simpletuner.training.optim import build_optimizer
+        from simpletuner.training.optim import build_optimizer, effective_learning_rate
 
         config = self.config
         batches_per_process = self.data.sampler.batches_per_epoch() // self.accelerator.num_processes
         self.steps_per_epoch = max(1, batches_per_process // config.gradient_accumulation_steps)
         self.max_steps = config.max_train_steps or config.num_train_epochs * self.steps_per_epoch
-        optimizer = build_optimizer(config, self.trainable)
+        optimizer = build_optimizer(config, self.trainable, num_processes=self.accelerator.num_processes)
+        self.learning_rate, _ = effective_learning_rate(config, self.accelerator.num_processes)
         # The LR schedule is stepped once per optimizer step, on every process, so it is not prepared.
         self.lr_scheduler = build_lr_scheduler(config, optimizer, self.max_steps)
         self.model.denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
-        self.ema = EmaWeights(self.trainable, config.ema_decay) if config.use_ema else None
+        self.ema = EmaWeights(self.trainable, settings=EmaSettings.from_config(config)) if config.use_ema else None
         self.method = SupervisedFineTuning(self.model, config.caption_dropout_probability, config=config)
 
     def _build_observers(self) -> None:
@@ -203,6 +205,7 @@ class Trainer:
         else:
             load_model(denoiser, str(folder / FULL_WEIGHTS_FILE))
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        set_optimizer_mode(self.optimizer, "train")  # schedule-free optimizers are saved in eval mode
         self.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=False))
         if self.ema is not None and (folder / "ema.pt").exists():
             self.ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
@@ -254,12 +257,12 @@ class Trainer:
         for _ in range(self.config.gradient_accumulation_steps):
             batch = self._next_local_batch()
             with accelerator.accumulate(denoiser):
-                output = self.method.compute_loss(batch, accelerator.device)
+                output = self.method.compute_loss(batch, accelerator.device, step=self.state.global_step)
                 accelerator.backward(output.loss)
-                if accelerator.sync_gradients and self.config.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+                if accelerator.sync_gradients:
+                    grad_norm = clip_gradients(accelerator, self.trainable, self.config)
                 self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=bool(self.config.set_grads_to_none))
             total += output.loss.detach().item()
             self.state.micro_step += 1
             self.state.num_images_seen += batch["latent_mean"].shape[0] * accelerator.num_processes
@@ -291,7 +294,7 @@ class Trainer:
                 f"loss became {loss} at step {state.global_step}; lower --learning_rate or set --max_grad_norm "
                 "(the last checkpoint is intact)"
             )
-        lr = self.lr_scheduler.get_last_lr()[0]
+        lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
         scalars = {"loss/train": loss, "lr": lr, "timing/sec_per_step": seconds}
         if grad_norm is not None:
             scalars["grad_norm"] = grad_norm
@@ -300,9 +303,21 @@ class Trainer:
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
         if self.config.checkpoint_step_interval and state.global_step % self.config.checkpoint_step_interval == 0:
             self.accelerator.wait_for_everyone()
-            self.save_checkpoint()
-        if self.is_main and self.validator.due(state.global_step):
-            self.validator.run(self.model, state.global_step)
+            with optimizer_mode(self.optimizer, "eval"):  # schedule-free: save the averaged weights
+                self.save_checkpoint()
+        if self.validator.due(state.global_step):
+            with optimizer_mode(self.optimizer, "eval"):  # on every process, so their weights stay equal
+                if self.is_main:
+                    self.validate(state.global_step)
+
+    def validate(self, step: int) -> None:
+        """Validation images from the live weights, the EMA weights, or both (``--ema_validation``)."""
+        mode = (self.config.ema_validation or "comparison") if self.ema is not None else "none"
+        if mode in ("none", "comparison"):
+            self.validator.run(self.model, step)
+        if mode in ("ema_only", "comparison"):
+            with self.ema.applied():
+                self.validator.run(self.model, step, label=f"step_{step}_ema")
 
     # --- outputs -------------------------------------------------------------------------------------
 
@@ -327,8 +342,13 @@ class Trainer:
         return file
 
     def save_final(self) -> Path | None:
-        """The run's product: a LoRA file or a full pipeline folder, plus EMA weights beside it."""
+        """The run's product: a LoRA file or a full pipeline folder, plus EMA weights beside it.
+
+        A schedule-free optimizer is left in eval mode: training is over, and the weights in memory
+        are then the averaged ones that were saved.
+        """
         self.accelerator.wait_for_everyone()
+        set_optimizer_mode(self.optimizer, "eval")
         if not self.is_main:
             return None
         if self.config.model_type == "lora":
@@ -343,7 +363,7 @@ class Trainer:
                     self.model.save_full(self.output_dir / "ema" / "pipeline", self._unwrapped_denoiser())
         logger.info("saved %s", result)
         if self.validator.enabled and not self.validator.due(self.state.global_step):
-            self.validator.run(self.model, self.state.global_step)
+            self.validate(self.state.global_step)
         self.tracker.close()
         return result
 
@@ -365,7 +385,8 @@ class Trainer:
             f"batch:        {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation x "
             f"{self.accelerator.num_processes} processes = {effective} images per step",
             f"steps:        {self.max_steps} ({self.steps_per_epoch} per epoch), starting at {self.state.global_step}",
-            f"optimizer:    {config.optimizer}, lr {config.learning_rate} ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
+            f"optimizer:    {config.optimizer}, lr {config.learning_rate}"
+            + (f" scaled to {self.learning_rate:g}" if config.lr_scale else "") + f" ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
             self.data.describe(),
             f"output:       {self.output_dir}",
         ]

@@ -127,9 +127,14 @@ def test_needs_an_enabled_image_dataset(tmp_path: Path) -> None:
         parse_dataset_plan([_image(tmp_path, disabled=True), _TEXT])
 
 
-def test_only_local_backend(tmp_path: Path) -> None:
-    with pytest.raises(DatasetConfigError, match="only local is supported so far"):
+def test_unknown_backend_lists_the_supported_ones(tmp_path: Path) -> None:
+    with pytest.raises(DatasetConfigError, match=r"'type' has value 'gcs'; use one of \['local', 'aws', 'parquet', "
+                                                 r"'huggingface'\]"):
+        parse_dataset_plan([_image(tmp_path, type="gcs"), _TEXT])
+    with pytest.raises(DatasetConfigError, match="type 'aws' needs key 'aws_bucket_name'"):
         parse_dataset_plan([_image(tmp_path, type="aws"), _TEXT])
+    with pytest.raises(DatasetConfigError, match="text embeddings are cached on the local disk"):
+        parse_dataset_plan([_image(tmp_path), {**_TEXT, "type": "aws"}])
 
 
 def test_instanceprompt_requires_prompt(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from simpletuner.methods.sft import SupervisedFineTuning  # noqa: E402
-from simpletuner.training.ema import EmaWeights  # noqa: E402
+from simpletuner.training.ema import EmaSettings, EmaWeights  # noqa: E402
 from simpletuner.training.lr import build_lr_scheduler  # noqa: E402
 from simpletuner.training.objectives import training_target  # noqa: E402
 from simpletuner.training.optim import build_optimizer  # noqa: E402
@@ -19,7 +19,7 @@ from simpletuner.training.optim import build_optimizer  # noqa: E402
 def optimizer_config(**overrides):
     values = dict(optimizer="optimi-adamw", learning_rate=0.1, adam_beta1=0.9, adam_beta2=0.999,
                   adam_weight_decay=0.0, adam_epsilon=1e-8, lr_scheduler="constant", lr_warmup_steps=0,
-                  lr_end=0.01, lr_power=2.0)
+                  lr_end=0.01, lr_power=2.0, lr_num_cycles=1)
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -112,3 +112,55 @@ def test_ema_averages_and_restores_live_weights():
     restored.load_state_dict(ema.state_dict())
     with restored.applied():
         assert torch.equal(weight.detach(), averaged)
+
+
+def test_restart_schedules_repeat_each_cycle():
+    restarts = lr_curve(optimizer_config(lr_scheduler="cosine_with_restarts", lr_num_cycles=2), 20)
+    for step in range(20):
+        within = (step / 20 * 2) % 1.0
+        assert restarts[step] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * within)))
+    sine = lr_curve(optimizer_config(lr_scheduler="sine", lr_warmup_steps=2, lr_num_cycles=1), 12)
+    assert sine[:2] == pytest.approx([0.0, 0.05])
+    for step in range(2, 12):
+        assert sine[step] == pytest.approx(0.1 * math.sin(math.pi / 2 * (1 - (step - 2) / 10)))
+    assert sine[3] > lr_curve(optimizer_config(lr_scheduler="cosine", lr_warmup_steps=2), 12)[3]
+
+
+def test_ema_update_interval_and_storage_device():
+    weight = torch.nn.Parameter(torch.zeros(3))
+    every_third = EmaWeights([weight], settings=EmaSettings(decay=0.5, update_interval=3, device="cpu"))
+    every_step = EmaWeights([weight], settings=EmaSettings(decay=0.5, update_interval=1, device="accelerator"))
+    with torch.no_grad():
+        weight.fill_(1.0)
+    for _ in range(2):
+        every_third.update()
+        every_step.update()
+    with every_third.applied():
+        assert torch.equal(weight.detach(), torch.zeros(3)), "no blend before the third step"
+    with every_step.applied():
+        assert float(weight.mean()) > 0
+    every_third.update()
+    with every_third.applied():
+        assert float(weight.mean()) > 0
+    assert every_third.storage_device == torch.device("cpu")
+    assert every_third.state_dict()["updates_seen"] == 3
+
+
+@pytest.mark.parametrize("settings", [EmaSettings(decay=0.9, device="cpu", cpu_only=True),
+                                      EmaSettings(decay=0.9, device="cpu", foreach=False),
+                                      EmaSettings(decay=0.9, device="accelerator")])
+def test_ema_variants_give_the_same_average(settings):
+    torch.manual_seed(0)
+    values = [torch.randn(4) for _ in range(6)]
+    weight = torch.nn.Parameter(torch.zeros(4))
+    reference = EmaWeights([weight], settings=EmaSettings(decay=0.9))
+    variant = EmaWeights([weight], settings=settings)
+    for value in values:
+        with torch.no_grad():
+            weight.copy_(value)
+        reference.update()
+        variant.update()
+    with reference.applied():
+        expected = weight.detach().clone()
+    with variant.applied():
+        assert torch.allclose(weight.detach(), expected)

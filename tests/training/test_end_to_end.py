@@ -264,3 +264,45 @@ def test_two_datasets_are_mixed_by_weight_and_step_window(tiny_model, workspace)
     assert {shape for step, _, shape in seen if step >= 2} == {(8, 8)}  # 32 px / VAE factor 4
     summary = trainer.data.describe()
     assert "dataset more: 8 found, 8 used" in summary and "draw weight 16" in summary
+
+
+def test_loss_and_noise_options_change_the_losses(tiny_model, workspace):
+    plain = train(resolved(tiny_model, workspace, max_train_steps=3, output_dir=workspace / "plain"),
+                  show_progress=False).state.losses
+    tuned = train(resolved(tiny_model, workspace, max_train_steps=3, output_dir=workspace / "tuned",
+                           loss_type="huber", huber_schedule="snr", huber_c=0.1, snr_gamma=5,
+                           offset_noise="true", noise_offset=0.1, noise_offset_probability=1.0,
+                           input_perturbation=0.1, input_perturbation_steps=2), show_progress=False).state.losses
+    assert all(math.isfinite(v) for v in tuned) and len(tuned) == 3
+    assert all(t < p for t, p in zip(tuned, plain)), "pseudo-Huber with small c and Min-SNR weights shrink the loss"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"huber_c": 0.2}, "`--huber_c` only applies to `--loss_type huber`"),
+    ({"noise_offset": 0.2}, "has no effect without `--offset_noise true`"),
+    ({"use_soft_min_snr": "true", "snr_gamma": 5}, "`--use_soft_min_snr` and `--snr_gamma` conflict"),
+    ({"input_perturbation_steps": 10}, "needs `--input_perturbation` > 0"),
+])
+def test_loss_option_conflicts_are_named(tiny_model, workspace, overrides, message):
+    from simpletuner.options import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        resolved(tiny_model, workspace, **overrides)
+
+
+def test_ema_validation_comparison_writes_both_image_sets(tiny_model, workspace):
+    config = resolved(tiny_model, workspace, max_train_steps=2, use_ema="true", ema_validation="comparison",
+                      ema_update_interval=1, validation_prompt="a red square on a white background",
+                      validation_num_inference_steps=2, disable_benchmark="true")
+    train(config, show_progress=False)
+    validation = workspace / "out" / "validation"
+    assert sorted(p.name for p in validation.iterdir()) == ["step_2", "step_2_ema"]
+    live = (validation / "step_2" / "64x64_00.png").read_bytes()
+    assert live != (validation / "step_2_ema" / "64x64_00.png").read_bytes()
+
+
+def test_ema_options_need_use_ema(tiny_model, workspace):
+    from simpletuner.options import ConfigError
+
+    with pytest.raises(ConfigError, match="`--ema_validation` only applies with `--use_ema true`"):
+        resolved(tiny_model, workspace, ema_validation="ema_only")

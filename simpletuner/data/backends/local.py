@@ -7,13 +7,14 @@ Listing uses ``os.scandir`` (via a manual walk) instead of ``Path.rglob`` becaus
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 
 @dataclass(frozen=True)
 class LocalBackend:
-    """Files of one dataset folder on the local disk.
+    """Files of one dataset folder on the local disk; keys are POSIX paths relative to ``root``.
 
     Attributes:
         root: the dataset folder; relative paths are resolved against the CWD by the OS.
@@ -21,34 +22,61 @@ class LocalBackend:
 
     root: Path
 
-    def list_files(self, extensions: tuple[str, ...]) -> list[Path]:
-        """Every file below ``root`` whose lower-cased suffix is in ``extensions``.
+    def list_files(self, extensions: tuple[str, ...]) -> list[str]:
+        """Keys of every file below ``root`` whose lower-cased name ends with one of ``extensions``.
 
-        Sorted by path relative to ``root`` (POSIX form), so the order does not depend on the
-        filesystem's directory order and runs are reproducible across machines.
+        Sorted by key, so the order does not depend on the filesystem's directory order and runs
+        are reproducible across machines.
         """
         wanted = tuple(ext.lower() for ext in extensions)
-        found: list[tuple[str, Path]] = []
-        for relative, path in _walk_files(self.root):
-            if relative.lower().endswith(wanted):
-                found.append((relative, path))
-        found.sort(key=lambda item: item[0])
-        return [path for _, path in found]
+        return sorted(key for key in _walk_files(self.root) if key.lower().endswith(wanted))
 
-    def read_text(self, path: Path) -> str | None:
-        """The UTF-8 text of ``path``, or None when it does not exist (a missing sidecar is normal)."""
+    def local_path(self, key: str) -> Path:
+        """The file of ``key`` (``root / key``)."""
+        return self.root / key
+
+    def locate(self, key: str) -> Path:
+        """The file of ``key``; records and logs show local images by their path."""
+        return self.root / key
+
+    def describe(self) -> str:
+        return os.fspath(self.root)
+
+    def read_bytes(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+    def read_head(self, key: str, length: int) -> bytes:
+        with open(self.root / key, "rb") as handle:
+            return handle.read(length)
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+    def stat(self, key: str) -> dict:
+        """Size and modification time in ns: an unchanged pair means an unchanged file."""
+        info = os.stat(self.root / key)
+        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+    def write_bytes_atomic(self, key: str, data: bytes) -> None:
+        """Write to a unique hidden file beside the target, then ``os.replace`` it into place."""
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            return Path(path).read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return None
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+            os.replace(name, path)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
 
 
-def _walk_files(root: Path) -> list[tuple[str, Path]]:
-    """(relative posix path, full path) for every regular file under ``root``, hidden dirs skipped.
+def _walk_files(root: Path) -> list[str]:
+    """The relative POSIX path of every regular file under ``root``, hidden dirs skipped.
 
     Hidden directories (``.cache``, ``.ipynb_checkpoints``) hold tool output, not training images.
     """
-    results: list[tuple[str, Path]] = []
+    results: list[str] = []
     pending: list[tuple[str, str]] = [(os.fspath(root), "")]
     while pending:
         directory, prefix = pending.pop()
@@ -59,5 +87,5 @@ def _walk_files(root: Path) -> list[tuple[str, Path]]:
                     if not entry.name.startswith("."):
                         pending.append((entry.path, relative + "/"))
                 elif entry.is_file(follow_symlinks=True):
-                    results.append((relative, Path(entry.path)))
+                    results.append(relative)
     return results

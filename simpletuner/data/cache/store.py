@@ -8,6 +8,11 @@ cache may cost time, never correctness (see ``DESIGN.md``, "Caches are keyed by 
 Writes go to a uniquely named temporary file in the entry's folder and are renamed into place with
 ``os.replace``, so a crash, a full disk or two processes writing the same entry never leave a
 half-written file under the final name.
+
+A cache may also live in a bucket (``cache_dir_vae: "s3://bucket/prefix"``): :class:`BackendEntries`
+stores the same safetensors bytes through a storage backend, where one PUT replaces an object
+atomically, and verifies them on read exactly like local entries. :class:`LocalEntries` is the
+local folder; both offer ``read``/``write``/``location`` and small text files (the content index).
 """
 
 from __future__ import annotations
@@ -16,13 +21,17 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
+
+if TYPE_CHECKING:
+    from simpletuner.data.backends import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -197,21 +206,113 @@ class TensorMemory:
         return len(self._entries)
 
 
-def load_entry(memory: "TensorMemory", cache_dir: Path, key: str, what: str) -> dict[str, torch.Tensor]:
-    """An entry's tensors, from RAM when already there, else from disk (then kept in RAM).
+def load_entry(memory: "TensorMemory", cache_dir: "Path | LocalEntries | BackendEntries", key: str,
+               what: str) -> dict[str, torch.Tensor]:
+    """An entry's tensors, from RAM when already there, else from storage (then kept in RAM).
 
-    ``what`` describes the entry for the error message (e.g. "latents of photo.png").
+    ``cache_dir`` is a local cache folder or an entry store; ``what`` describes the entry for the
+    error message (e.g. "latents of photo.png").
     """
     tensors = memory.get(key)
     if tensors is not None:
         return tensors
-    path = entry_path(cache_dir, key)
-    tensors = read_entry(path, key)
+    entries = cache_dir if isinstance(cache_dir, (LocalEntries, BackendEntries)) else LocalEntries(cache_dir)
+    tensors = entries.read(key)
     if tensors is None:
-        raise CacheReadError(f"cache entry {path} ({what}) is missing or corrupt; "
+        raise CacheReadError(f"cache entry {entries.location(key)} ({what}) is missing or corrupt; "
                              "restart training and it will be rebuilt")
     memory.put(key, tensors)
     return tensors
+
+
+def encode_entry(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors bytes :func:`write_entry` would write (metadata plus checksum)."""
+    prepared = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    full_metadata = {**{str(k): str(v) for k, v in metadata.items()}, "checksum": tensor_checksum(prepared)}
+    return safetensors.torch.save(prepared, metadata=full_metadata)
+
+
+def decode_entry(data: bytes, expected_fingerprint: str, where: str) -> dict[str, torch.Tensor] | None:
+    """The tensors in ``data`` (an entry's bytes), or None when stale, truncated or corrupt."""
+    try:
+        (header_length,) = struct.unpack("<Q", data[:8])
+        metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
+        if metadata.get("fingerprint") != expected_fingerprint:
+            logger.debug("cache entry %s is stale (fingerprint %s, expected %s); rebuilding",
+                         where, metadata.get("fingerprint"), expected_fingerprint)
+            return None
+        tensors = safetensors.torch.load(bytes(data))
+    except Exception as exc:  # noqa: BLE001 - struct.error, ValueError, SafetensorError...
+        logger.debug("cache entry %s is unreadable (%s: %s); rebuilding", where, type(exc).__name__, exc)
+        return None
+    if metadata.get("checksum") != tensor_checksum(tensors):
+        logger.debug("cache entry %s fails its checksum; rebuilding", where)
+        return None
+    return tensors
+
+
+@dataclass(frozen=True)
+class LocalEntries:
+    """Entries in a local folder: ``<cache_dir>/<key[:2]>/<key>.safetensors``."""
+
+    cache_dir: Path
+
+    def location(self, key: str) -> Path:
+        return entry_path(self.cache_dir, key)
+
+    def read(self, key: str) -> dict[str, torch.Tensor] | None:
+        return read_entry(entry_path(self.cache_dir, key), key)
+
+    def write(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        write_entry(entry_path(self.cache_dir, key), tensors, metadata)
+
+    def read_text(self, name: str) -> str | None:
+        """A small file beside the entries (None when missing); ``OSError`` when unreadable."""
+        try:
+            return (Path(self.cache_dir) / name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str) -> None:
+        write_text_atomic(Path(self.cache_dir) / name, text)
+
+
+@dataclass(frozen=True)
+class BackendEntries:
+    """Entries stored through a storage backend (a bucket), with the local folder's layout.
+
+    Writes are one ``write_bytes_atomic`` call (a single PUT for S3); reads are verified exactly
+    as local ones, so a missing, truncated, stale or bit-flipped object is rebuilt.
+    """
+
+    backend: "Backend"
+
+    def location(self, key: str) -> str:
+        return str(self.backend.locate(self._key(key)))
+
+    def read(self, key: str) -> dict[str, torch.Tensor] | None:
+        try:
+            data = self.backend.read_bytes(self._key(key))
+        except FileNotFoundError:
+            logger.debug("cache entry %s is missing; building it", self.location(key))
+            return None
+        return decode_entry(data, key, self.location(key))
+
+    def write(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        self.backend.write_bytes_atomic(self._key(key), encode_entry(tensors, metadata))
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            return self.backend.read_bytes(name).decode("utf-8")
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str) -> None:
+        self.backend.write_bytes_atomic(name, text.encode("utf-8"))
+
+    @staticmethod
+    def _key(key: str) -> str:
+        return f"{key[:2]}/{key}.safetensors"
 
 
 def _make_temp_file(path: Path) -> Path:

@@ -6,8 +6,12 @@ fingerprint of everything that changes it: the image *content* (not its name or 
 size, the crop flag, the encoder (``model.fingerprint_parts()``) and the cache format version.
 
 Hashing 10k images on every start would cost more than it saves, so content hashes are remembered
-in ``<cache_dir_vae>/content_index.json`` by relative path together with the file's size and
-``mtime_ns``; an unchanged file is not read again.
+in ``<cache_dir_vae>/content_index.json`` by key together with the file's size and ``mtime_ns``
+(its ETag in a bucket); an unchanged file is not read again.
+
+Images are read through their dataset's storage backend (a folder, a bucket, a table), and the
+entries themselves may live in a bucket (``cache_dir_vae: "s3://bucket/prefix"``, see
+:class:`simpletuner.data.cache.store.BackendEntries`).
 """
 
 from __future__ import annotations
@@ -22,15 +26,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from simpletuner.data.backends import Backend, cache_backend, is_remote_cache
+from simpletuner.data.backends.local import LocalBackend
 from simpletuner.data.cache.store import (
+    BackendEntries,
     CacheReport,
+    LocalEntries,
     load_entry,
     TensorMemory,
-    entry_path,
     fingerprint,
-    read_entry,
-    write_entry,
-    write_text_atomic,
 )
 from simpletuner.data.images import CorruptImageError, load_image_tensor
 from simpletuner.data.metadata import ImageRecord
@@ -53,33 +57,40 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def hash_bytes(data: bytes) -> str:
+    """sha256 hex digest of an image read from a bucket or a table."""
+    return hashlib.sha256(data).hexdigest()
+
+
 class ContentIndex:
-    """Content hashes by relative path, trusted while a file's (size, mtime_ns) is unchanged.
+    """Content hashes by image key, trusted while the backend's ``stat`` of the file is unchanged
+    (size and mtime_ns on disk, size and ETag in a bucket).
 
     A missing or unreadable index is treated as empty: it is only an accelerator.
     """
 
-    def __init__(self, path: Path, root: Path) -> None:
-        self.path = Path(path)
-        self.root = Path(root)
+    def __init__(self, entries: LocalEntries | BackendEntries, images: Backend) -> None:
+        self.entries = entries
+        self.images = images
         self._entries = self._read()
         self._dirty = False
 
-    def content_hash(self, file: Path) -> str:
-        """The sha256 of ``file``, from the index when its size and mtime still match.
+    def content_hash(self, key: str) -> str:
+        """The sha256 of the image ``key``, from the index when its stat still matches.
 
         Raises:
             OSError: the file cannot be stat'ed or read (e.g. deleted since the scan).
         """
-        stat = os.stat(file)
-        key = self._relative_key(file)
+        stat = self.images.stat(key)
         known = self._entries.get(key)
-        if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        if stat is not None and known and all(known.get(name) == value for name, value in stat.items()):
             return str(known["sha256"])
+        local = self.images.local_path(key)
         # Looked up through the module so tests can count hashing calls.
-        digest = hash_file(file)
-        self._entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-        self._dirty = True
+        digest = hash_file(local) if local is not None else hash_bytes(self.images.read_bytes(key))
+        if stat is not None:
+            self._entries[key] = {**stat, "sha256": digest}
+            self._dirty = True
         return digest
 
     def save(self) -> None:
@@ -87,23 +98,17 @@ class ContentIndex:
         if not self._dirty:
             return
         payload = {"version": _CONTENT_INDEX_VERSION, "files": self._entries}
-        write_text_atomic(self.path, json.dumps(payload, sort_keys=True, indent=0) + "\n")
+        self.entries.write_text(CONTENT_INDEX_NAME, json.dumps(payload, sort_keys=True, indent=0) + "\n")
         self._dirty = False
-
-    def _relative_key(self, file: Path) -> str:
-        """POSIX path relative to the dataset root, so moving the whole dataset keeps the index."""
-        try:
-            return Path(os.path.relpath(file, self.root)).as_posix()
-        except ValueError:  # another drive on Windows
-            return Path(file).resolve().as_posix()
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
-            payload = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
+            text = self.entries.read_text(CONTENT_INDEX_NAME)
+            if text is None:
+                return {}
+            payload = json.loads(text)
         except (OSError, ValueError) as exc:
-            logger.debug("content index %s is unreadable (%s); re-hashing files", self.path, exc)
+            logger.debug("content index in %s is unreadable (%s); re-hashing files", self.entries, exc)
             return {}
         if not isinstance(payload, dict) or payload.get("version") != _CONTENT_INDEX_VERSION:
             return {}
@@ -122,17 +127,26 @@ class VaeCache:
         self,
         cache_dir: str | Path,
         dataset_id: str,
-        data_root: str | Path,
+        data_root: str | Path | None = None,
         crop: bool = False,
         memory: TensorMemory | None = None,
+        images: Backend | None = None,
+        entries: LocalEntries | BackendEntries | None = None,
     ) -> None:
-        self.cache_dir = Path(cache_dir)
+        """``images`` reads the dataset's files (a local folder at ``data_root`` by default);
+        ``entries`` stores the cache (``cache_dir`` on disk, or the bucket of an ``s3://`` URL)."""
+        remote = is_remote_cache(cache_dir)
+        self.cache_dir = cache_dir if remote else Path(cache_dir)
         self.dataset_id = dataset_id
         self.crop = crop
         self.memory = memory if memory is not None else TensorMemory()
-        self.index = ContentIndex(self.cache_dir / CONTENT_INDEX_NAME, Path(data_root))
-        self._keys: dict[tuple[Path, Size], str] = {}
-        self._anchors: dict[Path, tuple[float, float]] = {}
+        self.images = images if images is not None else LocalBackend(Path(data_root or "."))
+        if entries is None:
+            entries = BackendEntries(cache_backend(cache_dir)) if remote else LocalEntries(self.cache_dir)
+        self.entries = entries
+        self.index = ContentIndex(self.entries, self.images)
+        self._keys: dict[tuple[Path | str, Size], str] = {}
+        self._anchors: dict[Path | str, tuple[float, float]] = {}
 
     def ensure(
         self,
@@ -159,7 +173,7 @@ class VaeCache:
                 key = self._key_for(record, size, model_parts, report)
                 if key is None:
                     continue
-                cached = read_entry(entry_path(self.cache_dir, key), key)
+                cached = self.entries.read(key)
                 if cached is None:
                     pending.setdefault(size, []).append(record)
                 else:
@@ -180,14 +194,14 @@ class VaeCache:
         if key is None:
             raise KeyError(f"{record.path} at {size[0]}x{size[1]} is not in the latent cache of "
                            f"dataset {self.dataset_id!r}; call ensure() first")
-        return load_entry(self.memory, self.cache_dir, key, f"latents of {record.path}")
+        return load_entry(self.memory, self.entries, key, f"latents of {record.path}")
 
     # --- internals -----------------------------------------------------------------------------------
 
     def _key_for(self, record: ImageRecord, size: Size, model_parts: dict, report: CacheReport) -> str | None:
         """Fingerprint of the entry for ``record`` at ``size``; None (recorded as skipped) if unreadable."""
         try:
-            content = self.index.content_hash(record.path)
+            content = self.index.content_hash(self._image_key(record))
         except OSError as exc:
             reason = f"cannot read image file: {type(exc).__name__}: {exc}"
             logger.warning("dataset %s: skipping %s: %s", self.dataset_id, record.path, reason)
@@ -200,6 +214,26 @@ class VaeCache:
 
     def _anchor(self, record: ImageRecord) -> tuple[float, float]:
         return self._anchors.get(record.path, (0.5, 0.5))
+
+    def _image_key(self, record: ImageRecord) -> str:
+        """The record's key in the image backend (records built by hand carry only a local path)."""
+        if record.key is not None:
+            return record.key
+        root = getattr(self.images, "root", Path("."))
+        try:
+            return Path(os.path.relpath(record.path, root)).as_posix()
+        except ValueError:  # another drive on Windows
+            return Path(record.path).resolve().as_posix()
+
+    def _decode(self, record: ImageRecord, size: Size) -> torch.Tensor:
+        """The record's pixels at ``size``, read through the image backend."""
+        key = self._image_key(record)
+        local = self.images.local_path(key)
+        try:
+            source = local if local is not None else self.images.read_bytes(key)
+        except FileNotFoundError as exc:
+            raise CorruptImageError(f"{record.path}: cannot read image: {exc}") from exc
+        return load_image_tensor(source, size, anchor=self._anchor(record), name=str(record.path))
 
     def _build(self, pending: dict[Size, list[ImageRecord]], model, batch_size: int, progress: bool,
                report: CacheReport) -> None:
@@ -218,7 +252,7 @@ class VaeCache:
         decoded: list[tuple[ImageRecord, torch.Tensor]] = []
         for record in chunk:
             try:
-                decoded.append((record, load_image_tensor(record.path, size, anchor=self._anchor(record))))
+                decoded.append((record, self._decode(record, size)))
             except CorruptImageError as exc:
                 logger.warning("dataset %s: skipping %s", self.dataset_id, exc)
                 report.skipped.append((record.path, str(exc)))
@@ -228,6 +262,6 @@ class VaeCache:
         for index, (record, _) in enumerate(decoded):
             key = self._keys[(record.path, size)]
             tensors = {name: value[index].detach().to("cpu").clone() for name, value in outputs.items()}
-            write_entry(entry_path(self.cache_dir, key), tensors, {"fingerprint": key, "source": str(record.path)})
+            self.entries.write(key, tensors, {"fingerprint": key, "source": str(record.path)})
             self.memory.put(key, tensors)
         return len(decoded)

@@ -30,6 +30,7 @@ OPTIONS: list[Option] = [
         help="Where the averaged weights are stored between updates: cpu saves VRAM, accelerator updates faster.",
         group=_G,
         choices=("accelerator", "cpu"),
+        implemented=True,
     ),
     Option(
         name="ema_cpu_only",
@@ -37,13 +38,15 @@ OPTIONS: list[Option] = [
         default=False,
         help="Also run the EMA update on the CPU, so the averaged weights never travel to the GPU. No effect when ema_device is accelerator.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ema_update_interval",
         kind="int",
-        default=None,
+        default=1,
         help="Refresh the average only every N optimizer steps to reduce overhead.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ema_foreach_disable",
@@ -51,13 +54,15 @@ OPTIONS: list[Option] = [
         default=False,
         help="Update the average tensor by tensor instead of with torch._foreach kernels, for backends where those misbehave.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ema_validation",
         kind="str",
-        default=None,
+        default="comparison",
         help="Validation images from the live weights only (none), the averaged weights only (ema_only), or both (comparison).",
         group=_G,
         choices=("none", "ema_only", "comparison"),
+        implemented=True,
     ),
 ]

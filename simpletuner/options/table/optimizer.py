@@ -58,7 +58,10 @@ OPTIONS: list[Option] = [
         name="optimizer",
         kind="str",
         default="adamw_bf16",
-        help="Optimizer algorithm. Some choices need extra packages or NVIDIA hardware.",
+        help="Optimizer algorithm, each from its own package (torch-optimi, schedulefree, prodigyopt, pytorch-optimizer "
+        "for soap, torchao for ao-*, bitsandbytes for bnb-*). All run on CPU; bnb-*-paged page memory only on CUDA "
+        "and run unpaged elsewhere. adamw_schedulefree and +aggressive refuse bf16 weights (the package has no "
+        "Kahan summation): use +no_kahan or adamw_bf16 there.",
         group=_G,
         choices=OPTIMIZERS,
         implemented=True,
@@ -67,8 +70,11 @@ OPTIONS: list[Option] = [
         name="optimizer_config",
         kind="str",
         default=None,
-        help="Extra optimizer keyword arguments as comma-separated key=value pairs, e.g. d_coef=0.1 for prodigy.",
+        help="Extra optimizer keyword arguments as comma-separated key=value pairs, e.g. d_coef=0.1 for prodigy. "
+        "Values: true/false, none, integers, floats (1e-3), tuples as 0.9:0.99 or (0.9,0.99), else strings. "
+        "Overrides the adam_* options; lr is not accepted (use learning_rate); unknown keys are an error.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="learning_rate",
@@ -105,9 +111,10 @@ OPTIONS: list[Option] = [
     Option(
         name="lr_num_cycles",
         kind="int",
-        default=None,
+        default=1,
         help="Restart count for the cosine_with_restarts schedule.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="lr_power",
@@ -129,8 +136,9 @@ OPTIONS: list[Option] = [
         name="lr_scale",
         kind="bool",
         default=False,
-        help="Multiply the learning rate by GPU count x accumulation steps x batch size.",
+        help="Multiply the learning rate by GPU count x accumulation steps x batch size, once when the optimizer is built.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="lr_scale_sqrt",
@@ -138,12 +146,14 @@ OPTIONS: list[Option] = [
         default=False,
         help="With lr_scale, multiply by the square root of that product instead.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="adam_beta1",
         kind="float",
         default=0.9,
-        help="Decay of the running average of gradients in Adam-style optimizers.",
+        help="Decay of the running average of gradients in Adam-style optimizers (not Lion, Adan, SOAP, which keep "
+        "their own betas). optimizer_config betas and optimizer_beta1 override it.",
         group=_G,
         implemented=True,
     ),
@@ -151,7 +161,8 @@ OPTIONS: list[Option] = [
         name="adam_beta2",
         kind="float",
         default=0.999,
-        help="Decay of the running average of squared gradients in Adam-style optimizers.",
+        help="Decay of the running average of squared gradients in Adam-style optimizers (not Lion, Adan, SOAP). "
+        "optimizer_config betas and optimizer_beta2 override it.",
         group=_G,
         implemented=True,
     ),
@@ -159,7 +170,8 @@ OPTIONS: list[Option] = [
         name="adam_weight_decay",
         kind="float",
         default=1e-2,
-        help="Decoupled weight decay for Adam-style optimizers.",
+        help="Weight decay for every optimizer that has one (decoupled or L2 as that optimizer defines it); "
+        "optimizer_config weight_decay overrides it.",
         group=_G,
         implemented=True,
     ),
@@ -167,7 +179,8 @@ OPTIONS: list[Option] = [
         name="adam_epsilon",
         kind="float",
         default=1e-8,
-        help="Tiny value added to the denominator of Adam updates to avoid division by zero.",
+        help="Tiny value added to the denominator of Adam updates to avoid division by zero; used by every "
+        "optimizer with an eps argument except Adagrad and Lion; optimizer_config eps overrides it.",
         group=_G,
         implemented=True,
     ),
@@ -175,22 +188,26 @@ OPTIONS: list[Option] = [
         name="optimizer_beta1",
         kind="float",
         default=None,
-        help="First beta for any optimizer that takes betas; overrides the value in optimizer_config.",
+        help="First beta for any optimizer that takes betas; wins over adam_beta1 and optimizer_config betas.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="optimizer_beta2",
         kind="float",
         default=None,
-        help="Second beta for any optimizer that takes betas; overrides the value in optimizer_config.",
+        help="Second beta for any optimizer that takes betas; wins over adam_beta2 and optimizer_config betas.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="prodigy_steps",
         kind="int",
         default=None,
-        help="Steps during which Prodigy keeps adjusting its learning rate estimate before freezing it.",
+        help="Steps during which Prodigy keeps adjusting its learning rate estimate before freezing it "
+        "(prodigy only; unset adapts throughout).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="optimizer_cpu_offload_method",
@@ -227,5 +244,6 @@ OPTIONS: list[Option] = [
         default=False,
         help="Reset gradients to None rather than filling them with zeros between steps, which saves a little memory.",
         group=_G,
+        implemented=True,
     ),
 ]

@@ -78,9 +78,11 @@ OPTIONS: list[Option] = [
         name="grad_clip_method",
         kind="str",
         default=None,
-        help="Clip by the total gradient norm (norm) or clamp each value individually (value).",
+        help="Clip by the total gradient norm (norm; unset means norm) or clamp each value individually (value), "
+        "both at max_grad_norm.",
         group=_G,
         choices=("value", "norm"),
+        implemented=True,
     ),
     Option(
         name="i_know_what_i_am_doing",
@@ -154,25 +156,28 @@ OPTIONS: list[Option] = [
     Option(
         name="loss_type",
         kind="str",
-        default=None,
+        default="l2",
         help="Training loss: mean squared error (l2), Huber, or smooth L1.",
         group=_G,
         choices=("l2", "huber", "smooth_l1"),
+        implemented=True,
     ),
     Option(
         name="huber_schedule",
         kind="str",
-        default=None,
+        default="snr",
         help="How the Huber threshold varies over timesteps.",
         group=_G,
         choices=("snr", "exponential", "constant"),
+        implemented=True,
     ),
     Option(
         name="huber_c",
         kind="float",
-        default=None,
+        default=0.1,
         help="Error size at which the Huber loss switches from quadratic to linear.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="snr_gamma",
@@ -180,6 +185,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Min-SNR loss weighting gamma; down-weights very noisy timesteps. 5 is the usual value, lower is stronger, 0 disables.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="use_soft_min_snr",
@@ -187,13 +193,15 @@ OPTIONS: list[Option] = [
         default=False,
         help="Use a smooth version of the Min-SNR clamp; mostly useful for pixel-space models such as DeepFloyd.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="soft_min_snr_sigma_data",
         kind="float",
-        default=None,
+        default=1.0,
         help="sigma_data constant used by soft Min-SNR weighting.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="snr_weight",
@@ -206,8 +214,10 @@ OPTIONS: list[Option] = [
         name="rescale_betas_zero_snr",
         kind="bool",
         default=False,
-        help="Rescale the noise schedule so the last timestep is pure noise (zero terminal SNR).",
+        help="Rescale the noise schedule so the last timestep is pure noise (zero terminal SNR, Lin et al. 2023). "
+        "Pair it with v_prediction and trailing inference spacing.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="masked_loss_probability",
@@ -219,16 +229,18 @@ OPTIONS: list[Option] = [
     Option(
         name="noise_offset",
         kind="float",
-        default=None,
+        default=0.1,
         help="Strength of the per-channel offset added to the training noise; helps learn very dark or bright images.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="noise_offset_probability",
         kind="float",
-        default=None,
+        default=0.25,
         help="Chance per step that noise_offset is applied.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="offset_noise",
@@ -236,6 +248,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Turn on offset-noise training.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="input_perturbation",
@@ -243,6 +256,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Amount of extra noise mixed into the model input only (not the target), a regulariser against exposure bias.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="input_perturbation_steps",
@@ -250,67 +264,79 @@ OPTIONS: list[Option] = [
         default=None,
         help="Fade input perturbation linearly to zero over this many steps from the start.",
         group=_G,
+        implemented=True,
     ),
     # --- timestep sampling -------------------------------------------------------------------
     Option(
         name="timestep_bias_strategy",
         kind="str",
         default=None,
-        help="Favour early, late, or a chosen range of timesteps when sampling them; none samples evenly.",
+        help="Favour the least noisy (earlier), the noisiest (later) or a chosen range of timesteps when sampling them; "
+        "none samples evenly. The favoured timesteps become timestep_bias_multiplier times as likely.",
         group=_G,
         choices=("earlier", "later", "range", "none"),
+        implemented=True,
     ),
     Option(
         name="timestep_bias_begin",
         kind="int",
         default=None,
-        help="First timestep of the favoured range for the range strategy.",
+        help="First timestep of the favoured range for the range strategy (default 0).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="timestep_bias_end",
         kind="int",
         default=None,
-        help="Last timestep of the favoured range for the range strategy.",
+        help="End of the favoured range for the range strategy, exclusive (default: the schedule length, 1000).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="timestep_bias_multiplier",
         kind="float",
         default=None,
-        help="How much more likely the favoured timesteps are to be drawn.",
+        help="How many times more likely the favoured timesteps are to be drawn (default 1.0, i.e. no bias); must be above 0, "
+        "below 1 makes them less likely.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="timestep_bias_portion",
         kind="float",
         default=None,
-        help="Fraction of the timestep range that the earlier/later strategies favour.",
+        help="Fraction of the timestep range that the earlier/later strategies favour (default 0.25).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="disable_segmented_timestep_sampling",
         kind="bool",
         default=False,
-        help="Draw each sample's timestep independently instead of from evenly split segments of the schedule; "
-        "useful when the timestep range is restricted.",
+        help="Draw each sample's timestep independently instead of giving every sample of a batch its own equal share of the "
+        "(possibly biased) timestep distribution.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="training_scheduler_timestep_spacing",
         kind="str",
         default=None,
-        help="Timestep spacing of the noise scheduler used during training.",
+        help="Timestep spacing (leading, linspace, trailing) stored in the training noise scheduler; it is what the saved "
+        "pipeline and, unless overridden, validation sampling use. Unset keeps the model's own.",
         group=_G,
         choices=_SPACINGS,
+        implemented=True,
     ),
     Option(
         name="inference_scheduler_timestep_spacing",
         kind="str",
         default=None,
-        help="Timestep spacing of the scheduler used to sample images.",
+        help="Timestep spacing of the scheduler that samples validation images; unset keeps the training scheduler's.",
         group=_G,
         choices=_SPACINGS,
+        implemented=True,
     ),
     # --- flow matching -----------------------------------------------------------------------
     Option(
@@ -366,8 +392,10 @@ OPTIONS: list[Option] = [
         name="diff2flow_enabled",
         kind="bool",
         default=False,
-        help="Experimental: bridge epsilon or v-prediction models to flow-matching targets without changing their architecture.",
+        help="Experimental: bridge epsilon or v-prediction models to flow-matching targets without changing their architecture; "
+        "on its own it changes nothing, diff2flow_loss puts it to use.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="diff2flow_loss",
@@ -375,6 +403,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Compute the loss against the flow target (noise minus latents) instead of the model's native target. Requires diff2flow_enabled.",
         group=_G,
+        implemented=True,
     ),
     # --- scheduled sampling (rollout) --------------------------------------------------------
     Option(
