@@ -151,27 +151,20 @@ def read_entry(path: Path, expected_fingerprint: str) -> dict[str, torch.Tensor]
     """The tensors stored at ``path``, or None when the caller must rebuild the entry.
 
     None (with a debug log saying why) when the file is missing, unreadable, not valid
-    safetensors (e.g. truncated), built for another fingerprint, or fails its checksum.
+    safetensors (e.g. truncated), built for another fingerprint, or fails its checksum. Entries are
+    small, so the file is read whole and checked by :func:`decode_entry`, the same code that checks
+    entries fetched from object storage.
     """
     path = Path(path)
     try:
-        with safetensors.torch.safe_open(os.fspath(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("fingerprint") != expected_fingerprint:
-                logger.debug("cache entry %s is stale (fingerprint %s, expected %s); rebuilding",
-                             path, metadata.get("fingerprint"), expected_fingerprint)
-                return None
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        data = path.read_bytes()
     except FileNotFoundError:
         logger.debug("cache entry %s is missing; building it", path)
         return None
-    except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError, OSError, ValueError...
+    except OSError as exc:
         logger.debug("cache entry %s is unreadable (%s: %s); rebuilding", path, type(exc).__name__, exc)
         return None
-    if metadata.get("checksum") != tensor_checksum(tensors):
-        logger.debug("cache entry %s fails its checksum; rebuilding", path)
-        return None
-    return tensors
+    return decode_entry(data, expected_fingerprint, str(path))
 
 
 class TensorMemory:
