@@ -48,11 +48,14 @@ def caption_key_for(image_key: str) -> str:
 
 
 def caption_from_textfile(image_path: Path | str, backend: "Backend | None" = None) -> str | None:
-    """The first non-empty line of ``<stem>.txt``, stripped; None when missing or blank.
+    """The first non-empty line of ``<stem>.txt``, stripped; None when missing or blank."""
+    lines = caption_lines_from_textfile(image_path, backend)
+    return lines[0] if lines else None
 
-    Multi-line caption files (one caption per line, for caption variety) exist in the wild; until
-    caption sampling is implemented we keep only the first line, so training is deterministic.
-    """
+
+def caption_lines_from_textfile(image_path: Path | str, backend: "Backend | None" = None) -> list[str] | None:
+    """Every non-empty line of ``<stem>.txt``, stripped (each is a caption variant); None when
+    the file is missing, an empty list when it is blank."""
     try:
         if backend is None:
             sidecar = caption_file_for(image_path)
@@ -64,10 +67,7 @@ def caption_from_textfile(image_path: Path | str, backend: "Backend | None" = No
             text = decode_caption_bytes(backend.read_bytes(key), backend.locate(key))
     except (FileNotFoundError, IsADirectoryError):
         return None
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def decode_caption_bytes(data: bytes, source: Path | str) -> str:
@@ -113,6 +113,19 @@ def caption_from_instance_prompt(cfg: ImageDatasetConfig) -> str | None:
     """The dataset's single ``instance_prompt`` (config validation guarantees it is set)."""
     prompt = (cfg.instance_prompt or "").strip()
     return prompt or None
+
+
+def caption_variants_for(image_path: Path | str, cfg: ImageDatasetConfig, backend: "Backend | None" = None,
+                         split_lines: bool = True) -> list[str] | None:
+    """All raw captions of ``image_path``: a caption file's lines (joined into one when
+    ``split_lines`` is False), or the single caption of the other strategies; None when none."""
+    if cfg.caption_strategy != "textfile":
+        caption = caption_for(image_path, cfg, backend)
+        return None if caption is None else [caption]
+    lines = caption_lines_from_textfile(image_path, backend)
+    if not lines:
+        return None
+    return lines if split_lines else [" ".join(lines)]
 
 
 def caption_for(image_path: Path | str, cfg: ImageDatasetConfig, backend: "Backend | None" = None) -> str | None:

@@ -36,7 +36,14 @@ _METADATA_FOR_TYPE = {
     "huggingface": ("huggingface",),
 }
 TEXT_EMBED_BACKEND_TYPES = ("local",)
-DATASET_TYPES = ("image", "text_embeds")
+#: ``image``: trained on; ``conditioning``: paired to image datasets by relative path (masks, control
+#: images), never sampled alone; ``eval``: loaded and cached for evaluation, never trained on.
+DATASET_TYPES = ("image", "text_embeds", "conditioning", "eval")
+#: What a ``conditioning`` dataset holds; ``mask`` yields ``batch["mask"]``, the others
+#: ``batch["conditioning_pixels"]`` (see :mod:`simpletuner.data.conditioning`).
+CONDITIONING_TYPES = ("mask", "controlnet", "reference_strict", "reference_loose")
+#: Start-up stages ``skip_file_discovery`` can skip (see :mod:`simpletuner.data.scan_cache`).
+DISCOVERY_STAGES = ("aspect", "metadata", "vae", "text")
 
 
 class DatasetConfigError(ConfigError):
@@ -49,6 +56,14 @@ class AwsSettings:
 
     Credentials left out (None) come from the standard AWS environment. They are excluded from
     ``repr`` so that logging a config never prints them.
+
+    Attributes (the dataset entry's keys carry an ``aws_`` prefix: ``aws_bucket_name``, ...):
+        bucket_name: the bucket holding the images.
+        data_prefix: the folder inside the bucket; empty means the whole bucket.
+        region_name: the bucket's region, e.g. us-east-1; empty uses the AWS default.
+        endpoint_url: the address of an S3-compatible server (MinIO, R2, ...); empty means Amazon S3.
+        access_key_id / secret_access_key: credentials; leave them out to use the standard AWS
+            environment variables or profile.
     """
 
     bucket_name: str
@@ -57,6 +72,7 @@ class AwsSettings:
     endpoint_url: str | None = None
     access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)
+    max_pool_connections: int | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,26 @@ class ImageDatasetConfig:
         aws: bucket settings of an ``aws`` dataset.
         parquet / huggingface: column settings of a table dataset.
         dataset_name: the folder of a Hugging Face dataset (``save_to_disk``, parquet or arrow files).
+        dataset_type: ``image`` (trained on), ``conditioning`` (paired to image datasets) or ``eval``.
+        prepend_instance_prompt / only_instance_prompt: put ``instance_prompt`` in front of every
+            caption, or use it alone; None inherits the global flag.
+        caption_filter_list: strings, regular expressions or ``s/find/replace/`` lines applied to
+            every caption: a list, or the path of a text file (one per line) or JSON list.
+        disable_multiline_split: keep a caption file's lines together as one caption instead of
+            treating each line as a variant (one variant is picked per epoch).
+        is_regularisation_data: batches of this dataset carry ``is_regularisation_data=True`` so a
+            method can treat them as prior-preservation data.
+        vae_cache_clear_each_epoch: delete this dataset's latents after each of its epochs and
+            encode them again when next used (random crops are then re-drawn each epoch).
+        hash_filenames: accepted for compatibility; cache file names are always content hashes.
+        skip_file_discovery: start-up stages to skip (``aspect``, ``metadata``, ``vae``, ``text``);
+            None inherits the global option.
+        preserve_data_backend_cache: reuse the stored file listing instead of listing storage again.
+        delete_unwanted_images / delete_problematic_images: delete images left out by the size
+            rules / that cannot be decoded; None inherits the global flag.
+        conditioning_data: ids of ``conditioning`` datasets paired to this one by relative path.
+        conditioning_type: what a ``conditioning`` dataset holds (see :data:`CONDITIONING_TYPES`).
+        explicit_keys: the keys the entry set itself, so global options fill only the others.
     """
 
     id: str
@@ -156,6 +192,21 @@ class ImageDatasetConfig:
     parquet: TableSettings | None = None
     huggingface: TableSettings | None = None
     dataset_name: str | None = None
+    dataset_type: str = "image"
+    prepend_instance_prompt: bool | None = None
+    only_instance_prompt: bool | None = None
+    caption_filter_list: str | tuple[str, ...] | None = None
+    disable_multiline_split: bool = False
+    is_regularisation_data: bool = False
+    vae_cache_clear_each_epoch: bool = False
+    hash_filenames: bool = True
+    skip_file_discovery: tuple[str, ...] | None = None
+    preserve_data_backend_cache: bool | None = None
+    delete_unwanted_images: bool | None = None
+    delete_problematic_images: bool | None = None
+    conditioning_data: tuple[str, ...] = ()
+    conditioning_type: str | None = None
+    explicit_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def with_global_defaults(
         self, resolution: float, resolution_type: str, cache_dir: str | Path
@@ -180,14 +231,18 @@ class TextEmbedDatasetConfig:
 
     Attributes:
         id: unique name among all datasets.
-        cache_dir: folder for the cached embeddings (kept as written; resolved against the CWD).
+        cache_dir: folder for the cached embeddings (kept as written; resolved against the CWD);
+            None means ``--cache_dir_text``, else ``<--cache_dir>/text``.
+        caption_filter_list: a filter list applied to the captions of every image dataset (as
+            SimpleTuner takes it on the text-embed entry); an image dataset's own list runs first.
         default: the entry used by image datasets; must be true for exactly one entry when
             several are listed.
     """
 
     id: str
-    cache_dir: str
+    cache_dir: str | None
     default: bool = True
+    caption_filter_list: str | tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -204,8 +259,18 @@ class DatasetPlan:
 
     @property
     def enabled_images(self) -> tuple[ImageDatasetConfig, ...]:
-        """The image datasets that take part in training."""
-        return tuple(cfg for cfg in self.images if not cfg.disabled)
+        """The image datasets that take part in training (conditioning and eval ones excluded)."""
+        return tuple(cfg for cfg in self.images if not cfg.disabled and cfg.dataset_type == "image")
+
+    @property
+    def conditioning(self) -> dict[str, ImageDatasetConfig]:
+        """Enabled ``conditioning`` datasets by id."""
+        return {cfg.id: cfg for cfg in self.images if not cfg.disabled and cfg.dataset_type == "conditioning"}
+
+    @property
+    def eval_datasets(self) -> tuple[ImageDatasetConfig, ...]:
+        """Enabled ``eval`` datasets: cached like training data, never sampled for training."""
+        return tuple(cfg for cfg in self.images if not cfg.disabled and cfg.dataset_type == "eval")
 
 
 # --- key declarations: (expected kind, default) ------------------------------------------------
@@ -249,7 +314,23 @@ _IMAGE_KEYS: dict[str, tuple[str, Any]] = {
     "parquet": ("object", None),
     "huggingface": ("object", None),
     "dataset_name": ("optional_str", None),
+    "prepend_instance_prompt": ("optional_bool", None),
+    "only_instance_prompt": ("optional_bool", None),
+    "caption_filter_list": ("filter_list", None),
+    "disable_multiline_split": ("bool", False),
+    "is_regularisation_data": ("bool", False),
+    "vae_cache_clear_each_epoch": ("bool", False),
+    "hash_filenames": ("bool", True),
+    "skip_file_discovery": ("word_list", None),
+    "preserve_data_backend_cache": ("optional_bool", None),
+    "delete_unwanted_images": ("optional_bool", None),
+    "delete_problematic_images": ("optional_bool", None),
+    "conditioning_data": ("id_list", ()),
+    "conditioning_type": ("optional_str", None),
 }
+
+#: Other spellings SimpleTuner accepts, mapped to ours.
+_IMAGE_KEY_ALIASES = {"is_regularization_data": "is_regularisation_data", "disable": "disabled"}
 
 _AWS_KEYS = ("aws_bucket_name", "aws_data_prefix", "aws_region_name", "aws_endpoint_url",
              "aws_access_key_id", "aws_secret_access_key")
@@ -283,9 +364,10 @@ _TEXT_EMBED_KEYS: dict[str, tuple[str, Any]] = {
     "id": ("str", _REQUIRED),
     "dataset_type": ("str", "text_embeds"),
     "type": ("str", "local"),
-    "cache_dir": ("str", _REQUIRED),
+    "cache_dir": ("optional_str", None),
     "default": ("bool", True),
     "disabled": ("bool", False),
+    "caption_filter_list": ("filter_list", None),
 }
 
 _KIND_WORDS = {
@@ -297,7 +379,22 @@ _KIND_WORDS = {
     "number_list": "a list of positive numbers or null",
     "optional_int": "an integer or null",
     "object": "a JSON object or null",
+    "optional_bool": 'true/false or null',
+    "filter_list": "a list of strings, or the path of a text or JSON file",
+    "word_list": "a list of words, or a string of words separated by commas or spaces",
+    "id_list": "a dataset id or a list of dataset ids",
 }
+
+
+def dataset_key_schema(dataset_type: str = "image") -> dict[str, tuple[str, Any, bool]]:
+    """Key -> (kind, default, required) of an ``image`` or ``text_embeds`` entry.
+
+    For tools that write dataset lists (``simpletuner configure``), so that they coerce and default
+    values from this schema instead of keeping a copy of it.
+    """
+    declared = _TEXT_EMBED_KEYS if dataset_type == "text_embeds" else _IMAGE_KEYS
+    return {key: (kind, None if default is _REQUIRED else default, default is _REQUIRED)
+            for key, (kind, default) in declared.items()}
 
 
 def load_dataset_plan(path: str | Path) -> DatasetPlan:
@@ -357,6 +454,7 @@ def parse_dataset_plan(entries: list, source: str = "<memory>") -> DatasetPlan:
             images.append(parsed)
         else:
             text_embeds.append(parsed)
+    _check_conditioning_links(images, source)
     return DatasetPlan(images=tuple(images), text_embeds=_pick_default_text_embeds(text_embeds, images, source))
 
 
@@ -373,13 +471,25 @@ def _parse_entry(entry: dict, index: int, source: str) -> ImageDatasetConfig | T
         )
     if dataset_type == "text_embeds":
         return _parse_text_embeds(entry, where)
-    return _parse_image(entry, where)
+    return _parse_image(_unalias(entry, where), where)
+
+
+def _unalias(entry: dict, where: str) -> dict:
+    """Rename SimpleTuner's other spellings (``is_regularization_data``, ``disable``) to ours."""
+    renamed = dict(entry)
+    for alias, key in _IMAGE_KEY_ALIASES.items():
+        if alias in renamed:
+            if key in renamed:
+                raise DatasetConfigError(f"{where}: keys {alias!r} and {key!r} mean the same thing; keep one")
+            renamed[key] = renamed.pop(alias)
+    return renamed
 
 
 def _parse_image(entry: dict, where: str) -> ImageDatasetConfig:
-    """Validate an image entry's keys, types and cross-field rules."""
+    """Validate an image (or conditioning / eval) entry's keys, types and cross-field rules."""
     values = _typed_values(entry, _IMAGE_KEYS, where)
-    values.pop("dataset_type")
+    values["explicit_keys"] = frozenset(entry)
+    _check_dataset_role(where, values)
     _check_storage(where, entry, values)
     if "caption_strategy" not in entry and values["metadata_backend"] != "discovery":
         values["caption_strategy"] = values["metadata_backend"]  # a table's own captions by default
@@ -387,11 +497,8 @@ def _parse_image(entry: dict, where: str) -> ImageDatasetConfig:
     _check_caption_source(where, values)
     if values["resolution_type"] is not None:
         _check_choice(where, "resolution_type", values["resolution_type"], RESOLUTION_TYPES)
-    if values["caption_strategy"] == "instanceprompt" and not (values["instance_prompt"] or "").strip():
-        raise DatasetConfigError(
-            f"{where}: key 'instance_prompt' has value {values['instance_prompt']!r}; "
-            f"caption_strategy 'instanceprompt' needs a non-empty instance_prompt"
-        )
+    if values["dataset_type"] != "conditioning":
+        check_instance_prompt(where, values)
     if values["resolution"] is not None and values["resolution"] <= 0:
         raise DatasetConfigError(
             f"{where}: key 'resolution' has value {values['resolution']!r}; use a positive number "
@@ -410,12 +517,48 @@ def _parse_image(entry: dict, where: str) -> ImageDatasetConfig:
     return ImageDatasetConfig(**values)
 
 
+def check_instance_prompt(where: str, values: dict[str, Any]) -> None:
+    """``instanceprompt`` captions and ``only``/``prepend_instance_prompt`` need a non-empty prompt.
+
+    Public because the global options (``--instance_prompt``, ``--only_instance_prompt``) are
+    applied later (:mod:`simpletuner.data.settings`) and the rule must hold afterwards too.
+    """
+    if values["caption_strategy"] == "instanceprompt" and not (values["instance_prompt"] or "").strip():
+        raise DatasetConfigError(
+            f"{where}: key 'instance_prompt' has value {values['instance_prompt']!r}; "
+            f"caption_strategy 'instanceprompt' needs a non-empty instance_prompt"
+        )
+    for key in ("only_instance_prompt", "prepend_instance_prompt"):
+        if values.get(key) and not (values["instance_prompt"] or "").strip():
+            raise DatasetConfigError(f"{where}: {key} is set but 'instance_prompt' is empty; add an instance_prompt "
+                                     f"(in the entry or with --instance_prompt) or remove {key}")
+
+
+def _check_dataset_role(where: str, values: dict[str, Any]) -> None:
+    """Conditioning keys belong to their dataset types; discovery stages must be known words."""
+    role = values["dataset_type"]
+    if role == "conditioning":
+        values["conditioning_type"] = values["conditioning_type"] or "controlnet"
+        _check_choice(where, "conditioning_type", values["conditioning_type"], CONDITIONING_TYPES)
+        if values["conditioning_data"]:
+            raise DatasetConfigError(f"{where}: key 'conditioning_data' belongs on the image dataset that uses this "
+                                     "conditioning dataset, not on the conditioning dataset itself")
+    elif values["conditioning_type"] is not None:
+        raise DatasetConfigError(f"{where}: key 'conditioning_type' only applies to \"dataset_type\": "
+                                 "\"conditioning\"; remove it or change the dataset_type")
+    if role == "eval" and values["conditioning_data"]:
+        raise DatasetConfigError(f"{where}: key 'conditioning_data' is not supported on eval datasets")
+    for stage in values["skip_file_discovery"] or ():
+        _check_choice(where, "skip_file_discovery", stage, DISCOVERY_STAGES)
+
+
 def _parse_text_embeds(entry: dict, where: str) -> TextEmbedDatasetConfig:
     """Validate a text_embeds entry; ``type`` and ``disabled`` are checked but not stored."""
     values = _typed_values(entry, _TEXT_EMBED_KEYS, where)
     _check_choice(where, "type", values["type"], TEXT_EMBED_BACKEND_TYPES,
                   "text embeddings are cached on the local disk so far")
-    return TextEmbedDatasetConfig(id=values["id"], cache_dir=values["cache_dir"], default=values["default"])
+    return TextEmbedDatasetConfig(id=values["id"], cache_dir=values["cache_dir"], default=values["default"],
+                                  caption_filter_list=values["caption_filter_list"])
 
 
 def _typed_values(entry: dict, declared: dict[str, tuple[str, Any]], where: str) -> dict[str, Any]:
@@ -468,6 +611,29 @@ def _coerce(where: str, key: str, value: Any, kind: str) -> Any:
     elif kind == "object":
         if value is None or isinstance(value, dict):
             return value
+    elif kind == "optional_bool":
+        if value is None:
+            return None
+        return _coerce(where, key, value, "bool")
+    elif kind == "filter_list":
+        if value is None or (isinstance(value, str) and value.strip()):
+            return value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    elif kind == "word_list":
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return tuple(word for word in value.replace(",", " ").split() if word)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(word for v in value for word in v.replace(",", " ").split() if word)
+    elif kind == "id_list":
+        if value is None:
+            return ()
+        if isinstance(value, str) and value.strip():
+            return (value,)
+        if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
+            return tuple(value)
     elif kind == "optional_int":
         if value is None:
             return None
@@ -629,6 +795,24 @@ def _check_paths_exist(where: str, values: dict[str, Any]) -> None:
             "from the hub)")
 
 
+def _check_conditioning_links(images: list[ImageDatasetConfig], source: str) -> None:
+    """Every id in ``conditioning_data`` names an enabled ``conditioning`` dataset of the file."""
+    by_id = {cfg.id: cfg for cfg in images}
+    for cfg in images:
+        if cfg.disabled:
+            continue
+        for linked in cfg.conditioning_data:
+            target = by_id.get(linked)
+            if target is None or target.dataset_type != "conditioning":
+                found = "is not in the file" if target is None else f"has dataset_type {target.dataset_type!r}"
+                raise DatasetConfigError(
+                    f"{source}: dataset {cfg.id!r}: key 'conditioning_data' names {linked!r}, which {found}; "
+                    "name an entry with \"dataset_type\": \"conditioning\"")
+            if target.disabled:
+                raise DatasetConfigError(f"{source}: dataset {cfg.id!r}: conditioning dataset {linked!r} is disabled; "
+                                         "enable it or remove it from 'conditioning_data'")
+
+
 def _check_choice(where: str, key: str, value: str, choices: tuple[str, ...], note: str = "") -> None:
     """Raise unless ``value`` is one of ``choices``."""
     if value not in choices:
@@ -665,7 +849,7 @@ def _pick_default_text_embeds(
     text_embeds: list[TextEmbedDatasetConfig], images: list[ImageDatasetConfig], source: str
 ) -> TextEmbedDatasetConfig:
     """Require at least one enabled image dataset and exactly one default text-embed cache."""
-    if not any(not cfg.disabled for cfg in images):
+    if not any(not cfg.disabled and cfg.dataset_type == "image" for cfg in images):
         raise DatasetConfigError(
             f"{source}: no enabled image dataset; add an entry with \"dataset_type\": \"image\" "
             f"(or remove \"disabled\": true from one)"

@@ -1,43 +1,45 @@
 """From the dataset plan to batches of cached tensors: what the trainer consumes.
 
-:func:`build_training_data` runs the whole data path once at start-up (scan, buckets, latent and
-text caches, sampler) and returns a :class:`TrainingData` whose :meth:`TrainingData.next_batch`
-only looks tensors up and stacks them. The trainer never sees PIL or raw text (``DESIGN.md``), and
-its per-step overhead is benchmarked against a bare PyTorch loop, so nothing expensive happens per
-step: after start-up every tensor of a small dataset already sits in RAM.
+:func:`build_training_data` (in :mod:`simpletuner.data.build`) runs the whole data path once at
+start-up (scan, buckets, latent and text caches, sampler) and returns a :class:`TrainingData` whose
+:meth:`TrainingData.next_batch` only looks tensors up and stacks them. The trainer never sees PIL or
+raw text (``DESIGN.md``), and its per-step overhead is benchmarked against a bare PyTorch loop, so
+nothing expensive happens per step: after start-up every tensor of a small dataset already sits in
+RAM. The exceptions are opt-in: on-demand or disabled latent caches encode when a batch needs it,
+and ``--dataloader_prefetch`` moves that work to a background thread (:mod:`simpletuner.data.prefetch`).
 """
 
 from __future__ import annotations
 
 import logging
-import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-
+from typing import Callable, Iterator
 
 import torch
 
-from simpletuner.data.backends import cache_backend, is_remote_cache, open_dataset
-from simpletuner.data.buckets import bucket_alignment, pixel_edge
-from simpletuner.data.cache.store import BackendEntries, CacheReport, TensorMemory
+from simpletuner.data.buckets import bucket_alignment  # noqa: F401 - re-exported for callers and tests
+from simpletuner.data.cache.store import CacheReport
 from simpletuner.data.cache.text import EMPTY_CAPTION, TextEmbedCache
 from simpletuner.data.cache.vae import VaeCache
-from simpletuner.data.config import DatasetPlan, ImageDatasetConfig
-from simpletuner.data.geometry import buckets_of, place_images
-from simpletuner.data.metadata import ImageRecord, scan_image_dataset
-from simpletuner.data.mixing import DatasetMixer, DatasetSchedule, dataset_weight
-from simpletuner.data.sampler import BucketBatchSampler
+from simpletuner.data.caption_rules import caption_for_epoch
+from simpletuner.data.conditioning import ConditioningSet, conditioning_batch
+from simpletuner.data.metadata import ImageRecord
+from simpletuner.data.mixing import DatasetMixer, Draw
+from simpletuner.data.prefetch import BatchPrefetcher
 from simpletuner.options import ConfigError
 
 logger = logging.getLogger(__name__)
 
 Size = tuple[int, int]
 
-#: Prompts encoded together while filling the text cache. No option sets it: text encoders are
-#: small next to the UNet/transformer, and the cache is filled once.
-TEXT_ENCODE_BATCH_SIZE = 16
 #: Skip reasons shown per dataset by :meth:`TrainingData.describe`; the rest are counted.
 _REASONS_SHOWN = 3
+#: Words that sort a skip reason into a category for the start-up table (first match wins).
+_REASON_KINDS = (("too large", "too large"), ("caption", "no caption"), ("conditioning", "no conditioning"),
+                 ("missing", "missing"), ("smaller than minimum", "too small"), ("aspect ratio", "aspect ratio"),
+                 ("upscaling", "upscale limit"), ("cannot", "unreadable"), ("decode", "unreadable"))
 
 
 class NoTrainingDataError(ConfigError):
@@ -55,6 +57,15 @@ class DatasetSummary:
         buckets: images per bucket size (width, height) after skipping.
         latents_built: latent entries encoded now.
         latents_reused: latent entries found valid on disk.
+        latents_deferred: missing entries left for on-demand encoding.
+        latents_recreated / latents_moved: stale entries deleted (recreate) / images kept at their
+            cached size (sync).
+        repeats: the repeats used (after ``--allow_dataset_oversubscription``).
+        repeats_raised_from: the configured repeats when oversubscription raised them.
+        deleted: files deleted from storage (``delete_unwanted_images`` / ``delete_problematic_images``).
+        role: ``image`` or ``eval``.
+        is_regularisation: the dataset's batches are marked as regularisation data.
+        conditioning: ids of the paired conditioning datasets.
     """
 
     id: str
@@ -63,6 +74,65 @@ class DatasetSummary:
     buckets: dict[Size, int]
     latents_built: int
     latents_reused: int
+    latents_deferred: int = 0
+    latents_recreated: int = 0
+    latents_moved: int = 0
+    repeats: int = 0
+    repeats_raised_from: int | None = None
+    deleted: list[str] = field(default_factory=list)
+    role: str = "image"
+    is_regularisation: bool = False
+    conditioning: tuple[str, ...] = ()
+
+    @property
+    def used(self) -> int:
+        return sum(self.buckets.values())
+
+    def skip_counts(self) -> Counter:
+        """Skipped files per reason category (``unreadable``, ``no caption``, ``too small``, ...)."""
+        return Counter(_reason_kind(reason) for _, reason in self.skipped)
+
+
+def _reason_kind(reason: str) -> str:
+    lowered = reason.lower()
+    return next((kind for word, kind in _REASON_KINDS if word in lowered), "other")
+
+
+@dataclass
+class DatasetRole:
+    """How one dataset's batches are made beyond latents and captions.
+
+    Attributes:
+        is_regularisation: ``is_regularisation_data`` of the entry.
+        conditioning: paired conditioning datasets, in ``conditioning_data`` order.
+        clear_each_epoch: ``vae_cache_clear_each_epoch``.
+        reanchor: the crop window of a record in an epoch (re-drawn when latents are cleared).
+        records: every record of the dataset (to re-anchor them).
+    """
+
+    is_regularisation: bool = False
+    conditioning: list[ConditioningSet] = field(default_factory=list)
+    clear_each_epoch: bool = False
+    reanchor: Callable[[ImageRecord, int], tuple[float, float]] | None = None
+    records: list[ImageRecord] = field(default_factory=list)
+
+
+@dataclass
+class EvalDataset:
+    """An ``eval`` dataset: cached like training data, never drawn for training.
+
+    Attributes:
+        id: the dataset id.
+        buckets: records per bucket size, in scan order.
+    """
+
+    id: str
+    buckets: dict[Size, list[ImageRecord]]
+
+    def batches(self, batch_size: int) -> list[tuple[Size, list[ImageRecord]]]:
+        """Every record once, bucket by bucket in size order, in batches of at most ``batch_size``."""
+        return [(size, records[start:start + batch_size]) for size, records in self.buckets.items()
+                for start in range(0, len(records), batch_size)]
 
 
 @dataclass
@@ -71,11 +141,15 @@ class TrainingData:
 
     Attributes:
         sampler: which dataset and bucket each batch comes from (its state is what a checkpoint saves).
-        summaries: one per enabled image dataset.
+        summaries: one per enabled image dataset (then one per eval dataset).
         text_report: what the text-embedding cache did.
         latent_caches: the latent cache of each dataset, by dataset id.
         text_cache: the shared text-embedding cache.
         bucket_of: the bucket size each record is trained at.
+        roles: regularisation flag, conditioning and epoch behaviour per training dataset.
+        eval_datasets: the ``eval`` datasets by id (see :meth:`eval_batches`).
+        seed: picks caption variants and random conditioning per (seed, epoch, image).
+        conditioning_sampling: ``combined`` or ``random`` (``--conditioning_multidataset_sampling``).
     """
 
     sampler: DatasetMixer
@@ -85,7 +159,15 @@ class TrainingData:
     text_cache: TextEmbedCache | None = field(default=None, repr=False)
     bucket_of: dict[ImageRecord, Size] = field(default_factory=dict, repr=False)
     batch_size: int = 1
+    roles: dict[str, DatasetRole] = field(default_factory=dict, repr=False)
+    eval_datasets: dict[str, EvalDataset] = field(default_factory=dict, repr=False)
+    seed: int = 0
+    conditioning_sampling: str = "combined"
     _empty_by_batch: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _epochs: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _prefetcher: BatchPrefetcher | None = field(default=None, init=False, repr=False)
+
+    # --- batches for the trainer -------------------------------------------------------------------
 
     def next_batch(self, step: int = 0) -> dict:
         """The next batch at optimizer step ``step``: stacked latents and prompt embeds of records
@@ -94,56 +176,127 @@ class TrainingData:
         Keys: ``latent_mean``/``latent_std`` [B, C, h, w], every text-cache tensor (e.g.
         ``prompt_embeds`` [B, L, D]), ``empty_prompt`` (the same text keys holding the ``""``
         embeds, batch B, for caption dropout; expanded views, so do not modify them in place),
-        ``captions`` and ``paths``.
+        ``captions``, ``paths``, ``dataset_id`` and ``is_regularisation_data`` (a bool: a batch
+        never mixes datasets), plus the conditioning keys of :mod:`simpletuner.data.conditioning`
+        for datasets with ``conditioning_data``. An image that turns out undecodable while
+        training (on-demand caching) is dropped from its batch; a batch left empty is replaced
+        by the next one.
         """
-        records = self.sampler.next_batch(step)
-        latents = [self.latent_caches[r.dataset_id].load(r, self.bucket_of[r]) for r in records]
-        texts = [self.text_cache.load(r.caption) for r in records]
-        batch: dict = {name: torch.stack([entry[name] for entry in latents]) for name in latents[0]}
-        batch.update({name: torch.stack([entry[name] for entry in texts]) for name in texts[0]})
-        batch["empty_prompt"] = self._empty_prompt(len(records))
-        batch["captions"] = [r.caption for r in records]
-        batch["paths"] = [str(r.path) for r in records]
-        return batch
+        while True:
+            if self._prefetcher is not None:
+                batch = self._prefetcher.next(step)
+            else:
+                batch = self._load(self._draw(step))
+            if batch is not None:
+                return batch
 
     def skip_batch(self, step: int = 0) -> None:
         """Advance the batch order without loading anything (another process trains on that batch)."""
-        self.sampler.next_batch(step)
+        if self._prefetcher is not None:
+            self._prefetcher.next(step, keep=False)
+        else:
+            self._draw(step)
+
+    def next_local_batch(self, step: int, rank: int, num_processes: int) -> dict:
+        """This process's batch: every process walks the same order and keeps every N-th batch."""
+        batch = None
+        for index in range(num_processes):
+            if index == rank:
+                batch = self.next_batch(step)
+            else:
+                self.skip_batch(step)
+        return batch
 
     def state_dict(self) -> dict:
-        """The sampler position; everything else is rebuilt from the caches on resume."""
+        """The sampler position after the last batch handed out (never the read-ahead position);
+        everything else is rebuilt from the caches on resume."""
+        if self._prefetcher is not None:
+            return self._prefetcher.state_dict()
         return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Resume the batch order exactly where the checkpoint left it."""
-        self.sampler.load_state_dict(state)
+        self._epochs.clear()
+        if self._prefetcher is not None:
+            self._prefetcher.load_state_dict(state)
+        else:
+            self.sampler.load_state_dict(state)
 
-    def describe(self) -> str:
-        """Multi-line start-up summary: per dataset what was found, skipped, bucketed and cached."""
-        lines: list[str] = []
-        for summary in self.summaries:
-            used = sum(summary.buckets.values())
-            lines.append(f"dataset {summary.id}: {summary.found} found, {used} used, "
-                         f"{len(summary.skipped)} skipped")
-            for path, reason in summary.skipped[:_REASONS_SHOWN]:
-                lines.append(f"  skipped {path}: {reason}")
-            if len(summary.skipped) > _REASONS_SHOWN:
-                lines.append(f"  ... and {len(summary.skipped) - _REASONS_SHOWN} more skipped")
-            sizes = ", ".join(f"{w}x{h}: {count}" for (w, h), count in summary.buckets.items())
-            lines.append(f"  buckets: {sizes or 'none'}")
-            lines.append(f"  latents: {summary.latents_reused} reused, {summary.latents_built} built")
-            sampler = self.sampler.samplers[summary.id]
-            schedule = self.sampler.schedules[summary.id]
-            window = f", steps {schedule.start_step}..{schedule.end_step}" if schedule.end_step else (
-                f", from step {schedule.start_step}" if schedule.start_step else "")
-            lines.append(f"  batches per epoch: {sampler.batches_per_epoch()}, draw weight {schedule.weight:g}{window}")
-            if sampler.dropped_records():
-                lines.append(f"  {sampler.dropped_records()} images unused: their bucket holds fewer than "
-                             "batch size copies")
-        lines.append(f"text embeds: {self.text_report.reused} reused, {self.text_report.built} built")
-        lines.append(f"batches per epoch: {self.sampler.batches_per_epoch()} "
-                     f"(batch size {self.batch_size})")
-        return "\n".join(lines)
+    def enable_prefetch(self, depth: int, rank: int = 0, num_processes: int = 1) -> None:
+        """Prepare up to ``depth`` batches on a background thread (same order, same resume points)."""
+        self.close()
+        self._prefetcher = BatchPrefetcher(self.sampler, self._load, self._on_draw, depth, rank, num_processes)
+
+    def close(self) -> None:
+        """Stop the prefetch thread, if any (the sampler stays at the last batch handed out)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    # --- evaluation ----------------------------------------------------------------------------------
+
+    def eval_batches(self, dataset_id: str | None = None, batch_size: int | None = None) -> Iterator[dict]:
+        """Every image of an eval dataset (the only one when ``dataset_id`` is None) once, in a
+        fixed order, as batches with the keys of :meth:`next_batch`."""
+        if dataset_id is None:
+            if len(self.eval_datasets) != 1:
+                raise ValueError(f"name the eval dataset: {sorted(self.eval_datasets)}")
+            dataset_id = next(iter(self.eval_datasets))
+        dataset = self.eval_datasets[dataset_id]
+        for _, records in dataset.batches(batch_size or self.batch_size):
+            batch = self._load(Draw(dataset_id, records, 0))
+            if batch is not None:
+                yield batch
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _draw(self, step: int) -> Draw:
+        draw = self.sampler.next_draw(step)
+        self._on_draw(draw)
+        return draw
+
+    def _on_draw(self, draw: Draw) -> None:
+        """Per-dataset epoch changes: ``vae_cache_clear_each_epoch`` drops the latents then."""
+        seen = self._epochs.get(draw.dataset_id)
+        if seen == draw.epoch:
+            return
+        self._epochs[draw.dataset_id] = draw.epoch
+        role = self.roles.get(draw.dataset_id)
+        if role is not None and role.clear_each_epoch and (seen is not None or draw.epoch > 0):
+            self.latent_caches[draw.dataset_id].start_epoch(draw.epoch, role.reanchor, role.records)
+
+    def _load(self, draw: Draw) -> dict | None:
+        """Look up and stack the tensors of one draw (None if none of its images can be used)."""
+        records = draw.records
+        size = self.bucket_of[records[0]]
+        cache = self.latent_caches[draw.dataset_id]
+        latents = cache.load_batch(records, size)
+        kept = [index for index, tensors in enumerate(latents) if tensors is not None]
+        role = self.roles.get(draw.dataset_id) or DatasetRole()
+        extra: dict = {}
+        if role.conditioning and kept:
+            chosen = [records[index] for index in kept]
+            extra, dropped = conditioning_batch(role.conditioning, chosen, size, [cache.anchor_of(r) for r in chosen],
+                                                self.conditioning_sampling, self.seed, draw.epoch)
+            gone = set(dropped)
+            kept = [index for position, index in enumerate(kept) if position not in gone]
+        if not kept:
+            logger.warning("dataset %s: no usable image left in a batch of %d; taking the next batch",
+                           draw.dataset_id, len(records))
+            return None
+        records = [records[index] for index in kept]
+        latents = [latents[index] for index in kept]
+        captions = [caption_for_epoch(r.caption_variants, r.caption, self.seed, draw.epoch, r.path) for r in records]
+        texts = [self.text_cache.load(caption) for caption in captions]
+        batch: dict = {name: torch.stack([entry[name] for entry in latents]) for name in latents[0]}
+        batch.update({name: torch.stack([entry[name] for entry in texts]) for name in texts[0]})
+        batch["empty_prompt"] = self._empty_prompt(len(records))
+        batch["captions"] = captions
+        batch["paths"] = [str(r.path) for r in records]
+        batch["dataset_id"] = draw.dataset_id
+        batch["is_regularisation_data"] = role.is_regularisation
+        batch.update(extra)
+        return batch
 
     def _empty_prompt(self, batch_size: int) -> dict[str, torch.Tensor]:
         """The ``""`` embeds expanded to ``batch_size`` (views, built once per batch size)."""
@@ -154,120 +307,71 @@ class TrainingData:
             self._empty_by_batch[batch_size] = empty
         return empty
 
+    # --- start-up summary ----------------------------------------------------------------------------
 
-def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = True) -> TrainingData:
-    """Scan, bucket and cache every enabled image dataset, cache all captions, build the sampler.
+    def describe(self) -> str:
+        """Start-up summary: a table of every dataset (found, used, skipped, buckets, samples and
+        batches per epoch), then per dataset the skip reasons, buckets and cache work."""
+        lines = ["dataset | role | found | used | skipped | buckets | samples/epoch | batches/epoch"]
+        for summary in self.summaries:
+            sampler = self.sampler.samplers.get(summary.id)
+            samples = summary.used * (1 + summary.repeats) if summary.role == "image" else summary.used
+            batches = sampler.batches_per_epoch() if sampler is not None else "-"
+            role = "regularisation" if summary.is_regularisation else summary.role
+            lines.append(f"{summary.id} | {role} | {summary.found} | {summary.used} | {len(summary.skipped)} | "
+                         f"{len(summary.buckets)} | {samples} | {batches}")
+        for summary in self.summaries:
+            lines.extend(self._describe_dataset(summary))
+        lines.append(f"text embeds: {self.text_report.reused} reused, {self.text_report.built} built")
+        lines.append(f"batches per epoch: {self.sampler.batches_per_epoch()} "
+                     f"(batch size {self.batch_size})")
+        return "\n".join(lines)
 
-    Raises:
-        NoTrainingDataError: no usable image is left in any dataset.
-        CacheWriteError: a cache entry could not be written (e.g. full disk).
+    def _describe_dataset(self, summary: DatasetSummary) -> list[str]:
+        counts = ", ".join(f"{kind} {count}" for kind, count in summary.skip_counts().most_common())
+        lines = [f"dataset {summary.id}: {summary.found} found, {summary.used} used, {len(summary.skipped)} skipped"
+                 + (f" ({counts})" if counts else "")]
+        for path, reason in summary.skipped[:_REASONS_SHOWN]:
+            lines.append(f"  skipped {path}: {reason}")
+        if len(summary.skipped) > _REASONS_SHOWN:
+            lines.append(f"  ... and {len(summary.skipped) - _REASONS_SHOWN} more skipped")
+        for key in summary.deleted:
+            lines.append(f"  deleted {key}")
+        sizes = ", ".join(f"{w}x{h}: {count}" for (w, h), count in summary.buckets.items())
+        lines.append(f"  buckets: {sizes or 'none'}")
+        cache_line = f"  latents: {summary.latents_reused} reused, {summary.latents_built} built"
+        for count, word in ((summary.latents_deferred, "encoded when first used"),
+                            (summary.latents_recreated, "stale deleted (recreate)"),
+                            (summary.latents_moved, "kept at their cached size (sync)")):
+            if count:
+                cache_line += f", {count} {word}"
+        lines.append(cache_line)
+        if summary.conditioning:
+            lines.append(f"  conditioning: {', '.join(summary.conditioning)} ({self.conditioning_sampling})")
+        sampler = self.sampler.samplers.get(summary.id)
+        if sampler is None:
+            if summary.role == "eval":
+                lines.append("  eval dataset: cached, never drawn for training")
+            return lines
+        schedule = self.sampler.schedules[summary.id]
+        window = f", steps {schedule.start_step}..{schedule.end_step}" if schedule.end_step else (
+            f", from step {schedule.start_step}" if schedule.start_step else "")
+        raised = (f" (raised from {summary.repeats_raised_from} by --allow_dataset_oversubscription)"
+                  if summary.repeats_raised_from is not None else "")
+        lines.append(f"  repeats {summary.repeats}{raised}, samples per epoch {summary.used * (1 + summary.repeats)}, "
+                     f"batches per epoch: {sampler.batches_per_epoch()}, draw weight {schedule.weight:g}{window}")
+        if sampler.dropped_records():
+            lines.append(f"  {sampler.dropped_records()} images unused: their bucket holds fewer than "
+                         "batch size copies")
+        return lines
+
+
+def build_training_data(config, model, plan, show_progress: bool = True, num_processes: int | None = None
+                        ) -> TrainingData:
+    """Scan, bucket and cache every enabled dataset, cache all captions, build the sampler.
+
+    See :func:`simpletuner.data.build.build_training_data` (kept importable from here).
     """
-    memory = TensorMemory()
-    summaries: list[DatasetSummary] = []
-    per_dataset: dict[str, dict[Size, list[ImageRecord]]] = {}
-    configs: dict[str, ImageDatasetConfig] = {}
-    latent_caches: dict[str, VaeCache] = {}
-    for raw_cfg in plan.enabled_images:
-        cfg = raw_cfg.with_global_defaults(config.resolution, config.resolution_type, config.cache_dir)
-        buckets, summary, cache = _prepare_dataset(cfg, config, model, memory, show_progress)
-        summaries.append(summary)
-        latent_caches[cfg.id] = cache
-        if any(buckets.values()):
-            per_dataset[cfg.id] = buckets
-            configs[cfg.id] = cfg
-    if not per_dataset:
-        raise NoTrainingDataError(_nothing_left_message(summaries))
-    text_cache = TextEmbedCache(Path(plan.text_embeds.cache_dir), model, memory)
-    captions = [record.caption for buckets in per_dataset.values() for records in buckets.values() for record in records]
-    text_report = text_cache.ensure(captions, TEXT_ENCODE_BATCH_SIZE, progress=show_progress)
-    logger.info("text embeds: %d reused, %d built", text_report.reused, text_report.built)
-    mixer = _build_mixer(per_dataset, configs, config)
-    bucket_of = {record: size for buckets in per_dataset.values() for size, records in buckets.items()
-                 for record in records}
-    return TrainingData(mixer, summaries, text_report, latent_caches, text_cache, bucket_of,
-                        batch_size=config.train_batch_size)
+    from simpletuner.data.build import build_training_data as build
 
-
-def _build_mixer(per_dataset: dict[str, dict[Size, list[ImageRecord]]], configs: dict[str, ImageDatasetConfig],
-                 config) -> DatasetMixer:
-    """One seeded bucket sampler per dataset and the draw schedule that mixes them."""
-    seed = config.seed or 0
-    samplers: dict[str, BucketBatchSampler] = {}
-    schedules: dict[str, DatasetSchedule] = {}
-    for name, buckets in per_dataset.items():
-        cfg = configs[name]
-        try:
-            samplers[name] = BucketBatchSampler(buckets, config.train_batch_size, seed=seed,
-                                                repeats={name: cfg.repeats})
-        except ValueError:
-            sizes = ", ".join(f"{w}x{h}: {len(records)} images" for (w, h), records in buckets.items())
-            raise NoTrainingDataError(
-                f"dataset {name}: `--train_batch_size {config.train_batch_size}` is larger than every aspect "
-                f"bucket ({sizes}), so no batch can be formed; lower --train_batch_size or add images"
-            ) from None
-        images = sum(len(records) for records in buckets.values())
-        schedules[name] = DatasetSchedule(
-            weight=dataset_weight(config.data_backend_sampling, cfg.probability, images, cfg.repeats),
-            start_step=cfg.start_step, end_step=cfg.end_step,
-        )
-    return DatasetMixer(samplers, schedules, seed=seed)
-
-
-def _prepare_dataset(
-    cfg: ImageDatasetConfig, config, model, memory: TensorMemory, show_progress: bool
-) -> tuple[dict[Size, list[ImageRecord]], DatasetSummary, VaeCache]:
-    """Scan, bucket and latent-cache one dataset (whose inherited settings are already filled)."""
-    source = open_dataset(cfg)
-    scan = scan_image_dataset(cfg, source)
-    records = _subset(scan.records, cfg, config.seed or 0)
-    for path, reason in scan.skipped:
-        logger.warning("dataset %s: skipping %s: %s", cfg.id, path, reason)
-    edge = pixel_edge(cfg.resolution, cfg.resolution_type)
-    alignment = bucket_alignment(config.aspect_bucket_alignment, model.vae_scale_factor(), edge)
-    placed, excluded = place_images(records, cfg, alignment)
-    for path, reason in excluded:
-        logger.info("dataset %s: leaving out %s: %s", cfg.id, path, reason)
-    buckets = buckets_of(placed)
-    entries = BackendEntries(cache_backend(cfg.cache_dir_vae, cfg)) if is_remote_cache(cfg.cache_dir_vae) else None
-    cache = VaeCache(cfg.cache_dir_vae, cfg.id, cfg.instance_data_dir, crop=cfg.crop, memory=memory,
-                     images=source.images, entries=entries)
-    anchors = {record.path: placement.anchor for record, placement in placed.items()}
-    report = cache.ensure(buckets, model, config.vae_batch_size, progress=show_progress, anchors=anchors)
-    buckets = _without(buckets, {path for path, _ in report.skipped})
-    logger.info("dataset %s: latents: %d reused, %d built", cfg.id, report.reused, report.built)
-    summary = DatasetSummary(
-        id=cfg.id,
-        found=len(scan.records) + len(scan.skipped),
-        skipped=list(scan.skipped) + excluded + list(report.skipped),
-        buckets={size: len(records) for size, records in buckets.items()},
-        latents_built=report.built,
-        latents_reused=report.reused,
-    )
-    return buckets, summary, cache
-
-
-def _subset(records: list[ImageRecord], cfg: ImageDatasetConfig, seed: int) -> list[ImageRecord]:
-    """At most ``max_num_samples`` records: a seeded random subset, kept in scan order."""
-    if cfg.max_num_samples is None or len(records) <= cfg.max_num_samples:
-        return records
-    chosen = set(random.Random(f"max-num-samples:{seed}:{cfg.id}").sample(range(len(records)), cfg.max_num_samples))
-    logger.info("dataset %s: using %d of %d images (max_num_samples)", cfg.id, cfg.max_num_samples, len(records))
-    return [record for index, record in enumerate(records) if index in chosen]
-
-
-def _without(buckets: dict[Size, list[ImageRecord]], paths: set[Path]) -> dict[Size, list[ImageRecord]]:
-    """``buckets`` minus records whose file is in ``paths``; buckets left empty are removed."""
-    if not paths:
-        return buckets
-    kept = {size: [r for r in records if r.path not in paths] for size, records in buckets.items()}
-    return {size: records for size, records in kept.items() if records}
-
-
-def _nothing_left_message(summaries: list[DatasetSummary]) -> str:
-    """Name every dataset with its counts and first skip reason, so the fix is obvious."""
-    parts = []
-    for summary in summaries:
-        first = f"; first reason: {summary.skipped[0][0]}: {summary.skipped[0][1]}" if summary.skipped else ""
-        parts.append(f"{summary.id}: {summary.found} found, {len(summary.skipped)} skipped{first}")
-    return ("no usable images in any enabled dataset (" + "; ".join(parts) + "); "
-            "check instance_data_dir, image files and captions")
+    return build(config, model, plan, show_progress=show_progress, num_processes=num_processes)

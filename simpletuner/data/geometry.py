@@ -108,10 +108,13 @@ def cropped_aspect(record: ImageRecord, source: Size, cfg: ImageDatasetConfig) -
     return choices[int(_path_unit_values(record, "crop_aspect", 1)[0] * len(choices))]
 
 
-def crop_anchor(record: ImageRecord, cfg: ImageDatasetConfig) -> tuple[float, float]:
-    """Where the crop window sits; ``random`` is seeded by the path."""
+def crop_anchor(record: ImageRecord, cfg: ImageDatasetConfig, epoch: int = 0) -> tuple[float, float]:
+    """Where the crop window sits; ``random`` is seeded by the path (and by the epoch after the
+    first, which only ``vae_cache_clear_each_epoch`` asks for: new latents, new crops)."""
+    if not cfg.crop:
+        return CROP_ANCHORS["center"]
     if cfg.crop_style == "random":
-        x, y = _path_unit_values(record, "crop_style", 2)
+        x, y = _path_unit_values(record, "crop_style" if epoch == 0 else f"crop_style:{epoch}", 2)
         return x, y
     return CROP_ANCHORS[cfg.crop_style]
 
@@ -121,13 +124,21 @@ def upscale_needed(source: Size, size: Size) -> float:
     return max(size[0] / source[0], size[1] / source[1])
 
 
-def place_image(record: ImageRecord, cfg: ImageDatasetConfig, alignment: int) -> Placement | str:
-    """The image's :class:`Placement`, or the reason (a string) it is left out."""
+def place_image(record: ImageRecord, cfg: ImageDatasetConfig, alignment: int,
+                rounding: int | None = None) -> Placement | str:
+    """The image's :class:`Placement`, or the reason (a string) it is left out.
+
+    ``rounding`` (``--aspect_bucket_rounding``) rounds an image's own aspect ratio to that many
+    decimals before its size is computed, so near-identical aspects (1000x667 and 1000x670 at 1
+    decimal) share a bucket instead of splitting a small dataset into many small buckets.
+    """
     reason = exclusion_reason(record, cfg)
     if reason:
         return reason
     source = downsampled_size(record.width, record.height, cfg)
     aspect = cropped_aspect(record, source, cfg) if cfg.crop else None
+    if aspect is None and rounding is not None:
+        aspect = round(source[0] / source[1], rounding) or 10.0 ** -rounding
     if aspect is None:
         size = target_size(source[0], source[1], cfg.resolution, cfg.resolution_type, alignment, crop=False)
     else:
@@ -137,17 +148,17 @@ def place_image(record: ImageRecord, cfg: ImageDatasetConfig, alignment: int) ->
         if factor > 1 + cfg.max_upscale_threshold:
             return (f"needs {100 * (factor - 1):.0f}% upscaling to reach {size[0]}x{size[1]}; "
                     f"max_upscale_threshold is {cfg.max_upscale_threshold:g}")
-    anchor = crop_anchor(record, cfg) if cfg.crop else CROP_ANCHORS["center"]
+    anchor = crop_anchor(record, cfg)
     return Placement(size=size, anchor=anchor, source_size=source)
 
 
-def place_images(records: list[ImageRecord], cfg: ImageDatasetConfig, alignment: int
+def place_images(records: list[ImageRecord], cfg: ImageDatasetConfig, alignment: int, rounding: int | None = None
                  ) -> tuple[dict[ImageRecord, Placement], list[tuple[object, str]]]:
     """Placements of every kept record and (path, reason) for every left-out one."""
     placed: dict[ImageRecord, Placement] = {}
     skipped: list[tuple[object, str]] = []
     for record in records:
-        result = place_image(record, cfg, alignment)
+        result = place_image(record, cfg, alignment, rounding)
         if isinstance(result, str):
             skipped.append((record.path, result))
         else:

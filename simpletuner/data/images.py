@@ -121,6 +121,36 @@ def load_image_tensor(
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
+def load_conditioning_tensor(
+    path: ImageSource, size: tuple[int, int], anchor: tuple[float, float], reference_size: tuple[int, int],
+    mask: bool, name: str | None = None,
+) -> "torch.Tensor":
+    """A conditioning image cropped exactly like its paired training image: uint8 (C, height, width).
+
+    The image is first brought to ``reference_size``, the paired image's displayed (width, height),
+    then resized and cropped as :func:`load_image_tensor` treats the paired image, so the crop box
+    is the same in both (for a conditioning image of the paired image's size the two are the same
+    operations). A ``mask`` is single-channel and resampled bilinearly, so a hard edge stays within
+    [0, 255] without the ringing Lanczos adds; other conditioning images are RGB like the image.
+
+    Raises:
+        CorruptImageError: as :func:`load_image_tensor`.
+    """
+    import torch
+
+    image = to_rgb(orient(decode_image(path, name)))
+    resample = Image.Resampling.BILINEAR if mask else Image.Resampling.LANCZOS
+    if mask:
+        image = image.convert("L")
+    if image.size != tuple(reference_size):
+        image = image.resize(tuple(reference_size), resample)
+    image = crop_at(resize_to_cover(image, size, resample), size, anchor)
+    pixels = np.asarray(image, dtype=np.uint8)
+    if mask:
+        return torch.from_numpy(pixels.copy()).unsqueeze(0)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
 def _openable(source: ImageSource, name: str | None) -> tuple[object, Path | str]:
     """What ``Image.open`` takes for ``source`` (bytes are wrapped in a buffer), and its name."""
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -242,8 +272,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def resize_to_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Lanczos-resize with aspect kept to the smallest size that covers ``size`` on both sides."""
+def resize_to_cover(image: Image.Image, size: tuple[int, int],
+                    resample: Image.Resampling = Image.Resampling.LANCZOS) -> Image.Image:
+    """Resize (Lanczos by default) with aspect kept to the smallest size that covers ``size``."""
     target_width, target_height = size
     scale = max(target_width / image.width, target_height / image.height)
     new_size = (
@@ -252,7 +283,7 @@ def resize_to_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     )
     if new_size == image.size:
         return image
-    return image.resize(new_size, Image.Resampling.LANCZOS)
+    return image.resize(new_size, resample)
 
 
 def center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -7,8 +7,9 @@ valid header passes the scan; it is caught at decode time by
 
 The scan opens files exactly as the decoder does (:func:`simpletuner.data.images.open_image`), so
 it refuses what the decoder would refuse: non-images whatever their extension, empty files, and
-headers claiming more than :data:`simpletuner.data.images.MAX_IMAGE_PIXELS` pixels. It never logs:
-it returns each skipped file once with its reason, and the caller logs one line per file.
+headers claiming more than :data:`simpletuner.data.images.MAX_IMAGE_PIXELS` pixels. It does not log
+its findings: it returns each skipped file once with its reason, and the caller logs one line per
+file (only ``--print_filenames`` makes it log each file name as it goes).
 
 Files are read through the dataset's storage backend (:mod:`simpletuner.data.backends`): a local
 folder, a bucket (only the first :data:`HEADER_BYTES` of each image are fetched, with a ranged GET),
@@ -18,15 +19,21 @@ which case no image is opened at all.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
 from simpletuner.data.backends import Backend, DatasetSource, SourceItem, StorageError, open_dataset
-from simpletuner.data.captions import caption_for, caption_key_for
+from simpletuner.data.caption_rules import CaptionRules
+from simpletuner.data.captions import caption_key_for, caption_variants_for
 from simpletuner.data.config import ImageDatasetConfig
 from simpletuner.data.images import ImageSource, ImageTooLargeError, open_image, unreadable_reason
+from simpletuner.data.parallel import ordered_map
+
+logger = logging.getLogger(__name__)
 
 #: Files the scan looks at; their content is still sniffed (a PNG named .jpg is used). ``.gif``
 #: contributes its first frame, as animated files do everywhere in the loader.
@@ -49,6 +56,8 @@ class ImageRecord:
         caption: the prompt, resolved by the dataset's caption strategy.
         dataset_id: the owning dataset (for per-dataset repeats, caches and logs).
         key: the image's key in its dataset's backend (None: ``path`` is a local file).
+        captions: every caption variant (one per line of a multi-line caption file); ``caption``
+            is the first. Empty for records built by hand, meaning just ``caption``.
     """
 
     path: Path | str
@@ -57,6 +66,12 @@ class ImageRecord:
     caption: str
     dataset_id: str
     key: str | None = field(default=None, compare=False)
+    captions: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def caption_variants(self) -> tuple[str, ...]:
+        """``captions``, or ``(caption,)`` for a record without variants."""
+        return self.captions or (self.caption,)
 
 
 @dataclass
@@ -65,6 +80,16 @@ class ScanResult:
 
     records: list[ImageRecord] = field(default_factory=list)
     skipped: list[tuple[Path | str, str]] = field(default_factory=list)
+    #: Keys of every listed image (what ``preserve_data_backend_cache`` reuses).
+    listed: list[str] = field(default_factory=list)
+    #: Keys of images whose header could not be read (``delete_problematic_images`` removes them).
+    unreadable: list[str] = field(default_factory=list)
+    #: Key of each skipped path (to save and restore a scan).
+    skipped_keys: list[str] = field(default_factory=list)
+
+
+#: What one scanned file became: a record, or (key, path, reason, header_unreadable).
+_Outcome = tuple[ImageRecord | None, tuple[str, Path | str, str, bool] | None, tuple[int, int] | None]
 
 
 #: EXIF orientations 5-8 rotate by 90 or 270 degrees, swapping width and height.
@@ -125,7 +150,17 @@ def read_image_size_from(backend: Backend, key: str) -> tuple[int, int]:
     return read_image_size(backend.read_bytes(key), name)
 
 
-def scan_image_dataset(cfg: ImageDatasetConfig, source: DatasetSource | None = None) -> ScanResult:
+def scan_image_dataset(
+    cfg: ImageDatasetConfig,
+    source: DatasetSource | None = None,
+    *,
+    rules: CaptionRules | None = None,
+    keys: list[str] | None = None,
+    size_hint: Callable[[str], tuple[int, int] | None] | None = None,
+    on_scanned: Callable[[str, tuple[int, int] | None], None] | None = None,
+    workers: int = 1,
+    log_each: bool = False,
+) -> ScanResult:
     """Every image of the dataset, sorted by key (recursive for folders and buckets; table order
     for parquet and Hugging Face datasets).
 
@@ -134,41 +169,77 @@ def scan_image_dataset(cfg: ImageDatasetConfig, source: DatasetSource | None = N
     ``source`` is the dataset's opened backend (:func:`simpletuner.data.backends.open_dataset`
     by default).
 
+    Args:
+        rules: caption filters and instance-prompt rules (default: the dataset's own).
+        keys: the files to look at instead of listing the storage (a preserved listing).
+        size_hint: a known (width, height) for a key, so its header is not read again.
+        on_scanned: called with each key and its size (None when unreadable), in order.
+        workers: threads reading headers and captions; used only for remote storage, where
+            they wait on the network (local header parsing is CPU-bound Python).
+        log_each: log every file name as it is scanned (``--print_filenames``).
+
     Raises:
         StorageError: the dataset's storage cannot be reached or read (bucket, credentials).
     """
     result = ScanResult()
     source = source if source is not None else open_dataset(cfg)
+    rules = rules if rules is not None else CaptionRules.for_dataset(cfg)
     backend = source.images
     items = source.items
     if items is None:
-        items = [SourceItem(key) for key in backend.list_files(IMAGE_EXTENSIONS)]
-    table_captions = cfg.caption_strategy in ("parquet", "huggingface")
-    for item in items:
-        path = backend.locate(item.key)
-        if item.error is not None:
-            result.skipped.append((path, item.error))
+        listed = keys if keys is not None else backend.list_files(IMAGE_EXTENSIONS)
+        items = [SourceItem(key) for key in listed]
+    result.listed = [item.key for item in items]
+    remote = bool(items) and backend.local_path(items[0].key) is None
+    scan_one = lambda item: _scan_item(item, cfg, backend, rules, size_hint, log_each)  # noqa: E731
+    for item, (record, skip, size) in zip(items, ordered_map(scan_one, items, workers if remote else 1, 4 * workers)):
+        if on_scanned is not None:
+            on_scanned(item.key, size)
+        if record is not None:
+            result.records.append(record)
             continue
-        if item.size is not None:
-            width, height = item.size
-        else:
-            try:
-                width, height = read_image_size_from(backend, item.key)
-            except StorageError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad headers
-                result.skipped.append((path, _unreadable_header_reason(backend, item.key, exc)))
-                continue
-        if table_captions:
-            caption, reason = item.caption, item.caption_reason
-        else:
-            caption = caption_for(item.key, cfg, backend)
-            reason = None if caption is not None else _missing_caption_reason(backend, item.key, cfg)
-        if caption is None:
-            result.skipped.append((path, reason or "no caption"))
-            continue
-        result.records.append(ImageRecord(path, width, height, caption, cfg.id, key=item.key))
+        key, path, reason, unreadable = skip
+        result.skipped.append((path, reason))
+        result.skipped_keys.append(key)
+        if unreadable:
+            result.unreadable.append(key)
     return result
+
+
+def _scan_item(item: SourceItem, cfg: ImageDatasetConfig, backend: Backend, rules: CaptionRules,
+               size_hint: Callable[[str], tuple[int, int] | None] | None, log_each: bool) -> _Outcome:
+    """Size and captions of one listed image, or why it is skipped."""
+    path = backend.locate(item.key)
+    if log_each:
+        logger.info("dataset %s: scanning %s", cfg.id, path)
+    if item.error is not None:
+        return None, (item.key, path, item.error, False), None
+    size = item.size if item.size is not None else (size_hint(item.key) if size_hint is not None else None)
+    if size is None:
+        try:
+            size = read_image_size_from(backend, item.key)
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad headers
+            return None, (item.key, path, _unreadable_header_reason(backend, item.key, exc), True), None
+    width, height = size
+    if rules.only and rules.instance_prompt:
+        captions: tuple[str, ...] = (rules.instance_prompt,)
+        reason = None
+    else:
+        if cfg.caption_strategy in ("parquet", "huggingface"):
+            raw = None if item.caption is None else [item.caption]
+            reason = item.caption_reason
+        else:
+            raw = caption_variants_for(item.key, cfg, backend, split_lines=rules.split_lines)
+            reason = None if raw is not None else _missing_caption_reason(backend, item.key, cfg)
+        captions = rules.apply_all(raw) if raw is not None else ()
+        if raw is not None and not captions:
+            reason = "caption is empty after caption_filter_list"
+    if not captions:
+        return None, (item.key, path, reason or "no caption", False), size
+    record = ImageRecord(path, width, height, captions[0], cfg.id, key=item.key, captions=captions)
+    return record, None, size
 
 
 def _unreadable_header_reason(backend: Backend, key: str, exc: Exception) -> str:

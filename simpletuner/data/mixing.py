@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from simpletuner.data.metadata import ImageRecord
 from simpletuner.data.sampler import BucketBatchSampler
@@ -46,6 +46,14 @@ def dataset_weight(mode: str, probability: float, images: int, repeats: int) -> 
     raise ValueError(f"unknown data_backend_sampling {mode!r}; use one of {SAMPLING_MODES}")
 
 
+class Draw(NamedTuple):
+    """One batch of records, the dataset it came from and that dataset's epoch."""
+
+    dataset_id: str
+    records: list[ImageRecord]
+    epoch: int
+
+
 class DatasetMixer:
     """Draws a dataset per batch and returns that dataset's next batch."""
 
@@ -66,9 +74,13 @@ class DatasetMixer:
         """Batches in one pass over every dataset (what "an epoch" means with several datasets)."""
         return sum(sampler.batches_per_epoch() for sampler in self.samplers.values())
 
+    def active_at(self, step: int) -> tuple[str, ...]:
+        """The datasets that may be drawn at ``step``: the only way ``step`` changes a draw."""
+        return tuple(name for name, schedule in self.schedules.items() if schedule.active_at(step))
+
     def choose(self, step: int) -> str:
         """The dataset the next batch comes from."""
-        active = [name for name, schedule in self.schedules.items() if schedule.active_at(step)]
+        active = list(self.active_at(step))
         if not active:
             windows = ", ".join(f"{n}: steps {s.start_step}..{s.end_step if s.end_step is not None else 'end'}"
                                 for n, s in self.schedules.items())
@@ -78,10 +90,15 @@ class DatasetMixer:
         return generator.choices(active, weights=[self.schedules[name].weight for name in active])[0]
 
     def next_batch(self, step: int) -> list[ImageRecord]:
+        return self.next_draw(step).records
+
+    def next_draw(self, step: int) -> Draw:
+        """The next batch with its dataset and epoch (the sampler's epoch while it yields)."""
         name = self.choose(step)
         if name not in self._iterators:
             self._iterators[name] = iter(self.samplers[name])
-        return next(self._iterators[name])
+        records = next(self._iterators[name])
+        return Draw(name, records, self.samplers[name].epoch)
 
     def state_dict(self) -> dict[str, Any]:
         return {"draws": self.draws, "datasets": {name: s.state_dict() for name, s in self.samplers.items()}}

@@ -32,7 +32,10 @@ class BucketBatchSampler:
     With ``drop_last`` the incomplete tail of each bucket is left out of that epoch (a different
     tail each epoch, because of the shuffle), and a bucket holding fewer than ``batch_size``
     copies is never used at all: :meth:`dropped_records` counts those images so the caller can
-    report them. Without ``drop_last`` the tail forms a smaller batch.
+    report them. Without ``drop_last`` the tail forms a smaller batch. With ``keep_small_buckets``
+    (``--disable_bucket_pruning``) a bucket holding fewer copies than ``batch_size`` is not left out:
+    its shuffled copies are repeated, in order, to fill one full batch per epoch (a batch keeps its
+    shape, at the price of showing those images more often).
 
     Attributes:
         epoch: the epoch being iterated (0-based).
@@ -47,6 +50,7 @@ class BucketBatchSampler:
         seed: int,
         repeats: dict[str, int] | None = None,
         drop_last: bool = True,
+        keep_small_buckets: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -59,6 +63,7 @@ class BucketBatchSampler:
         self._repeats = repeats
         self.batch_size = batch_size
         self.drop_last = drop_last
+        self.keep_small_buckets = keep_small_buckets
         self.seed = seed
         self.epoch = 0
         self.position = 0
@@ -85,12 +90,15 @@ class BucketBatchSampler:
         total = 0
         for records in self._buckets.values():
             copies = self._copies_in(records)
-            total += copies // self.batch_size if self.drop_last else math.ceil(copies / self.batch_size)
+            if self.keep_small_buckets and 0 < copies < self.batch_size:
+                total += 1
+            else:
+                total += copies // self.batch_size if self.drop_last else math.ceil(copies / self.batch_size)
         return total
 
     def dropped_records(self) -> int:
         """Images never trained on: those in buckets with fewer than ``batch_size`` copies (drop_last)."""
-        if not self.drop_last:
+        if not self.drop_last or self.keep_small_buckets:
             return 0
         return sum(len(records) for records in self._buckets.values() if self._copies_in(records) < self.batch_size)
 
@@ -165,6 +173,8 @@ class BucketBatchSampler:
 
     def _split(self, copies: list[ImageRecord]) -> list[list[ImageRecord]]:
         """Cut one bucket's shuffled copies into batches, dropping the tail when ``drop_last``."""
+        if self.keep_small_buckets and 0 < len(copies) < self.batch_size:
+            return [[copies[index % len(copies)] for index in range(self.batch_size)]]
         batches = [copies[start : start + self.batch_size] for start in range(0, len(copies), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()

@@ -3,16 +3,29 @@
 For each batch: draw latents from the cached VAE posterior, drop some captions (so the model also
 learns the unconditional prediction classifier-free guidance needs), noise the latents (with the
 optional offset-noise and input-perturbation tricks) at timesteps from the configured sampler, and
-regress the family's prediction target with the configured loss and SNR weighting.
+regress the family's prediction target with the configured loss and weighting.
+
+Two noise processes share this method:
+
+* DDPM-style families (epsilon / v_prediction / sample) noise with the scheduler's ``alphas_cumprod``
+  and draw integer timesteps from :mod:`simpletuner.training.timesteps`;
+* flow-matching families noise along the straight path ``(1 - sigma) x0 + sigma eps``, draw sigmas
+  from :mod:`simpletuner.training.flow` (the ``--flow_*`` options, optionally spec 004's discrete
+  shifted table) and regress the velocity ``eps - x0``.
+
+With ``--train_text_encoder`` the prompts are encoded live, with gradients, instead of read from the
+text-embed cache (whose embeds would be stale as soon as the encoder moves).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from simpletuner.training.losses import LossSettings, diffusion_loss
+from simpletuner.training.flow import FlowSigmaSampler, ShiftedDiscreteSchedule, flow_loss_weights, flow_noisy_latents
+from simpletuner.training.losses import LossSettings, diffusion_loss, elementwise_loss, masked_mean
 from simpletuner.training.noise import NoiseSettings, apply_offset_noise, perturbation_strength
 from simpletuner.training.objectives import (add_noise, check_diff2flow_schedule, diff2flow_prediction_and_target,
                                               training_target)
@@ -25,6 +38,53 @@ class LossOutput:
     logs: dict[str, float]
 
 
+@dataclass
+class NoisedBatch:
+    """What the denoiser sees and what it should output, for one batch."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # prediction -> (prediction, target): lets diff2flow convert both
+    loss_weights: torch.Tensor | None = None
+
+
+class FlowNoising:
+    """Sigma sampling, noising and targets for flow-matching families."""
+
+    def __init__(self, model, config, num_train_timesteps: int):
+        self.num_train_timesteps = num_train_timesteps
+        default_shift = getattr(model, "default_flow_shift", None)
+        self.sampler = FlowSigmaSampler.from_config(config, default_shift=default_shift)
+        self.patch_size = getattr(model, "flow_patch_size", 2)
+        self.weighting = getattr(config, "flow_loss_weighting", None) or "none"
+        self.table = None
+        if getattr(config, "flow_use_discrete_schedule", False) or self.weighting == "gaussian":
+            shift = getattr(config, "flow_schedule_shift", None) or default_shift or 1.0
+            self.table = ShiftedDiscreteSchedule(
+                shift=shift, num_train_timesteps=num_train_timesteps,
+                min_timestep_boundary=getattr(config, "flow_min_timestep_boundary", None) or 0.0,
+                max_timestep_boundary=getattr(config, "flow_max_timestep_boundary", None) or 1.0,
+            )
+        self.discrete = bool(getattr(config, "flow_use_discrete_schedule", False))
+
+    def sigmas(self, latents: torch.Tensor) -> torch.Tensor:
+        batch = latents.shape[0]
+        if self.discrete:
+            return self.table.sample(batch, latents.device).sigmas.float()
+        seq_len = (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)
+        return self.sampler(batch, latents.device, seq_len=seq_len).float()
+
+    def __call__(self, latents: torch.Tensor, noise: torch.Tensor, input_noise: torch.Tensor) -> NoisedBatch:
+        sigmas = self.sigmas(latents)
+        timesteps = sigmas * self.num_train_timesteps
+        weights = None
+        if self.weighting != "none":
+            weights = flow_loss_weights(self.weighting, timesteps, self.table).to(latents.device, torch.float32)
+        target = noise - latents
+        return NoisedBatch(flow_noisy_latents(latents, input_noise, sigmas), timesteps,
+                           lambda prediction: (prediction, target), weights)
+
+
 class SupervisedFineTuning:
     """The default method; one instance per run."""
 
@@ -33,26 +93,81 @@ class SupervisedFineTuning:
         self.caption_dropout_probability = caption_dropout_probability
         self.scheduler = model.noise_scheduler()
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
-        self.sample_timesteps = build_timestep_sampler(config, self.scheduler)
+        self.flow = model.prediction_type == "flow_matching"
+        if self.flow:
+            self.flow_noising = FlowNoising(model, config, self.num_train_timesteps)
+        else:
+            self.sample_timesteps = build_timestep_sampler(config, self.scheduler)
         # --diff2flow_loss: regress the flow velocity (noise - latents) that the model's output implies.
         self.diff2flow = bool(getattr(config, "diff2flow_enabled", False) and getattr(config, "diff2flow_loss", False))
         if self.diff2flow:
             check_diff2flow_schedule(self.scheduler, model.prediction_type)
         self.loss_settings = LossSettings.from_config(config)
         self.noise_settings = NoiseSettings.from_config(config)
+        probability = getattr(config, "masked_loss_probability", None)
+        self.masked_loss_probability = 1.0 if probability is None else float(probability)
+        #: set by the trainer while ``--train_text_encoder`` is active (until ``--text_encoder_limit``)
+        self.encode_text_live = False
+
+    # --- conditioning ----------------------------------------------------------------------------
+
+    def dropped_captions(self, batch_size: int) -> torch.Tensor:
+        """Which samples lose their caption this step (``--caption_dropout_probability``)."""
+        if self.caption_dropout_probability <= 0:
+            return torch.zeros(batch_size, dtype=torch.bool)
+        return torch.rand(batch_size) < self.caption_dropout_probability
 
     def text_conditioning(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         """Prompt embeddings, with a random subset replaced by the empty prompt's."""
+        if self.encode_text_live:
+            return self.live_text_conditioning(batch)
         text = {key: batch[key].to(device) for key in batch["empty_prompt"]}
-        if self.caption_dropout_probability > 0:
-            batch_size = next(iter(text.values())).shape[0]
-            dropped = torch.rand(batch_size) < self.caption_dropout_probability
-            if dropped.any():
-                for key, value in text.items():
-                    empty = batch["empty_prompt"][key].to(device)
-                    mask = dropped.to(device).view(-1, *([1] * (value.dim() - 1)))
-                    text[key] = torch.where(mask, empty, value)
+        dropped = self.dropped_captions(next(iter(text.values())).shape[0])
+        if dropped.any():
+            unconditional = self.model.unconditional_text(batch["empty_prompt"])
+            for key, value in text.items():
+                empty = unconditional[key].to(device)
+                mask = dropped.to(device).view(-1, *([1] * (value.dim() - 1)))
+                text[key] = torch.where(mask, empty, value)
         return text
+
+    def live_text_conditioning(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Captions encoded by the text encoder being trained; dropped captions become ``""``."""
+        captions = list(batch["captions"])
+        dropped = self.dropped_captions(len(captions))
+        prompts = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
+        if any(p.requires_grad for encoder in self.model.trainable_text_encoders().values() for p in encoder.parameters()):
+            return self.model.text_conditioning(prompts)
+        with torch.no_grad():  # past --text_encoder_limit: the trained encoder, frozen
+            return self.model.text_conditioning(prompts)
+
+    def loss_mask(self, batch: dict, device: torch.device) -> torch.Tensor | None:
+        """The batch's mask (1 = learn here) on ``--masked_loss_probability`` of the steps that have one."""
+        mask = batch.get("mask")
+        if mask is None or self.masked_loss_probability <= 0:
+            return None
+        if self.masked_loss_probability < 1 and float(torch.rand(())) >= self.masked_loss_probability:
+            return None
+        return mask.to(device)
+
+    # --- noising -----------------------------------------------------------------------------------
+
+    def ddpm_noising(self, latents: torch.Tensor, noise: torch.Tensor, input_noise: torch.Tensor) -> NoisedBatch:
+        timesteps = self.sample_timesteps(latents.shape[0], latents.device)
+        noisy = add_noise(self.scheduler, latents, input_noise, timesteps)
+        prediction_type = self.model.prediction_type
+        if self.diff2flow:
+            def target_of(prediction):
+                return diff2flow_prediction_and_target(self.scheduler, prediction, noisy, latents, noise, timesteps,
+                                                       prediction_type)
+        else:
+            target = training_target(self.scheduler, latents, noise, timesteps, prediction_type)
+
+            def target_of(prediction):
+                return prediction, target
+        return NoisedBatch(noisy, timesteps, target_of)
+
+    # --- the loss ----------------------------------------------------------------------------------
 
     def compute_loss(self, batch: dict, device: torch.device, step: int = 0) -> LossOutput:
         model = self.model
@@ -61,17 +176,20 @@ class SupervisedFineTuning:
         text = self.text_conditioning(batch, device)
         noise = torch.randn_like(latents)
         noise = apply_offset_noise(noise, self.noise_settings.offset, self.noise_settings.offset_probability)
-        timesteps = self.sample_timesteps(latents.shape[0], device)
         gamma = perturbation_strength(self.noise_settings, step)
         input_noise = noise + gamma * torch.randn_like(noise) if gamma > 0 else noise
-        noisy = add_noise(self.scheduler, latents, input_noise, timesteps)
+        noised = (self.flow_noising if self.flow else self.ddpm_noising)(latents, noise, input_noise)
         dtype = model.weight_dtype
-        prediction = model.predict(noisy.to(dtype), timesteps, {k: v.to(dtype) for k, v in text.items()})
-        if self.diff2flow:
-            prediction, target = diff2flow_prediction_and_target(
-                self.scheduler, prediction, noisy, latents, noise, timesteps, model.prediction_type)
+        raw = model.predict(noised.noisy.to(dtype), noised.timesteps, {k: v.to(dtype) for k, v in text.items()},
+                            batch=batch)
+        prediction, target = noised.target_of(raw)
+        mask = self.loss_mask(batch, device)
+        if self.flow:
+            per_sample = masked_mean(elementwise_loss(prediction, target, "l2"), mask)
+            if noised.loss_weights is not None:
+                per_sample = per_sample * noised.loss_weights
+            loss = per_sample.mean()
         else:
-            target = training_target(self.scheduler, latents, noise, timesteps, model.prediction_type)
-        loss = diffusion_loss(self.loss_settings, self.scheduler, prediction, target, timesteps,
-                              model.prediction_type)
+            loss = diffusion_loss(self.loss_settings, self.scheduler, prediction, target, noised.timesteps,
+                                  model.prediction_type, mask=mask)
         return LossOutput(loss, {})

@@ -31,6 +31,10 @@ class ModelFamily(ABC):
     family: str = ""
     #: Attribute name of the trained network ("unet" or "transformer"); also its pipeline folder.
     denoiser_name: str = "unet"
+    #: Flow-matching families: the schedule shift used when ``--flow_schedule_shift`` is unset
+    #: (None: no shift) and the patch size that turns a latent into tokens (for the auto shift).
+    default_flow_shift: float | None = None
+    flow_patch_size: int = 2
 
     def __init__(self, config, device: torch.device, weight_dtype: torch.dtype):
         self.config = config
@@ -70,7 +74,25 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Text conditioning for a batch of prompts, as named tensors (batch first)."""
+        """Text conditioning for a batch of prompts, as named tensors (batch first), without gradients."""
+
+    def text_conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """:meth:`encode_prompts` with gradients flowing into the text encoders (``--train_text_encoder``)."""
+        raise NotImplementedError(f"{self.family} cannot train its text encoders")
+
+    def unconditional_text(self, empty_prompt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What caption dropout trains with: by default the empty prompt's embeds (from the text
+        cache); families whose pipelines use zeros for the negative prompt override this."""
+        return empty_prompt
+
+    def pipeline_call_arguments(self) -> dict[str, Any]:
+        """Extra keyword arguments the family's pipeline needs at validation (e.g. turning off
+        resolution binning); empty by default."""
+        return {}
+
+    def trainable_text_encoders(self) -> dict[str, torch.nn.Module]:
+        """Text encoders ``--train_text_encoder`` may train, by their pipeline component name."""
+        return {}
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,8 +103,14 @@ class ModelFamily(ABC):
         """Training latents from cached encoder outputs (batched)."""
 
     @abstractmethod
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The denoiser's output for a batch."""
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
+                batch: dict | None = None) -> torch.Tensor:
+        """The denoiser's output for a batch, shaped like ``noisy_latents`` (families that pack
+        latents into tokens unpack the output again).
+
+        ``batch`` is the data batch, for families that condition on more than text: per-sample
+        ``original_size`` / ``crop_top_left`` / ``target_size`` (SDXL micro-conditioning), etc.
+        """
 
     @abstractmethod
     def noise_scheduler(self):
@@ -115,6 +143,20 @@ class ModelFamily(ABC):
         return {"family": self.family, "model": self.model_path, "revision": str(self.config.revision),
                 "variant": str(self.config.variant),
                 "vae": str(self.config.pretrained_vae_model_name_or_path or self.model_path)}
+
+    def enable_gradient_checkpointing(self, interval: int | None = None) -> int:
+        """Recompute activations in the backward pass, in every ``interval``-th block (default: all).
+
+        diffusers marks each checkpointable block with a ``gradient_checkpointing`` flag; switching
+        only some of them back off trades a little memory for speed. Returns how many blocks
+        checkpoint.
+        """
+        self.denoiser.enable_gradient_checkpointing()
+        blocks = [m for m in self.denoiser.modules() if getattr(m, "gradient_checkpointing", None) is True]
+        step = interval or 1
+        for index, block in enumerate(blocks):
+            block.gradient_checkpointing = index % step == 0
+        return sum(1 for block in blocks if block.gradient_checkpointing)
 
     def freeze_encoders(self) -> None:
         """Encoders are never trained here; keep them in eval mode without gradients."""

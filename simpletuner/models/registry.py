@@ -23,6 +23,7 @@ class FamilyInfo:
         default_flavour: used when no flavour and no model path is given.
         prediction_types: the targets this family can be trained on; the first is its default.
         model_types: ``full`` and/or ``lora``.
+        text_encoders: the text encoders ``--train_text_encoder`` can train (empty: none).
     """
 
     name: str
@@ -32,6 +33,7 @@ class FamilyInfo:
     default_flavour: str
     prediction_types: tuple[str, ...]
     model_types: tuple[str, ...] = ("full", "lora")
+    text_encoders: tuple[str, ...] = ()
     notes: str = field(default="", compare=False)
 
 
@@ -47,7 +49,8 @@ FAMILIES: dict[str, FamilyInfo] = {
             "realvis": "SG161222/Realistic_Vision_V6.0_B1_noVAE",
         },
         default_flavour="1.5",
-        prediction_types=("epsilon", "v_prediction"),
+        prediction_types=("epsilon", "v_prediction", "sample"),
+        text_encoders=("text_encoder",),
     ),
     "sd2x": FamilyInfo(
         name="sd2x",
@@ -60,7 +63,8 @@ FAMILIES: dict[str, FamilyInfo] = {
             "2.0-base": "stabilityai/stable-diffusion-2-base",
         },
         default_flavour="2.1",
-        prediction_types=("v_prediction", "epsilon"),
+        prediction_types=("v_prediction", "epsilon", "sample"),
+        text_encoders=("text_encoder",),
     ),
 }
 

@@ -94,10 +94,16 @@ class StableDiffusion1x(ModelFamily):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.text_conditioning(prompts)
+
+    def text_conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
         return {"prompt_embeds": hidden}
+
+    def trainable_text_encoders(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.text_encoder}
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -109,7 +115,8 @@ class StableDiffusion1x(ModelFamily):
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         return (mean + std * noise) * self.vae.config.scaling_factor
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
+                batch: dict | None = None) -> torch.Tensor:
         return self.denoiser(noisy_latents, timesteps, encoder_hidden_states=text["prompt_embeds"], return_dict=False)[0]
 
     # --- validation and outputs ------------------------------------------------------------------------
@@ -127,12 +134,16 @@ class StableDiffusion1x(ModelFamily):
     def lora_target_modules(self) -> list[str]:
         return list(UNET_ATTENTION_TARGETS)
 
-    def save_lora(self, folder: Path, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    def save_lora(self, folder: Path, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any],
+                  text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
         from diffusers import StableDiffusionPipeline
 
+        text_encoder_state = (text_encoder_states or {}).get("text_encoder")
         StableDiffusionPipeline.save_lora_weights(
             folder, unet_lora_layers=lora_state, safe_serialization=True,
             unet_lora_adapter_metadata=metadata.get("lora_config"),
+            text_encoder_lora_layers=text_encoder_state,
+            text_encoder_lora_adapter_metadata=metadata.get("text_encoder_lora_config") if text_encoder_state else None,
         )
         return folder / "pytorch_lora_weights.safetensors"
 

@@ -8,6 +8,7 @@ Lookup order for the training config (first match wins):
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -89,15 +90,60 @@ def substitute_env(value: Any, key: str, source: Path | str, environ: Mapping[st
     return value
 
 
+#: Values TRAINING_DYNAMO_BACKEND accepts (accelerate's list; "no" turns compilation off).
+DYNAMO_BACKENDS = ("no", "eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs",
+                   "ofi", "fx2trt", "onnxrt", "tensorrt", "aot_torchxla_trace_once", "torhchxla_trace_once", "tvm")
+#: Values MIXED_PRECISION accepts (accelerate's; the trainer supports a subset, see --mixed_precision).
+MIXED_PRECISIONS = ("no", "fp16", "bf16", "fp8")
+
+#: Every config.env variable simpletuner reads, with what it means (DISTRIBUTED.md documents them).
+LAUNCHER_VARIABLES = {
+    "TRAINING_NUM_PROCESSES": "processes in total, across all machines (one per GPU)",
+    "TRAINING_NUM_MACHINES": "machines taking part (default 1)",
+    "TRAINING_MACHINE_RANK": "this machine's rank, 0 on the main machine (required with several machines)",
+    "TRAINING_MAIN_PROCESS_IP": "address of the machine with rank 0 (required with several machines)",
+    "TRAINING_MAIN_PROCESS_PORT": "port of the rendezvous on the main machine (default: a free local port)",
+    "TRAINING_DYNAMO_BACKEND": "torch.compile backend for the denoiser (inductor, ...; no = off)",
+    "MIXED_PRECISION": "no or bf16; must agree with --mixed_precision when both are set",
+    "ACCELERATE_EXTRA_ARGS": "more `accelerate launch` arguments (an accelerate config file, FSDP, DeepSpeed, ...)",
+    "SIMPLETUNER_LOG_LEVEL": "DEBUG, INFO, WARNING, ERROR or CRITICAL",
+    "SIMPLETUNER_CHECK_RANK_SYNC": "1: after every optimizer step each process prints a digest of its trained "
+                                   "weights and the run stops if they differ",
+}
+
+#: ``accelerate launch`` flags that simpletuner sets from config.env / config.json itself; giving them in
+#: ACCELERATE_EXTRA_ARGS as well would let the launcher and the trainer disagree.
+MANAGED_ACCELERATE_FLAGS = {
+    "num_processes": "TRAINING_NUM_PROCESSES", "num_machines": "TRAINING_NUM_MACHINES",
+    "machine_rank": "TRAINING_MACHINE_RANK", "main_process_ip": "TRAINING_MAIN_PROCESS_IP",
+    "main_process_port": "TRAINING_MAIN_PROCESS_PORT", "mixed_precision": "MIXED_PRECISION",
+    "dynamo_backend": "TRAINING_DYNAMO_BACKEND", "dynamo_mode": "--dynamo_mode in config.json",
+    "dynamo_use_fullgraph": "--dynamo_fullgraph in config.json", "dynamo_use_dynamic": "--dynamo_dynamic in config.json",
+    "dynamo_use_regional_compilation": "--dynamo_use_regional_compilation in config.json",
+    "cpu": "nothing: without GPUs simpletuner starts CPU processes itself (accelerate's --cpu starts only one)",
+}
+
+
 @dataclass(frozen=True)
 class LauncherSettings:
-    """What ``config.env`` says about how to launch, with the variables we act on."""
+    """What ``config.env`` (and the environment) say about how to launch, with the variables we act on.
+
+    ``num_processes`` counts processes on all machines together, as ``accelerate launch`` does.
+    ``mixed_precision`` is MIXED_PRECISION as written (None when unset); resolution reconciles it
+    with ``--mixed_precision``.
+    """
 
     num_processes: int = 1
     dynamo_backend: str | None = None
     accelerate_extra_args: tuple[str, ...] = ()
     log_level: str = "INFO"
     source: str | None = None
+    num_machines: int = 1
+    machine_rank: int | None = None
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+    mixed_precision: str | None = None
+    check_rank_sync: bool = False
 
 
 def parse_env_file(path: Path) -> dict[str, str]:
@@ -117,31 +163,101 @@ def parse_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def load_launcher_settings(root: Path, env_name: str | None, environ: Mapping[str, str]) -> LauncherSettings:
-    """Merge ``config/config.env`` then ``config/<ENV>/config.env``; real environment variables win."""
+def _int_variable(merged: Mapping[str, str], key: str, default: int | None, minimum: int) -> int | None:
+    raw = merged.get(key, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{key}={value} must be at least {minimum}")
+    return value
+
+
+def _check_extra_args(args: tuple[str, ...]) -> None:
+    """Reject ACCELERATE_EXTRA_ARGS flags that a config.env variable or option already controls."""
+    for token in args:
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name in MANAGED_ACCELERATE_FLAGS:
+            raise ConfigError(
+                f"ACCELERATE_EXTRA_ARGS: `{token.split('=', 1)[0]}` is set by simpletuner; "
+                f"use {MANAGED_ACCELERATE_FLAGS[name]} instead"
+            )
+
+
+def load_launcher_settings(root: Path, env_name: str | None, environ: Mapping[str, str],
+                           config_num_processes: int | None = None,
+                           cli_num_processes: int | None = None) -> LauncherSettings:
+    """Merge ``config/config.env`` then ``config/<ENV>/config.env``; real environment variables win.
+
+    The process count comes from, first match wins: ``--num_processes`` on the command line
+    (``cli_num_processes``), TRAINING_NUM_PROCESSES in the environment, in config.env, then
+    ``num_processes`` in config.json (``config_num_processes``), then 1.
+    """
     merged: dict[str, str] = {}
     sources = []
     for path in [root / "config" / "config.env"] + ([root / "config" / env_name / "config.env"] if env_name else []):
         if path.is_file():
-            merged.update(parse_env_file(path))
+            values = parse_env_file(path)
+            for key in values:
+                if key.startswith(("TRAINING_", "SIMPLETUNER_")) and key not in LAUNCHER_VARIABLES:
+                    close = difflib.get_close_matches(key, LAUNCHER_VARIABLES, n=1)
+                    raise ConfigError(f"{path}: unknown variable {key}"
+                                      + (f"; did you mean {close[0]}?" if close else
+                                         f"; known: {', '.join(LAUNCHER_VARIABLES)}"))
+            merged.update(values)
             sources.append(str(path))
-    for key in ("TRAINING_NUM_PROCESSES", "TRAINING_DYNAMO_BACKEND", "ACCELERATE_EXTRA_ARGS", "SIMPLETUNER_LOG_LEVEL"):
+    for key in LAUNCHER_VARIABLES:
         if key in environ:
             merged[key] = environ[key]
-    try:
-        processes = int(merged.get("TRAINING_NUM_PROCESSES", "1") or "1")
-    except ValueError:
-        raise ConfigError(f"TRAINING_NUM_PROCESSES={merged['TRAINING_NUM_PROCESSES']!r} is not an integer") from None
-    if processes < 1:
-        raise ConfigError(f"TRAINING_NUM_PROCESSES={processes} must be at least 1")
+    if cli_num_processes is not None:
+        merged["TRAINING_NUM_PROCESSES"] = str(cli_num_processes)
+    elif config_num_processes is not None and merged.get("TRAINING_NUM_PROCESSES", "") == "":
+        merged["TRAINING_NUM_PROCESSES"] = str(config_num_processes)
+    processes = _int_variable(merged, "TRAINING_NUM_PROCESSES", 1, 1)
+    machines = _int_variable(merged, "TRAINING_NUM_MACHINES", 1, 1)
+    machine_rank = _int_variable(merged, "TRAINING_MACHINE_RANK", None, 0)
+    port = _int_variable(merged, "TRAINING_MAIN_PROCESS_PORT", None, 1)
+    address = merged.get("TRAINING_MAIN_PROCESS_IP") or None
+    if machines > 1:
+        missing = [key for key, value in (("TRAINING_MACHINE_RANK", machine_rank), ("TRAINING_MAIN_PROCESS_IP", address),
+                                          ("TRAINING_MAIN_PROCESS_PORT", port)) if value is None]
+        if missing:
+            raise ConfigError(f"TRAINING_NUM_MACHINES={machines} needs {', '.join(missing)} on every machine "
+                              "(the same address and port everywhere, a different rank on each machine)")
+        if machine_rank >= machines:
+            raise ConfigError(f"TRAINING_MACHINE_RANK={machine_rank} must be below TRAINING_NUM_MACHINES={machines}")
+        if processes < machines:
+            raise ConfigError(f"TRAINING_NUM_PROCESSES={processes} counts the processes of all machines together; "
+                              f"with TRAINING_NUM_MACHINES={machines} it must be at least {machines}")
     level = (merged.get("SIMPLETUNER_LOG_LEVEL") or "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"SIMPLETUNER_LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    backend = merged.get("TRAINING_DYNAMO_BACKEND") or None
+    backend = (merged.get("TRAINING_DYNAMO_BACKEND") or "no").lower()
+    if backend not in DYNAMO_BACKENDS:
+        raise ConfigError(f"TRAINING_DYNAMO_BACKEND={backend!r}: use one of {', '.join(DYNAMO_BACKENDS)}")
+    precision = (merged.get("MIXED_PRECISION") or "").lower() or None
+    if precision is not None and precision not in MIXED_PRECISIONS:
+        raise ConfigError(f"MIXED_PRECISION={precision!r}: use one of {', '.join(MIXED_PRECISIONS)}")
+    extra = tuple(shlex.split(merged.get("ACCELERATE_EXTRA_ARGS", "")))
+    _check_extra_args(extra)
+    sync_check = (merged.get("SIMPLETUNER_CHECK_RANK_SYNC") or "0").strip().lower()
+    if sync_check not in ("0", "1", "true", "false", "yes", "no"):
+        raise ConfigError(f"SIMPLETUNER_CHECK_RANK_SYNC={sync_check!r}: use 1 or 0")
     return LauncherSettings(
         num_processes=processes,
-        dynamo_backend=None if backend in (None, "no", "NO") else backend,
-        accelerate_extra_args=tuple(shlex.split(merged.get("ACCELERATE_EXTRA_ARGS", ""))),
+        dynamo_backend=None if backend == "no" else backend,
+        accelerate_extra_args=extra,
         log_level=level,
         source=", ".join(sources) or None,
+        num_machines=machines,
+        machine_rank=machine_rank,
+        main_process_ip=address,
+        main_process_port=port,
+        mixed_precision=precision,
+        check_rank_sync=sync_check in ("1", "true", "yes"),
     )

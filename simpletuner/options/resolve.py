@@ -149,6 +149,26 @@ def merge_sources(file_values: Mapping[str, Any], cli_values: Mapping[str, Any],
     return TrainConfig(values, frozenset(explicit))
 
 
+def reconcile_launcher(config: TrainConfig, launcher: LauncherSettings, warnings: list[str]) -> TrainConfig:
+    """Make config.env and the config agree: MIXED_PRECISION fills ``--mixed_precision`` unless the
+    config sets it differently (an error: the launcher and the trainer would disagree)."""
+    if launcher.mixed_precision is not None:
+        if "mixed_precision" in config.explicit and config.mixed_precision != launcher.mixed_precision:
+            raise ConfigError(
+                f"config.env MIXED_PRECISION={launcher.mixed_precision} disagrees with `--mixed_precision "
+                f"{config.mixed_precision}`; remove one of them or make them equal"
+            )
+        config = config.replace(mixed_precision=coerce_value(options_by_name()["mixed_precision"],
+                                                             launcher.mixed_precision, "config.env MIXED_PRECISION"))
+    if not launcher.dynamo_backend:
+        unused = [name for name in ("dynamo_mode", "dynamo_fullgraph", "dynamo_dynamic", "dynamo_use_regional_compilation")
+                  if name in config.explicit and getattr(config, name) not in (None, False)]
+        if unused:
+            warnings.append(", ".join(f"`--{name}`" for name in unused) + " has no effect without a compiler backend; "
+                            "set TRAINING_DYNAMO_BACKEND=inductor in config/config.env")
+    return config
+
+
 def resolve_run(argv: Sequence[str], environ: Mapping[str, str] | None = None, root: Path | None = None) -> ResolvedRun:
     """Parse ``simpletuner train`` arguments and produce the validated run description."""
     from simpletuner.options.validation import validate_config
@@ -166,6 +186,8 @@ def resolve_run(argv: Sequence[str], environ: Mapping[str, str] | None = None, r
     config_file = find_config_file(namespace.config, env_name, root)
     file_values = read_config_file(config_file, environ) if config_file else {}
     config = merge_sources(file_values, cli_values, str(config_file) if config_file else "config", warnings)
-    launcher = load_launcher_settings(root, env_name, environ)
+    launcher = load_launcher_settings(root, env_name, environ, config_num_processes=config.num_processes,
+                                      cli_num_processes=cli_values.get("num_processes"))
+    config = reconcile_launcher(config, launcher, warnings)
     warnings.extend(validate_config(config))
     return ResolvedRun(config=config, config_file=config_file, launcher=launcher, dry_run=namespace.dry_run, warnings=warnings)

@@ -12,6 +12,7 @@ from typing import Callable
 
 from simpletuner.models.registry import family_info
 from simpletuner.options import ConfigError, all_options
+from simpletuner.options.training_rules import TRAINING_RULES
 from simpletuner.training.optim import OPTIMIZERS, parse_optimizer_config
 
 # Values of implemented options that the trainer cannot act on yet. Keeping them here (instead of
@@ -138,7 +139,9 @@ BIAS_PORTION_STRATEGIES = ("earlier", "later")
 
 #: Options that only flow-matching families act on (they shape the sigma distribution).
 FLOW_OPTIONS = ("flow_sigmoid_scale", "flow_use_uniform_schedule", "flow_use_beta_schedule", "flow_beta_schedule_alpha",
-                "flow_beta_schedule_beta", "flow_schedule_shift", "flow_schedule_auto_shift")
+                "flow_beta_schedule_beta", "flow_schedule_shift", "flow_schedule_auto_shift",
+                "flow_use_discrete_schedule", "flow_min_timestep_boundary", "flow_max_timestep_boundary",
+                "flow_loss_weighting")
 
 
 def _prediction_type(config) -> str:
@@ -207,6 +210,16 @@ def check_flow_options(config) -> None:
         value = getattr(config, name)
         if value is not None and value <= 0:
             raise ConfigError(f"`--{name}` = {value} must be positive")
+    low, high = config.flow_min_timestep_boundary, config.flow_max_timestep_boundary
+    if (low is not None or high is not None) and not config.flow_use_discrete_schedule:
+        raise ConfigError("`--flow_min_timestep_boundary` / `--flow_max_timestep_boundary` select part of the "
+                          "discrete flow schedule; add `--flow_use_discrete_schedule true` or remove them")
+    if not 0 <= (low or 0.0) < (1.0 if high is None else high) <= 1:
+        raise ConfigError(f"flow timestep boundaries must satisfy 0 <= min ({low}) < max ({high}) <= 1")
+    if config.flow_use_discrete_schedule and (config.flow_use_uniform_schedule or config.flow_use_beta_schedule
+                                              or config.flow_schedule_auto_shift):
+        raise ConfigError("`--flow_use_discrete_schedule` draws from its own table; it conflicts with "
+                          "`--flow_use_uniform_schedule`, `--flow_use_beta_schedule` and `--flow_schedule_auto_shift`")
 
 
 def timestep_warnings(config) -> list[str]:
@@ -340,7 +353,7 @@ def collect_warnings(config) -> list[str]:
 RULES: tuple[Callable, ...] = (
     check_required, check_unimplemented, check_family, check_supported_values, check_conflicts, check_ranges,
     check_loss_settings, check_ema_settings, check_optimizer_settings,
-    check_timestep_settings, check_flow_options,
+    check_timestep_settings, check_flow_options, *TRAINING_RULES,
     check_validation_settings, check_paths,
 )
 

@@ -23,7 +23,9 @@ ASSET_DIR = Path(__file__).with_name("assets")
 #: VAE weights the project trained itself on the shapes dataset (``make-tiny-model --train-vae-steps``).
 DEMO_VAE_ASSET = ASSET_DIR / "demo_vae.safetensors"
 
-SUPPORTED_TINY_FAMILIES = ("sd1x", "sd2x")
+#: Families with a tiny offline model. sd1x/sd2x are built here; every other family has its recipe in
+#: ``simpletuner/testing/tiny/<family>.py`` (a ``build_tiny_pipeline(seed)`` returning the pipeline).
+SUPPORTED_TINY_FAMILIES = ("sd1x", "sd2x", "sdxl", "kolors", "deepfloyd", "sd3", "flux", "pixart_sigma")
 
 VAE_CONFIG = dict(
     in_channels=3,
@@ -70,7 +72,7 @@ class TinyModelReport:
     path: Path
     family: str
     parameters: dict[str, int]
-    vae_psnr_db: float
+    vae_psnr_db: float | None
     vae_source: str
 
 
@@ -160,18 +162,31 @@ def measure_vae_psnr(vae, count: int = 32, seed: int = 1234) -> float:
 
 def make_tiny_model(family: str, out: str | Path, seed: int = 0, vae_train_steps: int = 0) -> TinyModelReport:
     """Write a tiny pipeline folder for ``family`` and report its size and VAE quality."""
-    pipeline, vae_source = build_tiny_pipeline(family, seed=seed, vae_train_steps=vae_train_steps)
+    if family not in SUPPORTED_TINY_FAMILIES:
+        raise ValueError(f"make-tiny-model: no tiny {family!r} model; choose one of {', '.join(SUPPORTED_TINY_FAMILIES)}")
+    if family in ("sd1x", "sd2x"):
+        pipeline, vae_source = build_tiny_pipeline(family, seed=seed, vae_train_steps=vae_train_steps)
+    else:
+        import importlib
+
+        pipeline, vae_source = importlib.import_module(f"simpletuner.testing.tiny.{family}").build_tiny_pipeline(seed)
     out = Path(out)
     pipeline.save_pretrained(out, safe_serialization=True)
-    _write_tokenizer_legacy_files(pipeline.tokenizer, out / "tokenizer")
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipeline, name, None)
+        if tokenizer is not None and type(tokenizer).__name__.startswith("CLIP"):
+            _write_tokenizer_legacy_files(tokenizer, out / name)
     (out / "simpletuner_tiny_model.json").write_text(
         json.dumps({"family": family, "seed": seed, "vae": vae_source}, indent=2) + "\n", encoding="utf-8"
     )
-    parameters = {
-        name: sum(p.numel() for p in getattr(pipeline, name).parameters())
-        for name in ("unet", "vae", "text_encoder")
-    }
-    return TinyModelReport(out, family, parameters, measure_vae_psnr(pipeline.vae), vae_source)
+    import torch
+
+    parameters = {name: sum(p.numel() for p in component.parameters())
+                  for name, component in pipeline.components.items() if isinstance(component, torch.nn.Module)}
+    vae = getattr(pipeline, "vae", None)
+    psnr = measure_vae_psnr(vae) if vae is not None and vae.config.latent_channels == VAE_CONFIG["latent_channels"] \
+        and vae_source.startswith(("loaded", "trained")) else None
+    return TinyModelReport(out, family, parameters, psnr, vae_source)
 
 
 def _write_tokenizer_legacy_files(tokenizer, folder: Path) -> None:

@@ -86,3 +86,31 @@ def build_clip_tokenizer(words: Iterable[str] = DEMO_WORDS, model_max_length: in
     vocab[END_TOKEN] = len(vocab)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     return tokenizer
+
+
+def build_t5_tokenizer(words: Iterable[str] = DEMO_WORDS, model_max_length: int = 32, extra_ids: int = 100):
+    """A real ``T5Tokenizer`` (SentencePiece Unigram) built from an in-code vocabulary.
+
+    The pieces are T5's specials (``<pad>``, ``</s>``, ``<unk>``), every word of ``words`` as one
+    ``▁word`` piece (scored higher so it wins over spelling the word out), and single characters
+    (with and without the ``▁`` word-start marker) so any text still tokenizes. Used by the tiny
+    SD3, Flux, PixArt and DeepFloyd models.
+    """
+    from transformers import T5Tokenizer
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    seen = {piece for piece, _ in pieces}
+    for word in words:
+        piece = "\u2581" + word
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append((piece, -1.0))
+    characters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-:;()"
+    for character in characters:
+        for piece in (character, "\u2581" + character):
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, -10.0))
+    if "\u2581" not in seen:
+        pieces.append(("\u2581", -5.0))
+    return T5Tokenizer(vocab=pieces, extra_ids=extra_ids, model_max_length=model_max_length)

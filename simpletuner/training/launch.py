@@ -1,9 +1,12 @@
 """Multi-process launch: re-execute ``simpletuner train`` under ``accelerate launch``.
 
-``config.env``'s TRAINING_NUM_PROCESSES > 1 means one process per device. accelerate does the
-process-group work; we only build its command line. Without GPUs, accelerate's ``--cpu`` flag
-silently starts a single process, so the CPU path uses ``--multi_gpu`` with ACCELERATE_USE_CPU=1,
-which gives real multi-process training over gloo.
+``config.env`` (see :data:`simpletuner.options.files.LAUNCHER_VARIABLES`) says how many processes and
+machines take part; accelerate does the process-group work and we only build its command line. The
+workers run the same ``simpletuner train`` arguments in the same folder, so they resolve the same
+config and config.env; the marker variable stops them from launching again.
+
+Without GPUs, accelerate's ``--cpu`` flag silently starts a single process, so the CPU path uses
+``--multi_gpu`` with ACCELERATE_USE_CPU=1, which gives real multi-process training over gloo.
 """
 
 from __future__ import annotations
@@ -20,10 +23,17 @@ logger = logging.getLogger(__name__)
 
 LAUNCHED_MARKER = "SIMPLETUNER_LAUNCHED"
 
+#: Flags in ACCELERATE_EXTRA_ARGS that choose the distributed engine themselves (so no ``--multi_gpu``).
+_ENGINE_FLAGS = ("--use_fsdp", "--use_deepspeed", "--use_megatron_lm", "--multi_gpu", "--tpu")
+
 
 def needs_relaunch(launcher) -> bool:
-    """True in the user's process when several processes are requested and we are not one of them."""
-    return launcher.num_processes > 1 and not os.environ.get(LAUNCHED_MARKER) and "LOCAL_RANK" not in os.environ
+    """True in the user's process when accelerate must start the training, and we are not one of its workers.
+
+    That is: several processes or machines, or ACCELERATE_EXTRA_ARGS (e.g. DeepSpeed on one GPU).
+    """
+    wanted = launcher.num_processes > 1 or getattr(launcher, "num_machines", 1) > 1 or bool(launcher.accelerate_extra_args)
+    return wanted and not os.environ.get(LAUNCHED_MARKER) and "LOCAL_RANK" not in os.environ
 
 
 def _free_port() -> int:
@@ -32,29 +42,74 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_command(launcher, argv: Sequence[str], has_gpu: bool) -> tuple[list[str], dict[str, str]]:
-    """The ``accelerate launch`` command and the extra environment it needs."""
+def _flag_names(args: Sequence[str]) -> set[str]:
+    """``--use-fsdp=x`` -> ``--use_fsdp`` (accelerate accepts both spellings)."""
+    return {"--" + token[2:].split("=", 1)[0].replace("-", "_") for token in args if token.startswith("--")}
+
+
+def accelerate_command(launcher, argv: Sequence[str], has_gpu: bool, config=None) -> tuple[list[str], dict[str, str]]:
+    """The ``accelerate launch`` command and the extra environment it needs.
+
+    ``config`` (the resolved TrainConfig) supplies ``--mixed_precision`` and the dynamo options; the
+    workers read the same values themselves, the flags only keep accelerate's view consistent.
+    """
+    extra = list(launcher.accelerate_extra_args)
+    given = _flag_names(extra)
+    machines = getattr(launcher, "num_machines", 1)
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--num_processes", str(launcher.num_processes), "--num_machines", "1",
-        "--dynamo_backend", launcher.dynamo_backend or "no",
-        "--main_process_port", str(_free_port()), "--multi_gpu",
+        "--num_processes", str(launcher.num_processes), "--num_machines", str(machines),
     ]
+    if machines > 1:
+        command += ["--machine_rank", str(launcher.machine_rank), "--main_process_ip", str(launcher.main_process_ip)]
+    command += ["--main_process_port", str(getattr(launcher, "main_process_port", None) or _free_port())]
+    precision = getattr(config, "mixed_precision", None) or "no"
+    command += ["--mixed_precision", precision]
+    command += ["--dynamo_backend", launcher.dynamo_backend or "no"]
+    if launcher.dynamo_backend and config is not None:
+        if config.dynamo_mode:
+            command += ["--dynamo_mode", config.dynamo_mode]
+        if config.dynamo_fullgraph:
+            command.append("--dynamo_use_fullgraph")
+        if config.dynamo_dynamic:
+            command.append("--dynamo_use_dynamic")
+        if config.dynamo_use_regional_compilation:
+            command.append("--dynamo_use_regional_compilation")
+    # With an accelerate config file on GPUs, its distributed_type (FSDP, DeepSpeed, ...) decides;
+    # --multi_gpu would override it. On the CPU, --multi_gpu is what starts several processes at all.
+    engine_chosen = bool(given & set(_ENGINE_FLAGS)) or ("--config_file" in given and has_gpu)
+    if launcher.num_processes > 1 and not engine_chosen:
+        command.append("--multi_gpu")
     env = {LAUNCHED_MARKER: "1"}
     if not has_gpu:
         env["ACCELERATE_USE_CPU"] = "1"
-        command += ["--mixed_precision", "no"]
-    command += list(launcher.accelerate_extra_args)
+    command += extra
     command += ["-m", "simpletuner.cli", "train", *argv]
     return command, env
 
 
-def relaunch_under_accelerate(launcher, argv: Sequence[str]) -> int:
-    """Run the training in ``launcher.num_processes`` processes and return their exit code."""
+def printable_command(command: Sequence[str], env: dict[str, str]) -> str:
+    """The command as one shell line, environment assignments first (what a user can paste)."""
+    return " ".join(f"{key}={shlex.quote(value)}" for key, value in env.items()) + " " + shlex.join(command)
+
+
+def relaunch_under_accelerate(launcher, argv: Sequence[str], config=None) -> int:
+    """Run the training under ``accelerate launch`` and return its exit code.
+
+    Ctrl-C reaches the workers directly (same process group); we wait for them to stop, so their
+    output is not cut off, and return 130.
+    """
     import torch
 
-    command, extra_env = accelerate_command(launcher, argv, has_gpu=torch.cuda.is_available())
-    printable = " ".join(f"{k}={v}" for k, v in extra_env.items()) + " " + shlex.join(command)
-    logger.info("launching %d processes: %s", launcher.num_processes, printable)
-    print(f"launch: {printable}", flush=True)
-    return subprocess.call(command, env={**os.environ, **extra_env})
+    command, extra_env = accelerate_command(launcher, argv, has_gpu=torch.cuda.is_available(), config=config)
+    print(f"launch: {printable_command(command, extra_env)}", flush=True)
+    process = subprocess.Popen(command, env={**os.environ, **extra_env})
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        try:
+            process.wait(timeout=120)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            process.terminate()
+            process.wait()
+        return 130

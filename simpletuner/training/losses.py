@@ -9,6 +9,11 @@
   the prediction type: divided by SNR for epsilon, by SNR + 1 for v-prediction, as is for sample.
 - ``use_soft_min_snr``: the same with a smooth minimum, ``SNR * g / (SNR + g)`` where
   ``g = 1 / soft_min_snr_sigma_data^2``: near ``SNR`` for noisy steps, near ``g`` for clean ones.
+- ``snr_weight`` blends either weighting with the unweighted loss: ``1 + s * (w - 1)``, so 1 is the
+  full weighting, 0 switches it off and values between soften it (useful when min-SNR over-damps
+  the noisy timesteps of a small dataset).
+- masked loss: with a per-pixel mask (1 = learn here), each sample's loss is the mean over the
+  masked region only, so unmasked parts of the image neither help nor hurt.
 
 SNR is ``alpha_bar / (1 - alpha_bar)`` from the scheduler, so every formula is the scheduler's own.
 """
@@ -33,6 +38,7 @@ class LossSettings:
     snr_gamma: float | None = None
     soft_min_snr: bool = False
     soft_min_snr_sigma_data: float = 1.0
+    snr_weight: float = 1.0
 
     @classmethod
     def from_config(cls, config) -> "LossSettings":
@@ -45,6 +51,7 @@ class LossSettings:
             snr_gamma=config.snr_gamma or None,
             soft_min_snr=bool(config.use_soft_min_snr),
             soft_min_snr_sigma_data=config.soft_min_snr_sigma_data or 1.0,
+            snr_weight=1.0 if config.snr_weight is None else float(config.snr_weight),
         )
 
     @property
@@ -66,12 +73,14 @@ def snr_loss_weights(settings: LossSettings, snr: torch.Tensor, prediction_type:
     else:
         x0_weight = torch.clamp(snr, max=settings.snr_gamma)
     if prediction_type == "epsilon":
-        return x0_weight / snr
-    if prediction_type == "v_prediction":
-        return x0_weight / (snr + 1)
-    if prediction_type == "sample":
-        return x0_weight
-    raise ValueError(f"SNR weighting is defined for epsilon, v_prediction and sample, not {prediction_type!r}")
+        weights = x0_weight / snr
+    elif prediction_type == "v_prediction":
+        weights = x0_weight / (snr + 1)
+    elif prediction_type == "sample":
+        weights = x0_weight
+    else:
+        raise ValueError(f"SNR weighting is defined for epsilon, v_prediction and sample, not {prediction_type!r}")
+    return 1 + settings.snr_weight * (weights - 1)
 
 
 def huber_threshold(settings: LossSettings, scheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -103,11 +112,26 @@ def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: 
     raise ValueError(f"unknown loss_type {loss_type!r}; use one of {LOSS_TYPES}")
 
 
+def masked_mean(elementwise: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample mean of an elementwise loss, over the whole sample or only where ``mask`` is set.
+
+    ``mask`` (N, 1, h, w) is resized to the loss's spatial size by area averaging, so a latent cell
+    counts in proportion to how much of its pixel footprint is masked. A sample whose mask is empty
+    contributes 0 rather than NaN.
+    """
+    if mask is None:
+        return elementwise.flatten(1).mean(dim=1)
+    weights = torch.nn.functional.interpolate(mask.float(), size=elementwise.shape[-2:], mode="area")
+    weights = weights.expand_as(elementwise)
+    total = (elementwise * weights).flatten(1).sum(dim=1)
+    return total / weights.flatten(1).sum(dim=1).clamp_min(1e-8)
+
+
 def diffusion_loss(settings: LossSettings, scheduler, prediction: torch.Tensor, target: torch.Tensor,
-                   timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """The scalar training loss: per-sample mean, optionally SNR-weighted, then batch mean."""
+                   timesteps: torch.Tensor, prediction_type: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The scalar training loss: per-sample (masked) mean, optionally SNR-weighted, then batch mean."""
     threshold = None if settings.loss_type == "l2" else huber_threshold(settings, scheduler, timesteps)
-    per_sample = elementwise_loss(prediction, target, settings.loss_type, threshold).flatten(1).mean(dim=1)
+    per_sample = masked_mean(elementwise_loss(prediction, target, settings.loss_type, threshold), mask)
     if settings.weighted:
         snr = signal_to_noise(scheduler, timesteps).float()
         per_sample = per_sample * snr_loss_weights(settings, snr, prediction_type)

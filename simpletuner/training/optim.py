@@ -30,7 +30,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from simpletuner.options import ConfigError
 
@@ -326,8 +326,12 @@ def _freeze_prodigy_after(optimizer, steps: int) -> None:
     optimizer.register_step_post_hook(freeze)
 
 
-def build_optimizer(config, parameters: Iterable[torch.nn.Parameter], num_processes: int = 1) -> torch.optim.Optimizer:
+def build_optimizer(config, parameters: Iterable[torch.nn.Parameter], num_processes: int = 1,
+                    extra_groups: Sequence[tuple[list[torch.nn.Parameter], float]] = ()) -> torch.optim.Optimizer:
     """The optimizer named by ``--optimizer`` over ``parameters``, ready to step (schedule-free ones in train mode).
+
+    ``extra_groups`` are further (parameters, learning rate) groups, e.g. the text encoders with
+    ``--text_encoder_lr``; they share every other setting.
 
     Raises:
         ConfigError: unknown name, missing package, an ``--optimizer_config`` key the optimizer does
@@ -342,7 +346,13 @@ def build_optimizer(config, parameters: Iterable[torch.nn.Parameter], num_proces
     lr, how = effective_learning_rate(config, num_processes)
     if how:
         logger.info(how)
-    optimizer = cls(params, lr=lr, **kwargs)
+    extra = [(list(group), group_lr) for group, group_lr in extra_groups if group]
+    _check_parameters(name, entry, [p for group, _ in extra for p in group])
+    if extra:
+        groups = [{"params": params, "lr": lr}] + [{"params": group, "lr": group_lr} for group, group_lr in extra]
+        optimizer = cls(groups, lr=lr, **kwargs)
+    else:
+        optimizer = cls(params, lr=lr, **kwargs)
     logger.info("optimizer %s (%s): lr=%g %s", name, entry.label, lr,
                 ", ".join(f"{k}={v}" for k, v in kwargs.items()))
     if entry.schedule_free:

@@ -18,7 +18,10 @@ from statistics import median
 import torch
 
 from simpletuner.training import checkpoint as ckpt
+from simpletuner.training import distributed
+from simpletuner.training.memory import clear_accelerator_cache
 from simpletuner.training.optim import clip_gradients, optimizer_mode, set_optimizer_mode
+from simpletuner.training.precision import Fp32GradientAccumulator, configure_tf32
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.state = LoopState()
         self._last_step_end: float | None = None
+        self.text_encoders = None  # TextEncoderTraining with --train_text_encoder
+        self.grad_accumulator: Fp32GradientAccumulator | None = None
 
     # --- setup ---------------------------------------------------------------------------------------
 
@@ -58,15 +63,17 @@ class Trainer:
         config = self.config
         if config.torch_num_threads:
             torch.set_num_threads(config.torch_num_threads)
-        dynamo = getattr(self.launcher, "dynamo_backend", None)
+        configure_tf32(bool(config.disable_tf32))
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
-            **({"dynamo_backend": dynamo} if dynamo else {}),
+            dynamo_backend="no",  # the denoiser is compiled in place below (distributed.compile_denoiser)
         )
         self.is_main = self.accelerator.is_main_process
         if config.seed is not None:
-            set_seed(config.seed)
+            # --seed_for_each_device: rank r uses seed + r (different noise per process, still reproducible)
+            set_seed(config.seed, device_specific=bool(config.seed_for_each_device))
+        self.batch_seed_base = distributed.seed_base(config.seed)  # each batch's noise: (base, global index)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temp_folders(self.output_dir)
@@ -74,6 +81,7 @@ class Trainer:
         self.model = self._load_model()
         self.data = self._build_data()
         self.trainable = self._prepare_trainable()
+        distributed.compile_denoiser(self.model.denoiser, getattr(self.launcher, "dynamo_backend", None), config)
         self._build_optimization()
         self._build_observers()
         self._maybe_resume()
@@ -107,16 +115,29 @@ class Trainer:
 
     def _prepare_trainable(self) -> list[torch.nn.Parameter]:
         from simpletuner.models.adapters import add_lora
+        from simpletuner.training.freezing import apply_bitfit
 
+        config = self.config
         denoiser = self.model.denoiser
-        if self.config.model_type == "lora":
-            self.lora_config = add_lora(denoiser, self.model.lora_target_modules(), self.config.lora_rank,
-                                        self.config.lora_alpha, self.config.lora_dropout)
+        if config.model_type == "lora":
+            self.lora_config = add_lora(denoiser, self.model.lora_target_modules(), config.lora_rank,
+                                        config.lora_alpha, config.lora_dropout)
         else:
             self.lora_config = None
             denoiser.requires_grad_(True)
+            if config.layer_freeze_strategy == "bitfit":
+                logger.info("bitfit: %d bias parameters train, every other weight is frozen", apply_bitfit(denoiser))
+        if config.gradient_checkpointing:
+            blocks = self.model.enable_gradient_checkpointing(config.gradient_checkpointing_interval)
+            logger.info("gradient checkpointing in %d blocks", blocks)
         denoiser.train()
-        return [p for p in denoiser.parameters() if p.requires_grad]
+        self.denoiser_parameters = [p for p in denoiser.parameters() if p.requires_grad]
+        if config.train_text_encoder:
+            from simpletuner.training.text_encoder import TextEncoderTraining
+
+            self.text_encoders = TextEncoderTraining(self.model, config)
+            return self.denoiser_parameters + self.text_encoders.prepare()
+        return list(self.denoiser_parameters)
 
     def _build_optimization(self) -> None:
         from simpletuner.methods.sft import SupervisedFineTuning
@@ -127,14 +148,26 @@ class Trainer:
         config = self.config
         batches_per_process = self.data.sampler.batches_per_epoch() // self.accelerator.num_processes
         self.steps_per_epoch = max(1, batches_per_process // config.gradient_accumulation_steps)
-        self.max_steps = config.max_train_steps or config.num_train_epochs * self.steps_per_epoch
-        optimizer = build_optimizer(config, self.trainable, num_processes=self.accelerator.num_processes)
+        self.max_steps = planned_max_steps(config, self.steps_per_epoch)
         self.learning_rate, _ = effective_learning_rate(config, self.accelerator.num_processes)
+        extra_groups = []
+        if self.text_encoders is not None:
+            extra_groups.append((self.text_encoders.parameters(), self.text_encoders.learning_rate(self.learning_rate)))
+        optimizer = build_optimizer(config, self.denoiser_parameters, num_processes=self.accelerator.num_processes,
+                                    extra_groups=extra_groups)
         # The LR schedule is stepped once per optimizer step, on every process, so it is not prepared.
         self.lr_scheduler = build_lr_scheduler(config, optimizer, self.max_steps)
         self.model.denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
+        if self.text_encoders is not None and self.accelerator.num_processes > 1:
+            for name, encoder in self.text_encoders.encoders.items():  # DDP keeps their gradients in sync
+                setattr(self.model, name, self.accelerator.prepare(encoder))
+        if config.gradient_precision == "fp32":
+            self.grad_accumulator = Fp32GradientAccumulator(self.trainable)
+            if not self.grad_accumulator.active:
+                logger.info("--gradient_precision fp32: the trained weights are fp32 already, nothing to do")
         self.ema = EmaWeights(self.trainable, settings=EmaSettings.from_config(config)) if config.use_ema else None
         self.method = SupervisedFineTuning(self.model, config.caption_dropout_probability, config=config)
+        self.method.encode_text_live = self.text_encoders is not None
 
     def _build_observers(self) -> None:
         from simpletuner.tracking import build_tracker
@@ -173,11 +206,14 @@ class Trainer:
             writers[WEIGHTS_FILE] = lambda path: self._save_lora(path.parent)
         else:
             writers[FULL_WEIGHTS_FILE] = lambda path: save_model(self._unwrapped_denoiser(), str(path))
+            if self.text_encoders is not None:
+                writers.update(self.text_encoders.full_state_files())
         if self.ema is not None:
             writers["ema.pt"] = lambda path: torch.save(self.ema.state_dict(), path)
         training_state = {"global_step": step, "micro_step": self.state.micro_step,
                           "num_images_seen": self.state.num_images_seen, "max_steps": self.max_steps,
-                          "model_type": self.config.model_type, "model_family": self.config.model_family}
+                          "model_type": self.config.model_type, "model_family": self.config.model_family,
+                          **distributed.topology(self.config, self.accelerator.num_processes)}
         folder = ckpt.write_checkpoint(self.output_dir, step, writers, training_state)
         logger.info("saved checkpoint %s", folder)
         ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
@@ -199,11 +235,14 @@ class Trainer:
                 f"{folder} was saved by a --model_type {state.get('model_type')} run; this run uses "
                 f"--model_type {self.config.model_type}. Use a matching checkpoint or a new --output_dir"
             )
+        distributed.check_resume_topology(folder, state, self.config, self.accelerator.num_processes)
         denoiser = self._unwrapped_denoiser()
         if self.config.model_type == "lora":
             load_lora_weights_into(denoiser, folder / WEIGHTS_FILE, prefix=self.model.denoiser_name)
         else:
             load_model(denoiser, str(folder / FULL_WEIGHTS_FILE))
+        if self.text_encoders is not None:
+            self.text_encoders.load_checkpoint(folder, folder / WEIGHTS_FILE)
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
         set_optimizer_mode(self.optimizer, "train")  # schedule-free optimizers are saved in eval mode
         self.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=False))
@@ -214,6 +253,8 @@ class Trainer:
         self.state.global_step = state["global_step"]
         self.state.micro_step = state["micro_step"]
         self.state.num_images_seen = state["num_images_seen"]
+        if self.text_encoders is not None:
+            self.text_encoders.maybe_freeze(self.state.global_step, self.optimizer, self.lr_scheduler)
         self.resumed_from = folder
         logger.info("resumed from %s at step %d", folder, self.state.global_step)
 
@@ -260,6 +301,8 @@ class Trainer:
                 output = self.method.compute_loss(batch, accelerator.device, step=self.state.global_step)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
+                    if self.grad_accumulator is not None:
+                        self.grad_accumulator.write_back()
                     grad_norm = clip_gradients(accelerator, self.trainable, self.config)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=bool(self.config.set_grads_to_none))
@@ -269,7 +312,13 @@ class Trainer:
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.update()
-        return total / self.config.gradient_accumulation_steps, None if grad_norm is None else float(grad_norm)
+        if self.text_encoders is not None:
+            self.text_encoders.maybe_freeze(self.state.global_step + 1, self.optimizer, self.lr_scheduler)
+        local_loss = total / self.config.gradient_accumulation_steps
+        if getattr(self.launcher, "check_rank_sync", False):
+            distributed.check_rank_sync(accelerator, self.state.global_step + 1, local_loss, self.trainable)
+        loss = distributed.mean_over_processes(accelerator, local_loss)  # the loss of the whole global batch
+        return loss, None if grad_norm is None else float(grad_norm)
 
     def _next_local_batch(self) -> dict:
         """Every process walks the same seeded batch order and keeps every N-th batch, so the
@@ -279,6 +328,7 @@ class Trainer:
         step = self.state.global_step
         for index in range(processes):
             if index == rank:
+                distributed.seed_batch(self.batch_seed_base, self.data.sampler.draws)  # global batch index
                 batch = self.data.next_batch(step)
             else:
                 self.data.skip_batch(step)
@@ -301,6 +351,9 @@ class Trainer:
         self.tracker.log_scalars(scalars, state.global_step)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        interval = self.config.accelerator_cache_clear_interval
+        if interval and state.global_step % interval == 0:
+            clear_accelerator_cache(self.accelerator.device)
         if self.config.checkpoint_step_interval and state.global_step % self.config.checkpoint_step_interval == 0:
             self.accelerator.wait_for_everyone()
             with optimizer_mode(self.optimizer, "eval"):  # schedule-free: save the averaged weights
@@ -337,7 +390,12 @@ class Trainer:
 
         folder.mkdir(parents=True, exist_ok=True)
         state = lora_state_dict(self._unwrapped_denoiser())
-        file = self.model.save_lora(folder, state, {"lora_config": self.lora_config})
+        if self.text_encoders is None:
+            file = self.model.save_lora(folder, state, {"lora_config": self.lora_config})
+        else:
+            metadata = {"lora_config": self.lora_config,
+                        "text_encoder_lora_config": next(iter(self.text_encoders.lora_configs.values()), None)}
+            file = self.model.save_lora(folder, state, metadata, text_encoder_states=self.text_encoders.lora_states())
         add_file_metadata(file, self._provenance())
         return file
 
@@ -356,6 +414,9 @@ class Trainer:
             if self.ema is not None:
                 with self.ema.applied():
                     self._save_lora(self.output_dir / "ema")
+            if self.config.save_text_encoder and self.text_encoders is not None:
+                for folder in self.text_encoders.save_pretrained(self.output_dir):
+                    logger.info("saved the trained text encoder to %s", folder)
         else:
             result = self.model.save_full(self.output_dir / "pipeline", self._unwrapped_denoiser())
             if self.ema is not None:
@@ -394,6 +455,26 @@ class Trainer:
 
     def step_time_median(self) -> float:
         return median(self.state.step_seconds) if self.state.step_seconds else float("nan")
+
+
+def planned_max_steps(config, steps_per_epoch: int) -> int:
+    """How many optimizer steps the run takes.
+
+    ``--max_train_steps`` alone decides when it is set and ``--num_train_epochs`` was left at its
+    default; when the user set both, the run ends at whichever comes first, unless
+    ``--ignore_final_epochs`` says the step count wins (e.g. after the dataset shrank and an epoch
+    now has fewer steps than planned).
+    """
+    by_epochs = config.num_train_epochs * steps_per_epoch
+    if not config.max_train_steps:
+        return by_epochs
+    if config.ignore_final_epochs or "num_train_epochs" not in config.explicit or not config.num_train_epochs:
+        return config.max_train_steps
+    if by_epochs < config.max_train_steps:
+        logger.info("--num_train_epochs %d ends the run after %d steps, before --max_train_steps %d "
+                    "(--ignore_final_epochs lets the step count win)", config.num_train_epochs, by_epochs,
+                    config.max_train_steps)
+    return min(config.max_train_steps, by_epochs)
 
 
 def train(config, launcher=None, config_file: Path | None = None, show_progress: bool = True) -> Trainer:

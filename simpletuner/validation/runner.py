@@ -57,7 +57,7 @@ class ValidationSettings:
 
 
 def generate_images(pipeline, prompts: list[str], settings: ValidationSettings, device,
-                    size: tuple[int, int], batch_size: int = 16) -> list:
+                    size: tuple[int, int], batch_size: int = 16, extra_arguments: dict | None = None) -> list:
     """One image per prompt, each with its own seeded generator so results do not depend on batching
     and never touch the global random state (which would break exact resume)."""
     import torch
@@ -73,6 +73,7 @@ def generate_images(pipeline, prompts: list[str], settings: ValidationSettings, 
             guidance_scale=settings.guidance,
             width=size[0], height=size[1],
             generator=generators,
+            **(extra_arguments or {}),
         )
         images.extend(result.images)
     return images
@@ -103,8 +104,11 @@ class Validator:
         import torch
 
         denoiser = model.denoiser
-        was_training = denoiser.training
-        denoiser.eval()
+        # every trained network samples in eval mode (no LoRA dropout), then goes back to training
+        networks = [denoiser, *model.trainable_text_encoders().values()]
+        training_modes = [network.training for network in networks]
+        for network in networks:
+            network.eval()
         pipeline = model.build_pipeline(denoiser)
         pipeline.set_progress_bar_config(disable=True)
         prompts = [p for p in self.settings.prompts for _ in range(self.settings.num_images)]
@@ -113,11 +117,12 @@ class Validator:
         results = {}
         with torch.no_grad(), self._autocast(model):
             for size in self.settings.resolutions:
-                images = generate_images(pipeline, prompts, self.settings, self.device, size)
+                images = generate_images(pipeline, prompts, self.settings, self.device, size,
+                                         extra_arguments=model.pipeline_call_arguments())
                 results[size] = images
                 self._write(folder, size, prompts, images, step)
-        if was_training:
-            denoiser.train()
+        for network, was_training in zip(networks, training_modes):
+            network.train(was_training)
         logger.info("validation images for step %d written to %s", step, folder)
         return results
 

@@ -75,7 +75,9 @@ def test_next_batch_shapes_keys_and_single_bucket(tmp_path: Path, tiny) -> None:
     empty = training.text_cache.load("")["prompt_embeds"]
     for _ in range(2 * training.sampler.batches_per_epoch()):
         batch = training.next_batch()
-        assert set(batch) == {"latent_mean", "latent_std", "prompt_embeds", "empty_prompt", "captions", "paths"}
+        assert set(batch) == {"latent_mean", "latent_std", "prompt_embeds", "empty_prompt", "captions", "paths",
+                              "dataset_id", "is_regularisation_data"}
+        assert batch["dataset_id"] == "shapes" and batch["is_regularisation_data"] is False
         width, height = (64, 128) if "tall" in batch["paths"][0] else (64, 64)
         assert all(("tall" in path) == (height == 128) for path in batch["paths"])
         assert batch["latent_mean"].shape == (2, 4, height // 4, width // 4)
@@ -93,7 +95,7 @@ def test_second_build_reuses_caches_and_says_so(tmp_path: Path, tiny, caplog) ->
     config = _config(folder, tmp_path)
     first = build_training_data(config, model, plan, show_progress=False)
     first_batch = first.next_batch()
-    with caplog.at_level(logging.INFO, logger="simpletuner.data.dataset"):
+    with caplog.at_level(logging.INFO, logger="simpletuner.data"):
         second = build_training_data(config, model, plan, show_progress=False)
     assert (second.summaries[0].latents_built, second.summaries[0].latents_reused) == (0, SQUARE + TALL)
     assert (second.text_report.built, second.text_report.reused) == (0, first.text_report.built)

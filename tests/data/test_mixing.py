@@ -85,7 +85,7 @@ def test_sampling_keys_are_validated(tmp_path, extra, message):
 
 def test_subset_is_seeded_and_keeps_scan_order():
     from simpletuner.data.config import ImageDatasetConfig
-    from simpletuner.data.dataset import _subset
+    from simpletuner.data.build import _subset
 
     cfg = ImageDatasetConfig(id="d", type="local", instance_data_dir=".", max_num_samples=5)
     pool = records("d", 20)

@@ -80,8 +80,8 @@ def test_warnings_for_settings_that_do_nothing_or_misbehave(tmp_path, argv):
 
 
 def test_flow_options_are_refused_for_ddpm_families(tmp_path, argv):
-    # not implemented yet: the generic refusal comes first
-    assert error_of(tmp_path, argv, "--flow_schedule_shift", "3").startswith("`--flow_schedule_shift` is not supported yet")
+    assert error_of(tmp_path, argv, "--flow_schedule_shift", "3").startswith(
+        "`--flow_schedule_shift` only applies to flow-matching model families")
     config = resolve(tmp_path, argv).config
     check_flow_options(config)  # defaults are fine anywhere
     with pytest.raises(ConfigError, match=r"`--flow_schedule_shift` only applies to flow-matching model families; "
@@ -101,6 +101,10 @@ def test_flow_options_cross_checks_for_a_flow_family(tmp_path, argv, monkeypatch
         (dict(flow_schedule_auto_shift=True, flow_schedule_shift=2.0), "the automatic shift replaces the fixed one"),
         (dict(flow_sigmoid_scale=0.0), "`--flow_sigmoid_scale` = 0.0 must be positive"),
         (dict(flow_beta_schedule_beta=-1.0), "`--flow_beta_schedule_beta` = -1.0 must be positive"),
+        (dict(flow_max_timestep_boundary=0.4), "add `--flow_use_discrete_schedule true`"),
+        (dict(flow_use_discrete_schedule=True, flow_min_timestep_boundary=0.5, flow_max_timestep_boundary=0.4),
+         r"0 <= min \(0.5\) < max \(0.4\) <= 1"),
+        (dict(flow_use_discrete_schedule=True, flow_use_beta_schedule=True), "draws from its own table"),
     ]:
         with pytest.raises(ConfigError, match=message):
             check_flow_options(config.replace(**changes))

@@ -155,7 +155,7 @@ def test_invalid_flavour_lists_the_family_flavours(tmp_path: Path, base: dict) -
 
 def test_prediction_type_must_suit_the_family(tmp_path: Path, base: dict) -> None:
     message = error_of(tmp_path, base_argv(base) + ["--prediction_type", "flow_matching"])
-    assert message == "`--prediction_type flow_matching` is not supported for sd1x; use one of: epsilon, v_prediction"
+    assert message == "`--prediction_type flow_matching` is not supported for sd1x; use one of: epsilon, v_prediction, sample"
 
 
 def test_lora_flag_conflicts_with_full_training(tmp_path: Path, base: dict) -> None:

@@ -84,7 +84,8 @@ def test_targets_match_the_ddpm_formulas_in_float64():
 
 
 def test_caption_dropout_swaps_in_the_empty_prompt():
-    model = SimpleNamespace(noise_scheduler=lambda: SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000)))
+    model = SimpleNamespace(noise_scheduler=lambda: SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000)),
+                            prediction_type="epsilon", unconditional_text=lambda empty: empty)
     batch = {"prompt_embeds": torch.ones(8, 3, 2), "empty_prompt": {"prompt_embeds": torch.zeros(8, 3, 2)}}
     always = SupervisedFineTuning(model, caption_dropout_probability=1.0).text_conditioning(batch, torch.device("cpu"))
     never = SupervisedFineTuning(model, caption_dropout_probability=0.0).text_conditioning(batch, torch.device("cpu"))

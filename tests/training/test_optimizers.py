@@ -386,6 +386,7 @@ class Interrupted(Exception):
 @pytest.mark.parametrize("optimizer, extra", [
     ("adamw_schedulefree", dict(learning_rate=1e-3)),
     ("prodigy", dict(learning_rate=1.0, prodigy_steps=4)),
+    ("optimi-adamw", dict(use_ema="true", ema_update_interval=1, lr_scheduler="cosine", lr_warmup_steps=2)),
 ])
 def test_resume_reproduces_the_loss_sequence(tiny_run, monkeypatch, optimizer, extra):
     overrides = dict(optimizer=optimizer, max_train_steps=6, checkpoint_step_interval=3, **extra)
@@ -417,3 +418,7 @@ def test_resume_reproduces_the_loss_sequence(tiny_run, monkeypatch, optimizer, e
     resumed = train(config(f"cut-{optimizer}", resume_from_checkpoint="latest"), show_progress=False)
     assert resumed.resumed_from.name == "checkpoint-3"
     assert resumed.state.losses == reference.state.losses[3:]
+    assert resumed.lr_scheduler.get_last_lr() == reference.lr_scheduler.get_last_lr()
+    if reference.ema is not None:  # the EMA weights continue exactly too
+        for ours, theirs in zip(resumed.ema.state_dict()["shadow_params"], reference.ema.state_dict()["shadow_params"]):
+            assert torch.equal(ours, theirs)

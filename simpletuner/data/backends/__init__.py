@@ -59,6 +59,10 @@ class Backend(Protocol):
     def write_bytes_atomic(self, key: str, data: bytes) -> None:
         """Replace ``key`` with ``data`` so that readers see the old or the new content, never half."""
 
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (OSError when the storage is read-only). Only cache maintenance and the
+        opt-in ``delete_*_images`` options delete anything."""
+
     def locate(self, key: str) -> Path | str:
         """Where ``key`` is, for logs and records: a local path, ``s3://bucket/key``, ``table[row]``."""
 

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 #: Error codes S3 uses for "no such object" (GET says NoSuchKey, HEAD only has the status).
 _MISSING_CODES = ("NoSuchKey", "404", "NotFound")
+#: Connections kept open per bucket unless ``--aws_max_pool_connections`` says otherwise: more than
+#: the threads that read headers and write cache entries at once, so none waits for a connection.
+DEFAULT_POOL_CONNECTIONS = 32
 _DENIED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken")
 
 
@@ -55,6 +58,7 @@ class S3Backend:
     endpoint_url: str | None = None
     access_key_id: str | None = field(default=None, repr=False)
     secret_access_key: str | None = field(default=None, repr=False)
+    max_pool_connections: int | None = None
     _client: object = field(default=None, init=False, repr=False)
     _listing: dict[str, dict] | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -77,6 +81,7 @@ class S3Backend:
             endpoint_url=settings.endpoint_url,
             access_key_id=settings.access_key_id,
             secret_access_key=settings.secret_access_key,
+            max_pool_connections=settings.max_pool_connections,
         )
 
     # --- the Backend interface --------------------------------------------------------------------
@@ -127,6 +132,12 @@ class S3Backend:
         response = self._call("HeadObject", key, Bucket=self.bucket, Key=self._object_key(key))
         return {"size": int(response["ContentLength"]), "etag": response["ETag"].strip('"')}
 
+    def delete(self, key: str) -> None:
+        """One DeleteObject (deleting a missing key succeeds on S3)."""
+        self._call("DeleteObject", key, Bucket=self.bucket, Key=self._object_key(key))
+        if self._listing is not None:
+            self._listing.pop(key, None)
+
     def write_bytes_atomic(self, key: str, data: bytes) -> None:
         """One PUT: S3 never exposes a partly written object under the key."""
         response = self._call("PutObject", key, Bucket=self.bucket, Key=self._object_key(key), Body=data)
@@ -175,7 +186,8 @@ class S3Backend:
                 self._client = session.client(
                     "s3", endpoint_url=self.endpoint_url or None,
                     config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10,
-                                  read_timeout=60, max_pool_connections=32),
+                                  read_timeout=60,
+                                  max_pool_connections=self.max_pool_connections or DEFAULT_POOL_CONNECTIONS),
                 )
             return self._client
 
@@ -188,7 +200,8 @@ class S3Backend:
 
         client = self._client_or_create()
         method = {"GetObject": client.get_object, "HeadObject": client.head_object,
-                  "PutObject": client.put_object, "ListObjectsV2": client.list_objects_v2}[operation]
+                  "PutObject": client.put_object, "ListObjectsV2": client.list_objects_v2,
+                  "DeleteObject": client.delete_object}[operation]
         where = f"bucket {self.bucket!r} at {self.endpoint_url or 'the default AWS endpoint'}"
         try:
             return method(**kwargs)

@@ -57,6 +57,10 @@ class LocalBackend:
         info = os.stat(self.root / key)
         return {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
 
+    def delete(self, key: str) -> None:
+        """Remove the file of ``key`` (only ``delete_*_images`` call this)."""
+        (self.root / key).unlink(missing_ok=True)
+
     def write_bytes_atomic(self, key: str, data: bytes) -> None:
         """Write to a unique hidden file beside the target, then ``os.replace`` it into place."""
         path = self.root / key

@@ -81,6 +81,9 @@ class TableImages:
     def write_bytes_atomic(self, key: str, data: bytes) -> None:
         raise OSError(f"{self.name} is read-only: the latent cache of a table dataset lives in cache_dir_vae")
 
+    def delete(self, key: str) -> None:
+        raise OSError(f"{self.name} is read-only: rows of a table are never deleted")
+
     def _cell(self, key: str) -> Any:
         if key not in self.rows:
             raise FileNotFoundError(f"{self.locate(key)} does not exist")

@@ -12,17 +12,25 @@ half-written file under the final name.
 A cache may also live in a bucket (``cache_dir_vae: "s3://bucket/prefix"``): :class:`BackendEntries`
 stores the same safetensors bytes through a storage backend, where one PUT replaces an object
 atomically, and verifies them on read exactly like local entries. :class:`LocalEntries` is the
-local folder; both offer ``read``/``write``/``location`` and small text files (the content index).
+local folder; both offer ``read``/``write``/``location``/``delete`` and small text files (the content
+index).
+
+With ``--compress_disk_cache`` an entry's safetensors bytes are gzip-compressed before they are
+written (text-encoder outputs padded to the maximum length are mostly zeros and shrink several
+times). Readers recognise the gzip header, so compressed and plain entries are both read, the
+tensors and their checksum are the same either way, and switching the option needs no rebuild.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
 import os
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,11 +67,18 @@ class CacheReport:
         built: entries encoded and written now.
         reused: valid entries found on disk.
         skipped: inputs that could not be cached, with a human-readable reason.
+        deferred: missing entries left to be encoded at first use (on-demand caching).
+        recreated: stale entries (cached at another bucket size) deleted to be encoded again.
+        moved: records kept at the size their entry was cached at (``vae_cache_scan_behaviour
+            sync``), by record.
     """
 
     built: int = 0
     reused: int = 0
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    deferred: int = 0
+    recreated: int = 0
+    moved: dict = field(default_factory=dict)
 
 
 def fingerprint(**parts: Any) -> str:
@@ -97,8 +112,15 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def write_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write ``tensors`` with ``metadata`` (plus a checksum) to ``path`` atomically.
+#: The two bytes every gzip stream starts with.
+_GZIP_MAGIC = b"\x1f\x8b"
+#: gzip level (of 1-9) for compressed entries; see the measurement in documentation/DATASETS.md.
+_GZIP_LEVEL = 4
+
+
+def write_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], compress: bool = False) -> None:
+    """Write ``tensors`` with ``metadata`` (plus a checksum) to ``path`` atomically; gzip the
+    file when ``compress``.
 
     Raises:
         CacheWriteError: the disk refused the write; the temporary file is removed and the
@@ -111,7 +133,11 @@ def write_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp_path = _make_temp_file(path)
-        safetensors.torch.save_file(prepared, os.fspath(temp_path), metadata=full_metadata)
+        if compress:
+            data = safetensors.torch.save(prepared, metadata=full_metadata)
+            temp_path.write_bytes(gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0))
+        else:
+            safetensors.torch.save_file(prepared, os.fspath(temp_path), metadata=full_metadata)
         os.replace(temp_path, path)
     except OSError as exc:
         _remove_quietly(temp_path)
@@ -179,6 +205,8 @@ class TensorMemory:
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
         self._entries: dict[str, dict[str, torch.Tensor]] = {}
+        # The batch prefetch thread and the main thread (eval batches) may fill it at once.
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         """The tensors remembered under ``key``, if any."""
@@ -186,14 +214,22 @@ class TensorMemory:
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> bool:
         """Remember ``tensors`` unless that would exceed the budget; True when kept."""
-        if key in self._entries:
-            return True
         size = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
-        if self.used_bytes + size > self.budget_bytes:
-            return False
-        self._entries[key] = tensors
-        self.used_bytes += size
+        with self._lock:
+            if key in self._entries:
+                return True
+            if self.used_bytes + size > self.budget_bytes:
+                return False
+            self._entries[key] = tensors
+            self.used_bytes += size
         return True
+
+    def drop(self, key: str) -> None:
+        """Forget ``key`` (its entry was deleted or replaced)."""
+        with self._lock:
+            tensors = self._entries.pop(key, None)
+            if tensors is not None:
+                self.used_bytes -= sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -218,15 +254,23 @@ def load_entry(memory: "TensorMemory", cache_dir: "Path | LocalEntries | Backend
     return tensors
 
 
-def encode_entry(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors bytes :func:`write_entry` would write (metadata plus checksum)."""
+def encode_entry(tensors: dict[str, torch.Tensor], metadata: dict[str, str], compress: bool = False) -> bytes:
+    """The bytes :func:`write_entry` would write (metadata plus checksum, gzipped if ``compress``)."""
     prepared = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     full_metadata = {**{str(k): str(v) for k, v in metadata.items()}, "checksum": tensor_checksum(prepared)}
-    return safetensors.torch.save(prepared, metadata=full_metadata)
+    data = safetensors.torch.save(prepared, metadata=full_metadata)
+    return gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0) if compress else data
 
 
 def decode_entry(data: bytes, expected_fingerprint: str, where: str) -> dict[str, torch.Tensor] | None:
-    """The tensors in ``data`` (an entry's bytes), or None when stale, truncated or corrupt."""
+    """The tensors in ``data`` (an entry's bytes, plain or gzipped), or None when stale, truncated
+    or corrupt."""
+    if data[:2] == _GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:  # a truncated or damaged compressed entry
+            logger.debug("cache entry %s is unreadable (%s: %s); rebuilding", where, type(exc).__name__, exc)
+            return None
     try:
         (header_length,) = struct.unpack("<Q", data[:8])
         metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
@@ -246,9 +290,11 @@ def decode_entry(data: bytes, expected_fingerprint: str, where: str) -> dict[str
 
 @dataclass(frozen=True)
 class LocalEntries:
-    """Entries in a local folder: ``<cache_dir>/<key[:2]>/<key>.safetensors``."""
+    """Entries in a local folder: ``<cache_dir>/<key[:2]>/<key>.safetensors`` (gzipped when
+    ``compress``)."""
 
     cache_dir: Path
+    compress: bool = False
 
     def location(self, key: str) -> Path:
         return entry_path(self.cache_dir, key)
@@ -257,7 +303,15 @@ class LocalEntries:
         return read_entry(entry_path(self.cache_dir, key), key)
 
     def write(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        write_entry(entry_path(self.cache_dir, key), tensors, metadata)
+        write_entry(entry_path(self.cache_dir, key), tensors, metadata, compress=self.compress)
+
+    def delete(self, key: str) -> None:
+        """Remove an entry (missing is fine: the goal is that it is gone)."""
+        entry_path(self.cache_dir, key).unlink(missing_ok=True)
+
+    @property
+    def remote(self) -> bool:
+        return False
 
     def read_text(self, name: str) -> str | None:
         """A small file beside the entries (None when missing); ``OSError`` when unreadable."""
@@ -279,6 +333,14 @@ class BackendEntries:
     """
 
     backend: "Backend"
+    compress: bool = False
+
+    @property
+    def remote(self) -> bool:
+        return True
+
+    def delete(self, key: str) -> None:
+        self.backend.delete(self._key(key))
 
     def location(self, key: str) -> str:
         return str(self.backend.locate(self._key(key)))
@@ -292,7 +354,7 @@ class BackendEntries:
         return decode_entry(data, key, self.location(key))
 
     def write(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        self.backend.write_bytes_atomic(self._key(key), encode_entry(tensors, metadata))
+        self.backend.write_bytes_atomic(self._key(key), encode_entry(tensors, metadata, self.compress))
 
     def read_text(self, name: str) -> str | None:
         try:

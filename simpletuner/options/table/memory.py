@@ -13,6 +13,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Recompute activations during the backward pass instead of storing them: lower peak VRAM, slower steps.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="gradient_checkpointing_interval",
@@ -20,6 +21,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Only checkpoint one block in every N; 1 checkpoints all of them. Currently honoured by SDXL and Flux.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="gradient_checkpointing_backend",

@@ -90,6 +90,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Learning rate for the text encoder when it is trained; unset reuses learning_rate.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="lr_scheduler",

@@ -11,23 +11,48 @@ OPTIONS: list[Option] = [
         name="dynamo_mode",
         kind="str",
         default=None,
-        help="torch.compile optimisation mode, e.g. max-autotune; unset lets Accelerate decide. "
-        "Takes effect when a dynamo backend is configured.",
+        help="torch.compile optimisation mode; unset uses torch's default. "
+        "Takes effect when TRAINING_DYNAMO_BACKEND in config.env names a backend.",
         group=_G,
+        choices=("default", "reduce-overhead", "max-autotune"),
+        implemented=True,
     ),
     Option(
         name="dynamo_fullgraph",
         kind="bool",
         default=False,
-        help="Ask torch.compile to capture each model as a single graph, failing instead of falling back on graph breaks.",
+        help="Ask torch.compile to capture each compiled module as a single graph, failing instead of falling back on "
+        "graph breaks. Takes effect with TRAINING_DYNAMO_BACKEND.",
         group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="dynamo_dynamic",
+        kind="bool",
+        default=None,
+        help="Compile for dynamic shapes (true), for each shape seen (false), or let torch decide after the first "
+        "recompilation (unset). Takes effect with TRAINING_DYNAMO_BACKEND.",
+        group=_G,
+        implemented=True,
     ),
     Option(
         name="dynamo_use_regional_compilation",
         kind="bool",
         default=False,
-        help="Compile repeated blocks once and reuse the result, shortening cold starts on deep transformers.",
+        help="Compile only the repeated blocks of the denoiser (each block class once, reused), leaving the rest "
+        "eager: much shorter cold starts on deep transformers. Takes effect with TRAINING_DYNAMO_BACKEND.",
         group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="num_processes",
+        kind="int",
+        default=None,
+        help="Training processes on all machines together (one per GPU); more than 1 starts them with accelerate. "
+        "TRAINING_NUM_PROCESSES in config.env or the environment overrides a config-file value; the command-line "
+        "flag overrides both.",
+        group=_G,
+        implemented=True,
     ),
     Option(
         name="torch_num_threads",
@@ -50,6 +75,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Empty the accelerator's memory cache every N steps to fight slow memory growth.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="local_rank",

@@ -119,6 +119,7 @@ OPTIONS: list[Option] = [
         help="Keep gradients in fp32, or leave them in whatever type the model produces (unmodified).",
         group=_G,
         choices=("unmodified", "fp32"),
+        implemented=True,
     ),
     Option(
         name="attention_mechanism",
@@ -150,5 +151,6 @@ OPTIONS: list[Option] = [
         default=False,
         help="Turn off TF32 matmuls on NVIDIA GPUs and compute in strict fp32; slower but more exact.",
         group=_G,
+        implemented=True,
     ),
 ]

@@ -25,6 +25,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Derive a distinct but reproducible seed for every GPU rather than giving all of them the same one.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="train_batch_size",
@@ -65,6 +66,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Keep training until max_train_steps even when the epoch count runs out first, e.g. after the dataset length changed.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="max_grad_norm",
@@ -98,6 +100,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Update the CLIP text encoder as well as the denoiser.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="text_encoder_limit",
@@ -105,6 +108,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Stop updating the text encoder after this many steps, so it does not drift too far.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="freeze_encoder_strategy",
@@ -113,6 +117,7 @@ OPTIONS: list[Option] = [
         help="Which text encoder layers stay frozen: those before, after, or outside the range set by freeze_encoder_before/after.",
         group=_G,
         choices=("before", "between", "after"),
+        implemented=True,
     ),
     Option(
         name="freeze_encoder_before",
@@ -120,6 +125,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Layer index below which text encoder layers are frozen.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="freeze_encoder_after",
@@ -127,6 +133,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Layer index above which text encoder layers are frozen.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="layer_freeze_strategy",
@@ -135,6 +142,7 @@ OPTIONS: list[Option] = [
         help="Parameter freezing scheme: none, or bitfit to train only bias terms.",
         group=_G,
         choices=("none", "bitfit"),
+        implemented=True,
     ),
     Option(
         name="save_text_encoder",
@@ -142,6 +150,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Write the text encoder out with the final model.",
         group=_G,
+        implemented=True,
     ),
     # --- objective and noise -----------------------------------------------------------------
     Option(
@@ -209,6 +218,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Multiplier on the SNR-based loss weights.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="rescale_betas_zero_snr",
@@ -225,6 +235,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Chance per batch that the loss is weighted by the sample's mask, when masks are available.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="noise_offset",
@@ -345,6 +356,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Scale of the sigmoid (logit-normal) timestep distribution for flow-matching models.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="flow_use_uniform_schedule",
@@ -352,6 +364,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Draw flow-matching timesteps uniformly rather than from the sigmoid distribution.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="flow_use_beta_schedule",
@@ -359,6 +372,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Draw flow-matching timesteps from a beta distribution rather than the sigmoid one.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="flow_beta_schedule_alpha",
@@ -366,6 +380,7 @@ OPTIONS: list[Option] = [
         default=2.0,
         help="Alpha parameter of the beta timestep distribution.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="flow_beta_schedule_beta",
@@ -373,6 +388,7 @@ OPTIONS: list[Option] = [
         default=2.0,
         help="Beta parameter of the beta timestep distribution.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="flow_schedule_shift",
@@ -380,6 +396,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Shift flow-matching timesteps toward the noisy end (higher) or the clean end (lower).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="flow_schedule_auto_shift",
@@ -387,6 +404,44 @@ OPTIONS: list[Option] = [
         default=False,
         help="Pick the schedule shift from each batch's pixel count instead of a fixed value.",
         group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="flow_use_discrete_schedule",
+        kind="bool",
+        default=False,
+        help="Draw flow-matching noise levels uniformly from a fixed table of 1000 shifted sigmas (the DiffSynth-style "
+        "schedule) instead of a continuous distribution; the table's shift is flow_schedule_shift.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="flow_min_timestep_boundary",
+        kind="float",
+        default=None,
+        help="With the discrete flow schedule: skip this fraction of the table at its noisy end (0 keeps it all). "
+        "For the low-noise expert of a two-expert model.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="flow_max_timestep_boundary",
+        kind="float",
+        default=None,
+        help="With the discrete flow schedule: keep only this fraction of the table, counted from its noisy end "
+        "(1 keeps it all). For the high-noise expert of a two-expert model.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="flow_loss_weighting",
+        kind="str",
+        default="none",
+        help="Per-timestep loss weight for flow-matching models: none, or gaussian (a bell curve over the timestep "
+        "table that favours middle noise levels, weights summing to the table length).",
+        group=_G,
+        choices=("none", "gaussian"),
+        implemented=True,
     ),
     Option(
         name="diff2flow_enabled",

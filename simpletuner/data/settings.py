@@ -1,0 +1,204 @@
+"""Global data options: the defaults they give dataset entries, and the knobs of the data path.
+
+Several ``--flags`` are defaults for keys a ``multidatabackend.json`` entry may also set
+(``--instance_prompt``, ``--minimum_image_size``, ``--delete_unwanted_images``, ...): the entry wins
+when it sets the key itself (``ImageDatasetConfig.explicit_keys``). :func:`resolve_dataset` applies
+them, then re-checks the rules that span both sources, so a global that breaks a dataset fails with
+a message naming the flag and the dataset. :class:`DataSettings` gathers the flags that act on the
+whole data path (caches, threads, prefetch), read with ``getattr`` defaults so callers with a
+partial config (tests, tools) still work. This module imports without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from simpletuner.data.config import (
+    DISCOVERY_STAGES,
+    DatasetConfigError,
+    ImageDatasetConfig,
+    TextEmbedDatasetConfig,
+    check_instance_prompt,
+)
+
+#: Global flags that default a dataset key of the same name when the entry leaves it out.
+_INHERITED_KEYS = ("instance_prompt", "prepend_instance_prompt", "only_instance_prompt", "minimum_image_size",
+                   "maximum_image_size", "target_downsample_size", "max_upscale_threshold",
+                   "delete_unwanted_images", "delete_problematic_images", "preserve_data_backend_cache")
+#: ``--caption_strategy`` spells one choice differently from the dataset key.
+_GLOBAL_CAPTION_STRATEGY = {"instance_prompt": "instanceprompt"}
+
+
+def _flag(config, name: str, default=None):
+    """``config.name``, or ``default`` for configs built without that option."""
+    value = getattr(config, name, default)
+    return default if value is None else value
+
+
+def discovery_stages(value) -> tuple[str, ...]:
+    """``--skip_file_discovery`` words ("vae metadata", ["vae", "text"], "vae,aspect") as a tuple.
+
+    Raises:
+        DatasetConfigError: an unknown stage; lists the valid ones.
+    """
+    if not value:
+        return ()
+    parts = [value] if isinstance(value, str) else list(value)
+    words = tuple(word for part in parts for word in str(part).replace(",", " ").split() if word)
+    for word in words:
+        if word not in DISCOVERY_STAGES:
+            raise DatasetConfigError(f"`--skip_file_discovery` has stage {word!r}; use any of {list(DISCOVERY_STAGES)}")
+    return words
+
+
+def resolve_dataset(cfg: ImageDatasetConfig, config) -> ImageDatasetConfig:
+    """``cfg`` with every inheritable key filled from the global options of ``config``.
+
+    Resolution, resolution type and cache folder come from :meth:`ImageDatasetConfig.with_global_defaults`
+    (``--cache_dir_vae`` puts a dataset's latents in ``<cache_dir_vae>/<id>``); the keys in
+    :data:`_INHERITED_KEYS`, ``--caption_strategy`` and ``--skip_file_discovery`` fill what the entry
+    left out; ``--aws_max_pool_connections`` sizes the bucket's connection pool.
+
+    Raises:
+        DatasetConfigError: a global option makes the dataset invalid (names both).
+    """
+    changes: dict = {}
+    explicit = cfg.explicit_keys
+    global_vae_dir = _flag(config, "cache_dir_vae", "")
+    if cfg.cache_dir_vae is None and global_vae_dir:
+        changes["cache_dir_vae"] = os.path.join(global_vae_dir, cfg.id)
+    for key in _INHERITED_KEYS:
+        value = getattr(config, key, None)
+        if key not in explicit and value is not None and getattr(cfg, key) is None:
+            changes[key] = value
+    strategy = getattr(config, "caption_strategy", None)
+    if strategy and "caption_strategy" not in explicit and cfg.metadata_backend == "discovery":
+        changes["caption_strategy"] = _GLOBAL_CAPTION_STRATEGY.get(strategy, strategy)
+    if cfg.skip_file_discovery is None:
+        changes["skip_file_discovery"] = discovery_stages(getattr(config, "skip_file_discovery", None))
+    pool = getattr(config, "aws_max_pool_connections", None)
+    if pool and cfg.aws is not None:
+        changes["aws"] = dataclasses.replace(cfg.aws, max_pool_connections=int(pool))
+    resolved = dataclasses.replace(cfg, **changes) if changes else cfg
+    resolved = resolved.with_global_defaults(config.resolution, config.resolution_type, config.cache_dir)
+    _check_resolved(resolved, changes)
+    return resolved
+
+
+def _check_resolved(cfg: ImageDatasetConfig, inherited: dict) -> None:
+    """Rules that involve values inherited from global flags, checked on the merged result."""
+    where = f"dataset {cfg.id!r} (with the global options)"
+    if cfg.dataset_type != "conditioning":
+        if cfg.caption_strategy in ("parquet",) and cfg.metadata_backend != "parquet":
+            raise DatasetConfigError(f"{where}: `--caption_strategy parquet` needs \"metadata_backend\": \"parquet\"; "
+                                     "set caption_strategy in the entry")
+        check_instance_prompt(where, dataclasses.asdict(cfg))
+    if (cfg.maximum_image_size is None) != (cfg.target_downsample_size is None):
+        raise DatasetConfigError(f"{where}: maximum_image_size and target_downsample_size must be set together "
+                                 f"(got {cfg.maximum_image_size!r} and {cfg.target_downsample_size!r}); set both "
+                                 "(flags or entry keys) or neither")
+    if cfg.maximum_image_size is not None and cfg.target_downsample_size > cfg.maximum_image_size:
+        raise DatasetConfigError(f"{where}: target_downsample_size ({cfg.target_downsample_size!r}) must not exceed "
+                                 f"maximum_image_size ({cfg.maximum_image_size!r})")
+    for key in ("minimum_image_size", "max_upscale_threshold"):
+        value = getattr(cfg, key)
+        if key in inherited and value < 0:
+            raise DatasetConfigError(f"`--{key}` = {value} must not be negative")
+
+
+def text_cache_dir(entry: TextEmbedDatasetConfig, config) -> Path:
+    """The text-embedding folder: the entry's ``cache_dir``, else ``--cache_dir_text``, else
+    ``<--cache_dir>/text``."""
+    if entry.cache_dir:
+        return Path(entry.cache_dir)
+    if _flag(config, "cache_dir_text", ""):
+        return Path(config.cache_dir_text)
+    return Path(_flag(config, "cache_dir", "cache")) / "text"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The global knobs of the data path, resolved once.
+
+    Attributes:
+        seed: shuffles, subsets, caption variants and crops (``--seed``, 0 when unset).
+        batch_size / num_processes: a dataset must fill ``batch_size x num_processes`` samples.
+        vae_batch_size: images per VAE call while caching.
+        compress: gzip cache entries (``--compress_disk_cache``).
+        scan_behaviour: ``recreate`` or ``sync`` for latents cached at another bucket size.
+        vae_mode: ``upfront`` (cache at start-up), ``ondemand`` (at first use) or ``disable``.
+        prefetch_batches: batches prepared ahead by a background thread (0 = off).
+        print_filenames: log every file as it is scanned and encoded.
+        read_ahead / process_ahead / workers / write_batch_size / scan_workers: I/O parallelism
+            (see :mod:`simpletuner.data.parallel`).
+        metadata_update_interval: seconds between saves of a partial scan (None: at the end only).
+        override_dataset_config / ignore_missing_files: see :mod:`simpletuner.data.scan_cache`.
+        aspect_bucket_rounding: decimals aspect ratios are rounded to before bucketing.
+        keep_small_buckets: ``--disable_bucket_pruning``.
+        allow_oversubscription: raise repeats of too-small datasets instead of failing.
+        conditioning_sampling: ``combined`` or ``random`` with several conditioning datasets.
+    """
+
+    seed: int = 0
+    batch_size: int = 1
+    num_processes: int = 1
+    rank: int = 0
+    vae_batch_size: int = 4
+    compress: bool = False
+    scan_behaviour: str = "recreate"
+    vae_mode: str = "upfront"
+    prefetch_batches: int = 0
+    print_filenames: bool = False
+    read_ahead: int = 8
+    process_ahead: int = 8
+    workers: int = 1
+    write_batch_size: int = 64
+    scan_workers: int = 1
+    metadata_update_interval: float | None = None
+    override_dataset_config: bool = False
+    ignore_missing_files: bool = False
+    aspect_bucket_rounding: int | None = None
+    keep_small_buckets: bool = False
+    allow_oversubscription: bool = False
+    conditioning_sampling: str = "combined"
+    data_backend_sampling: str = "auto-weighting"
+    aspect_bucket_alignment: int = 64
+
+    @classmethod
+    def from_config(cls, config, num_processes: int | None = None, rank: int | None = None) -> "DataSettings":
+        """The settings of ``config``; the process count and rank default to accelerate's
+        ``WORLD_SIZE`` / ``RANK`` environment (1 and 0 outside a launch)."""
+        vae_batch = int(_flag(config, "vae_batch_size", 4))
+        workers = _flag(config, "max_workers", None) or min(4, os.cpu_count() or 1)
+        mode = "disable" if _flag(config, "vae_cache_disable", False) else (
+            "ondemand" if _flag(config, "vae_cache_ondemand", False) else "upfront")
+        return cls(
+            seed=int(_flag(config, "seed", 0)),
+            batch_size=int(_flag(config, "train_batch_size", 1)),
+            num_processes=num_processes or int(os.environ.get("WORLD_SIZE", "1")),
+            rank=rank if rank is not None else int(os.environ.get("RANK", "0")),
+            vae_batch_size=vae_batch,
+            compress=bool(_flag(config, "compress_disk_cache", False)),
+            scan_behaviour=_flag(config, "vae_cache_scan_behaviour", "recreate"),
+            vae_mode=mode,
+            prefetch_batches=int(_flag(config, "dataloader_prefetch_qlen", 10)) if _flag(
+                config, "dataloader_prefetch", False) else 0,
+            print_filenames=bool(_flag(config, "print_filenames", False)),
+            read_ahead=int(_flag(config, "read_batch_size", 2 * vae_batch)),
+            process_ahead=int(_flag(config, "image_processing_batch_size", 2 * vae_batch)),
+            workers=int(workers),
+            write_batch_size=int(_flag(config, "write_batch_size", 64)),
+            scan_workers=int(_flag(config, "aspect_bucket_worker_count", 12)),
+            metadata_update_interval=_flag(config, "metadata_update_interval", None),
+            override_dataset_config=bool(_flag(config, "override_dataset_config", False)),
+            ignore_missing_files=bool(_flag(config, "ignore_missing_files", False)),
+            aspect_bucket_rounding=_flag(config, "aspect_bucket_rounding", None),
+            keep_small_buckets=bool(_flag(config, "disable_bucket_pruning", False)),
+            allow_oversubscription=bool(_flag(config, "allow_dataset_oversubscription", False)),
+            conditioning_sampling=_flag(config, "conditioning_multidataset_sampling", "combined"),
+            data_backend_sampling=_flag(config, "data_backend_sampling", "auto-weighting"),
+            aspect_bucket_alignment=int(_flag(config, "aspect_bucket_alignment", 64)),
+        )

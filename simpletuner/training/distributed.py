@@ -1,0 +1,177 @@
+"""What the trainer does differently with several processes, and torch.compile of the denoiser.
+
+The rule that keeps multi-process training simple and exact: every process walks the same seeded
+global batch order and takes every N-th batch (``Trainer._next_local_batch``), and the randomness of
+a batch (noise, timesteps, caption dropout, dropout) is seeded by the batch's index in that global
+order, not by the process that happens to train it. So N processes with gradient accumulation A
+compute the same update as one process with accumulation N x A (up to float summation order), the
+processes never draw the same noise, and a checkpoint can be resumed with another process count as
+long as the global batch stays the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Iterable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: training_state.json keys describing how many images one optimizer step consumed.
+TOPOLOGY_KEYS = ("num_processes", "train_batch_size", "gradient_accumulation_steps")
+
+
+# --- per-batch randomness ---------------------------------------------------------------------------
+
+def seed_base(seed: int | None) -> int:
+    """The base of every batch seed: ``--seed``, or torch's start-up seed when there is none."""
+    return int(seed) if seed is not None else int(torch.initial_seed())
+
+
+def batch_seed(base: int, index: int) -> int:
+    """A 63-bit seed for global batch ``index``; neighbouring indices give unrelated seeds."""
+    digest = hashlib.sha256(f"simpletuner-batch:{base}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def seed_batch(base: int, index: int) -> None:
+    """Seed python, numpy and torch (all devices) for the batch at ``index`` of the global order."""
+    from accelerate.utils import set_seed
+
+    set_seed(batch_seed(base, index) % 2**32)
+
+
+# --- cross-process bookkeeping ------------------------------------------------------------------------
+
+def mean_over_processes(accelerator, value: float) -> float:
+    """The mean of a per-process number over all processes (the loss of the whole global batch)."""
+    if accelerator.num_processes == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.reduce(tensor, reduction="mean").item())
+
+
+def weights_digest(parameters: Iterable[torch.Tensor]) -> str:
+    """sha256 of the trained parameters' bytes: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for parameter in parameters:
+        digest.update(parameter.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_rank_sync(accelerator, step: int, local_loss: float, parameters: list[torch.Tensor]) -> str:
+    """Print this process's weight digest after ``step`` and stop the run if processes disagree.
+
+    Enabled by SIMPLETUNER_CHECK_RANK_SYNC=1; costs one pass over the trained weights per step.
+    """
+    from accelerate.utils import gather_object
+
+    digest = weights_digest(parameters)
+    print(f"rank-sync step={step} rank={accelerator.process_index} loss={local_loss!r} weights={digest}", flush=True)
+    if accelerator.num_processes > 1:
+        digests = gather_object([digest])
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"processes hold different weights after step {step}: {digests} (by rank)")
+    return digest
+
+
+# --- checkpoints and process counts ---------------------------------------------------------------------
+
+def topology(config, num_processes: int) -> dict[str, int]:
+    """What training_state.json records about the shape of a step."""
+    return {"num_processes": num_processes, "train_batch_size": config.train_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps}
+
+
+def check_resume_topology(folder, state: dict[str, Any], config, num_processes: int) -> None:
+    """Allow a resume with another process count only when the global batch is unchanged.
+
+    The data order and every batch's noise are global (see the module docstring), so resuming
+    2 processes x accumulation 1 as 1 process x accumulation 2 continues the same training. Any other
+    change of the process count would change the images per step under the optimizer and LR
+    schedule, so it stops with the settings that would work.
+    """
+    from simpletuner.training.checkpoint import CheckpointError
+
+    saved = {key: state.get(key) for key in TOPOLOGY_KEYS}
+    if saved["num_processes"] is None:
+        logger.warning("%s does not record its process count (written by an older version); resuming with %d",
+                       folder, num_processes)
+        return
+    if saved["num_processes"] == num_processes:
+        return
+    now = topology(config, num_processes)
+    images_then = saved["num_processes"] * saved["train_batch_size"] * saved["gradient_accumulation_steps"]
+    images_now = num_processes * now["train_batch_size"] * now["gradient_accumulation_steps"]
+    if saved["train_batch_size"] == now["train_batch_size"] and images_then == images_now:
+        logger.info("resuming a %d-process checkpoint with %d processes: the global batch is unchanged "
+                    "(%d images per step), so training continues exactly", saved["num_processes"],
+                    num_processes, images_now)
+        return
+    fix = [f"TRAINING_NUM_PROCESSES={saved['num_processes']}"]
+    per_step = saved["num_processes"] * saved["gradient_accumulation_steps"]
+    if saved["train_batch_size"] == now["train_batch_size"] and per_step % num_processes == 0:
+        fix.append(f"--gradient_accumulation_steps {per_step // num_processes} (keeps {images_then} images per step "
+                   f"with {num_processes} process(es))")
+    raise CheckpointError(
+        f"{folder} was trained with {saved['num_processes']} process(es) x batch {saved['train_batch_size']} x "
+        f"accumulation {saved['gradient_accumulation_steps']} = {images_then} images per step; this run has "
+        f"{num_processes} x {now['train_batch_size']} x {now['gradient_accumulation_steps']} = {images_now}. "
+        f"Resume with {' or '.join(fix)}, or start a new --output_dir"
+    )
+
+
+# --- torch.compile ------------------------------------------------------------------------------------
+
+def _is_repeated_blocks(module: torch.nn.Module) -> bool:
+    """A ModuleList whose children all share one class (transformer blocks, resnets, ...)."""
+    return (isinstance(module, torch.nn.ModuleList) and len(module) > 0
+            and all(type(child) is type(module[0]) for child in module))
+
+
+def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost repeated blocks of ``module``, in order (what regional compilation compiles)."""
+    found: list[torch.nn.Module] = []
+    for child in module.children():
+        if _is_repeated_blocks(child):
+            found.extend(child)
+        else:
+            found.extend(repeated_blocks(child))
+    return found
+
+
+def compile_denoiser(module: torch.nn.Module, backend: str | None, config) -> int:
+    """Compile ``module`` in place with ``backend`` and the ``--dynamo_*`` options; returns how many
+    modules were compiled (0 without a backend).
+
+    ``nn.Module.compile`` keeps the module object and its parameter names, so checkpoints, LoRA
+    files and EMA see the same weights as without compilation (accelerate's own regional
+    compilation renames them). With ``--dynamo_use_regional_compilation`` only the repeated blocks
+    are compiled: blocks of one class share the compiled code, so deep models compile in a
+    fraction of the time and the rest runs eagerly.
+    """
+    if not backend:
+        return 0
+    kwargs: dict[str, Any] = {"backend": backend, "fullgraph": bool(config.dynamo_fullgraph),
+                              "dynamic": config.dynamo_dynamic}
+    if config.dynamo_mode:
+        kwargs["mode"] = config.dynamo_mode
+    targets = repeated_blocks(module) if config.dynamo_use_regional_compilation else [module]
+    if not targets:
+        logger.warning("--dynamo_use_regional_compilation: %s has no repeated blocks; compiling it whole",
+                       type(module).__name__)
+        targets = [module]
+    for target in targets:
+        target.compile(**kwargs)
+    logger.info("torch.compile (%s%s): %d module(s) of %s", backend,
+                ", regional" if targets[0] is not module else "", len(targets), type(module).__name__)
+    return len(targets)
+
+
+def unwrap_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel (validation runs it on the main process only)."""
+    while isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        module = module.module
+    return module
