@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -51,7 +52,10 @@ def cmd_train(argv: Sequence[str]) -> int:
     from simpletuner.options.resolve import resolve_run
 
     run = resolve_run(argv)
-    configure_logging(run.launcher.log_level)
+    level = run.launcher.log_level
+    if os.environ.get("RANK", "0") != "0" and level != "DEBUG":
+        level = "WARNING"  # one process speaks for the run; the others only report problems
+    configure_logging(level)
     for warning in run.warnings:
         logger.warning(warning)
     if run.dry_run:
@@ -62,7 +66,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     from simpletuner.training.launch import needs_relaunch, relaunch_under_accelerate
 
     if needs_relaunch(run.launcher):
-        return relaunch_under_accelerate(run.launcher, argv)
+        return relaunch_under_accelerate(run.launcher, argv, config=run.config)
     from simpletuner.training.checkpoint import CheckpointError
     from simpletuner.training.trainer import train
 

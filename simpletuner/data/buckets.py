@@ -120,17 +120,18 @@ def _check_resolution_type(resolution_type: str) -> None:
         raise ValueError(f"unknown resolution_type {resolution_type!r}; use one of {list(RESOLUTION_TYPES)}")
 
 
-def bucket_alignment(requested: int, vae_scale_factor: int, edge: float) -> int:
+def bucket_alignment(requested: int, pixels_per_token: int, edge: float) -> int:
     """The rounding step for bucket sizes of one dataset.
 
-    Rule: the configured ``aspect_bucket_alignment``, raised to the VAE scale factor when smaller
-    (a bucket edge must map to whole latent cells). When the dataset's pixel edge is smaller than
-    that alignment (e.g. 32 px images with the default 64), aligning would upscale every image to
-    the alignment, so ``2 * vae_scale_factor`` is used instead: whole latent cells, and an even
-    latent size for the UNet's downsampling. A 64 px dataset with alignment 64 keeps 64 and so
-    gets 64x64 buckets.
+    Rule: the configured ``aspect_bucket_alignment``, raised to the model's pixels per token when
+    smaller (a bucket edge must map to whole latent cells: the VAE scale factor, times the patch
+    size for transformers that split latents into patches, e.g. 16 px for SD3). When the dataset's
+    pixel edge is smaller than that alignment (e.g. 32 px images with the default 64), aligning
+    would upscale every image to the alignment, so ``2 * pixels_per_token`` is used instead: whole
+    tokens, and an even latent size for the UNet's downsampling. A 64 px dataset with alignment 64
+    keeps 64 and so gets 64x64 buckets.
     """
-    alignment = max(requested, vae_scale_factor)
+    alignment = max(requested, pixels_per_token)
     if edge < alignment:
-        return vae_scale_factor * 2
+        return pixels_per_token * 2
     return alignment

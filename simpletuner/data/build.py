@@ -39,7 +39,13 @@ from simpletuner.data.metadata import ImageRecord
 from simpletuner.data.mixing import DatasetMixer, DatasetSchedule, dataset_weight
 from simpletuner.data.sampler import BucketBatchSampler
 from simpletuner.data.scan_cache import ScanCache, scan_settings_fingerprint, scan_with_cache
-from simpletuner.data.settings import DataSettings, discovery_stages, resolve_dataset, text_cache_dir
+from simpletuner.data.settings import (
+    DataSettings,
+    check_conditioning_sampling,
+    discovery_stages,
+    resolve_dataset,
+    text_cache_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +151,7 @@ def _prepare_dataset(cfg: ImageDatasetConfig, settings: DataSettings, model, mem
         deleted += _delete(backend, scan.unreadable, cfg.id, "cannot be read (delete_problematic_images)")
     records = _subset(scan.records, cfg, settings.seed)
     edge = pixel_edge(cfg.resolution, cfg.resolution_type)
-    alignment = bucket_alignment(settings.aspect_bucket_alignment, model.vae_scale_factor(), edge)
+    alignment = bucket_alignment(settings.aspect_bucket_alignment, model.pixels_per_token(), edge)
     placed, excluded = place_images(records, cfg, alignment, settings.aspect_bucket_rounding)
     for path, reason in excluded:
         logger.info("dataset %s: leaving out %s: %s", cfg.id, path, reason)
@@ -225,15 +231,7 @@ def _open_conditioning(plan: DatasetPlan, config, settings: DataSettings, memory
         sets[name] = ConditioningSet(cfg, images, list_conditioning_files(images),
                                      _entries_for(cfg.cache_dir_vae, cfg, settings.compress), memory,
                                      workers=settings.workers, write=settings.vae_mode != "disable")
-    users = [cfg for cfg in plan.enabled_images if len(cfg.conditioning_data) > 1]
-    if settings.conditioning_sampling == "random":
-        for cfg in users:
-            kinds = {sets[name].cfg.conditioning_type for name in cfg.conditioning_data}
-            if len(kinds) > 1:
-                raise NoTrainingDataError(
-                    f"dataset {cfg.id}: `--conditioning_multidataset_sampling random` picks one conditioning image "
-                    f"per sample, so its conditioning datasets must share one conditioning_type (got {sorted(kinds)}); "
-                    "use `combined` or pair datasets of one type")
+    check_conditioning_sampling(plan, settings.conditioning_sampling)
     return sets
 
 
@@ -342,7 +340,8 @@ def _too_small_message(name: str, buckets: dict[Size, list[ImageRecord]], cfg: I
                        settings: DataSettings, have: int) -> str:
     """Why a dataset cannot fill its batches, with the repeats that would fix it."""
     sizes = ", ".join(f"{w}x{h}: {len(records)} images" for (w, h), records in buckets.items())
-    fix = minimum_repeats(buckets, cfg.repeats, settings.batch_size, settings.num_processes, settings.keep_small_buckets)
+    fix = minimum_repeats(buckets, cfg.repeats, settings.batch_size, settings.num_processes,
+                          settings.keep_small_buckets)
     if "repeats" in cfg.explicit_keys:
         how = f"set \"repeats\": {fix} in its entry (--allow_dataset_oversubscription leaves repeats set by hand alone)"
     else:

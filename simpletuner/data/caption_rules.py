@@ -105,13 +105,15 @@ class CaptionRules:
     split_lines: bool = True
 
     @classmethod
-    def for_dataset(cls, cfg: ImageDatasetConfig, shared_filters: str | tuple[str, ...] | None = None) -> "CaptionRules":
+    def for_dataset(cls, cfg: ImageDatasetConfig, shared_filters: str | tuple[str, ...] | None = None
+                    ) -> "CaptionRules":
         """The rules of ``cfg`` (globals already resolved); ``shared_filters`` is the text-embed
-        entry's list, applied after the dataset's own."""
+        entry's list, applied after the dataset's own. With the ``instanceprompt`` strategy the
+        caption already is the instance prompt, so it is not prepended a second time."""
         owner = f"dataset {cfg.id!r}"
-        prompt = (cfg.instance_prompt or "").strip() or None
-        return cls(filters=load_filter_list(cfg.caption_filter_list, owner) + load_filter_list(shared_filters, owner),
-                   instance_prompt=prompt, prepend=bool(cfg.prepend_instance_prompt) and cfg.caption_strategy != "instanceprompt",
+        filters = load_filter_list(cfg.caption_filter_list, owner) + load_filter_list(shared_filters, owner)
+        prepend = bool(cfg.prepend_instance_prompt) and cfg.caption_strategy != "instanceprompt"
+        return cls(filters=filters, instance_prompt=(cfg.instance_prompt or "").strip() or None, prepend=prepend,
                    only=bool(cfg.only_instance_prompt), split_lines=not cfg.disable_multiline_split)
 
     def apply(self, caption: str) -> str | None:

@@ -393,8 +393,14 @@ def dataset_key_schema(dataset_type: str = "image") -> dict[str, tuple[str, Any,
     values from this schema instead of keeping a copy of it.
     """
     declared = _TEXT_EMBED_KEYS if dataset_type == "text_embeds" else _IMAGE_KEYS
-    return {key: (kind, None if default is _REQUIRED else default, default is _REQUIRED)
+    return {key: (_PLAIN_KINDS.get(kind, kind), None if default is _REQUIRED else default, default is _REQUIRED)
             for key, (kind, default) in declared.items()}
+
+
+#: Kinds a tool can write as plain text (the parser accepts that form too): a yes/no, a filter file
+#: path, words separated by spaces, one dataset id.
+_PLAIN_KINDS = {"optional_bool": "bool", "filter_list": "optional_str", "word_list": "optional_str",
+                "id_list": "optional_str"}
 
 
 def load_dataset_plan(path: str | Path) -> DatasetPlan:

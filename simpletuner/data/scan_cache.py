@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -167,6 +168,8 @@ class ScanCache:
         self.stored = stored
 
     def _write(self, stored: StoredScan) -> None:
+        if os.environ.get("RANK", "0") != "0":  # under a launcher only the main process writes shared files
+            return
         payload = {"version": _VERSION, **dataclasses.asdict(stored)}
         try:
             self.entries.write_text(SCAN_CACHE_NAME, json.dumps(payload, sort_keys=True) + "\n")

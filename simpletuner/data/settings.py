@@ -92,7 +92,7 @@ def _check_resolved(cfg: ImageDatasetConfig, inherited: dict) -> None:
     """Rules that involve values inherited from global flags, checked on the merged result."""
     where = f"dataset {cfg.id!r} (with the global options)"
     if cfg.dataset_type != "conditioning":
-        if cfg.caption_strategy in ("parquet",) and cfg.metadata_backend != "parquet":
+        if cfg.caption_strategy == "parquet" and cfg.metadata_backend != "parquet":
             raise DatasetConfigError(f"{where}: `--caption_strategy parquet` needs \"metadata_backend\": \"parquet\"; "
                                      "set caption_strategy in the entry")
         check_instance_prompt(where, dataclasses.asdict(cfg))
@@ -202,3 +202,49 @@ class DataSettings:
             data_backend_sampling=_flag(config, "data_backend_sampling", "auto-weighting"),
             aspect_bucket_alignment=int(_flag(config, "aspect_bucket_alignment", 64)),
         )
+
+
+#: Global data options that must be at least 1 when set.
+_POSITIVE_OPTIONS = ("dataloader_prefetch_qlen", "read_batch_size", "write_batch_size", "max_workers",
+                     "image_processing_batch_size", "aws_max_pool_connections", "aspect_bucket_worker_count")
+
+
+def check_global_data_options(config, plan=None) -> None:
+    """Ranges of the global data options, and every dataset of ``plan`` with them applied, so a
+    bad combination fails at validation, before any model loads.
+
+    Raises:
+        DatasetConfigError: names the option (and the dataset) and the fix.
+    """
+    for name in _POSITIVE_OPTIONS:
+        value = getattr(config, name, None)
+        if value is not None and value < 1:
+            raise DatasetConfigError(f"`--{name}` = {value} must be at least 1")
+    for name in ("metadata_update_interval", "minimum_image_size", "max_upscale_threshold"):
+        value = getattr(config, name, None)
+        if value is not None and value < 0:
+            raise DatasetConfigError(f"`--{name}` = {value} must not be negative")
+    discovery_stages(getattr(config, "skip_file_discovery", None))
+    if plan is not None:
+        for cfg in plan.images:
+            if not cfg.disabled:
+                resolve_dataset(cfg, config)
+        check_conditioning_sampling(plan, getattr(config, "conditioning_multidataset_sampling", None))
+
+
+def check_conditioning_sampling(plan, sampling: str | None) -> None:
+    """``random`` gives each sample one conditioning image, so one batch may only stack one type.
+
+    Raises:
+        DatasetConfigError: an image dataset pairs conditioning datasets of different types.
+    """
+    if sampling != "random":
+        return
+    conditioning = plan.conditioning
+    for cfg in plan.enabled_images:
+        kinds = {conditioning[name].conditioning_type for name in cfg.conditioning_data if name in conditioning}
+        if len(kinds) > 1:
+            raise DatasetConfigError(
+                f"dataset {cfg.id!r}: `--conditioning_multidataset_sampling random` picks one conditioning image per "
+                f"sample, so its conditioning datasets must share one conditioning_type (got {sorted(kinds)}); use "
+                "`combined` or pair datasets of one type")

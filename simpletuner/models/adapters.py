@@ -13,24 +13,41 @@ import torch
 
 
 def add_lora(denoiser: torch.nn.Module, target_modules: list[str], rank: int, alpha: float | None,
-             dropout: float) -> dict[str, Any]:
-    """Freeze ``denoiser`` and attach a trainable LoRA; returns the adapter config as plain data."""
+             dropout: float, init_lora_weights: bool | str = "gaussian", use_dora: bool = False,
+             loftq_config: dict | None = None, custom_modules: dict | None = None) -> dict[str, Any]:
+    """Freeze ``denoiser`` and attach a trainable LoRA; returns the adapter config as plain data.
+
+    ``init_lora_weights`` and ``use_dora`` are PEFT's; ``custom_modules`` maps layer types to custom
+    PEFT LoRA layers (SingLoRA, see simpletuner/models/singlora.py).
+    """
     from peft import LoraConfig
 
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else rank,
         lora_dropout=dropout,
-        init_lora_weights="gaussian",
+        init_lora_weights=init_lora_weights,
         target_modules=target_modules,
+        use_dora=use_dora,
+        **({"loftq_config": loftq_config} if loftq_config else {}),
     )
+    if custom_modules:
+        config._register_custom_module(custom_modules)
     denoiser.requires_grad_(False)
-    denoiser.add_adapter(config)
+    if hasattr(denoiser, "add_adapter"):
+        denoiser.add_adapter(config)
+    else:
+        # Models without diffusers' PEFT mixin (PixArt's transformer): PEFT injects the same layers
+        # and records ``peft_config`` on the model, so lora_state_dict / load_lora_weights_into work.
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, denoiser, adapter_name="default")
     for parameter in denoiser.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()  # adapters train in fp32 even on a bf16 base
     return {"r": rank, "lora_alpha": config.lora_alpha, "lora_dropout": dropout,
-            "target_modules": sorted(target_modules), "init_lora_weights": "gaussian"}
+            "target_modules": sorted(target_modules), "init_lora_weights": init_lora_weights,
+            **({"use_dora": True} if use_dora else {})}
 
 
 def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -42,17 +59,16 @@ def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_lora_weights_into(denoiser: torch.nn.Module, file: Path, prefix: str) -> None:
-    """Restore adapter weights saved by :func:`lora_state_dict` (a checkpoint being resumed)."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    """Restore adapter weights saved by :func:`lora_state_dict` (a checkpoint being resumed).
 
-    saved = load_file(file)
-    own = {k[len(prefix) + 1:]: v for k, v in saved.items() if k.startswith(prefix + ".")}
-    result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(own), adapter_name="default")
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise RuntimeError(f"{file}: adapter keys that match no module of the model: {unexpected[:5]}")
+    ``prefix`` is the pipeline component (``unet``, ``text_encoder``); the file may be in the diffusers
+    or the ComfyUI layout (detected from its keys, see simpletuner/models/lora_formats.py).
+    """
+    from simpletuner.models import lora_formats
+
+    lora_file = lora_formats.LoraFile.read(file)
+    states, alphas, _ = lora_formats.peft_state_from_file(lora_file, {prefix: denoiser}, naming=None)
+    lora_formats.load_peft_state(denoiser, states.get(prefix, {}), alphas.get(prefix), source=str(file))
 
 
 def add_file_metadata(file: Path, extra: dict[str, str]) -> None:

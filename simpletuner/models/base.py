@@ -138,6 +138,23 @@ class ModelFamily(ABC):
         """Pixels per latent cell along each side."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def load_vae(self, path: str):
+        """The family's AutoencoderKL: from ``--pretrained_vae_model_name_or_path`` (a hub id or a
+        folder, using its ``vae/`` subfolder when it has one) or else from ``path``'s ``vae`` folder."""
+        from diffusers import AutoencoderKL
+
+        if self.config.pretrained_vae_model_name_or_path:
+            vae_path = self.config.pretrained_vae_model_name_or_path
+            subfolder = "vae" if (Path(vae_path) / "vae").is_dir() else None
+            return AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder)
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", revision=self.config.revision,
+                                             variant=self.config.variant)
+
+    def pixels_per_token(self) -> int:
+        """Pixels per side of one denoiser input position: a latent cell, or for transformers that
+        split latents into patches a whole patch. Bucket edges are multiples of it."""
+        return self.vae_scale_factor() * self.info.latent_patch_size
+
     def fingerprint_parts(self) -> dict[str, str]:
         """What identifies the encoders, for cache keys: change the model, rebuild the cache."""
         return {"family": self.family, "model": self.model_path, "revision": str(self.config.revision),
@@ -166,3 +183,25 @@ class ModelFamily(ABC):
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return []
+
+
+def checkpoint_every_nth_block(model: torch.nn.Module, blocks: list[torch.nn.Module], interval: int | None) -> int:
+    """Gradient checkpointing for diffusers transformers, in every ``interval``-th of ``blocks``
+    (default: all); returns how many blocks recompute.
+
+    diffusers' transformers (SD3, Flux, ...) have one switch for all their blocks and hand each block
+    to the model's checkpointing function, so that function decides per block; counted in the order
+    of ``blocks``.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    step = interval or 1
+    positions = {id(block): index for index, block in enumerate(blocks)}
+
+    def checkpoint_every_nth(block, *args):
+        if positions.get(id(block), 0) % step:
+            return block(*args)
+        return checkpoint(block.__call__, *args, use_reentrant=False)
+
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_every_nth)
+    return sum(1 for index in positions.values() if index % step == 0)

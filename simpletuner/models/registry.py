@@ -24,6 +24,11 @@ class FamilyInfo:
         prediction_types: the targets this family can be trained on; the first is its default.
         model_types: ``full`` and/or ``lora``.
         text_encoders: the text encoders ``--train_text_encoder`` can train (empty: none).
+        options: family-specific options this family acts on (``t5_padding``, ...). An option that
+            some family lists here may only be set for the families that list it.
+        latent_patch_size: latent cells per side of one transformer token (1 for UNets); bucket
+            edges are rounded to whole patches.
+        pixel_space: the denoiser works on pixels (no VAE), so one latent cell is one pixel.
     """
 
     name: str
@@ -34,6 +39,9 @@ class FamilyInfo:
     prediction_types: tuple[str, ...]
     model_types: tuple[str, ...] = ("full", "lora")
     text_encoders: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+    latent_patch_size: int = 1
+    pixel_space: bool = False
     notes: str = field(default="", compare=False)
 
 
@@ -65,6 +73,72 @@ FAMILIES: dict[str, FamilyInfo] = {
         default_flavour="2.1",
         prediction_types=("v_prediction", "epsilon", "sample"),
         text_encoders=("text_encoder",),
+    ),
+    "sd3": FamilyInfo(
+        name="sd3",
+        module="simpletuner.models.sd3",
+        class_name="StableDiffusion3",
+        flavours={
+            "medium": "stabilityai/stable-diffusion-3.5-medium",
+            "large": "stabilityai/stable-diffusion-3.5-large",
+            "large-turbo": "stabilityai/stable-diffusion-3.5-large-turbo",
+            "3.0-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+        },
+        default_flavour="medium",
+        prediction_types=("flow_matching",),
+        options=("tokenizer_max_length", "t5_padding", "sd3_clip_uncond_behaviour", "sd3_t5_uncond_behaviour"),
+        latent_patch_size=2,
+    ),
+    "deepfloyd": FamilyInfo(
+        name="deepfloyd",
+        module="simpletuner.models.deepfloyd",
+        class_name="DeepFloydIF",
+        flavours={
+            "i-medium-400m": "DeepFloyd/IF-I-M-v1.0",
+            "i-large-900m": "DeepFloyd/IF-I-L-v1.0",
+            "i-xlarge-4.3b": "DeepFloyd/IF-I-XL-v1.0",
+            "ii-medium-450m": "DeepFloyd/IF-II-M-v1.0",
+            "ii-large-1.2b": "DeepFloyd/IF-II-L-v1.0",
+        },
+        default_flavour="i-medium-400m",
+        prediction_types=("epsilon", "v_prediction", "sample"),
+        options=("tokenizer_max_length", "t5_padding", "pretrained_t5_model_name_or_path",
+                 "pretrained_unet_model_name_or_path", "pretrained_unet_subfolder"),
+        pixel_space=True,
+    ),
+    "pixart_sigma": FamilyInfo(
+        name="pixart_sigma",
+        module="simpletuner.models.pixart_sigma",
+        class_name="PixArtSigma",
+        flavours={
+            "900M-1024": "terminusresearch/pixart-900m-1024",
+            "600M-512": "PixArt-alpha/PixArt-Sigma-XL-2-512-MS",
+            "600M-1024": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+            "600M-2k": "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS",
+        },
+        default_flavour="900M-1024",
+        prediction_types=("epsilon",),
+        options=("tokenizer_max_length", "t5_padding", "pretrained_t5_model_name_or_path",
+                 "pretrained_transformer_model_name_or_path", "pretrained_transformer_subfolder"),
+        latent_patch_size=2,
+    ),
+    "flux": FamilyInfo(
+        name="flux",
+        module="simpletuner.models.flux",
+        class_name="Flux",
+        flavours={
+            "dev": "black-forest-labs/FLUX.1-dev",
+            "schnell": "black-forest-labs/FLUX.1-schnell",
+            "krea": "black-forest-labs/FLUX.1-Krea-dev",
+        },
+        default_flavour="dev",
+        prediction_types=("flow_matching",),
+        options=("tokenizer_max_length", "t5_padding", "pretrained_t5_model_name_or_path",
+                 "pretrained_transformer_model_name_or_path", "pretrained_transformer_subfolder",
+                 "flux_lora_target", "flux_guidance_mode", "flux_guidance_value", "flux_guidance_min",
+                 "flux_guidance_max", "flux_attention_masked_training", "flux_fast_schedule",
+                 "validation_guidance_real", "validation_no_cfg_until_timestep"),
+        latent_patch_size=2,
     ),
 }
 

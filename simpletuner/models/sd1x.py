@@ -39,7 +39,7 @@ class StableDiffusion1x(ModelFamily):
             self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **source)
             self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=self.config.variant, **source)
             self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=self.config.variant, **source)
-            self.vae = self._load_vae(path)
+            self.vae = self.load_vae(path)
             self._scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **source)
         self._checkpoint_prediction_type = self._scheduler.config.get("prediction_type")
         self._scheduler.register_to_config(prediction_type=self.prediction_type)
@@ -50,15 +50,6 @@ class StableDiffusion1x(ModelFamily):
                 module.to(dtype=self.weight_dtype if module is not self.vae or self.weight_dtype == torch.bfloat16 else torch.float32)
         self.denoiser = self.unet
         self.freeze_encoders()
-
-    def _load_vae(self, path: str):
-        from diffusers import AutoencoderKL
-
-        if self.config.pretrained_vae_model_name_or_path:
-            vae_path = self.config.pretrained_vae_model_name_or_path
-            subfolder = "vae" if (Path(vae_path) / "vae").is_dir() else None
-            return AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder)
-        return AutoencoderKL.from_pretrained(path, subfolder="vae", revision=self.config.revision, variant=self.config.variant)
 
     def _load_single_file(self) -> None:
         from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -75,7 +66,7 @@ class StableDiffusion1x(ModelFamily):
             ) from error
         self.tokenizer, self.text_encoder = pipeline.tokenizer, pipeline.text_encoder
         self.unet = pipeline.unet
-        self.vae = self._load_vae(self.model_path) if self.config.pretrained_vae_model_name_or_path else pipeline.vae
+        self.vae = self.load_vae(self.model_path) if self.config.pretrained_vae_model_name_or_path else pipeline.vae
         self._scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
 
     def default_prediction_type(self) -> str:

@@ -120,7 +120,6 @@ MANAGED_ACCELERATE_FLAGS = {
     "dynamo_backend": "TRAINING_DYNAMO_BACKEND", "dynamo_mode": "--dynamo_mode in config.json",
     "dynamo_use_fullgraph": "--dynamo_fullgraph in config.json", "dynamo_use_dynamic": "--dynamo_dynamic in config.json",
     "dynamo_use_regional_compilation": "--dynamo_use_regional_compilation in config.json",
-    "cpu": "nothing: without GPUs simpletuner starts CPU processes itself (accelerate's --cpu starts only one)",
 }
 
 
@@ -182,6 +181,9 @@ def _check_extra_args(args: tuple[str, ...]) -> None:
         if not token.startswith("--"):
             continue
         name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name == "cpu":
+            raise ConfigError("ACCELERATE_EXTRA_ARGS: remove `--cpu` (with it accelerate starts a single process); "
+                              "without GPUs simpletuner starts CPU processes by itself")
         if name in MANAGED_ACCELERATE_FLAGS:
             raise ConfigError(
                 f"ACCELERATE_EXTRA_ARGS: `{token.split('=', 1)[0]}` is set by simpletuner; "

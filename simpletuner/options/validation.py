@@ -10,8 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from simpletuner.models.registry import family_info
+from simpletuner.models.registry import FAMILIES, family_info
 from simpletuner.options import ConfigError, all_options
+from simpletuner.options.adapter_rules import ADAPTER_RULES
+from simpletuner.options.deepfloyd_rules import check_deepfloyd, deepfloyd_warnings
+from simpletuner.options.flux_rules import check_flux, flux_warnings
 from simpletuner.options.training_rules import TRAINING_RULES
 from simpletuner.training.optim import OPTIMIZERS, parse_optimizer_config
 
@@ -21,12 +24,14 @@ SUPPORTED_VALUES: dict[str, tuple] = {
     "optimizer": tuple(OPTIMIZERS),
     "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial", "sine"),
     "mixed_precision": ("no", "bf16"),
-    "lora_type": ("standard",),
+    "lora_type": ("standard", "lycoris"),
     "report_to": ("tensorboard", "none"),
     "resolution_type": ("pixel", "pixel_area", "area"),
 }
 
 LORA_ONLY_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout")
+#: The longest T5 prompt diffusers' pipelines encode.
+T5_MAX_TOKENS = 512
 
 
 def check_required(config) -> None:
@@ -73,6 +78,19 @@ def check_family(config) -> None:
             f"`--prediction_type {config.prediction_type}` is not supported for {info.name}; "
             f"use one of: {', '.join(info.prediction_types)}"
         )
+
+
+def check_family_options(config) -> None:
+    """Options that belong to some families (``FamilyInfo.options``) may only be set for those."""
+    info = family_info(config.model_family)
+    for name in sorted({option for entry in FAMILIES.values() for option in entry.options} - set(info.options)):
+        if name in config.explicit and getattr(config, name) is not None:
+            users = ", ".join(entry.name for entry in FAMILIES.values() if name in entry.options)
+            raise ConfigError(f"`--{name}` only applies to {users}, not to {info.name}; remove it")
+    length = config.tokenizer_max_length
+    if "tokenizer_max_length" in info.options and length is not None and not 1 <= length <= T5_MAX_TOKENS:
+        raise ConfigError(f"`--tokenizer_max_length` = {length} must be between 1 and {T5_MAX_TOKENS} (the most "
+                          "T5 tokens diffusers' pipelines accept)")
 
 
 def check_conflicts(config) -> None:
@@ -142,6 +160,10 @@ FLOW_OPTIONS = ("flow_sigmoid_scale", "flow_use_uniform_schedule", "flow_use_bet
                 "flow_beta_schedule_beta", "flow_schedule_shift", "flow_schedule_auto_shift",
                 "flow_use_discrete_schedule", "flow_min_timestep_boundary", "flow_max_timestep_boundary",
                 "flow_loss_weighting")
+#: Options that shape a DDPM noise schedule or its integer timestep draws; flow matching ignores them.
+DDPM_SCHEDULE_OPTIONS = ("timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end",
+                         "timestep_bias_portion", "disable_segmented_timestep_sampling", "rescale_betas_zero_snr",
+                         "training_scheduler_timestep_spacing", "inference_scheduler_timestep_spacing")
 
 
 def _prediction_type(config) -> str:
@@ -200,6 +222,11 @@ def check_flow_options(config) -> None:
     if changed and "flow_matching" not in info.prediction_types:
         raise ConfigError(f"`--{changed[0]}` only applies to flow-matching model families; {info.name} trains "
                           f"{', '.join(info.prediction_types)}, so remove it")
+    if _prediction_type(config) == "flow_matching":
+        changed = [name for name in DDPM_SCHEDULE_OPTIONS if getattr(config, name) not in (defaults[name], None, "none")]
+        if changed:
+            raise ConfigError(f"`--{changed[0]}` shapes a DDPM noise schedule; {info.name} trains flow matching, "
+                              "whose noise levels the `--flow_*` options shape. Remove it")
     if config.flow_use_uniform_schedule and config.flow_use_beta_schedule:
         raise ConfigError("`--flow_use_uniform_schedule` and `--flow_use_beta_schedule` conflict: pick one "
                           "distribution (neither means the sigmoid one)")
@@ -323,8 +350,10 @@ def check_paths(config) -> None:
     if not Path(config.data_backend_config).is_file():
         raise ConfigError(f"`--data_backend_config`: file {config.data_backend_config!r} does not exist")
     from simpletuner.data.config import load_dataset_plan
+    from simpletuner.data.settings import check_global_data_options
 
-    load_dataset_plan(config.data_backend_config)  # every dataset mistake surfaces before a model loads
+    plan = load_dataset_plan(config.data_backend_config)  # every dataset mistake surfaces before a model loads
+    check_global_data_options(config, plan)  # and every mistake the global data options make in it
 
 
 def check_validation_settings(config) -> None:
@@ -347,13 +376,16 @@ def collect_warnings(config) -> list[str]:
                         "use `constant_with_warmup` to ramp the learning rate up")
     warnings.extend(timestep_warnings(config))
     warnings.extend(optimizer_warnings(config))
+    warnings.extend(deepfloyd_warnings(config))
+    warnings.extend(flux_warnings(config))
     return warnings
 
 
 RULES: tuple[Callable, ...] = (
-    check_required, check_unimplemented, check_family, check_supported_values, check_conflicts, check_ranges,
+    check_required, check_unimplemented, check_family, check_family_options, check_supported_values, check_conflicts,
+    check_ranges,
     check_loss_settings, check_ema_settings, check_optimizer_settings,
-    check_timestep_settings, check_flow_options, *TRAINING_RULES,
+    check_timestep_settings, check_flow_options, *TRAINING_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux,
     check_validation_settings, check_paths,
 )
 

@@ -13,7 +13,11 @@ Sigma samplers (``--flow_*`` options):
 * logit-normal ("sigmoid"): ``sigma = sigmoid(scale * z)``, ``z ~ N(0, 1)`` (Esser et al. 2024, SD3);
   ``--flow_sigmoid_scale`` is ``scale`` (default 1.0);
 * uniform on ``[0, 1)`` (``--flow_use_uniform_schedule``);
-* ``Beta(alpha, beta)`` (``--flow_use_beta_schedule`` with ``--flow_beta_schedule_alpha/beta``).
+* ``Beta(alpha, beta)`` (``--flow_use_beta_schedule`` with ``--flow_beta_schedule_alpha/beta``);
+* few-step levels (``--flux_fast_schedule``): sigma is one of 1.0, 0.75, 0.5, 0.25, with pure noise
+  drawn 7 times in 10 and each other level once in 10. Few-step models such as FLUX.1 [schnell]
+  start every sample at pure noise and take a handful of large steps, so training concentrates on
+  the levels they actually visit. These levels are final: no shift is applied to them.
 
 Any of them can then be shifted toward the noisy end by ``k``:
 
@@ -63,6 +67,17 @@ def sample_logit_normal(batch_size: int, scale: float = 1.0, mean: float = 0.0,
 def sample_uniform(batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sigmas uniform on [0, 1)."""
     return torch.rand(batch_size, generator=generator)
+
+
+#: ``--flux_fast_schedule``: the noise levels of a four-step sampler and how often each is drawn.
+FEW_STEP_LEVELS = (1.0, 0.75, 0.5, 0.25)
+FEW_STEP_WEIGHTS = (0.7, 0.1, 0.1, 0.1)
+
+
+def sample_few_step_levels(batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sigmas drawn from :data:`FEW_STEP_LEVELS` with probabilities :data:`FEW_STEP_WEIGHTS`."""
+    picks = torch.multinomial(torch.tensor(FEW_STEP_WEIGHTS), batch_size, replacement=True, generator=generator)
+    return torch.tensor(FEW_STEP_LEVELS)[picks]
 
 
 def sample_beta(batch_size: int, alpha: float = 2.0, beta: float = 2.0,
@@ -122,7 +137,7 @@ class FlowSigmaSampler:
 
     def __init__(self, kind: str = "sigmoid", scale: float = 1.0, alpha: float = 2.0, beta: float = 2.0,
                  shift: float | None = None, auto: bool = False):
-        if kind not in ("sigmoid", "uniform", "beta"):
+        if kind not in ("sigmoid", "uniform", "beta", "few_step"):
             raise ValueError(f"unknown flow sigma distribution {kind!r}")
         self.kind, self.scale, self.alpha, self.beta = kind, scale, alpha, beta
         self.shift, self.auto = shift, auto
@@ -134,8 +149,9 @@ class FlowSigmaSampler:
         if uniform and beta:
             raise ValueError("flow_use_uniform_schedule and flow_use_beta_schedule cannot both be set")
         shift = getattr(config, "flow_schedule_shift", None)
+        few_step = bool(getattr(config, "flux_fast_schedule", False))
         return cls(
-            kind="uniform" if uniform else "beta" if beta else "sigmoid",
+            kind="few_step" if few_step else "uniform" if uniform else "beta" if beta else "sigmoid",
             scale=getattr(config, "flow_sigmoid_scale", None) or 1.0,
             alpha=getattr(config, "flow_beta_schedule_alpha", None) or 2.0,
             beta=getattr(config, "flow_beta_schedule_beta", None) or 2.0,
@@ -144,6 +160,8 @@ class FlowSigmaSampler:
         )
 
     def raw(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.kind == "few_step":
+            return sample_few_step_levels(batch_size, generator)
         if self.kind == "uniform":
             return sample_uniform(batch_size, generator)
         if self.kind == "beta":
@@ -153,6 +171,8 @@ class FlowSigmaSampler:
     def __call__(self, batch_size: int, device: torch.device | str = "cpu", seq_len: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         sigmas = self.raw(batch_size, generator)
+        if self.kind == "few_step":
+            return sigmas.to(device)
         if self.auto:
             if seq_len is None:
                 raise ValueError("flow_schedule_auto_shift needs the batch's image sequence length")

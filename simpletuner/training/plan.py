@@ -15,7 +15,9 @@ from simpletuner.data.backends import open_dataset
 from simpletuner.data.buckets import bucket_alignment, pixel_edge
 from simpletuner.data.config import load_dataset_plan
 from simpletuner.data.geometry import buckets_of, place_images
+from simpletuner.data.settings import resolve_dataset
 from simpletuner.data.metadata import scan_image_dataset
+from simpletuner.models.registry import family_info
 
 
 def vae_scale_factor_of(model_path: str | None) -> int:
@@ -29,15 +31,17 @@ def vae_scale_factor_of(model_path: str | None) -> int:
 
 def describe_datasets(config) -> list[str]:
     plan = load_dataset_plan(config.data_backend_config)
-    scale = vae_scale_factor_of(config.pretrained_model_name_or_path)
+    info = family_info(config.model_family)
+    cell = 1 if info.pixel_space else vae_scale_factor_of(config.pretrained_model_name_or_path)
+    scale = cell * info.latent_patch_size
     lines = [f"datasets ({config.data_backend_config}):"]
     for dataset in plan.enabled_images:
-        dataset = dataset.with_global_defaults(config.resolution, config.resolution_type, config.cache_dir)
+        dataset = resolve_dataset(dataset, config)  # the global data flags, as training applies them
         source = open_dataset(dataset)
         scan = scan_image_dataset(dataset, source)
         edge = pixel_edge(dataset.resolution, dataset.resolution_type)
         alignment = bucket_alignment(config.aspect_bucket_alignment, scale, edge)
-        placed, excluded = place_images(scan.records, dataset, alignment)
+        placed, excluded = place_images(scan.records, dataset, alignment, rounding=config.aspect_bucket_rounding)
         buckets = buckets_of(placed)
         skipped = list(scan.skipped) + excluded
         sizes = ", ".join(f"{w}x{h}: {len(records)}" for (w, h), records in buckets.items()) or "none"
@@ -49,6 +53,17 @@ def describe_datasets(config) -> list[str]:
     return lines
 
 
+def describe_launcher(launcher) -> str:
+    """One line: processes, machines, compiler, extra accelerate arguments, and where they came from."""
+    text = f"launcher: {launcher.num_processes} process(es), dynamo {launcher.dynamo_backend or 'off'}"
+    if launcher.num_machines > 1:
+        text += (f", {launcher.num_machines} machines (this one rank {launcher.machine_rank}, main "
+                 f"{launcher.main_process_ip}:{launcher.main_process_port})")
+    if launcher.accelerate_extra_args:
+        text += f", accelerate args {' '.join(launcher.accelerate_extra_args)}"
+    return text + (f", from {launcher.source}" if launcher.source else "")
+
+
 def describe_plan(run) -> str:
     """The text ``--dry-run`` prints."""
     config = run.config
@@ -56,8 +71,7 @@ def describe_plan(run) -> str:
         "=== resolved config (values that differ from the defaults) ===",
         json.dumps(config.non_default(), indent=2, default=str),
         f"config file: {run.config_file or 'none (flags only)'}",
-        f"launcher: {run.launcher.num_processes} process(es), dynamo {run.launcher.dynamo_backend or 'off'}"
-        + (f", from {run.launcher.source}" if run.launcher.source else ""),
+        describe_launcher(run.launcher),
     ]
     lines += describe_datasets(config)
     return "\n".join(lines)

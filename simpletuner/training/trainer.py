@@ -114,16 +114,17 @@ class Trainer:
             return build_training_data(self.config, self.model, plan, show_progress=self.show_progress and self.is_main)
 
     def _prepare_trainable(self) -> list[torch.nn.Parameter]:
-        from simpletuner.models.adapters import add_lora
+        from simpletuner.training.adapter import attach_adapter
         from simpletuner.training.freezing import apply_bitfit
 
         config = self.config
         denoiser = self.model.denoiser
         if config.model_type == "lora":
-            self.lora_config = add_lora(denoiser, self.model.lora_target_modules(), config.lora_rank,
-                                        config.lora_alpha, config.lora_dropout)
+            # PEFT or LyCORIS, targets, init, --init_lora: simpletuner/training/adapter.py
+            self.adapter = attach_adapter(self.model, config, current_step=lambda: self.state.global_step)
+            self.lora_config = self.adapter.lora_config
         else:
-            self.lora_config = None
+            self.lora_config = self.adapter = None
             denoiser.requires_grad_(True)
             if config.layer_freeze_strategy == "bitfit":
                 logger.info("bitfit: %d bias parameters train, every other weight is frozen", apply_bitfit(denoiser))
@@ -222,8 +223,6 @@ class Trainer:
     def _maybe_resume(self) -> None:
         from safetensors.torch import load_model
 
-        from simpletuner.models.adapters import load_lora_weights_into
-
         folder = ckpt.resolve_resume_path(self.output_dir, self.config.resume_from_checkpoint)
         if folder is None:
             if self.config.resume_from_checkpoint == "latest":
@@ -238,7 +237,7 @@ class Trainer:
         distributed.check_resume_topology(folder, state, self.config, self.accelerator.num_processes)
         denoiser = self._unwrapped_denoiser()
         if self.config.model_type == "lora":
-            load_lora_weights_into(denoiser, folder / WEIGHTS_FILE, prefix=self.model.denoiser_name)
+            self.adapter.load_checkpoint(folder / WEIGHTS_FILE)  # any --lora_format; SingLoRA/PiSSA exactly
         else:
             load_model(denoiser, str(folder / FULL_WEIGHTS_FILE))
         if self.text_encoders is not None:
@@ -328,7 +327,8 @@ class Trainer:
         step = self.state.global_step
         for index in range(processes):
             if index == rank:
-                distributed.seed_batch(self.batch_seed_base, self.data.sampler.draws)  # global batch index
+                # the batch's randomness depends on its index in the global order, not on the process
+                distributed.seed_batch(self.batch_seed_base, self.data.state_dict()["draws"])
                 batch = self.data.next_batch(step)
             else:
                 self.data.skip_batch(step)
@@ -386,18 +386,8 @@ class Trainer:
         }
 
     def _save_lora(self, folder: Path) -> Path:
-        from simpletuner.models.adapters import add_file_metadata, lora_state_dict
-
-        folder.mkdir(parents=True, exist_ok=True)
-        state = lora_state_dict(self._unwrapped_denoiser())
-        if self.text_encoders is None:
-            file = self.model.save_lora(folder, state, {"lora_config": self.lora_config})
-        else:
-            metadata = {"lora_config": self.lora_config,
-                        "text_encoder_lora_config": next(iter(self.text_encoders.lora_configs.values()), None)}
-            file = self.model.save_lora(folder, state, metadata, text_encoder_states=self.text_encoders.lora_states())
-        add_file_metadata(file, self._provenance())
-        return file
+        """The adapter (and text-encoder LoRAs) in ``--lora_format``, provenance in its metadata."""
+        return self.adapter.save(folder, self.text_encoders, self._provenance())
 
     def save_final(self) -> Path | None:
         """The run's product: a LoRA file or a full pipeline folder, plus EMA weights beside it.
@@ -481,6 +471,9 @@ def train(config, launcher=None, config_file: Path | None = None, show_progress:
     """Run a whole training job; returns the finished trainer (tests read its state)."""
     trainer = Trainer(config, launcher=launcher, config_file=config_file, show_progress=show_progress)
     trainer.setup()
-    trainer.fit()
-    trainer.save_final()
+    try:
+        trainer.fit()
+        trainer.save_final()
+    finally:
+        trainer.data.close()  # stops the prefetch thread, also when training fails
     return trainer

@@ -103,7 +103,9 @@ class Validator:
         """Sample every prompt x image index x resolution; write PNGs and a grid per resolution."""
         import torch
 
-        denoiser = model.denoiser
+        from simpletuner.training.distributed import unwrap_parallel
+
+        denoiser = unwrap_parallel(model.denoiser)  # DDP's forward would wait for the other processes
         # every trained network samples in eval mode (no LoRA dropout), then goes back to training
         networks = [denoiser, *model.trainable_text_encoders().values()]
         training_modes = [network.training for network in networks]
@@ -115,7 +117,10 @@ class Validator:
         folder = self.output_dir / "validation" / (label or f"step_{step}")
         folder.mkdir(parents=True, exist_ok=True)
         results = {}
-        with torch.no_grad(), self._autocast(model):
+        from simpletuner.training.adapter import validation_strength
+
+        # --validation_lycoris_strength: the adapter's multiplier while sampling, restored after
+        with torch.no_grad(), self._autocast(model), validation_strength(model):
             for size in self.settings.resolutions:
                 images = generate_images(pipeline, prompts, self.settings, self.device, size,
                                          extra_arguments=model.pipeline_call_arguments())

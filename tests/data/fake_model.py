@@ -1,6 +1,6 @@
 """A stand-in model family and small workspaces for data-path tests that must stay fast.
 
-``FakeModel`` offers exactly what the data path calls (``fingerprint_parts``, ``vae_scale_factor``,
+``FakeModel`` offers exactly what the data path calls (``fingerprint_parts``, ``pixels_per_token``,
 ``encode_images``, ``encode_prompts``) with deterministic, cheap tensors: its "latents" are the pixels
 average-pooled by 8, so a test can tell crops apart from latents, and it counts what it encodes.
 """
@@ -26,6 +26,9 @@ class FakeModel:
         return {"family": "fake", "model": "fake"}
 
     def vae_scale_factor(self) -> int:
+        return 8
+
+    def pixels_per_token(self) -> int:
         return 8
 
     def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

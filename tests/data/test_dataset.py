@@ -62,6 +62,7 @@ def test_bucket_alignment_rule() -> None:
     assert bucket_alignment(64, 4, 64.0) == 64  # a 64 px dataset keeps 64x64 buckets
     assert bucket_alignment(64, 4, 32.0) == 8  # smaller than the alignment: 2 * vae scale
     assert bucket_alignment(2, 8, 512.0) == 8  # never below the VAE scale factor
+    assert bucket_alignment(8, 16, 512.0) == 16  # nor below a transformer patch (SD3: 2 x 2 cells of 8 px)
 
 
 def test_next_batch_shapes_keys_and_single_bucket(tmp_path: Path, tiny) -> None:

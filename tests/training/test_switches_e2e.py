@@ -185,3 +185,31 @@ def test_fp32_gradients_and_cache_clearing_in_a_bf16_full_run(project, monkeypat
     assert trainer.grad_accumulator is not None and trainer.grad_accumulator.active
     assert not trainer.grad_accumulator.buffers  # every sum was written back before its optimizer step
     assert len(trainer.state.losses) == 4 and clears == ["cpu", "cpu"]
+
+
+def masked_project(root: Path, project: Path, value: int) -> Path:
+    """A copy of the dataset list with a mask dataset paired to every image; every mask is ``value``."""
+    from PIL import Image
+
+    masks = root / f"masks-{value}"
+    masks.mkdir(parents=True, exist_ok=True)
+    for image in sorted((project / "data").glob("*.png")):
+        Image.new("L", Image.open(image).size, value).save(masks / image.name)
+    datasets = json.loads((project / "multidatabackend.json").read_text())
+    datasets[0] = {**datasets[0], "conditioning_data": "masks"}
+    datasets.append({"id": "masks", "type": "local", "dataset_type": "conditioning", "instance_data_dir": str(masks),
+                     "conditioning_type": "mask"})
+    listing = root / f"masked-{value}.json"
+    listing.write_text(json.dumps(datasets))
+    return listing
+
+
+def test_masked_loss_counts_only_the_masked_pixels(project, tmp_path):
+    """An all-white mask changes nothing; an all-black one leaves nothing to learn (loss 0, weights unchanged)."""
+    plain = train(config_for(project, "mask-none"), show_progress=False).state.losses
+    white = train(config_for(project, "mask-white", data_backend_config=masked_project(tmp_path, project, 255)),
+                  show_progress=False).state.losses
+    assert white == pytest.approx(plain, rel=1e-5)
+    black = train(config_for(project, "mask-black", data_backend_config=masked_project(tmp_path, project, 0),
+                             masked_loss_probability=1.0), show_progress=False)
+    assert black.state.losses == [0.0, 0.0, 0.0]

@@ -35,7 +35,8 @@ EMPTY_CAPTION = ""
 class TextEmbedCache:
     """Prompt embeddings (model tensors with the batch dimension removed), on disk and in RAM."""
 
-    def __init__(self, cache_dir: str | Path, model, memory: TensorMemory | None = None, compress: bool = False) -> None:
+    def __init__(self, cache_dir: str | Path, model, memory: TensorMemory | None = None,
+                 compress: bool = False) -> None:
         self.cache_dir = Path(cache_dir)
         self.entries = LocalEntries(self.cache_dir, compress=compress)
         self.model = model

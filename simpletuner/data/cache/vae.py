@@ -127,8 +127,9 @@ class ContentIndex:
             self._dirty = True
 
     def save(self) -> None:
-        """Write the index atomically, only when something changed."""
-        if not self._dirty:
+        """Write the index atomically, only when something changed, and only from the main process
+        (RANK 0, or no launcher): the others run after it and share its file."""
+        if not self._dirty or os.environ.get("RANK", "0") != "0":
             return
         payload = {"version": _CONTENT_INDEX_VERSION, "files": self._entries}
         self.entries.write_text(CONTENT_INDEX_NAME, json.dumps(payload, sort_keys=True, indent=0) + "\n")
@@ -257,7 +258,6 @@ class VaeCache:
         if batch_size < 1:
             raise ValueError(f"vae batch size must be at least 1, got {batch_size}")
         self.model = model
-        self._batch_size = batch_size
         report = CacheReport()
         if self.mode == "disable":
             return report

@@ -58,25 +58,28 @@ OPTIONS: list[Option] = [
         name="lora_init_type",
         kind="str",
         default=None,
-        help="How the adapter matrices are initialised before training.",
+        help="How the adapter matrices start: unset uses a Gaussian A (diffusers' examples), default is PEFT's Kaiming-uniform A; pissa and olora move the top singular/QR directions of each weight into the adapter; loftq (CUDA only) pairs it with a 4-bit base.",
         group=_G,
         choices=("default", "gaussian", "loftq", "olora", "pissa"),
+        implemented=True,
     ),
     Option(
         name="lora_format",
         kind="str",
         default="diffusers",
-        help="Key layout used when saving and loading LoRA files: the Diffusers/PEFT layout or the ComfyUI layout.",
+        help="Key layout of saved LoRA files: diffusers (what the family's pipeline loads) or comfyui (what ComfyUI maps completely, kohya names for SD UNets). Loading detects the layout by itself.",
         group=_G,
         choices=("diffusers", "comfyui"),
+        implemented=True,
     ),
     Option(
         name="peft_lora_mode",
         kind="str",
         default=None,
-        help="Variant of PEFT LoRA to train; singlora uses a single shared matrix per layer.",
+        help="Variant of PEFT LoRA to train; singlora learns one matrix A per layer and applies A·Aᵀ, faded in over --singlora_ramp_up_steps.",
         group=_G,
         choices=("standard", "singlora"),
+        implemented=True,
     ),
     Option(
         name="peft_lora_target_modules",
@@ -84,13 +87,15 @@ OPTIONS: list[Option] = [
         default=None,
         help="JSON list of module names (or a file holding one) that receive LoRA layers, replacing the family's preset.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="singlora_ramp_up_steps",
         kind="int",
         default=None,
-        help="Steps over which a SingLoRA adapter's influence is faded in from zero.",
+        help="Steps over which a SingLoRA adapter's influence is faded in from zero (default 1000).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="slider_lora_target",
@@ -98,14 +103,20 @@ OPTIONS: list[Option] = [
         default=False,
         help="Place standard LoRA layers on self-attention and conv/time-embedding modules, which suits slider-style concepts.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="flux_lora_target",
         kind="str",
         default=None,
-        help="Preset naming which Flux layers get adapter weights.",
+        help="Flux: which transformer modules get LoRA weights. mmdit (default): image-stream attention of every "
+        "block; context: text-stream attention of the double blocks (context+ffs adds their text feed-forwards); all: "
+        "both; all+ffs: all plus every feed-forward and single-block MLP (all+ffs+embedder adds the image patch "
+        "embedder, ai-toolkit the adaptive-norm modulation); tiny / nano: the MLP output of two / one single blocks. "
+        "The controlnet presets need ControlNet training, which is not available.",
         group=_G,
         choices=FLUX_LORA_TARGETS,
+        implemented=True,
     ),
     Option(
         name="init_lora",
@@ -113,6 +124,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Existing LoRA or LyCORIS .safetensors file whose weights seed the new adapter.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="lycoris_config",
@@ -120,13 +132,15 @@ OPTIONS: list[Option] = [
         default=None,
         help="JSON file (or inline JSON) describing the LyCORIS algorithm, dimensions and target modules.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="init_lokr_norm",
         kind="float",
         default=None,
-        help="When set, LoKr layers start from a small random perturbation of this scale instead of zeros.",
+        help="When set, LoKr layers start from a small random perturbation of this scale instead of a zero update (needs full w2 matrices).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="use_dora",
@@ -134,5 +148,6 @@ OPTIONS: list[Option] = [
         default=False,
         help="Train a DoRA adapter, which learns magnitude and direction of the weights separately.",
         group=_G,
+        implemented=True,
     ),
 ]

@@ -37,9 +37,11 @@ OPTIONS: list[Option] = [
         name="caption_strategy",
         kind="str",
         default=None,
-        help="Where captions come from: the file name, a matching .txt file, the instance prompt, or a parquet column.",
+        help="Where captions come from: the file name, a matching .txt file, the instance prompt, or a parquet column; "
+        "the default for datasets that do not set caption_strategy.",
         group=_G,
         choices=("filename", "textfile", "instance_prompt", "parquet"),
+        implemented=True,
     ),
     Option(
         name="instance_prompt",
@@ -47,13 +49,15 @@ OPTIONS: list[Option] = [
         default=None,
         help="Fixed prompt used as (or added to) the caption of every training image.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="prepend_instance_prompt",
         kind="bool",
         default=False,
-        help="Put the instance prompt in front of captions taken from file names.",
+        help="Put the instance prompt in front of every caption (default for datasets that do not set it).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="only_instance_prompt",
@@ -61,6 +65,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Ignore per-image captions and train every image with the instance prompt alone.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="parquet_caption_column",
@@ -89,8 +94,12 @@ OPTIONS: list[Option] = [
         name="tokenizer_max_length",
         kind="int",
         default=None,
-        help="Advanced: force a different maximum token count for caption tokenisation.",
+        help="Advanced: force a different maximum token count for caption tokenisation. SD3: the T5 token count "
+        "(default 154, at most 512; CLIP always takes 77); DeepFloyd: default and maximum 77; Flux: the T5 token count "
+        "(default 512, or 256 for models without a guidance embedding such as [schnell]). Changing it rebuilds the "
+        "text-embed cache.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="conditioning_multidataset_sampling",
@@ -99,6 +108,7 @@ OPTIONS: list[Option] = [
         help="With several conditioning datasets: combined stitches all inputs into each sample, random picks one per sample.",
         group=_G,
         choices=("combined", "random"),
+        implemented=True,
     ),
     Option(
         name="data_backend_sampling",
@@ -113,23 +123,27 @@ OPTIONS: list[Option] = [
         name="allow_dataset_oversubscription",
         kind="bool",
         default=False,
-        help="Raise a dataset's repeats automatically when it holds fewer samples than one effective batch "
-        "(batch size x GPUs x accumulation); repeats set by hand are left alone.",
+        help="Raise a dataset's repeats automatically when it cannot fill one batch per process "
+        "(train_batch_size x processes samples per epoch); repeats set by hand are left alone.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ignore_missing_files",
         kind="bool",
         default=False,
-        help="Keep going when files listed in a cache or index no longer exist.",
+        help="Skip files of a stored listing (preserve_data_backend_cache, skip_file_discovery) that no longer exist "
+        "instead of stopping.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="delete_unwanted_images",
         kind="bool",
         default=False,
-        help="Remove images below the minimum size from storage instead of just skipping them.",
+        help="Delete images that the size, aspect or upscale rules leave out from storage instead of just skipping them.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="delete_problematic_images",
@@ -137,6 +151,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Remove images that fail to load from storage.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="data_aesthetic_score",
@@ -151,6 +166,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Skip images whose sides are smaller than this (pixels or megapixels, following resolution_type).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="maximum_image_size",
@@ -158,6 +174,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Shrink images larger than this before cropping, so a crop keeps more of the scene. Unit follows resolution_type.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="target_downsample_size",
@@ -165,6 +182,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Size that images over maximum_image_size are shrunk to before cropping.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="max_upscale_threshold",
@@ -173,6 +191,7 @@ OPTIONS: list[Option] = [
         help="Largest allowed upscale as a fraction between 0 and 1 (0.2 = 20%); buckets needing more are dropped. "
         "Unset means no limit.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="aspect_bucket_alignment",
@@ -190,13 +209,15 @@ OPTIONS: list[Option] = [
         help="Number of decimals kept when aspect ratios are rounded to form buckets.",
         group=_G,
         choices=(1, 2, 3, 4, 5, 6, 7, 8, 9),
+        implemented=True,
     ),
     Option(
         name="aspect_bucket_worker_count",
         kind="int",
         default=12,
-        help="Workers used while sorting images into aspect buckets; roughly the CPU thread count, more for slow remote storage.",
+        help="Threads reading image headers and captions while scanning remote (S3) storage; local files are scanned by one thread.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="aspect_bucket_disable_rebuild",
@@ -209,16 +230,18 @@ OPTIONS: list[Option] = [
         name="disable_bucket_pruning",
         kind="bool",
         default=False,
-        help="Keep buckets that hold fewer images than a batch instead of dropping them. Useful for tiny datasets, "
-        "but epoch counts and statistics can become misleading.",
+        help="Keep buckets that hold fewer images than a batch instead of dropping them (their images are repeated to fill "
+        "one batch per epoch). Useful for tiny datasets, but epoch counts and statistics can become misleading.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="metadata_update_interval",
         kind="int",
         default=None,
-        help="Seconds between saves of the bucket metadata while it is being built.",
+        help="Seconds between saves of a partial dataset scan, so an interrupted scan resumes where it stopped.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="preserve_data_backend_cache",
@@ -227,13 +250,16 @@ OPTIONS: list[Option] = [
         help="Reuse the stored file listing of a dataset instead of rescanning it at startup; "
         "only safe for storage whose contents never change.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="override_dataset_config",
         kind="bool",
         default=False,
-        help="Skip the comparison between a dataset's cached settings and the current ones. Changing settings under an existing cache can crash runs.",
+        help="Use a dataset's stored scan (skip_file_discovery) even when its caption or storage settings changed since; "
+        "without it such a dataset is scanned again.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="skip_file_discovery",
@@ -241,6 +267,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Discovery stages to skip at startup, any of aspect, vae, text, metadata. Resumes faster but missing or misfiled images may go unnoticed.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="cache_dir",
@@ -254,23 +281,27 @@ OPTIONS: list[Option] = [
         name="cache_dir_text",
         kind="str",
         default="",
-        help="Local folder for cached text embeddings; empty means a default location under cache_dir.",
+        help="Local folder for cached text embeddings when the text_embeds entry sets no cache_dir; empty means cache_dir/text.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="cache_dir_vae",
         kind="str",
         default="",
-        help="Local folder for cached latents; empty means a default location under cache_dir.",
+        help="Folder for cached latents of datasets that set no cache_dir_vae (one subfolder per dataset id); "
+        "empty means cache_dir/vae.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="compress_disk_cache",
         kind="bool",
         default=False,
         help="Gzip the latent and text embedding caches, often saving a lot of space (T5 embeds especially) at some speed cost. "
-        "Existing caches must be deleted to be rebuilt compressed.",
+        "Entries already written stay readable either way; new ones are written compressed.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="vae_batch_size",
@@ -286,6 +317,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Encode latents as batches are drawn instead of filling the whole cache before training.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="vae_cache_disable",
@@ -293,6 +325,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Never write latents to disk; implies on-demand encoding.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="vae_cache_scan_behaviour",
@@ -302,34 +335,39 @@ OPTIONS: list[Option] = [
         "sync updates the bucket metadata instead.",
         group=_G,
         choices=("recreate", "sync"),
+        implemented=True,
     ),
     Option(
         name="image_processing_batch_size",
         kind="int",
         default=None,
-        help="Images queued at once for parallel resizing and cropping.",
+        help="Images decoded, resized and cropped ahead of the VAE while the latent cache is built (default 2 x vae_batch_size).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="read_batch_size",
         kind="int",
         default=None,
-        help="Images read ahead by the latent cache builder.",
+        help="Images whose bytes are read ahead from remote storage by the latent cache builder (default 2 x vae_batch_size).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="write_batch_size",
         kind="int",
         default=64,
-        help="Cache objects grouped into one write; batching helps S3 and some network filesystems.",
+        help="Latent cache entries written together; to an S3 cache they are written in parallel.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="max_workers",
         kind="int",
         default=None,
-        help="Threads or processes used while building the latent cache.",
+        help="Threads decoding and resizing images (and fetching them from S3) while building the latent cache; default up to 4.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="aws_max_pool_connections",
@@ -337,6 +375,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Upper bound on simultaneous open connections to an S3 bucket.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="dataloader_prefetch",
@@ -345,6 +384,7 @@ OPTIONS: list[Option] = [
         help="Load upcoming batches (latents, embeddings, metadata) in the background so the GPU does not wait on I/O. "
         "Mostly helps fast GPUs at low resolution.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="dataloader_prefetch_qlen",
@@ -352,6 +392,7 @@ OPTIONS: list[Option] = [
         default=10,
         help="Number of batches each process keeps ready when prefetching.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="framerate",

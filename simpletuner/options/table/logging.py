@@ -92,6 +92,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Log each file name as it is processed, to find a corrupt or truncated image.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="print_sampler_statistics",

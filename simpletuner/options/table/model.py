@@ -78,6 +78,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Take the transformer (denoiser) weights from a different hub id or folder than the rest of the pipeline.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="pretrained_transformer_subfolder",
@@ -85,6 +86,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Folder inside the transformer source that holds its weights.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="pretrained_unet_model_name_or_path",
@@ -92,6 +94,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Take the UNet weights from a different hub id or folder than the rest of the pipeline.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="pretrained_unet_subfolder",
@@ -99,6 +102,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Folder inside the UNet source that holds its weights.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="pretrained_t5_model_name_or_path",
@@ -106,6 +110,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Where to load the T5 text encoder from; handy to share one download between several base models.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="pretrained_gemma_model_name_or_path",

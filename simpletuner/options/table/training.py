@@ -568,69 +568,86 @@ OPTIONS: list[Option] = [
         name="flux_fast_schedule",
         kind="bool",
         default=False,
-        help="Experimental Flux timestep schedule aimed at few-step models.",
+        help="Flux: train on the few noise levels a four-step sampler visits (pure noise 70% of the time, else "
+        "0.75, 0.5 or 0.25) instead of a continuous sigma distribution; meant for FLUX.1 [schnell]. Replaces the "
+        "--flow_* sigma distribution and shift.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="flux_guidance_mode",
         kind="str",
         default=None,
-        help="Guidance value fed to Flux while training: a fixed number (constant) or a random draw per sample (random-range).",
+        help="Guidance value fed to Flux while training: a fixed number (constant, the default) or a random draw per "
+        "sample (random-range). Only guidance-distilled models ([dev], Krea) have a guidance input.",
         group=_G,
         choices=("constant", "random-range"),
+        implemented=True,
     ),
     Option(
         name="flux_guidance_value",
         kind="float",
         default=None,
-        help="Guidance number used in constant mode.",
+        help="Flux: the guidance number used in constant mode (default 1.0).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="flux_guidance_min",
         kind="float",
         default=None,
-        help="Lower bound of the random guidance draw.",
+        help="Flux: lower bound of the uniform guidance draw in random-range mode (required there).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="flux_guidance_max",
         kind="float",
         default=None,
-        help="Upper bound of the random guidance draw.",
+        help="Flux: upper bound of the uniform guidance draw in random-range mode (required there).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="flux_attention_masked_training",
         kind="bool",
         default=False,
-        help="Mask padding text tokens out of Flux attention while training.",
+        help="Flux: hide padded T5 tokens from the transformer's joint attention (training and validation), using "
+        "the T5 attention mask cached with each prompt.",
         group=_G,
+        implemented=True,
     ),
     # --- text conditioning quirks ----------------------------------------------------------
     Option(
         name="t5_padding",
         kind="str",
         default=None,
-        help="Whether padded positions of T5 embeddings are zeroed or kept as produced.",
+        help="Whether padded positions of T5 embeddings are zeroed or kept as produced (SD3, DeepFloyd and Flux "
+        "default: unmodified). Changing it rebuilds the text-embed cache.",
         group=_G,
         choices=("zero", "unmodified"),
+        implemented=True,
     ),
     Option(
         name="sd3_clip_uncond_behaviour",
         kind="str",
         default=None,
-        help="How SD3 builds the CLIP part of an empty prompt: encode an empty string, or use zeros.",
+        help="How SD3 builds the CLIP part of an empty prompt: encode an empty string, or use zeros. "
+        "The CLIP part is the 77 CLIP tokens and the pooled embedding; caption dropout trains on it and "
+        "validation uses it as the negative prompt. Default: empty_string.",
         group=_G,
         choices=_UNCOND,
+        implemented=True,
     ),
     Option(
         name="sd3_t5_uncond_behaviour",
         kind="str",
         default=None,
-        help="How SD3 builds the T5 part of an empty prompt: encode an empty string, or use zeros.",
+        help="How SD3 builds the T5 part of an empty prompt: encode an empty string, or use zeros. "
+        "Default: the same as sd3_clip_uncond_behaviour.",
         group=_G,
         choices=_UNCOND,
+        implemented=True,
     ),
     Option(
         name="sana_complex_human_instruction",

@@ -129,8 +129,11 @@ OPTIONS: list[Option] = [
         name="validation_guidance_real",
         kind="float",
         default=None,
-        help="True CFG scale for guidance-distilled models such as Flux schnell; 1.0 leaves CFG off.",
+        help="Flux: real classifier-free guidance scale at validation (the pipeline's true_cfg_scale): above 1.0 "
+        "every step also runs the negative prompt (the empty prompt unless --validation_negative_prompt is set), "
+        "twice the cost. Unset or 1.0 leaves it off; --validation_guidance stays the embedded guidance.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_guidance_rescale",
@@ -143,8 +146,10 @@ OPTIONS: list[Option] = [
         name="validation_no_cfg_until_timestep",
         kind="int",
         default=None,
-        help="Flux only: run the early timesteps without CFG, turning it on from this timestep.",
+        help="Flux only: run the first N validation denoising steps without real CFG (N counts steps, not "
+        "timestep values), turning it on from step N; needs --validation_guidance_real above 1.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_disable_unconditional",
@@ -246,8 +251,9 @@ OPTIONS: list[Option] = [
         name="validation_lycoris_strength",
         kind="float",
         default=None,
-        help="Multiplier applied to LyCORIS adapter weights while sampling.",
+        help="Multiplier applied to LyCORIS adapter weights while sampling (the training multiplier is restored after).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_using_datasets",

@@ -1,0 +1,65 @@
+"""Fixtures for the adapter tests: one tiny sd1x project (model, 8 shape images, dataset list), a
+config builder, and one torch thread (two threads on a shared 2-core machine run these tiny models
+many times slower)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    from simpletuner.testing.shapes import make_demo_dataset
+    from simpletuner.testing.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("adapters")
+    make_tiny_model("sd1x", root / "model", seed=0)
+    make_demo_dataset(root / "data", 8, size=64, seed=3)
+    (root / "multidatabackend.json").write_text(json.dumps([
+        {"id": "shapes", "type": "local", "instance_data_dir": str(root / "data"), "caption_strategy": "textfile",
+         "resolution": 64, "resolution_type": "pixel"},
+        {"id": "text", "dataset_type": "text_embeds", "cache_dir": str(root / "cache" / "text"), "default": True},
+    ]))
+    return root
+
+
+def adapter_config(root: Path, output: str = "out", **overrides):
+    """A validated sd1x LoRA config (64 px, batch 2, 3 steps); overrides are flag values."""
+    from simpletuner.options.resolve import resolve_run
+
+    values = {
+        "model_family": "sd1x", "pretrained_model_name_or_path": str(root / "model"), "model_type": "lora",
+        "output_dir": str(root / output), "data_backend_config": str(root / "multidatabackend.json"),
+        "cache_dir": str(root / "cache"), "resolution": 64, "resolution_type": "pixel", "aspect_bucket_alignment": 8,
+        "mixed_precision": "no", "train_batch_size": 2, "max_train_steps": 3, "seed": 7, "learning_rate": 1e-3,
+        "report_to": "none", "disable_benchmark": "true", "optimizer": "optimi-adamw", "lora_rank": 4,
+    }
+    values.update(overrides)
+    values = {k: v for k, v in values.items() if v is not None}
+    argv = [token for key, value in values.items()
+            for token in (f"--{key}", value if isinstance(value, str) else json.dumps(value))]
+    return resolve_run(argv).config
