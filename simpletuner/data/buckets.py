@@ -79,6 +79,11 @@ def target_size(
     return round_to_alignment(width * scale, alignment), round_to_alignment(height * scale, alignment)
 
 
+def bucket_label(size: tuple[int, ...]) -> str:
+    """``"704x512"`` for an image bucket, ``"704x512x17"`` for a video bucket (width, height, frames)."""
+    return "x".join(str(value) for value in size)
+
+
 def aspect_key(width: int, height: int) -> str:
     """Aspect ratio ``width / height`` with two decimals (``"1.50"``), for logs and reports."""
     return f"{width / height:.2f}"

@@ -20,8 +20,8 @@ from functools import partial
 from pathlib import Path
 
 from simpletuner.data.backends import Backend, cache_backend, is_remote_cache, open_dataset, storage_backend
-from simpletuner.data.buckets import bucket_alignment, pixel_edge
-from simpletuner.data.cache.store import BackendEntries, LocalEntries, TensorMemory
+from simpletuner.data.buckets import bucket_alignment, bucket_label, pixel_edge
+from simpletuner.data.cache.store import BackendEntries, CacheReport, LocalEntries, TensorMemory
 from simpletuner.data.cache.text import TextEmbedCache
 from simpletuner.data.cache.vae import VaeCache, VaeCacheOptions
 from simpletuner.data.caption_rules import CaptionRules
@@ -34,9 +34,10 @@ from simpletuner.data.dataset import (
     NoTrainingDataError,
     TrainingData,
 )
-from simpletuner.data.geometry import buckets_of, crop_anchor, place_images
+from simpletuner.data.geometry import buckets_of, crop_anchor
 from simpletuner.data.metadata import ImageRecord
 from simpletuner.data.mixing import DatasetMixer, DatasetSchedule, dataset_weight
+from simpletuner.data.video import placement_function
 from simpletuner.data.sampler import BucketBatchSampler
 from simpletuner.data.scan_cache import ScanCache, scan_settings_fingerprint, scan_with_cache
 from simpletuner.data.settings import (
@@ -82,13 +83,17 @@ def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = 
     settings = DataSettings.from_config(config, num_processes)
     memory = TensorMemory()
     conditioning = _open_conditioning(plan, config, settings, memory)
-    shared_filters = plan.text_embeds.caption_filter_list
     prepared: dict[str, PreparedDataset] = {}
     summaries: list[DatasetSummary] = []
     for raw_cfg in plan.enabled_images:
         cfg = resolve_dataset(raw_cfg, config)
         sets = [conditioning[name] for name in cfg.conditioning_data]
-        dataset = _prepare_dataset(cfg, settings, model, memory, sets, shared_filters, show_progress)
+        shared_filters = plan.text_embeds_for(cfg).caption_filter_list
+        if cfg.dataset_type == "video" and (raw_cfg.video is None or raw_cfg.video.num_frames is None):
+            logger.warning("dataset %s: no num_frames in its \"video\" object; training clips of %d frames (5 seconds "
+                           "at --framerate); set num_frames to use less memory", cfg.id, cfg.video.num_frames)
+        dataset = _prepare_dataset(cfg, settings, model, memory, sets, shared_filters, show_progress,
+                                   role=cfg.dataset_type)
         summaries.append(dataset.summary)
         if any(dataset.buckets.values()):
             prepared[cfg.id] = dataset
@@ -97,15 +102,13 @@ def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = 
     evals = {}
     for raw_cfg in plan.eval_datasets:
         cfg = resolve_dataset(raw_cfg, config)
-        evals[cfg.id] = _prepare_dataset(cfg, settings, model, memory, [], shared_filters, show_progress, role="eval")
+        evals[cfg.id] = _prepare_dataset(cfg, settings, model, memory, [], plan.text_embeds_for(cfg).caption_filter_list,
+                                         show_progress, role="eval")
         summaries.append(evals[cfg.id].summary)
-    text_cache = TextEmbedCache(text_cache_dir(plan.text_embeds, config), model, memory, compress=settings.compress)
     everything = list(prepared.values()) + list(evals.values())
-    captions = [caption for dataset in everything for records in dataset.buckets.values() for record in records
-                for caption in record.caption_variants]
-    skip_text = "text" in discovery_stages(getattr(config, "skip_file_discovery", None))
-    text_report = text_cache.ensure(captions, TEXT_ENCODE_BATCH_SIZE, progress=show_progress, verify=not skip_text)
+    text_caches, text_report = _cache_captions(plan, everything, config, settings, model, memory, show_progress)
     logger.info("text embeds: %d reused, %d built", text_report.reused, text_report.built)
+    text_cache = text_caches[plan.text_embeds.id]
     mixer = _build_mixer(prepared, settings)
     bucket_of = {record: size for dataset in everything for size, records in dataset.buckets.items()
                  for record in records}
@@ -113,6 +116,8 @@ def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = 
         mixer, summaries, text_report,
         latent_caches={dataset.cfg.id: dataset.cache for dataset in everything},
         text_cache=text_cache, bucket_of=bucket_of, batch_size=settings.batch_size,
+        text_caches={dataset.cfg.id: text_caches[plan.text_embeds_for(dataset.cfg).id] for dataset in everything
+                     if plan.text_embeds_for(dataset.cfg).id != plan.text_embeds.id},
         roles={name: dataset.role for name, dataset in prepared.items()},
         eval_datasets={name: EvalDataset(name, dataset.buckets) for name, dataset in evals.items()},
         seed=settings.seed, conditioning_sampling=settings.conditioning_sampling,
@@ -120,6 +125,31 @@ def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = 
     if settings.prefetch_batches:
         data.enable_prefetch(settings.prefetch_batches, settings.rank, settings.num_processes)
     return data
+
+
+def _cache_captions(plan: DatasetPlan, datasets: list[PreparedDataset], config, settings: DataSettings, model,
+                    memory: TensorMemory, show_progress: bool) -> tuple[dict[str, TextEmbedCache], CacheReport]:
+    """Encode every caption variant into the cache of its dataset's ``text_embeds`` entry.
+
+    Returns the caches by entry id (the default entry's always among them) and the summed report.
+    """
+    entries = {plan.text_embeds.id: plan.text_embeds}
+    captions: dict[str, list[str]] = {plan.text_embeds.id: []}
+    for dataset in datasets:
+        entry = plan.text_embeds_for(dataset.cfg)
+        entries[entry.id] = entry
+        captions.setdefault(entry.id, []).extend(caption for records in dataset.buckets.values()
+                                                 for record in records for caption in record.caption_variants)
+    skip_text = "text" in discovery_stages(getattr(config, "skip_file_discovery", None))
+    caches: dict[str, TextEmbedCache] = {}
+    total = CacheReport()
+    for entry_id, wanted in captions.items():
+        cache = TextEmbedCache(text_cache_dir(entries[entry_id], config), model, memory, compress=settings.compress)
+        report = cache.ensure(wanted, TEXT_ENCODE_BATCH_SIZE, progress=show_progress, verify=not skip_text)
+        total.reused += report.reused
+        total.built += report.built
+        caches[entry_id] = cache
+    return caches, total
 
 
 # --- one dataset -----------------------------------------------------------------------------------
@@ -152,7 +182,7 @@ def _prepare_dataset(cfg: ImageDatasetConfig, settings: DataSettings, model, mem
     records = _subset(scan.records, cfg, settings.seed)
     edge = pixel_edge(cfg.resolution, cfg.resolution_type)
     alignment = bucket_alignment(settings.aspect_bucket_alignment, model.pixels_per_token(), edge)
-    placed, excluded = place_images(records, cfg, alignment, settings.aspect_bucket_rounding)
+    placed, excluded = placement_function(cfg)(records, cfg, alignment, settings.aspect_bucket_rounding)
     for path, reason in excluded:
         logger.info("dataset %s: leaving out %s: %s", cfg.id, path, reason)
     if cfg.delete_unwanted_images:
@@ -166,8 +196,8 @@ def _prepare_dataset(cfg: ImageDatasetConfig, settings: DataSettings, model, mem
             unpaired.append((record.path, reason))
             logger.warning("dataset %s: skipping %s: %s", cfg.id, record.path, reason)
     buckets = buckets_of(placed)
-    cache = VaeCache(cfg.cache_dir_vae, cfg.id, cfg.instance_data_dir, crop=cfg.crop, memory=memory, images=backend,
-                     entries=entries, options=_vae_options(settings))
+    cache = _latent_cache_type(cfg, settings)(cfg.cache_dir_vae, cfg.id, cfg.instance_data_dir, crop=cfg.crop, memory=memory,
+                                    images=backend, entries=entries, options=_vae_options(settings))
     problems: list[str] = []
     if cfg.delete_problematic_images:
         cache.on_problem = partial(_delete_problem, backend, cfg.id, problems)
@@ -196,6 +226,15 @@ def _prepare_dataset(cfg: ImageDatasetConfig, settings: DataSettings, model, mem
         reanchor=lambda record, epoch: crop_anchor(record, cfg, epoch),
         records=[record for records in buckets.values() for record in records])
     return PreparedDataset(cfg, buckets, summary, cache, dataset_role)
+
+
+def _latent_cache_type(cfg: ImageDatasetConfig, settings: DataSettings):
+    """:class:`VaeCache` for images; for videos a cache of clips taking every ``frame_interval``-th frame."""
+    if cfg.dataset_type != "video":
+        return VaeCache
+    from simpletuner.data.cache.video import VideoVaeCache
+
+    return partial(VideoVaeCache, frame_interval=cfg.video.frame_interval, framerate=settings.framerate)
 
 
 def _vae_options(settings: DataSettings) -> VaeCacheOptions:
@@ -339,7 +378,7 @@ def _build_mixer(prepared: dict[str, PreparedDataset], settings: DataSettings) -
 def _too_small_message(name: str, buckets: dict[Size, list[ImageRecord]], cfg: ImageDatasetConfig,
                        settings: DataSettings, have: int) -> str:
     """Why a dataset cannot fill its batches, with the repeats that would fix it."""
-    sizes = ", ".join(f"{w}x{h}: {len(records)} images" for (w, h), records in buckets.items())
+    sizes = ", ".join(f"{bucket_label(size)}: {len(records)} images" for size, records in buckets.items())
     fix = minimum_repeats(buckets, cfg.repeats, settings.batch_size, settings.num_processes,
                           settings.keep_small_buckets)
     if "repeats" in cfg.explicit_keys:

@@ -36,9 +36,12 @@ _METADATA_FOR_TYPE = {
     "huggingface": ("huggingface",),
 }
 TEXT_EMBED_BACKEND_TYPES = ("local",)
-#: ``image``: trained on; ``conditioning``: paired to image datasets by relative path (masks, control
-#: images), never sampled alone; ``eval``: loaded and cached for evaluation, never trained on.
-DATASET_TYPES = ("image", "text_embeds", "conditioning", "eval")
+#: ``image``: trained on; ``video``: trained on, clips of frames (:mod:`simpletuner.data.video`);
+#: ``conditioning``: paired to image datasets by relative path (masks, control images), never sampled
+#: alone; ``eval``: loaded and cached for evaluation, never trained on.
+DATASET_TYPES = ("image", "video", "text_embeds", "conditioning", "eval")
+#: Dataset types whose batches are trained on.
+TRAINED_DATASET_TYPES = ("image", "video")
 #: What a ``conditioning`` dataset holds; ``mask`` yields ``batch["mask"]``, the others
 #: ``batch["conditioning_pixels"]`` (see :mod:`simpletuner.data.conditioning`).
 CONDITIONING_TYPES = ("mask", "controlnet", "reference_strict", "reference_loose")
@@ -104,6 +107,30 @@ class TableSettings:
 
 
 @dataclass(frozen=True)
+class VideoSettings:
+    """The ``video`` object of a ``"dataset_type": "video"`` entry: which frames of each file are trained.
+
+    Attributes:
+        num_frames: frames per training clip; None until the global ``--framerate`` fills it
+            (5 seconds' worth, see :func:`simpletuner.data.settings.resolve_dataset`).
+        min_frames: files with fewer frames are left out; None means :attr:`span` (every kept
+            file gives a full clip). A lower value keeps shorter files, trained as shorter clips.
+        max_frames: files with more frames are left out; None means no limit.
+        frame_interval: take every N-th frame (1 = consecutive frames).
+    """
+
+    num_frames: int | None = None
+    min_frames: int | None = None
+    max_frames: int | None = None
+    frame_interval: int = 1
+
+    @property
+    def span(self) -> int:
+        """Source frames a full clip covers: ``(num_frames - 1) * frame_interval + 1``."""
+        return (self.num_frames - 1) * self.frame_interval + 1
+
+
+@dataclass(frozen=True)
 class ImageDatasetConfig:
     """One image dataset from ``multidatabackend.json``.
 
@@ -160,7 +187,11 @@ class ImageDatasetConfig:
             rules / that cannot be decoded; None inherits the global flag.
         conditioning_data: ids of ``conditioning`` datasets paired to this one by relative path.
         conditioning_type: what a ``conditioning`` dataset holds (see :data:`CONDITIONING_TYPES`).
-        explicit_keys: the keys the entry set itself, so global options fill only the others.
+        video: frame settings of a ``video`` dataset (None for the other types).
+        text_embeds: id of the ``text_embeds`` entry whose cache (and caption filters) this dataset
+            uses; None means the default one.
+        explicit_keys: the keys the entry set itself, so global options fill only the others (keys
+            set inside the ``parquet`` object appear as ``parquet.<key>``).
     """
 
     id: str
@@ -206,6 +237,8 @@ class ImageDatasetConfig:
     delete_problematic_images: bool | None = None
     conditioning_data: tuple[str, ...] = ()
     conditioning_type: str | None = None
+    video: VideoSettings | None = None
+    text_embeds: str | None = None
     explicit_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def with_global_defaults(
@@ -252,15 +285,23 @@ class DatasetPlan:
     Attributes:
         images: every image dataset in file order, disabled ones included (so tools can show them).
         text_embeds: the default text-embedding cache.
+        text_embed_entries: every ``text_embeds`` entry, by id (the default one included).
     """
 
     images: tuple[ImageDatasetConfig, ...]
     text_embeds: TextEmbedDatasetConfig
+    text_embed_entries: dict[str, TextEmbedDatasetConfig] = field(default_factory=dict)
 
     @property
     def enabled_images(self) -> tuple[ImageDatasetConfig, ...]:
-        """The image datasets that take part in training (conditioning and eval ones excluded)."""
-        return tuple(cfg for cfg in self.images if not cfg.disabled and cfg.dataset_type == "image")
+        """The image and video datasets that take part in training (conditioning and eval ones excluded)."""
+        return tuple(cfg for cfg in self.images if not cfg.disabled and cfg.dataset_type in TRAINED_DATASET_TYPES)
+
+    def text_embeds_for(self, cfg: ImageDatasetConfig) -> TextEmbedDatasetConfig:
+        """The ``text_embeds`` entry a dataset uses: the one its ``text_embeds`` key names, else the default."""
+        if cfg.text_embeds is None:
+            return self.text_embeds
+        return self.text_embed_entries.get(cfg.text_embeds, self.text_embeds)
 
     @property
     def conditioning(self) -> dict[str, ImageDatasetConfig]:
@@ -327,6 +368,8 @@ _IMAGE_KEYS: dict[str, tuple[str, Any]] = {
     "delete_problematic_images": ("optional_bool", None),
     "conditioning_data": ("id_list", ()),
     "conditioning_type": ("optional_str", None),
+    "video": ("object", None),
+    "text_embeds": ("optional_str", None),
 }
 
 #: Other spellings SimpleTuner accepts, mapped to ours.
@@ -355,6 +398,14 @@ _HUGGINGFACE_KEYS: dict[str, tuple[str, Any]] = {
     "width_column": ("optional_str", None),
     "height_column": ("optional_str", None),
     "split": ("optional_str", None),
+}
+
+#: Keys of the ``video`` object of a ``video`` dataset (SimpleTuner's shape); see :class:`VideoSettings`.
+_VIDEO_KEYS: dict[str, tuple[str, Any]] = {
+    "num_frames": ("optional_int", None),
+    "min_frames": ("optional_int", None),
+    "max_frames": ("optional_int", None),
+    "frame_interval": ("int", 1),
 }
 
 CROP_STYLES = ("center", "corner", "random")
@@ -461,7 +512,9 @@ def parse_dataset_plan(entries: list, source: str = "<memory>") -> DatasetPlan:
         else:
             text_embeds.append(parsed)
     _check_conditioning_links(images, source)
-    return DatasetPlan(images=tuple(images), text_embeds=_pick_default_text_embeds(text_embeds, images, source))
+    _check_text_embeds_links(images, text_embeds, source)
+    return DatasetPlan(images=tuple(images), text_embeds=_pick_default_text_embeds(text_embeds, images, source),
+                       text_embed_entries={cfg.id: cfg for cfg in text_embeds})
 
 
 # --- per-entry parsing -------------------------------------------------------------------------
@@ -494,9 +547,11 @@ def _unalias(entry: dict, where: str) -> dict:
 def _parse_image(entry: dict, where: str) -> ImageDatasetConfig:
     """Validate an image (or conditioning / eval) entry's keys, types and cross-field rules."""
     values = _typed_values(entry, _IMAGE_KEYS, where)
-    values["explicit_keys"] = frozenset(entry)
+    table_keys = entry.get("parquet") if isinstance(entry.get("parquet"), dict) else {}
+    values["explicit_keys"] = frozenset(entry) | {f"parquet.{key}" for key in table_keys}
     _check_dataset_role(where, values)
     _check_storage(where, entry, values)
+    _check_video(where, values)
     if "caption_strategy" not in entry and values["metadata_backend"] != "discovery":
         values["caption_strategy"] = values["metadata_backend"]  # a table's own captions by default
     _check_choice(where, "caption_strategy", values["caption_strategy"], CAPTION_STRATEGIES)
@@ -552,8 +607,11 @@ def _check_dataset_role(where: str, values: dict[str, Any]) -> None:
     elif values["conditioning_type"] is not None:
         raise DatasetConfigError(f"{where}: key 'conditioning_type' only applies to \"dataset_type\": "
                                  "\"conditioning\"; remove it or change the dataset_type")
-    if role == "eval" and values["conditioning_data"]:
-        raise DatasetConfigError(f"{where}: key 'conditioning_data' is not supported on eval datasets")
+    if role in ("eval", "video") and values["conditioning_data"]:
+        raise DatasetConfigError(f"{where}: key 'conditioning_data' is not supported on {role} datasets")
+    if role == "conditioning" and values["text_embeds"] is not None:
+        raise DatasetConfigError(f"{where}: key 'text_embeds' belongs on the image dataset that uses this "
+                                 "conditioning dataset; a conditioning dataset has no captions")
     for stage in values["skip_file_discovery"] or ():
         _check_choice(where, "skip_file_discovery", stage, DISCOVERY_STAGES)
 
@@ -571,6 +629,10 @@ def _typed_values(entry: dict, declared: dict[str, tuple[str, Any]], where: str)
     """Reject unknown keys, fill defaults, and coerce/check every declared key's type."""
     for key in entry:
         if key not in declared:
+            if declared is _IMAGE_KEYS and key in _VIDEO_KEYS:
+                raise DatasetConfigError(
+                    f"{where}: unknown key {key!r}; video settings go inside the \"video\" object, e.g. "
+                    f"\"video\": {{\"{key}\": ...}}")
             if declared is _IMAGE_KEYS and (key in _PARQUET_KEYS or key in _HUGGINGFACE_KEYS):
                 raise DatasetConfigError(
                     f"{where}: unknown key {key!r}; table settings go inside the \"parquet\" or "
@@ -819,6 +881,43 @@ def _check_conditioning_links(images: list[ImageDatasetConfig], source: str) -> 
                                          "enable it or remove it from 'conditioning_data'")
 
 
+def _check_video(where: str, values: dict[str, Any]) -> None:
+    """The ``video`` object belongs to video datasets, which are listed from files (local or a bucket);
+    replaces it in ``values`` by :class:`VideoSettings`."""
+    raw = values["video"]
+    if values["dataset_type"] != "video":
+        if raw is not None:
+            raise DatasetConfigError(f"{where}: key 'video' is only used with \"dataset_type\": \"video\"; remove it "
+                                     "or change the dataset_type")
+        return
+    if values["metadata_backend"] != "discovery":
+        raise DatasetConfigError(f"{where}: video datasets are listed from their files (type 'local' or 'aws'); "
+                                 f"metadata_backend {values['metadata_backend']!r} is not supported for videos yet")
+    video = _typed_values(raw or {}, _VIDEO_KEYS, f"{where}: key 'video'")
+    for key in _VIDEO_KEYS:
+        if video[key] is not None and video[key] < 1:
+            raise DatasetConfigError(f"{where}: key 'video': {key!r} has value {video[key]!r}; use 1 or more")
+    low, high = video["min_frames"], video["max_frames"]
+    if low is not None and high is not None and low > high:
+        raise DatasetConfigError(f"{where}: key 'video': 'min_frames' ({low}) is larger than 'max_frames' ({high}), "
+                                 "so every file would be left out")
+    values["video"] = VideoSettings(**video)
+
+
+def _check_text_embeds_links(images: list[ImageDatasetConfig], text_embeds: list[TextEmbedDatasetConfig],
+                             source: str) -> None:
+    """Every ``text_embeds`` key of a dataset names a ``text_embeds`` entry of the file."""
+    known = [cfg.id for cfg in text_embeds]
+    for cfg in images:
+        if cfg.text_embeds is not None and cfg.text_embeds not in known:
+            other = next((image for image in images if image.id == cfg.text_embeds), None)
+            found = (f"which has dataset_type {other.dataset_type!r}" if other is not None
+                     else "which is not in the file")
+            raise DatasetConfigError(
+                f"{source}: dataset {cfg.id!r}: key 'text_embeds' names {cfg.text_embeds!r}, {found}; use the id of "
+                f"a \"dataset_type\": \"text_embeds\" entry ({known}) or remove the key to use the default one")
+
+
 def _check_choice(where: str, key: str, value: str, choices: tuple[str, ...], note: str = "") -> None:
     """Raise unless ``value`` is one of ``choices``."""
     if value not in choices:
@@ -855,10 +954,10 @@ def _pick_default_text_embeds(
     text_embeds: list[TextEmbedDatasetConfig], images: list[ImageDatasetConfig], source: str
 ) -> TextEmbedDatasetConfig:
     """Require at least one enabled image dataset and exactly one default text-embed cache."""
-    if not any(not cfg.disabled and cfg.dataset_type == "image" for cfg in images):
+    if not any(not cfg.disabled and cfg.dataset_type in TRAINED_DATASET_TYPES for cfg in images):
         raise DatasetConfigError(
-            f"{source}: no enabled image dataset; add an entry with \"dataset_type\": \"image\" "
-            f"(or remove \"disabled\": true from one)"
+            f"{source}: no enabled image dataset; add an entry with \"dataset_type\": \"image\" (or \"video\"), "
+            f"or remove \"disabled\": true from one"
         )
     if not text_embeds:
         raise DatasetConfigError(

@@ -20,11 +20,13 @@ from typing import Callable, Iterator
 import torch
 
 from simpletuner.data.buckets import bucket_alignment  # noqa: F401 - re-exported for callers and tests
+from simpletuner.data.buckets import bucket_label
 from simpletuner.data.cache.store import CacheReport
 from simpletuner.data.cache.text import EMPTY_CAPTION, TextEmbedCache
 from simpletuner.data.cache.vae import VaeCache
 from simpletuner.data.caption_rules import caption_for_epoch
 from simpletuner.data.conditioning import ConditioningSet, conditioning_batch
+from simpletuner.data.image_info import image_size_info, size_conditioning_batch
 from simpletuner.data.metadata import ImageRecord
 from simpletuner.data.mixing import DatasetMixer, Draw
 from simpletuner.data.prefetch import BatchPrefetcher
@@ -39,7 +41,8 @@ _REASONS_SHOWN = 3
 #: Words that sort a skip reason into a category for the start-up table (first match wins).
 _REASON_KINDS = (("too large", "too large"), ("caption", "no caption"), ("conditioning", "no conditioning"),
                  ("missing", "missing"), ("smaller than minimum", "too small"), ("aspect ratio", "aspect ratio"),
-                 ("upscaling", "upscale limit"), ("cannot", "unreadable"), ("decode", "unreadable"))
+                 ("upscaling", "upscale limit"), ("too short", "too short"), ("too long", "too long"),
+                 ("cannot", "unreadable"), ("decode", "unreadable"))
 
 
 class NoTrainingDataError(ConfigError):
@@ -63,7 +66,7 @@ class DatasetSummary:
         repeats: the repeats used (after ``--allow_dataset_oversubscription``).
         repeats_raised_from: the configured repeats when oversubscription raised them.
         deleted: files deleted from storage (``delete_unwanted_images`` / ``delete_problematic_images``).
-        role: ``image`` or ``eval``.
+        role: ``image``, ``video`` or ``eval``.
         is_regularisation: the dataset's batches are marked as regularisation data.
         conditioning: ids of the paired conditioning datasets.
     """
@@ -144,7 +147,8 @@ class TrainingData:
         summaries: one per enabled image dataset (then one per eval dataset).
         text_report: what the text-embedding cache did.
         latent_caches: the latent cache of each dataset, by dataset id.
-        text_cache: the shared text-embedding cache.
+        text_cache: the text-embedding cache of the default ``text_embeds`` entry.
+        text_caches: the text-embedding cache of each dataset whose ``text_embeds`` key names another entry.
         bucket_of: the bucket size each record is trained at.
         roles: regularisation flag, conditioning and epoch behaviour per training dataset.
         eval_datasets: the ``eval`` datasets by id (see :meth:`eval_batches`).
@@ -157,13 +161,15 @@ class TrainingData:
     text_report: CacheReport
     latent_caches: dict[str, VaeCache] = field(default_factory=dict, repr=False)
     text_cache: TextEmbedCache | None = field(default=None, repr=False)
+    text_caches: dict[str, TextEmbedCache] = field(default_factory=dict, repr=False)
     bucket_of: dict[ImageRecord, Size] = field(default_factory=dict, repr=False)
     batch_size: int = 1
     roles: dict[str, DatasetRole] = field(default_factory=dict, repr=False)
     eval_datasets: dict[str, EvalDataset] = field(default_factory=dict, repr=False)
     seed: int = 0
     conditioning_sampling: str = "combined"
-    _empty_by_batch: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _empty_by_batch: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict, init=False,
+                                                                             repr=False)
     _epochs: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _prefetcher: BatchPrefetcher | None = field(default=None, init=False, repr=False)
 
@@ -176,11 +182,14 @@ class TrainingData:
         Keys: ``latent_mean``/``latent_std`` [B, C, h, w], every text-cache tensor (e.g.
         ``prompt_embeds`` [B, L, D]), ``empty_prompt`` (the same text keys holding the ``""``
         embeds, batch B, for caption dropout; expanded views, so do not modify them in place),
-        ``captions``, ``paths``, ``dataset_id`` and ``is_regularisation_data`` (a bool: a batch
+        ``captions``, ``paths``, ``original_size`` / ``crop_top_left`` / ``target_size`` (LongTensors
+        [B, 2], see :mod:`simpletuner.data.image_info`), ``dataset_id`` and ``is_regularisation_data`` (a bool: a batch
         never mixes datasets), plus the conditioning keys of :mod:`simpletuner.data.conditioning`
         for datasets with ``conditioning_data``. An image that turns out undecodable while
         training (on-demand caching) is dropped from its batch; a batch left empty is replaced
-        by the next one.
+        by the next one. A video dataset's batch holds clip latents [B, C, F, h, w] (the family's
+        encoder decides F, h, w), ``num_frames`` (the frames decoded per clip) and ``frame_rate``
+        (float [B]: frames per second of each clip, after ``frame_interval``).
         """
         while True:
             if self._prefetcher is not None:
@@ -287,24 +296,32 @@ class TrainingData:
         records = [records[index] for index in kept]
         latents = [latents[index] for index in kept]
         captions = [caption_for_epoch(r.caption_variants, r.caption, self.seed, draw.epoch, r.path) for r in records]
-        texts = [self.text_cache.load(caption) for caption in captions]
+        text_cache = self.text_caches.get(draw.dataset_id, self.text_cache)
+        texts = [text_cache.load(caption) for caption in captions]
         batch: dict = {name: torch.stack([entry[name] for entry in latents]) for name in latents[0]}
         batch.update({name: torch.stack([entry[name] for entry in texts]) for name in texts[0]})
-        batch["empty_prompt"] = self._empty_prompt(len(records))
+        batch["empty_prompt"] = self._empty_prompt(len(records), text_cache)
         batch["captions"] = captions
         batch["paths"] = [str(r.path) for r in records]
+        # SDXL micro-conditioning: original size, crop corner and target size of each image
+        batch.update(size_conditioning_batch([image_size_info(r.width, r.height, size[:2], cache.anchor_of(r))
+                                              for r in records]))
+        if len(size) == 3:  # a video bucket (width, height, frames)
+            batch["num_frames"] = size[2]
+            batch["frame_rate"] = torch.tensor([cache.clip_frame_rate(r) for r in records], dtype=torch.float32)
         batch["dataset_id"] = draw.dataset_id
         batch["is_regularisation_data"] = role.is_regularisation
         batch.update(extra)
         return batch
 
-    def _empty_prompt(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """The ``""`` embeds expanded to ``batch_size`` (views, built once per batch size)."""
-        empty = self._empty_by_batch.get(batch_size)
+    def _empty_prompt(self, batch_size: int, text_cache: TextEmbedCache | None = None) -> dict[str, torch.Tensor]:
+        """The ``""`` embeds expanded to ``batch_size`` (views, built once per batch size and cache)."""
+        text_cache = text_cache or self.text_cache
+        empty = self._empty_by_batch.get((id(text_cache), batch_size))
         if empty is None:
-            single = self.text_cache.load(EMPTY_CAPTION)
+            single = text_cache.load(EMPTY_CAPTION)
             empty = {name: t.unsqueeze(0).expand(batch_size, *t.shape) for name, t in single.items()}
-            self._empty_by_batch[batch_size] = empty
+            self._empty_by_batch[(id(text_cache), batch_size)] = empty
         return empty
 
     # --- start-up summary ----------------------------------------------------------------------------
@@ -315,7 +332,7 @@ class TrainingData:
         lines = ["dataset | role | found | used | skipped | buckets | samples/epoch | batches/epoch"]
         for summary in self.summaries:
             sampler = self.sampler.samplers.get(summary.id)
-            samples = summary.used * (1 + summary.repeats) if summary.role == "image" else summary.used
+            samples = summary.used * (1 + summary.repeats) if summary.role != "eval" else summary.used
             batches = sampler.batches_per_epoch() if sampler is not None else "-"
             role = "regularisation" if summary.is_regularisation else summary.role
             lines.append(f"{summary.id} | {role} | {summary.found} | {summary.used} | {len(summary.skipped)} | "
@@ -337,7 +354,7 @@ class TrainingData:
             lines.append(f"  ... and {len(summary.skipped) - _REASONS_SHOWN} more skipped")
         for key in summary.deleted:
             lines.append(f"  deleted {key}")
-        sizes = ", ".join(f"{w}x{h}: {count}" for (w, h), count in summary.buckets.items())
+        sizes = ", ".join(f"{bucket_label(size)}: {count}" for size, count in summary.buckets.items())
         lines.append(f"  buckets: {sizes or 'none'}")
         cache_line = f"  latents: {summary.latents_reused} reused, {summary.latents_built} built"
         for count, word in ((summary.latents_deferred, "encoded when first used"),

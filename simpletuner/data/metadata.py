@@ -187,7 +187,7 @@ def scan_image_dataset(
     backend = source.images
     items = source.items
     if items is None:
-        listed = keys if keys is not None else backend.list_files(IMAGE_EXTENSIONS)
+        listed = keys if keys is not None else backend.list_files(_extensions(cfg))
         items = [SourceItem(key) for key in listed]
     result.listed = [item.key for item in items]
     remote = bool(items) and backend.local_path(items[0].key) is None
@@ -214,15 +214,18 @@ def _scan_item(item: SourceItem, cfg: ImageDatasetConfig, backend: Backend, rule
         logger.info("dataset %s: scanning %s", cfg.id, path)
     if item.error is not None:
         return None, (item.key, path, item.error, False), None
+    video = cfg.dataset_type == "video"
     size = item.size if item.size is not None else (size_hint(item.key) if size_hint is not None else None)
     if size is None:
         try:
-            size = read_image_size_from(backend, item.key)
+            size = _read_video_size(backend, item.key) if video else read_image_size_from(backend, item.key)
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad headers
-            return None, (item.key, path, _unreadable_header_reason(backend, item.key, exc), True), None
-    width, height = size
+            reason = (getattr(exc, "reason", None) or f"cannot read video: {type(exc).__name__}: {exc}") if video \
+                else _unreadable_header_reason(backend, item.key, exc)
+            return None, (item.key, path, reason, True), None
+    width, height = size[:2]
     if rules.only and rules.instance_prompt:
         captions: tuple[str, ...] = (rules.instance_prompt,)
         reason = None
@@ -238,8 +241,30 @@ def _scan_item(item: SourceItem, cfg: ImageDatasetConfig, backend: Backend, rule
             reason = "caption is empty after caption_filter_list"
     if not captions:
         return None, (item.key, path, reason or "no caption", False), size
+    if video:
+        from simpletuner.data.video import VideoInfo, video_record
+
+        record = video_record(path, VideoInfo(*size), captions[0], cfg.id, item.key, captions)
+        return record, None, size
     record = ImageRecord(path, width, height, captions[0], cfg.id, key=item.key, captions=captions)
     return record, None, size
+
+
+def _extensions(cfg: ImageDatasetConfig) -> tuple[str, ...]:
+    """The file suffixes a dataset's scan lists: videos for a ``video`` dataset, images otherwise."""
+    if cfg.dataset_type == "video":
+        from simpletuner.data.video import VIDEO_EXTENSIONS
+
+        return VIDEO_EXTENSIONS
+    return IMAGE_EXTENSIONS
+
+
+def _read_video_size(backend: Backend, key: str) -> tuple[int, int, int, float | None]:
+    """(width, height, frames, fps) of a video from its headers (the "size" a video scan stores)."""
+    from simpletuner.data.video import read_video_info_from
+
+    info = read_video_info_from(backend, key)
+    return info.width, info.height, int(info.frames or 0), info.fps
 
 
 def _unreadable_header_reason(backend: Backend, key: str, exc: Exception) -> str:

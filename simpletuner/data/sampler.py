@@ -162,11 +162,13 @@ class BucketBatchSampler:
         independent of ``PYTHONHASHSEED``.
         """
         batches: list[list[ImageRecord]] = []
-        for (width, height), records in self._buckets.items():
+        for size, records in self._buckets.items():
             copies = [
                 record for record in records for _ in range(1 + self._repeats.get(record.dataset_id, 0))
             ]
-            random.Random(f"bucket-sampler:{self.seed}:{epoch}:{width}x{height}").shuffle(copies)
+            # "WxH" (or "WxHxF" for a video bucket): the seed image buckets have always used
+            label = "x".join(str(value) for value in size)
+            random.Random(f"bucket-sampler:{self.seed}:{epoch}:{label}").shuffle(copies)
             batches.extend(self._split(copies))
         random.Random(f"bucket-sampler:{self.seed}:{epoch}:order").shuffle(batches)
         return batches

@@ -57,6 +57,8 @@ def scan_settings_fingerprint(cfg: ImageDatasetConfig, rules: CaptionRules) -> s
         "instance_prompt": rules.instance_prompt, "prepend": rules.prepend, "only": rules.only,
         "split_lines": rules.split_lines, "filters": [rule.source for rule in rules.filters],
     }
+    if cfg.dataset_type == "video":  # another file list (videos); image datasets keep their fingerprint
+        parts["dataset_type"] = "video"
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
@@ -117,6 +119,13 @@ class ScanCache:
         result = ScanResult(listed=list(stored.files))
         for row in stored.records:
             captions = tuple(row["captions"])
+            if "frames" in row:  # a video dataset's record
+                from simpletuner.data.video import VideoInfo, video_record
+
+                info = VideoInfo(int(row["width"]), int(row["height"]), int(row["frames"]), row.get("fps"))
+                result.records.append(video_record(backend.locate(row["key"]), info, captions[0], dataset_id,
+                                                   row["key"], captions))
+                continue
             result.records.append(ImageRecord(backend.locate(row["key"]), int(row["width"]), int(row["height"]),
                                               captions[0], dataset_id, key=row["key"], captions=captions))
         for key, reason in stored.skipped:
@@ -156,7 +165,8 @@ class ScanCache:
 
     def save(self, result: ScanResult) -> None:
         """Store a finished scan (only when it differs from what is stored)."""
-        records = [{"key": r.key, "width": r.width, "height": r.height, "captions": list(r.caption_variants)}
+        records = [{"key": r.key, "width": r.width, "height": r.height, "captions": list(r.caption_variants),
+                    **({"frames": r.frames, "fps": r.fps} if hasattr(r, "frames") else {})}
                    for r in result.records if r.key is not None]
         stored = StoredScan(settings=self.settings, complete=True, files=list(result.listed),
                             sizes={key: value for key, value in self._sizes.items()},

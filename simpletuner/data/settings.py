@@ -21,13 +21,27 @@ from simpletuner.data.config import (
     DatasetConfigError,
     ImageDatasetConfig,
     TextEmbedDatasetConfig,
+    VideoSettings,
     check_instance_prompt,
 )
+
+#: A video dataset without ``num_frames`` trains clips of this many seconds at ``--framerate``
+#: (SimpleTuner's default; 150 frames at 30 fps, so set ``num_frames`` for less memory).
+DEFAULT_CLIP_SECONDS = 5
+#: ``--framerate`` when unset.
+DEFAULT_FRAMERATE = 30
+
+
+def default_num_frames(config) -> int:
+    """``num_frames`` of a video dataset that leaves it out: :data:`DEFAULT_CLIP_SECONDS` at ``--framerate``."""
+    return DEFAULT_CLIP_SECONDS * int(_flag(config, "framerate", DEFAULT_FRAMERATE))
 
 #: Global flags that default a dataset key of the same name when the entry leaves it out.
 _INHERITED_KEYS = ("instance_prompt", "prepend_instance_prompt", "only_instance_prompt", "minimum_image_size",
                    "maximum_image_size", "target_downsample_size", "max_upscale_threshold",
                    "delete_unwanted_images", "delete_problematic_images", "preserve_data_backend_cache")
+#: Global flags that name a column of a dataset's ``parquet`` object the entry leaves out.
+_PARQUET_COLUMN_OPTIONS = {"parquet_caption_column": "caption_column", "parquet_filename_column": "filename_column"}
 #: ``--caption_strategy`` spells one choice differently from the dataset key.
 _GLOBAL_CAPTION_STRATEGY = {"instance_prompt": "instanceprompt"}
 
@@ -82,6 +96,13 @@ def resolve_dataset(cfg: ImageDatasetConfig, config) -> ImageDatasetConfig:
     pool = getattr(config, "aws_max_pool_connections", None)
     if pool and cfg.aws is not None:
         changes["aws"] = dataclasses.replace(cfg.aws, max_pool_connections=int(pool))
+    if cfg.parquet is not None:
+        columns = {column: getattr(config, option) for option, column in _PARQUET_COLUMN_OPTIONS.items()
+                   if getattr(config, option, None) and f"parquet.{column}" not in explicit}
+        if columns:
+            changes["parquet"] = dataclasses.replace(cfg.parquet, **columns)
+    if cfg.dataset_type == "video" and (cfg.video is None or cfg.video.num_frames is None):
+        changes["video"] = dataclasses.replace(cfg.video or VideoSettings(), num_frames=default_num_frames(config))
     resolved = dataclasses.replace(cfg, **changes) if changes else cfg
     resolved = resolved.with_global_defaults(config.resolution, config.resolution_type, config.cache_dir)
     _check_resolved(resolved, changes)
@@ -140,6 +161,7 @@ class DataSettings:
         keep_small_buckets: ``--disable_bucket_pruning``.
         allow_oversubscription: raise repeats of too-small datasets instead of failing.
         conditioning_sampling: ``combined`` or ``random`` with several conditioning datasets.
+        framerate: frames per second assumed for video files that declare none (``--framerate``).
     """
 
     seed: int = 0
@@ -166,6 +188,7 @@ class DataSettings:
     conditioning_sampling: str = "combined"
     data_backend_sampling: str = "auto-weighting"
     aspect_bucket_alignment: int = 64
+    framerate: float | None = None
 
     @classmethod
     def from_config(cls, config, num_processes: int | None = None, rank: int | None = None) -> "DataSettings":
@@ -201,11 +224,12 @@ class DataSettings:
             conditioning_sampling=_flag(config, "conditioning_multidataset_sampling", "combined"),
             data_backend_sampling=_flag(config, "data_backend_sampling", "auto-weighting"),
             aspect_bucket_alignment=int(_flag(config, "aspect_bucket_alignment", 64)),
+            framerate=_flag(config, "framerate", None),
         )
 
 
 #: Global data options that must be at least 1 when set.
-_POSITIVE_OPTIONS = ("dataloader_prefetch_qlen", "read_batch_size", "write_batch_size", "max_workers",
+_POSITIVE_OPTIONS = ("framerate", "dataloader_prefetch_qlen", "read_batch_size", "write_batch_size", "max_workers",
                      "image_processing_batch_size", "aws_max_pool_connections", "aspect_bucket_worker_count")
 
 

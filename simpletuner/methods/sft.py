@@ -97,7 +97,8 @@ class SupervisedFineTuning:
         if self.flow:
             self.flow_noising = FlowNoising(model, config, self.num_train_timesteps)
         else:
-            self.sample_timesteps = build_timestep_sampler(config, self.scheduler)
+            window = getattr(model, "training_timestep_window", lambda: None)()  # e.g. one expert's slice
+            self.sample_timesteps = build_timestep_sampler(config, self.scheduler, window=window)
         # --diff2flow_loss: regress the flow velocity (noise - latents) that the model's output implies.
         self.diff2flow = bool(getattr(config, "diff2flow_enabled", False) and getattr(config, "diff2flow_loss", False))
         if self.diff2flow:

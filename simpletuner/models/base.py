@@ -90,6 +90,11 @@ class ModelFamily(ABC):
         resolution binning); empty by default."""
         return {}
 
+    def training_timestep_window(self) -> tuple[int, int] | None:
+        """DDPM families: the ``[begin, end)`` slice of integer timesteps this run trains on (e.g. one
+        expert of a base + refiner pair); None, the default, trains on all of them."""
+        return None
+
     def trainable_text_encoders(self) -> dict[str, torch.nn.Module]:
         """Text encoders ``--train_text_encoder`` may train, by their pipeline component name."""
         return {}
@@ -156,7 +161,19 @@ class ModelFamily(ABC):
         return self.vae_scale_factor() * self.info.latent_patch_size
 
     def fingerprint_parts(self) -> dict[str, str]:
-        """What identifies the encoders, for cache keys: change the model, rebuild the cache."""
+        """What identifies the encoders, for cache keys: change the model, rebuild the cache.
+
+        The text-embed cache uses this; families add their text settings (padding, token count,
+        the T5 source) here. The latent cache uses :meth:`latent_fingerprint_parts`, so a text
+        setting never invalidates the latents.
+        """
+        return self._encoder_identity()
+
+    def latent_fingerprint_parts(self) -> dict[str, str]:
+        """What identifies the latent encoder (the VAE), for the latent cache's keys."""
+        return self._encoder_identity()
+
+    def _encoder_identity(self) -> dict[str, str]:
         return {"family": self.family, "model": self.model_path, "revision": str(self.config.revision),
                 "variant": str(self.config.variant),
                 "vae": str(self.config.pretrained_vae_model_name_or_path or self.model_path)}

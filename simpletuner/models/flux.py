@@ -447,8 +447,13 @@ class Flux(ModelFamily):
                   text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
         if text_encoder_states:
             raise ValueError("flux does not train its text encoders; no text-encoder LoRA can be saved")
+        adapter_config = metadata.get("lora_config")
+        if adapter_config is not None:
+            # diffusers' load_lora_weights leaves the new adapter layers in training mode, so a dropout
+            # rate in the file would randomise every image made with it; dropout is training-only.
+            adapter_config = {**adapter_config, "lora_dropout": 0.0}
         FluxPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state, safe_serialization=True,
-                                       transformer_lora_adapter_metadata=metadata.get("lora_config"))
+                                       transformer_lora_adapter_metadata=adapter_config)
         return folder / "pytorch_lora_weights.safetensors"
 
     def save_full(self, folder: Path, denoiser: torch.nn.Module) -> Path:

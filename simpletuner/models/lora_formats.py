@@ -82,7 +82,7 @@ KOHYA_SD = ComfyNaming({"unet": "lora_unet", "text_encoder": "lora_te"})
 COMFYUI_NAMING: dict[str, ComfyNaming] = {
     "sd1x": KOHYA_SD,
     "sd2x": KOHYA_SD,
-    # SDXL's kohya names per STACK.md; exercised once the sdxl family lands.
+    # SDXL: kohya names per STACK.md; diffusers loads them (tests/adapters/test_adapter_types.py)
     "sdxl": ComfyNaming({"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}),
     # ComfyUI's model_lora_keys_unet maps `transformer.<diffusers path>` for PixArt (its "default
     # format"); the comfyui layout adds the `.alpha` tensors ComfyUI needs when alpha != rank.
@@ -145,13 +145,6 @@ class LoraFile:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         return cls(path, detect_format(list(tensors), metadata), tensors, metadata)
-
-    def adapter_config(self) -> dict[str, Any]:
-        """The adapter config we wrote (rank, alpha, ...), or {} for a foreign file."""
-        try:
-            return json.loads(self.metadata.get(META_CONFIG, "{}"))
-        except ValueError:
-            return {}
 
 
 # --- module names ---------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ Saved LoRA layout (``pytorch_lora_weights.safetensors``): diffusers' PEFT naming
 ``transformer.<module path>.lora_A.weight`` / ``.lora_B.weight`` (e.g.
 ``transformer.transformer_blocks.0.attn2.to_q.lora_A.weight``), with the adapter config as JSON under
 the ``lora_adapter_metadata`` metadata key (``{"transformer.r": 16, "transformer.lora_alpha": 16, ...}``),
-the same layout diffusers writes for the transformer families it does support.
+the same layout diffusers writes for the transformer families it does support. ComfyUI maps these
+names for PixArt too; ``--lora_format comfyui`` writes them with ``.alpha`` tensors, which ComfyUI
+needs when alpha differs from the rank. :func:`load_lora` reads both.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from simpletuner.models.base import ModelFamily
+from simpletuner.models.base import ModelFamily, checkpoint_every_nth_block
 from simpletuner.training.objectives import configure_training_scheduler, inference_scheduler_overrides
 
 logger = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ class PixArtSigma(ModelFamily):
             )
         self.tokenizer, self.text_encoder = self._load_text_encoder()
         self.transformer = self._load_transformer()
-        self.vae = self._load_vae()
+        self.vae = self.load_vae(self.model_path)
         self._load_schedulers()
         for module in (self.text_encoder, self.vae, self.transformer):
             # the VAE stays fp32 below bf16 (fp16 VAEs overflow), as for the other SD-VAE families
@@ -129,16 +131,6 @@ class PixArtSigma(ModelFamily):
         return PixArtTransformer2DModel.from_pretrained(self.model_path, subfolder=folder or None,
                                                         variant=self.config.variant, **self._base_source())
 
-    def _load_vae(self):
-        from diffusers import AutoencoderKL
-
-        override = self.config.pretrained_vae_model_name_or_path
-        if override:
-            path, folder = component_source(override, "vae")
-            return AutoencoderKL.from_pretrained(path, subfolder=folder)
-        return AutoencoderKL.from_pretrained(self.model_path, subfolder="vae", variant=self.config.variant,
-                                             **self._base_source())
-
     def _load_schedulers(self) -> None:
         """Training: DDPM on the checkpoint's beta schedule. Validation: the scheduler class the
         checkpoint ships (DPM-Solver++ for the released models) with the trained prediction type."""
@@ -154,6 +146,10 @@ class PixArtSigma(ModelFamily):
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.vae]
+
+    def enable_gradient_checkpointing(self, interval: int | None = None) -> int:
+        """Recompute every ``interval``-th transformer block (default: all) in the backward pass."""
+        return checkpoint_every_nth_block(self.denoiser, list(self.denoiser.transformer_blocks), interval)
 
     def noise_scheduler(self):
         return self._scheduler

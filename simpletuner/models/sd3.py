@@ -5,9 +5,9 @@ Text conditioning comes from three encoders, as in diffusers' ``StableDiffusion3
 * CLIP-L and CLIP-G (``CLIPTextModelWithProjection``): the penultimate hidden states of each, 77
   tokens, concatenated along the channels; their projected (pooled) outputs, concatenated, are the
   ``pooled_prompt_embeds`` the transformer adds to its timestep embedding;
-* T5: the last hidden states of ``--tokenizer_max_length`` tokens (154 by default: 77 CLIP + 77 T5
-  is what SimpleTuner settled on for SD 3.5), with padded positions zeroed or kept
-  (``--t5_padding``, kept by default).
+* T5: the last hidden states of ``--tokenizer_max_length`` tokens (154 by default, the reference
+  SimpleTuner's SD 3.5 setting; diffusers' pipeline defaults to 256), with padded positions zeroed
+  or kept (``--t5_padding``, kept by default).
 
 The CLIP embeddings are zero-padded to T5's width and put in front of the T5 tokens:
 ``prompt_embeds`` is ``[77 + T5 tokens, T5 width]`` per prompt.

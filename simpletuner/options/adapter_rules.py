@@ -34,7 +34,8 @@ LYCORIS_KEYS = ("algo", "multiplier", "linear_dim", "linear_alpha", "conv_dim", 
 LYCORIS_PRESET_KEYS = ("enable_conv", "target_module", "target_name", "module_algo_map", "name_algo_map", "use_fnmatch",
                        "unet_target_module", "unet_target_name", "text_encoder_target_module",
                        "text_encoder_target_name", "exclude_name")
-MUTATING_INITS = ("pissa", "olora", "loftq")
+#: Initialisations that rewrite the base weights they start from.
+BASE_REWRITING_INITS = ("pissa", "olora", "loftq")
 
 
 def _explicit(config, name: str) -> bool:
@@ -144,7 +145,7 @@ def check_peft_options(config) -> None:
         if config.slider_lora_target:
             raise ConfigError("`--peft_lora_target_modules` and `--slider_lora_target` both choose the LoRA targets; "
                               "remove one of them")
-    if init in MUTATING_INITS:
+    if init in BASE_REWRITING_INITS:
         quantized = _quantized(config)
         if quantized:
             raise ConfigError(f"`--lora_init_type {init}` rewrites the base weights it starts from, which a quantized "
@@ -171,7 +172,7 @@ def check_peft_options(config) -> None:
         if config.use_dora:
             raise ConfigError("`--peft_lora_mode singlora` and `--use_dora` conflict: SingLoRA has no DoRA variant; "
                               "remove one of them")
-        if init in MUTATING_INITS:
+        if init in BASE_REWRITING_INITS:
             raise ConfigError(f"`--peft_lora_mode singlora` and `--lora_init_type {init}` conflict: SingLoRA starts "
                               "from a random A with a ramp (`default` or `gaussian` only)")
         if config.init_lora:

@@ -118,8 +118,6 @@ def _targeted_modules(denoiser, targets: list[str]) -> dict[str, torch.nn.Module
 class PeftAdapter:
     """PEFT LoRA (optionally DoRA, a PEFT initialisation, or SingLoRA) on the family's denoiser."""
 
-    kind = "peft"
-
     def __init__(self, model, config, current_step: Callable[[], int]):
         self.model = model
         self.config = config
@@ -366,23 +364,17 @@ def init_lokr_perturbed_normal(network, scale: float) -> int:
     return count
 
 
-def read_lycoris_config(config) -> dict[str, Any]:
-    from simpletuner.options.values import read_json_option
-
-    return dict(read_json_option("lycoris_config", config.lycoris_config))
-
-
 class LycorisAdapter:
     """A LyCORIS network (lora, locon, loha, lokr, full, ia3, ...) over the denoiser."""
-
-    kind = "lycoris"
 
     def __init__(self, model, config, current_step: Callable[[], int]):
         self.model = model
         self.config = config
         self.denoiser = model.denoiser
         self.network = None
-        self.raw_config = read_lycoris_config(config)
+        from simpletuner.options.adapter_rules import parse_lycoris_config
+
+        self.raw_config = dict(parse_lycoris_config(config.lycoris_config))
         self.lora_config = {"lycoris_config": self.raw_config}
 
     def attach(self) -> None:

@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 
 from simpletuner.data.backends import open_dataset
-from simpletuner.data.buckets import bucket_alignment, pixel_edge
+from simpletuner.data.buckets import bucket_alignment, bucket_label, pixel_edge
 from simpletuner.data.config import load_dataset_plan
-from simpletuner.data.geometry import buckets_of, place_images
+from simpletuner.data.geometry import buckets_of
 from simpletuner.data.settings import resolve_dataset
 from simpletuner.data.metadata import scan_image_dataset
+from simpletuner.data.video import placement_function
 from simpletuner.models.registry import family_info
 
 
@@ -41,10 +42,11 @@ def describe_datasets(config) -> list[str]:
         scan = scan_image_dataset(dataset, source)
         edge = pixel_edge(dataset.resolution, dataset.resolution_type)
         alignment = bucket_alignment(config.aspect_bucket_alignment, scale, edge)
-        placed, excluded = place_images(scan.records, dataset, alignment, rounding=config.aspect_bucket_rounding)
+        place = placement_function(dataset)  # videos: (width, height, frames) buckets and length rules
+        placed, excluded = place(scan.records, dataset, alignment, rounding=config.aspect_bucket_rounding)
         buckets = buckets_of(placed)
         skipped = list(scan.skipped) + excluded
-        sizes = ", ".join(f"{w}x{h}: {len(records)}" for (w, h), records in buckets.items()) or "none"
+        sizes = ", ".join(f"{bucket_label(size)}: {len(records)}" for size, records in buckets.items()) or "none"
         lines.append(f"  {dataset.id}: {len(placed)} images used in {source.description}, "
                      f"{len(skipped)} skipped, repeats {dataset.repeats}; buckets {sizes}")
         for path, reason in skipped[:5]:

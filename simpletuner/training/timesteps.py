@@ -126,10 +126,15 @@ class WeightedTimestepSampler:
         return timesteps.long().to(device)
 
 
-def build_timestep_sampler(config, scheduler) -> TimestepSampler:
-    """The DDPM-style timestep sampler the config asks for (uniform and independent when config is None)."""
+def build_timestep_sampler(config, scheduler, window: tuple[int, int] | None = None) -> TimestepSampler:
+    """The DDPM-style timestep sampler the config asks for (uniform and independent when config is None).
+
+    ``window`` = ``[begin, end)`` restricts the draws to that slice of the schedule (the family's
+    ``training_timestep_window()``, e.g. one expert of a base + refiner pair): the bias weights
+    outside it become 0, so stratification then spreads each batch over the slice.
+    """
     num_train_timesteps = scheduler.config.num_train_timesteps
-    if config is None:
+    if config is None and window is None:
         return uniform_sampler(num_train_timesteps)
     weights = timestep_bias_weights(
         num_train_timesteps,
@@ -139,5 +144,11 @@ def build_timestep_sampler(config, scheduler) -> TimestepSampler:
         begin=getattr(config, "timestep_bias_begin", None),
         end=getattr(config, "timestep_bias_end", None),
     )
+    if window is not None:
+        begin, end = window
+        if not 0 <= begin < end <= num_train_timesteps:
+            raise ValueError(f"timestep window [{begin}, {end}) must lie inside [0, {num_train_timesteps})")
+        weights[:begin] = 0
+        weights[end:] = 0
     stratified = not getattr(config, "disable_segmented_timestep_sampling", False)
     return WeightedTimestepSampler(weights, stratified=stratified)

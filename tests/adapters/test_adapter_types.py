@@ -234,7 +234,7 @@ def test_lycoris_comfyui_layout_strength_init_lora_and_lokr_norm(sd1x, project, 
     assert network.multiplier == 1.0 and torch.equal(outputs(model.denoiser), result)
     file = adapter.save(tmp_path / "comfy", None, {})
     keys, _ = formats.read_safetensors_header(file)
-    assert keys and all(k.startswith("lora_unet_") and ".lokr_w" in k for k in keys)
+    assert keys and all(k.startswith("lora_unet_") and k.endswith((".lokr_w1", ".lokr_w2", ".alpha")) for k in keys)
     seeded_config = lycoris_config_for(project, settings, init_lora=str(file))
     seeded = fresh(sd1x, seeded_config)
     attach_adapter(seeded, seeded_config)
@@ -254,3 +254,41 @@ def test_pissa_on_a_convolution_is_refused_with_the_flags(sd1x, project):
     config = adapter_config(project, lora_init_type="pissa", peft_lora_target_modules=json.dumps(["conv_in"]))
     with pytest.raises(AdapterError, match="--lora_init_type pissa.*Linear.*conv_in"):
         attach_adapter(fresh(sd1x, config), config)
+
+
+def test_sdxl_comfyui_names_load_in_diffusers_for_unet_and_both_text_encoders(tmp_path):
+    """The declared SDXL naming (lora_unet_, lora_te1_, lora_te2_), checked on the tiny SDXL pipeline."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from simpletuner.models.adapters import add_lora, lora_state_dict
+
+    tiny = pytest.importorskip("simpletuner.testing.tiny.sdxl")
+    pipeline, _ = tiny.build_tiny_pipeline(0)
+    names = ("unet", "text_encoder", "text_encoder_2")
+    pristine = {name: copy.deepcopy(getattr(pipeline, name)) for name in names}
+    torch.manual_seed(0)
+    for name in names:
+        targets = ["to_q", "to_k", "to_v", "to_out.0"] if name == "unet" else ["q_proj", "k_proj", "v_proj", "out_proj"]
+        add_lora(getattr(pipeline, name), targets, 4, 2.0, 0.0)
+        with torch.no_grad():
+            for key, parameter in getattr(pipeline, name).named_parameters():
+                if "lora_B" in key:
+                    parameter.normal_()
+    tensors = formats.peft_to_comfyui({n: lora_state_dict(getattr(pipeline, n)) for n in names}, dict.fromkeys(names, 2.0),
+                                      formats.COMFYUI_NAMING["sdxl"], {n: getattr(pipeline, n) for n in names})
+    assert {key.split("_")[1] for key in tensors} == {"unet", "te1", "te2"}
+    save_file(tensors, str(tmp_path / "sdxl.safetensors"))
+    loaded = StableDiffusionXLPipeline(**{**pipeline.components, **pristine})
+    loaded.load_lora_weights(str(tmp_path / "sdxl.safetensors"))
+    tokens = pipeline.tokenizer(["a cat"], return_tensors="pt", padding="max_length", max_length=77).input_ids
+    with torch.no_grad():
+        for name in ("text_encoder", "text_encoder_2"):
+            trained, reloaded = getattr(pipeline, name).eval(), getattr(loaded, name).eval()
+            assert torch.equal(trained(tokens, output_hidden_states=True).hidden_states[-2],
+                               reloaded(tokens, output_hidden_states=True).hidden_states[-2])
+        latents = torch.randn(1, 4, 8, 8)
+        text = torch.randn(1, 77, pipeline.unet.config.cross_attention_dim)
+        added = {"text_embeds": torch.randn(1, pipeline.text_encoder_2.config.projection_dim), "time_ids": torch.randn(1, 6)}
+        assert torch.equal(pipeline.unet.eval()(latents, 10, encoder_hidden_states=text, added_cond_kwargs=added).sample,
+                           loaded.unet.eval()(latents, 10, encoder_hidden_states=text, added_cond_kwargs=added).sample)

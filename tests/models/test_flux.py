@@ -98,10 +98,11 @@ def test_t5_length_and_padding_shape_the_cached_embeds(project, model, short_mod
 # --- latents, packing and the model call -------------------------------------------------------------
 
 
-def test_latents_are_shifted_scaled_and_packed_for_the_transformer(model):
+def test_latents_are_shifted_scaled_and_packed_for_the_transformer(short_model):
     from diffusers import FluxPipeline
 
     mean = torch.randn(2, 16, 8, 8)
+    model = short_model
     latents = model.latents_from_cache({"latent_mean": mean, "latent_std": torch.zeros_like(mean)})
     config = model.vae.config
     assert (config.shift_factor, config.scaling_factor) == (0.1159, 0.3611)
@@ -117,7 +118,7 @@ def test_latents_are_shifted_scaled_and_packed_for_the_transformer(model):
         raw = model.transformer(
             hidden_states=tokens, timestep=torch.tensor([0.25, 0.75]), guidance=torch.tensor([1.0, 1.0]),
             pooled_projections=text["pooled_prompt_embeds"], encoder_hidden_states=text["prompt_embeds"],
-            txt_ids=torch.zeros(512, 3), img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32),
+            txt_ids=torch.zeros(SHORT, 3), img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32),
             return_dict=False)[0]
     assert tokens.shape == (2, 12, 64) and ours.shape == x.shape
     torch.testing.assert_close(ours, FluxPipeline._unpack_latents(raw, 64, 48, 8))
@@ -196,12 +197,15 @@ def full_size_transformer():
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_lora_preset_names_existing_modules(project, preset, full_size_transformer):
+def test_every_lora_preset_names_existing_modules(short_model, preset, full_size_transformer, monkeypatch):
+    import copy
+
     from simpletuner.models.adapters import add_lora
     from simpletuner.models.flux import lora_target_preset
 
-    model = flux_model(project, tokenizer_max_length=SHORT, flux_lora_target=preset)
-    for transformer in (model.transformer, full_size_transformer):
+    monkeypatch.setattr(short_model.config, "flux_lora_target", preset, raising=False)
+    tiny = copy.deepcopy(short_model.transformer)
+    for transformer in (tiny, full_size_transformer):
         names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
         targets = lora_target_preset(preset, len(transformer.single_transformer_blocks))
         for target in targets:
@@ -215,21 +219,29 @@ def test_every_lora_preset_names_existing_modules(project, preset, full_size_tra
     full = lora_target_preset(preset, 38)
     if preset == "tiny":
         assert full == ["single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out"]
-    expected = {n for n, m in model.transformer.named_modules() if isinstance(m, torch.nn.Linear)
-                and any(matches(n, t) for t in model.lora_target_modules())}
-    add_lora(model.denoiser, model.lora_target_modules(), rank=2, alpha=2, dropout=0.0)
-    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in model.denoiser.named_modules() if n.endswith(".lora_A")}
+    targets = short_model.lora_target_modules()  # the family reads the preset from --flux_lora_target
+    assert targets == lora_target_preset(preset, 2)
+    expected = {n for n, m in tiny.named_modules() if isinstance(m, torch.nn.Linear)
+                and any(matches(n, t) for t in targets)}
+    add_lora(tiny, targets, rank=2, alpha=2, dropout=0.0)
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in tiny.named_modules() if n.endswith(".lora_A")}
     assert wrapped == expected  # PEFT adapts exactly the modules the preset names
 
 
 # --- schedules -----------------------------------------------------------------------------------------
 
 
-def test_default_shift_follows_the_checkpoint_sampler_at_the_training_resolution(project, model):
+def test_default_shift_follows_the_checkpoint_sampler_at_the_training_resolution(model, monkeypatch):
     # 64 px = 16 tokens: mu = 0.5 + 0.65 * (16 - 256) / 3840; 1024 px = 4096 tokens: mu = 1.15
     assert math.isclose(model.default_flow_shift, math.exp(0.5 + 0.65 * (16 - 256) / 3840), rel_tol=1e-9)
-    large = flux_model(project, resolution=1024)
-    assert math.isclose(large.default_flow_shift, math.exp(1.15), rel_tol=1e-9)
+    monkeypatch.setattr(model.config, "resolution", 1024)
+    assert math.isclose(model._resolution_shift(), math.exp(1.15), rel_tol=1e-9)
+    monkeypatch.setattr(model.config, "resolution", 1.048576)  # megapixels
+    monkeypatch.setattr(model.config, "resolution_type", "area")
+    assert math.isclose(model._resolution_shift(), math.exp(1.15), rel_tol=1e-9)
+    # a fixed-shift scheduler ([schnell]: shift 1, no dynamic shifting) keeps its own shift
+    monkeypatch.setattr(model, "_scheduler", model._scheduler.__class__(shift=1.0, use_dynamic_shifting=False))
+    assert model._resolution_shift() == 1.0
     assert model.flow_patch_size == 2
 
 
@@ -399,18 +411,17 @@ def test_lora_run_validates_and_loads_exactly_in_diffusers(project, monkeypatch)
     original = Flux.encode_prompts
     monkeypatch.setattr(Flux, "encode_prompts", lambda self, prompts: encoded.append(list(prompts)) or original(self, prompts))
     args = family_args(project, "flux", "lora", tokenizer_max_length=SHORT, validation_prompt=PROMPT,
-                       validation_num_inference_steps=2, validation_step_interval=3, validation_resolution="64,96x64",
+                       validation_num_inference_steps=2, validation_step_interval=3, validation_resolution="96x64",
                        validation_guidance_real=2.0, caption_dropout_probability=0.5, flux_lora_target="all+ffs",
                        flux_attention_masked_training="true", flux_guidance_mode="random-range",
                        flux_guidance_min=1.0, flux_guidance_max=4.0, disable_benchmark=None)
     assert main(["train", *args]) == 0
     trainer = seen["trainer"]
     assert len(trainer.state.losses) == 3 and all(math.isfinite(loss) for loss in trainer.state.losses)
-    assert sum(p == [PROMPT] for p in encoded) == 1  # 2 validations x 2 sizes, the prompt encoded once
+    assert sum(p == [PROMPT] for p in encoded) == 1  # 2 validations, the prompt encoded once
     out = project / "lora"
     for step in ("step_0_base_model", "step_3"):
-        for size in ((64, 64), (96, 64)):
-            assert Image.open(out / "validation" / step / f"{size[0]}x{size[1]}_00.png").size == size
+        assert Image.open(out / "validation" / step / "96x64_00.png").size == (96, 64)
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
         keys, metadata = list(handle.keys()), handle.metadata()
         lora_b = [handle.get_tensor(k) for k in keys if ".lora_B." in k]
@@ -433,7 +444,7 @@ def test_lora_run_validates_and_loads_exactly_in_diffusers(project, monkeypatch)
     before = pipeline(generator=torch.Generator().manual_seed(0), **kwargs).images
     pipeline.load_lora_weights(out)
     after = pipeline(generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert torch.equal(after, trained)
+    assert torch.equal(after, trained)  # exact: the saved file carries no inference-time dropout
     assert (before - after).abs().max() > 1e-4, "loading the trained LoRA must change the output"
 
 

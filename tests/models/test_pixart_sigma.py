@@ -110,6 +110,21 @@ def test_predict_returns_the_noise_half_and_masks_padding(family):
     assert torch.allclose(masked, prediction, atol=1e-5), "padded tokens must not reach the transformer"
 
 
+def test_gradient_checkpointing_every_nth_block_keeps_gradients(project):
+    torch.manual_seed(0)
+    latents, timesteps = torch.randn(2, 4, 16, 16), torch.tensor([10, 900])
+    gradients = []
+    for interval in (None, 2):
+        model = load_family(project)
+        text = {key: value.float() for key, value in model.encode_prompts([PROMPT, ""]).items()}
+        model.denoiser.train().requires_grad_(True)
+        if interval:
+            assert model.enable_gradient_checkpointing(interval) == 1  # blocks 0 of 2
+        model.predict(latents, timesteps, text).square().mean().backward()
+        gradients.append(model.denoiser.proj_out.weight.grad.clone())
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
+
+
 def test_validation_pipeline_settings(family):
     arguments = family.pipeline_call_arguments()
     assert arguments["use_resolution_binning"] is False and arguments["max_sequence_length"] == 300
@@ -224,6 +239,30 @@ def test_peft_injection_saves_resumes_and_loads_in_both_formats(project, tmp_pat
             load_lora(pipeline, source)
             assert torch.equal(pipeline.transformer(**inputs)[0], expected), source  # alpha 2 at rank 4 kept
             assert not torch.allclose(base, expected)
+
+
+def test_load_lora_reads_dora_adapters(project, tmp_path):
+    from diffusers import PixArtSigmaPipeline
+
+    from simpletuner.models.adapters import add_lora, lora_state_dict
+    from simpletuner.models.pixart_sigma import load_lora
+
+    trained = load_family(project)
+    config = add_lora(trained.transformer, trained.lora_target_modules(), rank=4, alpha=8.0, dropout=0.0, use_dora=True)
+    with torch.no_grad():
+        for name, parameter in trained.transformer.named_parameters():
+            if ".lora_B." in name or "lora_magnitude_vector" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    state = lora_state_dict(trained.transformer)
+    assert any("lora_magnitude_vector" in key for key in state)
+    file = trained.save_lora(tmp_path, state, {"lora_config": config})
+    pipeline = PixArtSigmaPipeline.from_pretrained(project / "model")
+    load_lora(pipeline, file)
+    inputs = dict(hidden_states=torch.randn(1, 4, 16, 16), encoder_hidden_states=torch.randn(1, 7, 48),
+                  timestep=torch.tensor([500]), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                  return_dict=False)
+    with torch.no_grad():
+        assert torch.equal(pipeline.transformer(**inputs)[0], trained.transformer.eval()(**inputs)[0])
 
 
 # --- end to end ------------------------------------------------------------------------------------------

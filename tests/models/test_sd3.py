@@ -40,8 +40,8 @@ def sd3_model(project: Path, **options):
     from simpletuner.models.sd3 import StableDiffusion3
 
     values = dict(pretrained_model_name_or_path=str(project / "model"), model_flavour=None, revision=None,
-                  variant=None, pretrained_vae_model_name_or_path=None, prediction_type=None, **options)
-    model = StableDiffusion3(SimpleNamespace(**values), torch.device("cpu"), torch.float32)
+                  variant=None, pretrained_vae_model_name_or_path=None, prediction_type=None)
+    model = StableDiffusion3(SimpleNamespace(**{**values, **options}), torch.device("cpu"), torch.float32)
     model.load()
     return model
 
@@ -127,6 +127,19 @@ def test_latents_are_shifted_and_scaled_like_the_pipeline_expects(model):
     torch.testing.assert_close(latents / config.scaling_factor + config.shift_factor, mean)
     encoded = model.encode_images(torch.zeros(1, 3, 64, 64))
     assert encoded["latent_mean"].shape == (1, 16, 8, 8) and model.pixels_per_token() == 16
+
+
+def test_vae_override_is_loaded_from_its_folder(project, tmp_path, model):
+    from diffusers import AutoencoderKL
+
+    other = AutoencoderKL.from_pretrained(project / "model", subfolder="vae")
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(1.0)
+    other.save_pretrained(tmp_path / "vae")  # a folder with a vae/ subfolder, like a pipeline
+    replaced = sd3_model(project, pretrained_vae_model_name_or_path=str(tmp_path))
+    weight = "encoder.conv_in.weight"
+    torch.testing.assert_close(replaced.vae.state_dict()[weight], model.vae.state_dict()[weight] + 1)
 
 
 @pytest.mark.parametrize("shift, median", [(None, 0.75), (1.0, 0.5)])

@@ -330,7 +330,7 @@ def test_diff2flow_loss_equals_its_formula_on_a_fixed_batch(prediction_type, mon
         def latents_from_cache(self, cached):
             return cached["latent_mean"]
 
-        def predict(self, noisy, timesteps, text):
+        def predict(self, noisy, timesteps, text, batch=None):
             return 0.3 * noisy + 0.05 * text["prompt_embeds"].mean()
 
     defaults = {o.name: o.default for o in all_options()}

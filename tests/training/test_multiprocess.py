@@ -49,10 +49,12 @@ def make_project(root: Path, model: Path, env_file: str, **overrides) -> Path:
         {"id": "text", "dataset_type": "text_embeds", "cache_dir": str(root / "cache" / "text"), "default": True},
     ]))
     config = {"model_family": "sd1x", "pretrained_model_name_or_path": str(model), "model_type": "lora",
-              "lora_rank": 4, "output_dir": str(root / "out"), "data_backend_config": str(root / "multidatabackend.json"),
+              "output_dir": str(root / "out"), "data_backend_config": str(root / "multidatabackend.json"),
               "cache_dir": str(root / "cache"), "resolution": 64, "resolution_type": "pixel",
               "aspect_bucket_alignment": 8, "mixed_precision": "no", "train_batch_size": 2, "seed": 7,
               "learning_rate": 1e-3, "optimizer": "optimi-adamw", "report_to": "none", **overrides}
+    if config["model_type"] == "lora":
+        config.setdefault("lora_rank", 4)
     (root / "config" / "config.json").write_text(json.dumps(config, indent=1))
     (root / "config" / "config.env").write_text(env_file)
     return root
@@ -166,7 +168,8 @@ def test_inductor_compiles_the_tiny_model_on_the_cpu(tiny_model, tmp_path, monke
 
     # On a 2-core machine a pool of compile workers costs more than it saves (about 45 s vs 75 s cold).
     monkeypatch.setattr(inductor_config, "compile_threads", 1)
-    root = make_project(tmp_path, tiny_model, "TRAINING_DYNAMO_BACKEND=inductor\n", max_train_steps=3)
+    root = make_project(tmp_path, tiny_model, "TRAINING_DYNAMO_BACKEND=inductor\n", max_train_steps=3,
+                        model_type=os.environ.get("MT", "lora"))
     run = resolve_run([], environ={}, root=root)
     assert run.launcher.dynamo_backend == "inductor" and run.launcher.num_processes == 1
     eager = in_process(root, "--output_dir", str(tmp_path / "eager")).state.losses

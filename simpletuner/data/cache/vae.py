@@ -3,7 +3,7 @@
 Encoding images is the slowest part of start-up, so each image's encoder output is stored once and
 reused by every later run whose settings would produce the same tensor. An entry's key is the
 fingerprint of everything that changes it: the image *content* (not its name or mtime), the target
-size, the crop flag, the encoder (``model.fingerprint_parts()``) and the cache format version.
+size, the crop flag, the encoder (``model.latent_fingerprint_parts()``) and the cache format version.
 
 Hashing 10k images on every start would cost more than it saves, so content hashes are remembered
 in ``<cache_dir_vae>/content_index.json`` by key together with the file's size and ``mtime_ns``
@@ -261,7 +261,8 @@ class VaeCache:
         report = CacheReport()
         if self.mode == "disable":
             return report
-        self._model_parts = model.fingerprint_parts()
+        # text settings that families add to fingerprint_parts() must not invalidate latents
+        self._model_parts = getattr(model, "latent_fingerprint_parts", model.fingerprint_parts)()
         if not verify:
             self._self_healing = True
         pending: dict[Size, list[ImageRecord]] = {}
@@ -462,9 +463,13 @@ class VaeCache:
         if self.options.log_each:
             logger.info("dataset %s: encoding %s", self.dataset_id, record.path)
         try:
-            return load_image_tensor(source, size, anchor=self._anchor(record), name=str(record.path))
+            return self._load_pixels(source, size, record)
         except CorruptImageError as exc:
             return exc
+
+    def _load_pixels(self, source: Path | bytes, size: Size, record: ImageRecord) -> torch.Tensor:
+        """Decode, resize and crop one image to ``size`` (a video cache decodes a clip instead)."""
+        return load_image_tensor(source, size, anchor=self._anchor(record), name=str(record.path))
 
     def _decoded(self, jobs: list[tuple[Size, ImageRecord]]):
         """(size, record, pixels or error) for each job, in order, with I/O and decoding run ahead."""

@@ -71,15 +71,19 @@ OPTIONS: list[Option] = [
         name="parquet_caption_column",
         kind="str",
         default=None,
-        help="Parquet column that holds the captions (caption when unset).",
+        help="Caption column of parquet datasets whose \"parquet\" object sets no caption_column "
+        "(caption when unset).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="parquet_filename_column",
         kind="str",
         default=None,
-        help="Parquet column that holds the image file names or paths.",
+        help="File name column of parquet datasets whose \"parquet\" object sets no filename_column "
+        "(filename when unset).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="caption_dropout_probability",
@@ -157,8 +161,10 @@ OPTIONS: list[Option] = [
         name="data_aesthetic_score",
         kind="float",
         default=None,
-        help="Constant aesthetic score passed as conditioning to the SDXL refiner, since scores are not computed per image.",
+        help="Constant aesthetic score passed as conditioning to the SDXL refiner, since scores are not computed "
+             "per image (default 7.0; validation samples with the same score).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="minimum_image_size",
@@ -398,7 +404,9 @@ OPTIONS: list[Option] = [
         name="framerate",
         kind="int",
         default=None,
-        help="Frames per second assumed for video datasets and outputs.",
+        help="Frames per second assumed for video files that declare none (30 when unset); a video dataset "
+        "without num_frames trains 5 seconds at this rate.",
         group=_G,
+        implemented=True,
     ),
 ]

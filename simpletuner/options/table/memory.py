@@ -185,6 +185,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Compute SDXL UNet attention in slices to lower peak memory.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="vae_enable_slicing",

@@ -706,22 +706,29 @@ OPTIONS: list[Option] = [
         name="refiner_training",
         kind="bool",
         default=False,
-        help="Train one stage of a mixture-of-experts (base + refiner) model series.",
+        help="Train one stage of a mixture-of-experts (base + refiner) model series: only the refiner's "
+             "low-noise slice of the timesteps (--refiner_training_strength), or with "
+             "--refiner_training_invert_schedule the base's remaining slice. SDXL and Kolors.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="refiner_training_invert_schedule",
         kind="bool",
         default=False,
-        help="Flip the timestep range the refiner stage covers.",
+        help="Flip the timestep range the refiner stage covers: train the base stage, the noisiest "
+             "(1 - strength) of the schedule.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="refiner_training_strength",
         kind="float",
         default=None,
-        help="Portion of the timestep schedule handled by the refiner stage.",
+        help="Portion of the timestep schedule handled by the refiner stage (default 0.2, the SDXL "
+             "refiner's design: timesteps 0-199 of 1000).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="sdxl_refiner_uses_full_range",
@@ -729,5 +736,6 @@ OPTIONS: list[Option] = [
         default=False,
         help="Train the SDXL refiner over every timestep instead of only its usual low-noise slice.",
         group=_G,
+        implemented=True,
     ),
 ]

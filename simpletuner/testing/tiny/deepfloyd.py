@@ -21,7 +21,7 @@ T5_WIDTH = 24
 UNET_CONFIG = dict(
     sample_size=64,
     layers_per_block=1,
-    block_out_channels=(16, 32, 32),
+    block_out_channels=(8, 16, 32),
     down_block_types=("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
     mid_block_type="UNetMidBlock2DSimpleCrossAttn",
     up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"),
@@ -35,7 +35,7 @@ UNET_CONFIG = dict(
     cross_attention_norm="group_norm",
     resnet_time_scale_shift="scale_shift",
     act_fn="gelu",
-    norm_num_groups=8,
+    norm_num_groups=4,
 )
 
 #: Stage II: the upscaled low-res image is concatenated to the noisy image, and the noise level of its

@@ -1,0 +1,349 @@
+"""Stable Diffusion XL: a UNet2DConditionModel conditioned on two CLIP text encoders and on image sizes.
+
+Text: the penultimate hidden states of CLIP-L (``text_encoder``) and CLIP-G (``text_encoder_2``),
+77 tokens each, concatenated along the channels (``prompt_embeds``), plus CLIP-G's projected pooled
+output (``pooled_prompt_embeds``), exactly what ``StableDiffusionXLPipeline.encode_prompt`` builds.
+
+Micro-conditioning (``addition_embed_type="text_time"``): the UNet adds the pooled embedding and
+Fourier embeddings of six numbers per image to its timestep embedding: original size, crop top-left
+and target size, each (height, width) / (top, left). The data batches carry them per image
+(:mod:`simpletuner.data.image_info`), so the model learns what cropped or upscaled sources look like.
+The SDXL refiner takes five numbers instead: original size, crop and an aesthetic score
+(``--data_aesthetic_score``, one value for the whole dataset).
+
+Caption dropout trains with what the pipeline uses as the negative prompt: zeros for both embeddings
+when the checkpoint says ``force_zeros_for_empty_prompt`` (SDXL base, like its original training),
+otherwise the encoded empty prompt.
+
+Timesteps: ``--refiner_training`` trains one expert of a base + refiner pair on a slice of the
+schedule (``--refiner_training_strength``, default 0.2: the refiner takes the least noisy 20%,
+``--refiner_training_invert_schedule`` the base the rest), and the SDXL refiner checkpoint trains on
+its own low-noise slice unless ``--sdxl_refiner_uses_full_range``.
+
+Kolors (:mod:`simpletuner.models.kolors`) reuses this class with a ChatGLM3 text encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simpletuner.models.base import ModelFamily
+from simpletuner.models.sd1x import UNET_ATTENTION_TARGETS
+from simpletuner.training.objectives import configure_training_scheduler, inference_scheduler_overrides
+
+logger = logging.getLogger(__name__)
+
+#: The share of the schedule the SDXL refiner was trained on (its low-noise end), and the default
+#: ``--refiner_training_strength``.
+REFINER_STRENGTH = 0.2
+#: ``--data_aesthetic_score`` when unset: a high score, what one asks a refiner for.
+DEFAULT_AESTHETIC_SCORE = 7.0
+#: Flavours whose checkpoint is the refiner (its single file needs the img2img pipeline's configs).
+REFINER_FLAVOURS = ("refiner-1.0",)
+
+
+def refiner_timestep_window(num_train_timesteps: int, refiner_training: bool, strength: float | None,
+                            invert: bool, is_refiner_checkpoint: bool, full_range: bool) -> tuple[int, int] | None:
+    """The ``[begin, end)`` slice of integer timesteps to train on, or None for all of them.
+
+    An SDXL base + refiner pair splits the schedule at ``strength * T``: the refiner denoises the
+    least noisy ``[0, strength T)``, the base the rest. ``--refiner_training`` trains the refiner's
+    part, or with ``--refiner_training_invert_schedule`` the base's. The refiner checkpoint trains on
+    its part by default too, unless ``--sdxl_refiner_uses_full_range`` (e.g. to make it a standalone
+    text-to-image model).
+    """
+    share = REFINER_STRENGTH if strength is None else float(strength)
+    if refiner_training:
+        split = max(1, min(num_train_timesteps - 1, round(share * num_train_timesteps)))
+        return (split, num_train_timesteps) if invert else (0, split)
+    if is_refiner_checkpoint and not full_range:
+        return 0, max(1, round(share * num_train_timesteps))
+    return None
+
+
+def component_source(override: str | None, component: str, base: str, revision: str | None,
+                     subfolder: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(path, from_pretrained keywords) of one pipeline component: ``override`` when given (its
+    ``component`` subfolder when it is a pipeline folder; a hub id is taken as a pipeline repository
+    like the base model), else the base model's ``component`` subfolder. ``subfolder`` wins."""
+    if override:
+        if Path(override).is_dir():
+            found = component if (Path(override) / component).is_dir() else None
+            return override, {"subfolder": subfolder or found}
+        return override, {"subfolder": subfolder or component}
+    return base, {"subfolder": subfolder or component, "revision": revision}
+
+
+@lru_cache(maxsize=1)
+def refiner_validation_pipeline_class():
+    """``StableDiffusionXLImg2ImgPipeline`` taking a width and height: without an input image it
+    starts from a flat grey picture at full strength, so validation shows the refiner generating on
+    its own (there is no base-model image to refine)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    class RefinerValidationPipeline(StableDiffusionXLImg2ImgPipeline):
+        def __call__(self, *args, width: int | None = None, height: int | None = None, image=None, **kwargs):
+            if image is None:
+                from PIL import Image
+
+                image = Image.new("RGB", (width or 1024, height or 1024), (127, 127, 127))
+                kwargs.setdefault("strength", 1.0)
+            return super().__call__(*args, image=image, **kwargs)
+
+    return RefinerValidationPipeline
+
+
+class StableDiffusionXL(ModelFamily):
+    family = "sdxl"
+    denoiser_name = "unet"
+
+    # --- loading -----------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        from diffusers import DDPMScheduler
+
+        if self.is_single_file():
+            self._load_single_file()
+        else:
+            path = self.model_path
+            self.force_zeros = bool(self._pipeline_index(path).get("force_zeros_for_empty_prompt", False))
+            self.load_text_encoders(path)
+            self.unet = self._load_unet(path)
+            self.vae = self._load_vae(path)
+            self._scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=self.config.revision)
+        self._checkpoint_prediction_type = self._scheduler.config.get("prediction_type")
+        self._scheduler.register_to_config(prediction_type=self.prediction_type)
+        self._scheduler = configure_training_scheduler(self._scheduler, self.config)
+        for module in self.frozen_modules() + [self.unet]:
+            module.to(self.device)
+            if self.weight_dtype != torch.float32 and (module is not self.vae or self.weight_dtype == torch.bfloat16):
+                module.to(dtype=self.weight_dtype)  # the VAE stays fp32 below bf16: fp16 VAEs overflow
+        self.denoiser = self.unet
+        self.is_refiner = self._takes_aesthetic_score()
+        if getattr(self.config, "unet_attention_slice", False):
+            self.unet.set_attention_slice("auto")  # half the heads at a time: lower peak memory, same result
+        self.freeze_encoders()
+        window = self.training_timestep_window()
+        logger.info("%s: %s, micro-conditioning %s%s", self.family, "refiner" if self.is_refiner else "base",
+                    "original/crop/aesthetic score" if self.is_refiner else "original/crop/target size",
+                    f", training timesteps [{window[0]}, {window[1]})" if window else "")
+
+    def _pipeline_index(self, path: str) -> dict:
+        """The pipeline's ``model_index.json`` (which components it has, ``force_zeros_for_empty_prompt``)."""
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.load_config(path, revision=self.config.revision)
+
+    def load_text_encoders(self, path: str) -> None:
+        """CLIP-L and CLIP-G with their tokenizers; the refiner ships only CLIP-G."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        source = dict(revision=self.config.revision)
+        weights = dict(variant=self.config.variant, **source)
+        has_first = (self._pipeline_index(path).get("text_encoder") or [None])[0] is not None
+        self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **source) if has_first else None
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights) \
+            if has_first else None
+        self.tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **source)
+        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights)
+
+    def _load_unet(self, path: str):
+        """The UNet, from ``--pretrained_unet_model_name_or_path`` / ``_subfolder`` when given."""
+        from diffusers import UNet2DConditionModel
+
+        config = self.config
+        override = getattr(config, "pretrained_unet_model_name_or_path", None)
+        unet_path, extra = component_source(override, "unet", path, config.revision,
+                                            getattr(config, "pretrained_unet_subfolder", None))
+        if config.variant and not override:
+            extra["variant"] = config.variant
+        return UNet2DConditionModel.from_pretrained(unet_path, **extra)
+
+    def _load_vae(self, path: str):
+        from diffusers import AutoencoderKL
+
+        override = self.config.pretrained_vae_model_name_or_path
+        vae_path, extra = component_source(override, "vae", path, self.config.revision)
+        if self.config.variant and not override:
+            extra["variant"] = self.config.variant
+        return AutoencoderKL.from_pretrained(vae_path, **extra)
+
+    def single_file_pipeline_class(self):
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+        flavour = self.config.model_flavour or self.info.default_flavour
+        return StableDiffusionXLImg2ImgPipeline if flavour in REFINER_FLAVOURS else StableDiffusionXLPipeline
+
+    def _load_single_file(self) -> None:
+        from diffusers import DDPMScheduler
+
+        # A single file holds weights only; diffusers takes the component configs from the flavour's
+        # hub folder (the local Hugging Face cache when offline).
+        config_source = self.info.flavours[self.config.model_flavour or self.info.default_flavour]
+        try:
+            pipeline = self.single_file_pipeline_class().from_single_file(self.model_path, config=config_source)
+        except (OSError, ValueError) as error:
+            raise RuntimeError(
+                f"{self.model_path}: a single-file checkpoint needs the diffusers configs of {config_source} "
+                f"(pick another with --model_flavour), which could not be loaded: {error}"
+            ) from error
+        for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
+            setattr(self, name, getattr(pipeline, name, None))
+        self.force_zeros = bool(pipeline.config.get("force_zeros_for_empty_prompt", False))
+        self.unet = pipeline.unet if not getattr(self.config, "pretrained_unet_model_name_or_path", None) \
+            else self._load_unet(self.model_path)
+        self.vae = self._load_vae(self.model_path) if self.config.pretrained_vae_model_name_or_path else pipeline.vae
+        self._scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+
+    def _takes_aesthetic_score(self) -> bool:
+        """The refiner's UNet embeds five micro-conditioning numbers (the last an aesthetic score)
+        where the base embeds six; told apart by the width of its added-embedding input."""
+        numbers = (self.unet.config.projection_class_embeddings_input_dim - self.pooled_width()) \
+            // self.unet.config.addition_time_embed_dim
+        return numbers == 5
+
+    def pooled_width(self) -> int:
+        return self.text_encoder_2.config.projection_dim
+
+    def default_prediction_type(self) -> str:
+        shipped = getattr(self, "_checkpoint_prediction_type", None)
+        return shipped if shipped in self.info.prediction_types else super().default_prediction_type()
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.text_encoder, self.text_encoder_2, self.vae) if m is not None]
+
+    def noise_scheduler(self):
+        return self._scheduler
+
+    def training_timestep_window(self) -> tuple[int, int] | None:
+        config = self.config
+        return refiner_timestep_window(
+            self._scheduler.config.num_train_timesteps, bool(getattr(config, "refiner_training", False)),
+            getattr(config, "refiner_training_strength", None),
+            bool(getattr(config, "refiner_training_invert_schedule", False)), self.is_refiner,
+            bool(getattr(config, "sdxl_refiner_uses_full_range", False)),
+        )
+
+    def aesthetic_score(self) -> float:
+        score = getattr(self.config, "data_aesthetic_score", None)
+        return DEFAULT_AESTHETIC_SCORE if score is None else float(score)
+
+    # --- conditioning and latents ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.text_conditioning(prompts)
+
+    def text_conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            if encoder is None:
+                continue
+            tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                               return_tensors="pt")
+            output = encoder(tokens.input_ids.to(self.device), output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])  # the penultimate layer, as SDXL was trained
+            if output[0].ndim == 2:  # CLIP-G's projected pooled output
+                pooled = output[0]
+        return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+    def trainable_text_encoders(self) -> dict[str, torch.nn.Module]:
+        return {name: encoder for name, encoder in (("text_encoder", self.text_encoder),
+                                                    ("text_encoder_2", self.text_encoder_2)) if encoder is not None}
+
+    def unconditional_text(self, empty_prompt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Zeros when the pipeline zeroes its empty negative prompt, the encoded ``""`` otherwise."""
+        if self.force_zeros:
+            return {key: torch.zeros_like(value) for key, value in empty_prompt.items()}
+        return empty_prompt
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        posterior = self.vae.encode(pixels.to(self.device, dtype=self.vae.dtype)).latent_dist
+        return {"latent_mean": posterior.mean.float(), "latent_std": posterior.std.float()}
+
+    def latents_from_cache(self, cached: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        mean, std = cached["latent_mean"], cached["latent_std"]
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return (mean + std * noise) * self.vae.config.scaling_factor
+
+    def add_time_ids(self, latents: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
+        """The micro-conditioning numbers per sample, (B, 6) or the refiner's (B, 5).
+
+        Without size information in ``batch`` the image is taken as uncropped and trained at its
+        own size (what the pipeline assumes by default)."""
+        count = latents.shape[0]
+        if batch is not None and "original_size" in batch:
+            original, crop, target = (batch[key].to(latents.device) for key in
+                                      ("original_size", "crop_top_left", "target_size"))
+        else:
+            scale = self.vae_scale_factor()
+            target = torch.tensor([[latents.shape[-2] * scale, latents.shape[-1] * scale]],
+                                  device=latents.device).expand(count, 2)
+            original, crop = target, torch.zeros_like(target)
+        last = torch.full((count, 1), self.aesthetic_score(), device=latents.device) if self.is_refiner else target
+        return torch.cat([original.float(), crop.float(), last.float()], dim=1).to(latents.dtype)
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
+                batch: dict | None = None) -> torch.Tensor:
+        added = {"text_embeds": text["pooled_prompt_embeds"], "time_ids": self.add_time_ids(noisy_latents, batch)}
+        return self.denoiser(noisy_latents, timesteps, encoder_hidden_states=text["prompt_embeds"],
+                             added_cond_kwargs=added, return_dict=False)[0]
+
+    # --- validation and outputs ------------------------------------------------------------------------
+
+    def inference_scheduler(self, overrides: dict | None = None):
+        """Euler, as SDXL (and Kolors) ship it, with the training schedule's betas and prediction type."""
+        from diffusers import EulerDiscreteScheduler
+
+        return EulerDiscreteScheduler.from_config(self._scheduler.config, **(overrides or {}))
+
+    def _pipeline(self, denoiser: torch.nn.Module | None, scheduler, validation: bool = False):
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+        unet = denoiser if denoiser is not None else self.denoiser
+        parts = dict(vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                     tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=unet, scheduler=scheduler,
+                     force_zeros_for_empty_prompt=self.force_zeros)
+        if self.is_refiner:
+            cls = refiner_validation_pipeline_class() if validation else StableDiffusionXLImg2ImgPipeline
+            return cls(requires_aesthetics_score=True, **parts)
+        return StableDiffusionXLPipeline(**parts)
+
+    def build_pipeline(self, denoiser: torch.nn.Module | None = None):
+        return self._pipeline(denoiser, self.inference_scheduler(inference_scheduler_overrides(self.config)),
+                              validation=True)
+
+    def pipeline_call_arguments(self) -> dict[str, Any]:
+        """The refiner samples with the aesthetic score it was trained with."""
+        return {"aesthetic_score": self.aesthetic_score()} if self.is_refiner else {}
+
+    def lora_target_modules(self) -> list[str]:
+        return list(UNET_ATTENTION_TARGETS)
+
+    def save_lora(self, folder: Path, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any],
+                  text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+        """``StableDiffusionXLPipeline.save_lora_weights``: ``unet.*``, ``text_encoder.*`` and
+        ``text_encoder_2.*`` keys in one file that ``load_lora_weights`` reads back."""
+        from diffusers import StableDiffusionXLPipeline
+
+        states = text_encoder_states or {}
+        encoder_config = metadata.get("text_encoder_lora_config")
+        StableDiffusionXLPipeline.save_lora_weights(
+            folder, unet_lora_layers=lora_state, safe_serialization=True,
+            unet_lora_adapter_metadata=metadata.get("lora_config"),
+            text_encoder_lora_layers=states.get("text_encoder"),
+            text_encoder_lora_adapter_metadata=encoder_config if states.get("text_encoder") else None,
+            text_encoder_2_lora_layers=states.get("text_encoder_2"),
+            text_encoder_2_lora_adapter_metadata=encoder_config if states.get("text_encoder_2") else None,
+        )
+        return folder / "pytorch_lora_weights.safetensors"
+
+    def save_full(self, folder: Path, denoiser: torch.nn.Module) -> Path:
+        self._pipeline(denoiser, self.inference_scheduler()).save_pretrained(folder, safe_serialization=True)
+        return folder
