@@ -32,6 +32,13 @@ the training step. Absolute rates depend on the machine; the ratios are what the
    in RAM) against the bare training step of ``benchmarks/step_overhead.py`` (tiny UNet, rank-4
    LoRA, forward/backward/clip/AdamW), interleaved call by call: fetch median as a percentage of the
    step median, target < 5 %.
+5. ``--dataloader_prefetch``: how long the consumer is blocked in ``next_batch`` per step when a
+   batch costs real work (``--vae_cache_disable``: every batch is decoded and VAE-encoded when drawn,
+   the 64-image 64 px dataset, batch 4, tiny sd1x VAE), with and without prefetch. The step is
+   simulated by sleeping for the median bare training step measured in 4, so the loader thread has
+   the CPU to itself as it would while a GPU computes the step. After the first ``--prefetch-warmup``
+   steps (the queue filling), the mean wait per step with prefetch must stay under 1 % of the step
+   (the consumer never waits on data); without prefetch it is the whole load time.
 
     python benchmarks/data_scan.py [--images 10000] [--data DIR] [--decode-sample 300] [--vae-images 128]
 """
@@ -295,6 +302,50 @@ def measure_fetch(work: Path, args) -> tuple[list[float], list[float]]:
     return fetch_times, step_times
 
 
+# --- 5. prefetch: time the consumer waits on data -------------------------------------------------
+
+
+def measure_prefetch_wait(work: Path, model, step_seconds: float, args) -> dict[str, list[float]]:
+    """Seconds blocked in ``next_batch`` at each of ``--prefetch-steps`` simulated steps, per mode
+    (``sync``: no prefetch; ``prefetch``: ``--dataloader_prefetch`` with ``--prefetch-qlen``).
+
+    The latent cache is disabled, so each batch is decoded and encoded when drawn: a load that costs
+    real time. Each step sleeps ``step_seconds`` after its batch arrives. The modes alternate over
+    ``--prefetch-rounds`` rounds so background load hits both alike.
+    """
+    from simpletuner.data.build import build_training_data
+    from simpletuner.data.config import parse_dataset_plan
+    from simpletuner.options.resolve import merge_sources
+    from simpletuner.testing.shapes import make_demo_dataset
+
+    make_demo_dataset(work / "data", 64, size=64)
+    plan = parse_dataset_plan([
+        {"id": "shapes", "type": "local", "instance_data_dir": str(work / "data")},
+        {"id": "text", "dataset_type": "text_embeds", "cache_dir": str(work / "text")},
+    ])
+    base = {"model_family": "sd1x", "resolution": 64, "resolution_type": "pixel", "cache_dir": str(work / "cache"),
+            "train_batch_size": args.batch_size, "seed": 0, "vae_cache_disable": True,
+            "dataloader_prefetch_qlen": args.prefetch_qlen}
+    waits: dict[str, list[float]] = {"sync": [], "prefetch": []}
+    for round_index in range(args.prefetch_rounds):
+        modes = ("sync", "prefetch") if round_index % 2 == 0 else ("prefetch", "sync")
+        for mode in modes:
+            config = merge_sources({}, {**base, "dataloader_prefetch": mode == "prefetch"},
+                                   "benchmarks/data_scan.py", [])
+            data = build_training_data(config, model, plan, show_progress=False, num_processes=1)
+            try:
+                for step in range(args.prefetch_steps):
+                    started = time.perf_counter()
+                    data.next_batch(step)
+                    waited = time.perf_counter() - started
+                    if step >= args.prefetch_warmup:
+                        waits[mode].append(waited)
+                    time.sleep(step_seconds)
+            finally:
+                data.close()
+    return waits
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -321,7 +372,14 @@ def main() -> int:
                         help="rounds per side, each with a fresh cache; the median round ratio is reported")
     parser.add_argument("--fetch-calls", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=4, help="training batch for the fetch/step comparison")
+    parser.add_argument("--prefetch-steps", type=int, default=40, help="simulated steps per mode and round")
+    parser.add_argument("--prefetch-rounds", type=int, default=2, help="rounds, alternating which mode goes first")
+    parser.add_argument("--prefetch-warmup", type=int, default=2,
+                        help="first steps of each run left out of the prefetch figures (the queue fills)")
+    parser.add_argument("--prefetch-qlen", type=int, default=10, help="--dataloader_prefetch_qlen")
     args = parser.parse_args()
+    if args.prefetch_steps <= args.prefetch_warmup:
+        parser.error("--prefetch-steps must be larger than --prefetch-warmup")
 
     from simpletuner.data.config import ImageDatasetConfig
 
@@ -373,7 +431,6 @@ def main() -> int:
               f"{args.vae_batch_size}, {args.vae_rounds} rounds: VaeCache.ensure {cached_rate:.1f} img/s, "
               f"bare decode+encode {bare_rate:.1f} img/s (median rounds); cached/bare rate per round: "
               + ", ".join(f"{ratio:.3f}" for ratio in round_ratios))
-        del model
 
         # 4. Batch fetch vs step.
         import torch
@@ -383,6 +440,18 @@ def main() -> int:
         print(f"fetch: next_batch median {fetch_median * 1e3:.3f} ms, bare step median {step_median * 1e3:.2f} ms "
               f"over {args.fetch_calls} interleaved calls (batch {args.batch_size})")
 
+        # 5. Waiting on data with and without prefetch, at the step time just measured.
+        waits = measure_prefetch_wait(work / "prefetch", model, step_median, args)
+        del model
+        sync_wait, prefetch_wait = statistics.fmean(waits["sync"]), statistics.fmean(waits["prefetch"])
+        prefetch_share = 100 * prefetch_wait / step_median
+        wait_ratio = prefetch_wait / sync_wait if sync_wait else float("nan")
+        print(f"prefetch: next_batch wait per simulated {step_median * 1e3:.2f} ms step (vae_cache_disable: each "
+              f"batch decoded and encoded when drawn; {len(waits['sync'])} steady-state steps per mode): without "
+              f"prefetch mean {sync_wait * 1e3:.2f} ms (median {statistics.median(waits['sync']) * 1e3:.2f}), with "
+              f"prefetch mean {prefetch_wait * 1e3:.3f} ms (median {statistics.median(waits['prefetch']) * 1e3:.3f}, "
+              f"max {max(waits['prefetch']) * 1e3:.3f}); with/without {wait_ratio:.4f}")
+
     scan_ratio = scan_rate / decode_rate
     fetch_share = 100 * fetch_median / step_median
     rows = [
@@ -391,13 +460,16 @@ def main() -> int:
         ("scan peak memory, ru_maxrss growth", f"{rss_growth / 2**20:.1f} MiB", "< 1 GiB", rss_growth < GIB),
         ("VaeCache.ensure rate / bare encode rate (median round)", f"{vae_ratio:.3f}", ">= 0.9", vae_ratio >= 0.9),
         ("next_batch / training step (medians)", f"{fetch_share:.2f} %", "< 5 %", fetch_share < 5),
+        ("prefetch: wait in next_batch / step (steady-state mean)", f"{prefetch_share:.2f} %", "< 1 %",
+         prefetch_share < 1),
     ]
     print(f"\n=== data pipeline summary: {found} images ({args.min_side}-{args.max_side} px sides; "
           f"{written} generated in {gen_seconds:.0f} s), torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPUs ===")
     print(f"scan {scan_rate:.0f} img/s | decode {decode_rate:.1f} img/s (sample of {len(sample)}) | "
           f"cached latents {cached_rate:.1f} img/s | bare latents {bare_rate:.1f} img/s | "
-          f"fetch {fetch_median * 1e3:.3f} ms | step {step_median * 1e3:.2f} ms")
+          f"fetch {fetch_median * 1e3:.3f} ms | step {step_median * 1e3:.2f} ms | "
+          f"wait without prefetch {sync_wait * 1e3:.2f} ms, with {prefetch_wait * 1e3:.3f} ms per step")
     width = max(len(row[0]) for row in rows)
     for name, value, target, passed in rows:
         print(f"{name:<{width}}  {value:>11}  target {target:<7}  {'PASS' if passed else 'FAIL'}")

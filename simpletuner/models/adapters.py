@@ -45,7 +45,9 @@ def add_lora(denoiser: torch.nn.Module, target_modules: list[str], rank: int, al
     for parameter in denoiser.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()  # adapters train in fp32 even on a bf16 base
-    return {"r": rank, "lora_alpha": config.lora_alpha, "lora_dropout": dropout,
+    # The returned config travels in the saved file for loaders to rebuild the adapter: dropout is a
+    # training-time regulariser, and a loader that kept it would make every inference sample random.
+    return {"r": rank, "lora_alpha": config.lora_alpha, "lora_dropout": 0.0,
             "target_modules": sorted(target_modules), "init_lora_weights": init_lora_weights,
             **({"use_dora": True} if use_dora else {})}
 

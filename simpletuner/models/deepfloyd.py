@@ -110,15 +110,13 @@ class DeepFloydIF(ModelFamily):
         self._scheduler.register_to_config(prediction_type=self.prediction_type)
         self._scheduler = configure_training_scheduler(self._scheduler, self.config)
         self.image_noising_scheduler = self._load_image_noising_scheduler() if self.is_stage_ii else None
-        if self.is_stage_ii and self.config.validation_prompt:
+        if self.is_stage_ii and self.config.validation_prompt and not self.config.validation_disable:
             raise RuntimeError(
                 "DeepFloyd stage II upscales a low-resolution image, and validation has no image to give it; "
                 "remove --validation_prompt (the trained LoRA or pipeline still loads in IFSuperResolutionPipeline)"
             )
-        for module in (self.text_encoder, self.unet):
-            module.to(self.device)
-            if self.weight_dtype != torch.float32:
-                module.to(dtype=self.weight_dtype)
+        self.text_encoder.to(self.device, dtype=self.weight_dtype)
+        self.unet.to(self.device)  # loaded in the weight dtype already
         self.denoiser = self.unet
         self.freeze_encoders()
 
@@ -149,7 +147,7 @@ class DeepFloydIF(ModelFamily):
             subfolder = self.config.pretrained_unet_subfolder
         if self.config.variant and not self.config.pretrained_unet_model_name_or_path:
             extra["variant"] = self.config.variant
-        return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, **extra)
+        return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=self.weight_dtype, **extra)
 
     def _load_image_noising_scheduler(self):
         from diffusers import DDPMScheduler

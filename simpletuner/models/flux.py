@@ -31,8 +31,9 @@
 * **Validation.** ``FluxPipeline`` with three additions (:class:`FluxValidationPipeline`): prompts
   are encoded exactly as for training (T5 length, padding, memoised per prompt), the T5 mask reaches
   the attention with masked training, and real classifier-free guidance (``true_cfg_scale``, from
-  ``--validation_guidance_real``) uses the empty prompt when no negative prompt is configured and can
-  stay off for the first ``--validation_no_cfg_until_timestep`` steps. ``--validation_guidance`` is the
+  ``--validation_guidance_real``) uses the empty prompt when the negative prompt is empty (the stock
+  pipeline would silently skip CFG) and can stay off for the first
+  ``--validation_no_cfg_until_timestep`` steps. ``--validation_guidance`` is the
   *embedded* guidance of distilled models (3.5 is FLUX.1 [dev]'s usual value).
 """
 
@@ -173,7 +174,7 @@ def component_source(path: str, subfolder: str) -> tuple[str, str | None]:
 
 
 def is_single_file(path: str | None) -> bool:
-    return bool(path) and Path(str(path)).suffix in (".safetensors", ".ckpt", ".sft")
+    return bool(path) and Path(str(path)).suffix in (".safetensors", ".ckpt")
 
 
 # --- the family -------------------------------------------------------------------------------------
@@ -211,9 +212,9 @@ class Flux(ModelFamily):
     def load(self) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        self.transformer = self._load_transformer()  # first: a bad single file fails before the 10 GB of T5
         self.tokenizer, self.text_encoder = self._load_clip()
         self.tokenizer_2, self.text_encoder_2 = self._load_t5()
-        self.transformer = self._load_transformer()
         self.vae = self._load_vae()
         self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
             self.config_source, subfolder="scheduler", **self._base_source(weights=False))
@@ -385,7 +386,7 @@ class Flux(ModelFamily):
             extra["joint_attention_kwargs"] = {"attention_mask": joint_attention_mask(text["attention_mask"],
                                                                                       tokens.shape[1])}
         output = self.denoiser(
-            hidden_states=tokens, timestep=timesteps.to(dtype) / 1000, guidance=self.training_guidance(count, device),
+            hidden_states=tokens, timestep=timesteps.float() / 1000, guidance=self.training_guidance(count, device),
             pooled_projections=text["pooled_prompt_embeds"], encoder_hidden_states=embeds, txt_ids=text_ids,
             img_ids=image_ids, return_dict=False, **extra,
         )[0]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from simpletuner.models.sdxl import StableDiffusionXL
+from simpletuner.models.sdxl import StableDiffusionXL, inference_lora_config
 
 logger = logging.getLogger(__name__)
 
@@ -96,5 +96,5 @@ class Kolors(StableDiffusionXL):
         from diffusers import KolorsPipeline
 
         KolorsPipeline.save_lora_weights(folder, unet_lora_layers=lora_state, safe_serialization=True,
-                                         unet_lora_adapter_metadata=metadata.get("lora_config"))
+                                         unet_lora_adapter_metadata=inference_lora_config(metadata.get("lora_config")))
         return folder / "pytorch_lora_weights.safetensors"

@@ -79,6 +79,12 @@ def component_source(override: str | None, component: str, base: str, revision: 
     return base, {"subfolder": subfolder or component, "revision": revision}
 
 
+def inference_lora_config(config: dict | None) -> dict | None:
+    """The adapter config as saved for inference: dropout 0. diffusers' ``load_lora_weights`` builds
+    the adapter layers in training mode, so a dropout rate in the file would randomise every image."""
+    return None if config is None else {**config, "lora_dropout": 0.0}
+
+
 @lru_cache(maxsize=1)
 def refiner_validation_pipeline_class():
     """``StableDiffusionXLImg2ImgPipeline`` taking a width and height: without an input image it
@@ -333,10 +339,10 @@ class StableDiffusionXL(ModelFamily):
         from diffusers import StableDiffusionXLPipeline
 
         states = text_encoder_states or {}
-        encoder_config = metadata.get("text_encoder_lora_config")
+        encoder_config = inference_lora_config(metadata.get("text_encoder_lora_config"))
         StableDiffusionXLPipeline.save_lora_weights(
             folder, unet_lora_layers=lora_state, safe_serialization=True,
-            unet_lora_adapter_metadata=metadata.get("lora_config"),
+            unet_lora_adapter_metadata=inference_lora_config(metadata.get("lora_config")),
             text_encoder_lora_layers=states.get("text_encoder"),
             text_encoder_lora_adapter_metadata=encoder_config if states.get("text_encoder") else None,
             text_encoder_2_lora_layers=states.get("text_encoder_2"),

@@ -43,7 +43,7 @@ def check_deepfloyd(config) -> None:
     if length is not None and length > DEEPFLOYD_MAX_TOKENS:
         raise ConfigError(f"`--tokenizer_max_length` = {length}: DeepFloyd IF reads at most {DEEPFLOYD_MAX_TOKENS} T5 "
                           f"tokens (its pipelines always encode {DEEPFLOYD_MAX_TOKENS}); use {DEEPFLOYD_MAX_TOKENS} or less")
-    if deepfloyd_stage(config) == 2 and config.validation_prompt:
+    if deepfloyd_stage(config) == 2 and config.validation_prompt and not config.validation_disable:
         raise ConfigError("`--validation_prompt` with DeepFloyd stage II: the super-resolution stage upscales a "
                           "low-resolution image, and validation has no image to give it yet; remove "
                           "`--validation_prompt` (the trained weights load in IFSuperResolutionPipeline)")

@@ -20,6 +20,16 @@ from tests.models.conftest import family_args, make_family_project  # noqa: E402
 PROMPT = "a red circle on a white background"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from a second thread; on a CPU shared with other jobs the second
+    thread mostly spin-waits (measured: 30 steps took 8x the CPU time with 2 threads under load)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     return make_family_project(tmp_path_factory.mktemp("deepfloyd"), "deepfloyd")
@@ -95,6 +105,19 @@ def test_predict_returns_the_noise_half_of_the_learned_variance_output(project):
     assert torch.equal(predicted, full[:, :3])
 
 
+def test_soft_min_snr_weights_every_step_of_the_if_schedule(project):
+    """The pixel-space loss: soft Min-SNR on IF's cosine schedule, whose last step has almost no signal."""
+    from simpletuner.training.losses import LossSettings, signal_to_noise, snr_loss_weights
+
+    model = family(project, use_soft_min_snr="true")
+    settings = LossSettings.from_config(model.config)
+    steps = torch.arange(model.noise_scheduler().config.num_train_timesteps)
+    weights = snr_loss_weights(settings, signal_to_noise(model.noise_scheduler(), steps).float(), "epsilon")
+    assert settings.soft_min_snr and torch.isfinite(weights).all()
+    assert float(weights[0]) < 0.01 and float(weights[-1]) > 0.99  # clean steps weigh little, noisy ones fully
+    assert bool((weights[1:] >= weights[:-1]).all())
+
+
 def test_default_prompt_embeds_equal_the_if_pipelines_own(project):
     model = family(project)
     embeds = model.encode_prompts([PROMPT, ""])["prompt_embeds"]
@@ -147,6 +170,8 @@ def test_config_rules_name_what_deepfloyd_cannot_do(project, stage_ii_model):
     assert "stage II" in config_error(project, pretrained_model_name_or_path=stage_ii_model, validation_prompt=PROMPT)
     assert "stage II" in config_error(project, pretrained_model_name_or_path=None, model_flavour="ii-medium-450m",
                                       validation_prompt=PROMPT)
+    resolve_run(family_args(project, "deepfloyd", "o", pretrained_model_name_or_path=stage_ii_model,
+                            validation_prompt=PROMPT, validation_disable="true"), environ={})
     warnings = resolve_run(family_args(project, "deepfloyd", "o", resolution=128), environ={}).warnings
     assert any("generates 64 px images" in warning for warning in warnings)
     sd1x = family_args(project, "sd1x", "o", pretrained_t5_model_name_or_path="x")

@@ -130,8 +130,9 @@ OPTIONS: list[Option] = [
         kind="float",
         default=None,
         help="Flux: real classifier-free guidance scale at validation (the pipeline's true_cfg_scale): above 1.0 "
-        "every step also runs the negative prompt (the empty prompt unless --validation_negative_prompt is set), "
-        "twice the cost. Unset or 1.0 leaves it off; --validation_guidance stays the embedded guidance.",
+        "every step also runs the negative prompt (--validation_negative_prompt; set it to \"\" to use the empty prompt "
+        "caption dropout trained), twice the cost. Unset or 1.0 leaves it off; --validation_guidance stays the "
+        "embedded guidance.",
         group=_G,
         implemented=True,
     ),
