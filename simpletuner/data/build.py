@@ -26,7 +26,7 @@ from simpletuner.data.cache.text import TextEmbedCache
 from simpletuner.data.cache.vae import VaeCache, VaeCacheOptions
 from simpletuner.data.caption_rules import CaptionRules
 from simpletuner.data.conditioning import ConditioningSet, list_conditioning_files
-from simpletuner.data.config import DatasetPlan, ImageDatasetConfig
+from simpletuner.data.config import DatasetConfigError, DatasetPlan, ImageDatasetConfig
 from simpletuner.data.dataset import (
     DatasetRole,
     DatasetSummary,
@@ -81,6 +81,7 @@ def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = 
         DatasetConfigError: a global option makes a dataset entry invalid.
     """
     settings = DataSettings.from_config(config, num_processes)
+    _check_video_support(plan, model, config)
     memory = TensorMemory()
     conditioning = _open_conditioning(plan, config, settings, memory)
     prepared: dict[str, PreparedDataset] = {}
@@ -125,6 +126,16 @@ def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = 
     if settings.prefetch_batches:
         data.enable_prefetch(settings.prefetch_batches, settings.rank, settings.num_processes)
     return data
+
+
+def _check_video_support(plan: DatasetPlan, model, config) -> None:
+    """Video datasets need a family whose ``encode_images`` takes clips (it sets ``encodes_video = True``)."""
+    videos = [cfg.id for cfg in plan.enabled_images if cfg.dataset_type == "video"]
+    if videos and not getattr(model, "encodes_video", False):
+        raise DatasetConfigError(
+            f"dataset {videos[0]!r} has \"dataset_type\": \"video\", but model family "
+            f"{getattr(config, 'model_family', None)!r} encodes images only; train it with a video model family, "
+            "or disable the dataset")
 
 
 def _cache_captions(plan: DatasetPlan, datasets: list[PreparedDataset], config, settings: DataSettings, model,

@@ -22,6 +22,9 @@ The clip always starts at the first frame: the choice is deterministic, so the l
 valid from run to run. Rotation metadata (phone videos) is not applied: the stored frame size is
 trained on, in the scan and in the decode alike.
 
+A model family trains video datasets only if it sets ``encodes_video = True`` (its ``encode_images``
+then takes (B, C, F, H, W) pixels); otherwise the data path stops at start-up naming the dataset.
+
 ``av`` and torch are imported inside the functions that need them, so the CLI's validation path and
 ``--dry-run`` do not load FFmpeg unless a video dataset is scanned.
 """

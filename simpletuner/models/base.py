@@ -85,6 +85,11 @@ class ModelFamily(ABC):
         cache); families whose pipelines use zeros for the negative prompt override this."""
         return empty_prompt
 
+    def validation_defaults(self) -> dict[str, Any]:
+        """Family-specific defaults for validation options the user left unset, by option name
+        (e.g. ``validation_guidance`` for guidance-distilled models); empty by default."""
+        return {}
+
     def pipeline_call_arguments(self) -> dict[str, Any]:
         """Extra keyword arguments the family's pipeline needs at validation (e.g. turning off
         resolution binning); empty by default."""

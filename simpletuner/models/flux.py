@@ -57,6 +57,8 @@ CLIP_TOKENS = 77
 #: T5 tokens when ``--tokenizer_max_length`` is unset: what [dev] was trained with, and [schnell].
 DEFAULT_T5_TOKENS = 512
 GUIDANCE_FREE_T5_TOKENS = 256
+#: ``--validation_guidance`` when unset: the embedded guidance FLUX.1 [dev] samples well with.
+DEFAULT_VALIDATION_GUIDANCE = 3.5
 #: ``--flux_guidance_value`` when unset: the distilled guidance at which LoRAs are usually trained.
 DEFAULT_GUIDANCE = 1.0
 
@@ -425,6 +427,11 @@ class Flux(ModelFamily):
         pipeline.family = self
         return pipeline
 
+    def validation_defaults(self) -> dict[str, Any]:
+        """Unless set: the embedded guidance FLUX.1 [dev] LoRAs are sampled with, and no negative
+        prompt (it only matters with real CFG, where "blurry, cropped, ugly" is rarely wanted)."""
+        return {"validation_guidance": DEFAULT_VALIDATION_GUIDANCE, "validation_negative_prompt": ""}
+
     def pipeline_call_arguments(self) -> dict[str, Any]:
         real = getattr(self.config, "validation_guidance_real", None)
         return {} if real is None else {"true_cfg_scale": float(real)}
@@ -448,13 +455,9 @@ class Flux(ModelFamily):
                   text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
         if text_encoder_states:
             raise ValueError("flux does not train its text encoders; no text-encoder LoRA can be saved")
-        adapter_config = metadata.get("lora_config")
-        if adapter_config is not None:
-            # diffusers' load_lora_weights leaves the new adapter layers in training mode, so a dropout
-            # rate in the file would randomise every image made with it; dropout is training-only.
-            adapter_config = {**adapter_config, "lora_dropout": 0.0}
+        # add_lora records dropout 0 in the config, so images made after load_lora_weights are deterministic
         FluxPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state, safe_serialization=True,
-                                       transformer_lora_adapter_metadata=adapter_config)
+                                       transformer_lora_adapter_metadata=metadata.get("lora_config"))
         return folder / "pytorch_lora_weights.safetensors"
 
     def save_full(self, folder: Path, denoiser: torch.nn.Module) -> Path:

@@ -171,7 +171,43 @@ def compile_denoiser(module: torch.nn.Module, backend: str | None, config) -> in
 
 
 def unwrap_parallel(module: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel (validation runs it on the main process only)."""
-    while isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        module = module.module
-    return module
+    """The model inside DDP (or another accelerate wrapper): validation runs it on the main process
+    only, and DDP's own forward would wait for the other processes."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(module)
+
+
+# --- engines whose state simpletuner cannot save yet ------------------------------------------------------
+
+def check_engine(accelerator) -> None:
+    """Stop before training when accelerate would shard the weights or the optimizer state.
+
+    Checkpoints and final weights are written by the main process from its own copy of the model and
+    optimizer. That is complete under DDP, FSDP with NO_SHARD and DeepSpeed ZeRO stage 0, where
+    every process holds everything; with sharding it would silently save a fraction.
+    """
+    from accelerate.utils import DistributedType
+
+    from simpletuner.options import ConfigError
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage:
+            split = "the optimizer state and the weights" if stage == 3 else "the optimizer state"
+            raise ConfigError(
+                f"DeepSpeed ZeRO stage {stage} splits {split} across processes, and simpletuner cannot save split "
+                "state yet (checkpoints are written from the main process's copy). Use ZeRO stage 0, or plain "
+                "multi-GPU training (remove --use_deepspeed from ACCELERATE_EXTRA_ARGS / the accelerate config)"
+            )
+    elif kind == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        strategy = plugin.sharding_strategy if plugin.sharding_strategy is not None else plugin.reshard_after_forward
+        name = getattr(strategy, "name", str(strategy))
+        if getattr(plugin, "fsdp_version", 1) == 2 or name != "NO_SHARD":
+            raise ConfigError(
+                f"FSDP (version {getattr(plugin, 'fsdp_version', 1)}, {name}) shards the weights across processes, and "
+                "simpletuner cannot save sharded weights yet. Use fsdp_sharding_strategy NO_SHARD with FSDP 1, or "
+                "plain multi-GPU training (remove --use_fsdp from ACCELERATE_EXTRA_ARGS / the accelerate config)"
+            )

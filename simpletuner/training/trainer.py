@@ -69,6 +69,7 @@ class Trainer:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             dynamo_backend="no",  # the denoiser is compiled in place below (distributed.compile_denoiser)
         )
+        distributed.check_engine(self.accelerator)
         self.is_main = self.accelerator.is_main_process
         if config.seed is not None:
             # --seed_for_each_device: rank r uses seed + r (different noise per process, still reproducible)
@@ -178,7 +179,8 @@ class Trainer:
         self.tracker = build_tracker(config, self.output_dir, self.is_main)
         edge = max(max(size) for size in self.data.sampler.bucket_sizes)
         self.validator = Validator(
-            settings=ValidationSettings.from_config(config, fallback_edge=edge),
+            settings=ValidationSettings.from_config(config, fallback_edge=edge,
+                                                    family_defaults=self.model.validation_defaults()),
             output_dir=self.output_dir, tracker=self.tracker,
             interval=None if config.validation_disable else config.validation_step_interval,
             benchmark_enabled=not config.disable_benchmark and not config.validation_disable,

@@ -44,13 +44,22 @@ class ValidationSettings:
     resolutions: list[tuple[int, int]]
 
     @classmethod
-    def from_config(cls, config, fallback_edge: int) -> "ValidationSettings":
+    def from_config(cls, config, fallback_edge: int, family_defaults: dict | None = None) -> "ValidationSettings":
+        """``family_defaults`` (from :meth:`ModelFamily.validation_defaults`) replace the table's
+        defaults for options the user did not set, e.g. Flux's embedded guidance of 3.5."""
+        explicit = getattr(config, "explicit", frozenset())
+
+        def value(name: str):
+            if name not in explicit and family_defaults and name in family_defaults:
+                return family_defaults[name]
+            return getattr(config, name)
+
         return cls(
             prompts=[config.validation_prompt] if config.validation_prompt else [],
-            negative_prompt=config.validation_negative_prompt or None,
+            negative_prompt=value("validation_negative_prompt") or None,
             num_images=config.num_validation_images or 1,
-            num_inference_steps=config.validation_num_inference_steps,
-            guidance=config.validation_guidance,
+            num_inference_steps=value("validation_num_inference_steps"),
+            guidance=value("validation_guidance"),
             seed=config.validation_seed if config.validation_seed is not None else (config.seed or 0),
             resolutions=parse_resolutions(config.validation_resolution, fallback_edge),
         )

@@ -36,6 +36,8 @@ WIDE = (64, 48)
 class FakeVideoModel(FakeModel):
     """Records the pixel shapes it is given; "latents" are the clips average-pooled 8x in space."""
 
+    encodes_video = True
+
     def __init__(self) -> None:
         super().__init__()
         self.shapes: list[tuple[int, ...]] = []
@@ -121,6 +123,41 @@ def test_clip_takes_every_nth_frame_from_the_first_with_one_crop_box(tmp_path: P
     # a clip longer than the file is a decode error naming the file
     with pytest.raises(CorruptVideoError, match="only 6 of the 7 frames"):
         load_video_tensor(path, (32, 32, 7), frame_interval=3)
+
+
+class _Bucket:
+    """A remote backend stand-in: no local paths, counts whole-object reads."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.whole_reads: list[str] = []
+
+    def local_path(self, key: str):
+        return None
+
+    def locate(self, key: str) -> str:
+        return f"s3://bucket/{key}"
+
+    def read_head(self, key: str, length: int) -> bytes:
+        return (self.folder / key).read_bytes()[:length]
+
+    def read_bytes(self, key: str) -> bytes:
+        self.whole_reads.append(key)
+        return (self.folder / key).read_bytes()
+
+
+def test_remote_videos_are_probed_from_their_first_bytes_when_the_index_is_there(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    import simpletuner.data.video as video
+
+    write_video(tmp_path / "front.mp4", faststart=True)  # index first: the head is enough
+    write_video(tmp_path / "back.mp4")  # index last: the whole object is needed
+    write_video(tmp_path / "count.mkv")  # no frame count in the header: packets are counted
+    monkeypatch.setattr(video, "VIDEO_HEADER_BYTES", 1200)
+    bucket = _Bucket(tmp_path)
+    for key in ("front.mp4", "back.mp4", "count.mkv"):
+        assert video.read_video_info_from(bucket, key) == VideoInfo(64, 48, 16, 8.0), key
+    assert bucket.whole_reads == ["back.mp4", "count.mkv"]
 
 
 # --- placement -------------------------------------------------------------------------------------
@@ -215,6 +252,13 @@ def test_video_dataset_trains_from_clip_latents(tmp_path: Path, caplog) -> None:
     assert data.summaries[0].latents_built == 4 and data.summaries[0].latents_reused == 0
 
 
+def test_an_image_family_refuses_video_datasets(tmp_path: Path) -> None:
+    write_video(tmp_path / "videos" / "a.mp4")
+    plan = make_plan(tmp_path, local("clips", tmp_path / "videos", dataset_type="video", video={"num_frames": 2}))
+    with pytest.raises(DatasetConfigError, match="model family 'sd1x' encodes images only"):
+        build_training_data(make_config(tmp_path), FakeModel(), plan, show_progress=False, num_processes=1)
+
+
 def test_clips_encode_on_demand_too(tmp_path: Path) -> None:
     folder = tmp_path / "videos"
     for name in ("a", "b"):
@@ -227,6 +271,19 @@ def test_clips_encode_on_demand_too(tmp_path: Path) -> None:
     assert model.images_encoded == 0
     batch = data.next_batch()
     assert batch["latent_mean"].shape == (2, 3, 3, 4, 6) and model.shapes == [(2, 3, 3, 32, 48)]
+
+
+def test_a_stored_scan_restores_video_records(tmp_path: Path) -> None:
+    folder = tmp_path / "videos"
+    for name in ("a", "b"):
+        write_video(folder / f"{name}.mp4", frames=6)
+    plan = make_plan(tmp_path, local("clips", folder, dataset_type="video", resolution=32, video={"num_frames": 3}))
+    build_training_data(make_config(tmp_path), FakeVideoModel(), plan, show_progress=False, num_processes=1)
+    # no file is opened to list, size or time the videos now: the stored scan has their frames and rate
+    data = build_training_data(make_config(tmp_path, skip_file_discovery="metadata vae"), FakeVideoModel(), plan,
+                               show_progress=False, num_processes=1)
+    assert data.summaries[0].buckets == {(48, 32, 3): 2}
+    assert data.next_batch()["frame_rate"].tolist() == [8.0, 8.0]
 
 
 # --- config ----------------------------------------------------------------------------------------

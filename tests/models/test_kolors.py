@@ -25,6 +25,16 @@ PROMPT = "a red circle on a white background"
 SHORT = 32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model's ops are too small to split, and on a shared CPU extra
+    threads only wait for each other. Restored for the modules that follow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     return make_family_project(tmp_path_factory.mktemp("kolors"), "kolors")

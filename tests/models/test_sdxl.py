@@ -22,6 +22,16 @@ from tests.models.conftest import family_args, make_family_project  # noqa: E402
 PROMPT = "a red circle on a white background"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model's ops are too small to split, and on a shared CPU extra
+    threads only wait for each other. Restored for the modules that follow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     root = make_family_project(tmp_path_factory.mktemp("sdxl"), "sdxl")
@@ -286,3 +296,23 @@ def test_full_run_writes_a_pipeline_and_reuses_the_text_cache(project, monkeypat
     assert all(torch.equal(loaded[name], value) for name, value in trained.items())
     assert any(not torch.equal(base.unet.state_dict()[name], value) for name, value in loaded.items())
     assert type(saved.scheduler).__name__ == "EulerDiscreteScheduler" and saved.config.force_zeros_for_empty_prompt
+
+
+@slow
+def test_comfyui_layout_uses_kohya_names_that_diffusers_loads_exactly(project, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    seen = keep_trainer(monkeypatch)
+    args = family_args(project, "sdxl", "comfy", train_text_encoder="true", lora_format="comfyui", max_train_steps=1)
+    assert main(["train", *args]) == 0
+    keys = load_file(str(project / "comfy" / "pytorch_lora_weights.safetensors"))
+    assert {key.split("_")[0] + "_" + key.split("_")[1] for key in keys} == {"lora_unet", "lora_te1", "lora_te2"}
+    trainer = seen["trainer"]
+    trained = trainer.model.build_pipeline(trainer._unwrapped_denoiser())
+    for network in (trained.unet, trained.text_encoder, trained.text_encoder_2):
+        network.eval()
+    fresh = StableDiffusionXLPipeline.from_pretrained(project / "model")
+    fresh.load_lora_weights(project / "comfy")
+    trained.scheduler = fresh.scheduler
+    torch.testing.assert_close(latents_of(fresh), latents_of(trained), rtol=0, atol=0)

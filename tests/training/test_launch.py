@@ -322,3 +322,27 @@ def test_regional_compilation_compiles_repeated_blocks_in_place_and_keeps_weight
     whole = Net()
     assert compile_denoiser(whole, "eager", SimpleNamespace(**{**vars(options), "dynamo_use_regional_compilation": False})) == 1
     assert whole._compiled_call_impl is not None and list(whole.state_dict()) == names
+
+
+def test_engines_that_shard_state_are_refused_until_simpletuner_can_save_it():
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import ShardingStrategy
+
+    from simpletuner.training.distributed import check_engine
+
+    def accelerator(kind, **plugins):
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(**plugins))
+
+    def fsdp(strategy, version=1):
+        return SimpleNamespace(sharding_strategy=strategy, reshard_after_forward=None, fsdp_version=version)
+
+    check_engine(accelerator(DistributedType.MULTI_CPU))
+    check_engine(accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=0)))
+    check_engine(accelerator(DistributedType.FSDP, fsdp_plugin=fsdp(ShardingStrategy.NO_SHARD)))
+    with pytest.raises(ConfigError, match="DeepSpeed ZeRO stage 2 splits the optimizer state across processes"):
+        check_engine(accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    with pytest.raises(ConfigError, match=r"FSDP \(version 1, FULL_SHARD\) shards the weights"):
+        check_engine(accelerator(DistributedType.FSDP, fsdp_plugin=fsdp(ShardingStrategy.FULL_SHARD)))
+    with pytest.raises(ConfigError, match=r"FSDP \(version 2, True\)"):
+        check_engine(accelerator(DistributedType.FSDP, fsdp_plugin=SimpleNamespace(
+            sharding_strategy=None, reshard_after_forward=True, fsdp_version=2)))
