@@ -168,7 +168,8 @@ class ImageDatasetConfig:
         aws: bucket settings of an ``aws`` dataset.
         parquet / huggingface: column settings of a table dataset.
         dataset_name: the folder of a Hugging Face dataset (``save_to_disk``, parquet or arrow files).
-        dataset_type: ``image`` (trained on), ``conditioning`` (paired to image datasets) or ``eval``.
+        dataset_type: ``image`` (trained on), ``video`` (clips of video files, trained on),
+            ``conditioning`` (paired to image datasets) or ``eval``.
         prepend_instance_prompt / only_instance_prompt: put ``instance_prompt`` in front of every
             caption, or use it alone; None inherits the global flag.
         caption_filter_list: strings, regular expressions or ``s/find/replace/`` lines applied to

@@ -15,6 +15,10 @@ Files are read through the dataset's storage backend (:mod:`simpletuner.data.bac
 folder, a bucket (only the first :data:`HEADER_BYTES` of each image are fetched, with a ranged GET),
 or a table (parquet, Hugging Face) that lists the images and may give their captions and sizes, in
 which case no image is opened at all.
+
+A ``video`` dataset goes through the same scan with video files: its "size" is read from the
+container headers by :mod:`simpletuner.data.video` and its records are ``VideoRecord`` (with the
+frame count and rate).
 """
 
 from __future__ import annotations

@@ -104,6 +104,13 @@ class ModelFamily(ABC):
         """Text encoders ``--train_text_encoder`` may train, by their pipeline component name."""
         return {}
 
+    def text_encoder_modules(self) -> dict[str, torch.nn.Module]:
+        """Every loaded text encoder by its pipeline component name (``text_encoder``,
+        ``text_encoder_2``, ...); ``--text_encoder_N_precision`` quantizes entry N. The default finds
+        the attributes of those names; a family that keeps its encoders elsewhere overrides it."""
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
+        return {name: module for name in names if isinstance(module := getattr(self, name, None), torch.nn.Module)}
+
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Raw latent-encoder outputs for pixels in [-1, 1] (N, C, H, W)."""
@@ -172,7 +179,9 @@ class ModelFamily(ABC):
         the T5 source) here. The latent cache uses :meth:`latent_fingerprint_parts`, so a text
         setting never invalidates the latents.
         """
-        return self._encoder_identity()
+        from simpletuner.options.quantization_rules import text_encoder_fingerprint
+
+        return {**self._encoder_identity(), **text_encoder_fingerprint(self.config)}  # quantized encoders differ
 
     def latent_fingerprint_parts(self) -> dict[str, str]:
         """What identifies the latent encoder (the VAE), for the latent cache's keys."""
@@ -196,6 +205,19 @@ class ModelFamily(ABC):
         for index, block in enumerate(blocks):
             block.gradient_checkpointing = index % step == 0
         return sum(1 for block in blocks if block.gradient_checkpointing)
+
+    #: ModuleLists of the denoiser that hold its repeated blocks, in the order the forward runs them.
+    block_list_names: tuple[str, ...] = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
+
+    def transformer_blocks(self) -> list[tuple[str, torch.nn.Module]]:
+        """The denoiser's repeated transformer blocks as ``(module path, block)``, in execution order
+        (block swap moves them; empty for UNets, whose blocks differ from level to level)."""
+        blocks = []
+        for list_name in self.block_list_names:
+            modules = getattr(self.denoiser, list_name, None)
+            if isinstance(modules, torch.nn.ModuleList):
+                blocks += [(f"{list_name}.{index}", block) for index, block in enumerate(modules)]
+        return blocks
 
     def freeze_encoders(self) -> None:
         """Encoders are never trained here; keep them in eval mode without gradients."""

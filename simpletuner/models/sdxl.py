@@ -134,6 +134,9 @@ class StableDiffusionXL(ModelFamily):
         if getattr(self.config, "unet_attention_slice", False):
             self.unet.set_attention_slice("auto")  # half the heads at a time: lower peak memory, same result
         self.freeze_encoders()
+        if not self.is_refiner and getattr(self.config, "data_aesthetic_score", None) is not None:
+            logger.warning("--data_aesthetic_score only conditions the SDXL refiner; this UNet has no aesthetic-score "
+                           "input, so it is ignored")
         window = self.training_timestep_window()
         logger.info("%s: %s, micro-conditioning %s%s", self.family, "refiner" if self.is_refiner else "base",
                     "original/crop/aesthetic score" if self.is_refiner else "original/crop/target size",

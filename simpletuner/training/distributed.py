@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from typing import Any, Iterable
 
 import torch
@@ -69,7 +70,9 @@ def check_rank_sync(accelerator, step: int, local_loss: float, parameters: list[
     from accelerate.utils import gather_object
 
     digest = weights_digest(parameters)
-    print(f"rank-sync step={step} rank={accelerator.process_index} loss={local_loss!r} weights={digest}", flush=True)
+    # one write per line: the processes share the terminal, and print() writes the newline separately
+    sys.stdout.write(f"rank-sync step={step} rank={accelerator.process_index} loss={local_loss!r} weights={digest}\n")
+    sys.stdout.flush()
     if accelerator.num_processes > 1:
         digests = gather_object([digest])
         if len(set(digests)) > 1:
@@ -159,6 +162,11 @@ def compile_denoiser(module: torch.nn.Module, backend: str | None, config) -> in
     if config.dynamo_mode:
         kwargs["mode"] = config.dynamo_mode
     targets = repeated_blocks(module) if config.dynamo_use_regional_compilation else [module]
+    if config.dynamo_use_regional_compilation and config.dynamo_dynamic is None:
+        # Blocks of one class with different sizes (a UNet's levels) make torch switch to dynamic
+        # shapes on the second size, which inductor (torch 2.13) fails to compile for diffusers'
+        # attention blocks; static shapes compile once per size instead.
+        kwargs["dynamic"] = False
     if not targets:
         logger.warning("--dynamo_use_regional_compilation: %s has no repeated blocks; compiling it whole",
                        type(module).__name__)

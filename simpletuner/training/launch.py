@@ -83,6 +83,10 @@ def accelerate_command(launcher, argv: Sequence[str], has_gpu: bool, config=None
     env = {LAUNCHED_MARKER: "1"}
     if not has_gpu:
         env["ACCELERATE_USE_CPU"] = "1"
+        # Without --cpu, accelerate gives every process OMP_NUM_THREADS (default 1) threads; share the cores.
+        if "OMP_NUM_THREADS" not in os.environ and "--num_cpu_threads_per_process" not in given:
+            local = max(1, launcher.num_processes // machines)
+            command += ["--num_cpu_threads_per_process", str(max(1, len(os.sched_getaffinity(0)) // local))]
     command += extra
     command += ["-m", "simpletuner.cli", "train", *argv]
     return command, env

@@ -103,7 +103,9 @@ class Trainer:
         family_class = load_family_class(self.config.model_family)
         model = family_class(self.config, self.accelerator.device, self.weight_dtype)
         logger.info("loading %s from %s", self.config.model_family, model.model_path)
-        model.load()
+        from simpletuner.models.quantize import load_model
+
+        load_model(model, self.config)  # model.load(), with quantized components (models/quantize.py)
         return model
 
     def _build_data(self):

@@ -77,7 +77,7 @@ def test_next_batch_shapes_keys_and_single_bucket(tmp_path: Path, tiny) -> None:
     for _ in range(2 * training.sampler.batches_per_epoch()):
         batch = training.next_batch()
         assert set(batch) == {"latent_mean", "latent_std", "prompt_embeds", "empty_prompt", "captions", "paths",
-                              "dataset_id", "is_regularisation_data"}
+                              "dataset_id", "is_regularisation_data", "original_size", "crop_top_left", "target_size"}
         assert batch["dataset_id"] == "shapes" and batch["is_regularisation_data"] is False
         width, height = (64, 128) if "tall" in batch["paths"][0] else (64, 64)
         assert all(("tall" in path) == (height == 128) for path in batch["paths"])

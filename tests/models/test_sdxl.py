@@ -158,6 +158,21 @@ def test_refiner_training_draws_timesteps_from_its_slice(project, model, monkeyp
     assert low <= int(drawn.min()) < low + 10 and high - 10 <= int(drawn.max()) < high  # the slice, all of it
 
 
+def test_refiner_window_rules_and_the_samplers_bounds_check():
+    from simpletuner.models.sdxl import refiner_timestep_window
+    from simpletuner.training.timesteps import build_timestep_sampler
+
+    assert refiner_timestep_window(1000, False, None, False, False, False) is None  # base model, plain run
+    assert refiner_timestep_window(1000, True, 0.25, False, False, False) == (0, 250)
+    assert refiner_timestep_window(1000, True, 0.25, True, False, False) == (250, 1000)
+    assert refiner_timestep_window(1100, False, None, False, True, False) == (0, 220)  # the refiner's own fifth
+    assert refiner_timestep_window(1000, False, 0.3, False, True, True) is None  # --sdxl_refiner_uses_full_range
+    scheduler = SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000))
+    with pytest.raises(ValueError, match=r"timestep window \[0, 1200\) must lie inside \[0, 1000\)"):
+        build_timestep_sampler(None, scheduler, window=(0, 1200))
+    assert int(build_timestep_sampler(None, scheduler, window=(990, 1000))(64, "cpu").min()) >= 990
+
+
 # --- memory and loading options --------------------------------------------------------------------
 
 

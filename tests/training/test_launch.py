@@ -61,6 +61,10 @@ def test_cpu_command_starts_real_processes(tmp_path):
     assert (flag(command, "--mixed_precision"), flag(command, "--dynamo_backend")) == ("no", "no")
     assert int(flag(command, "--main_process_port")) > 0
     assert "--multi_gpu" in command and "--cpu" not in command  # --cpu would silently start one process
+    import os
+
+    if "OMP_NUM_THREADS" not in os.environ:  # the cores are shared between the processes
+        assert flag(command, "--num_cpu_threads_per_process") == str(max(1, len(os.sched_getaffinity(0)) // 2))
     assert env == {LAUNCHED_MARKER: "1", "ACCELERATE_USE_CPU": "1"}
     assert command[-5:] == ["-m", "simpletuner.cli", "train", "--seed", "3"]
     line = printable_command(command, env)

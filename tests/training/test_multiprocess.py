@@ -30,7 +30,7 @@ from simpletuner.training.trainer import train  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-SYNC_LINE = re.compile(r"rank-sync step=(\d+) rank=(\d+) loss=(\S+) weights=(\w+)")
+SYNC_LINE = re.compile(r"rank-sync step=(\d+) rank=(\d+) loss=([-+.\de]+) weights=([0-9a-f]{16})")
 
 
 @pytest.fixture(scope="module")

@@ -27,18 +27,21 @@ OPTIONS: list[Option] = [
         name="gradient_checkpointing_backend",
         kind="str",
         default="torch",
-        help="torch recomputes activations; unsloth copies them to CPU asynchronously instead (needs CUDA and fast PCIe). "
-        "Only used when gradient checkpointing is on.",
+        help="torch recomputes activations; unsloth also parks the inputs of each checkpointed block in CPU memory, copied "
+        "asynchronously, and brings them back for the backward pass (needs CUDA). Only used with gradient_checkpointing.",
         group=_G,
         choices=("torch", "unsloth"),
+        implemented=True,
     ),
     Option(
         name="enable_group_offload",
         kind="bool",
         default=False,
-        help="Use Diffusers group offloading to park model blocks in CPU memory (or on disk) between uses. "
-        "Cannot be combined with enable_model_cpu_offload or ramtorch.",
+        help="Use Diffusers group offloading to park the frozen components (text encoders, VAE) in CPU memory or on disk, "
+        "moving block groups to the accelerator only while they run. For the trained denoiser use musubi_blocks_to_swap. "
+        "Cannot be combined with enable_model_cpu_offload, offload_during_startup or ramtorch.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="group_offload_type",
@@ -47,6 +50,7 @@ OPTIONS: list[Option] = [
         help="Granularity of group offloading: block_level is the balanced choice, leaf_level saves more VRAM but moves data more often.",
         group=_G,
         choices=("block_level", "leaf_level"),
+        implemented=True,
     ),
     Option(
         name="group_offload_blocks_per_group",
@@ -54,6 +58,7 @@ OPTIONS: list[Option] = [
         default=1,
         help="With block_level offloading, how many blocks move together; bigger groups mean fewer transfers but more VRAM.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="group_offload_use_stream",
@@ -61,28 +66,34 @@ OPTIONS: list[Option] = [
         default=False,
         help="Overlap offload transfers with compute on a separate CUDA stream; other backends silently do plain copies.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="group_offload_to_disk_path",
         kind="str",
         default=None,
-        help="Folder where offloaded groups are written instead of RAM; use a fast local SSD.",
+        help="Folder where offloaded groups are written instead of RAM (one subfolder per component); use a fast local SSD.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="enable_model_cpu_offload",
         kind="bool",
         default=False,
-        help="Keep whole pipeline components on CPU and move each to the accelerator only while it runs. "
-        "Mutually exclusive with group offloading.",
+        help="Keep the frozen components (text encoders, VAE) in CPU memory and move each to the accelerator only while it "
+        "runs. Mutually exclusive with group offloading.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="musubi_blocks_to_swap",
         kind="int",
         default=0,
-        help="Keep the last N transformer blocks in CPU memory and stream their weights in during the forward pass; 0 turns it off.",
+        help="Keep the frozen weights of the last N transformer blocks on musubi_block_swap_device and copy each block to the "
+        "accelerator only while it runs, forward and backward; adapters stay on the accelerator. LoRA training of "
+        "transformer families only; 0 turns it off.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="musubi_block_swap_device",
@@ -90,14 +101,16 @@ OPTIONS: list[Option] = [
         default="cpu",
         help="Device string that holds the swapped-out blocks, e.g. cpu or cuda:1.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ramtorch",
         kind="bool",
         default=False,
-        help="Swap linear layers for RamTorch versions whose weights live in CPU memory and stream to the GPU on demand. "
-        "CUDA or ROCm only; turns on set_grads_to_none.",
+        help="Stream the frozen weights of linear layers from CPU memory to the accelerator one layer at a time, for each use "
+        "(forward and backward); adapters stay on the accelerator. Needs CUDA; LoRA training only.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ramtorch_target_modules",
@@ -106,6 +119,7 @@ OPTIONS: list[Option] = [
         help="Glob patterns (fnmatch) for the module names or classes RamTorch should convert, e.g. transformer_blocks.0.*; "
         "empty means every linear layer.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ramtorch_text_encoder",
@@ -113,13 +127,15 @@ OPTIONS: list[Option] = [
         default=False,
         help="Also apply RamTorch to the text encoder linear layers.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ramtorch_vae",
         kind="bool",
         default=False,
-        help="Experimental: apply RamTorch to the linear layers of the autoencoder mid block.",
+        help="Also stream the linear layers of the autoencoder's mid blocks from CPU memory.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ramtorch_controlnet",
@@ -135,6 +151,7 @@ OPTIONS: list[Option] = [
         help="Share (0-100) of eligible transformer layers converted by RamTorch, counted from the start of the model; "
         "lower keeps more on the GPU and runs faster.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ramtorch_text_encoder_percent",
@@ -142,6 +159,7 @@ OPTIONS: list[Option] = [
         default=100,
         help="Share (0-100) of text encoder layers converted when ramtorch_text_encoder is on.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ramtorch_disable_sync_hooks",
@@ -156,21 +174,35 @@ OPTIONS: list[Option] = [
         default=True,
         help="Limit RamTorch to linear layers; set to false to also convert embedding, norm and conv layers.",
         group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="memory_budget",
+        kind="str",
+        default=None,
+        help="Accelerator memory the run may use, e.g. 24GiB, 16GB or 8000MiB. `simpletuner plan-memory` (and --dry-run) "
+        "then propose the cheapest set of memory options that fits.",
+        group=_G,
+        metavar="SIZE",
+        implemented=True,
     ),
     Option(
         name="offload_during_startup",
         kind="bool",
         default=False,
-        help="Move the text encoders to CPU while latents are being cached, avoiding out-of-memory errors on big models "
-        "at the price of a slower start.",
+        help="While the caches are built, keep the text encoders in CPU memory while latents are encoded and the VAE while "
+        "captions are encoded, avoiding out-of-memory errors on big models at the price of a slower start.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="offload_during_save",
         kind="bool",
         default=False,
-        help="Briefly move the pipeline to CPU while a checkpoint is written; use it when saving quantised weights runs out of VRAM.",
+        help="Move the weights being written (the denoiser and trained text encoders) to CPU memory while a checkpoint or the "
+        "final model is saved; use it when saving quantised weights runs out of VRAM.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="offload_param_path",
@@ -191,15 +223,18 @@ OPTIONS: list[Option] = [
         name="vae_enable_slicing",
         kind="bool",
         default=False,
-        help="Let the autoencoder process a batch one slice at a time to save memory.",
+        help="Let the autoencoder encode and decode a batch one image at a time to save memory.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="vae_enable_tiling",
         kind="bool",
         default=False,
-        help="Encode and decode with the autoencoder in overlapping tiles so very large images fit in memory.",
+        help="Encode and decode with the autoencoder in overlapping tiles so very large images fit in memory; the tiles' seams "
+        "change the latents slightly, so the latent cache is keyed on it.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="vae_enable_patch_conv",

@@ -190,8 +190,10 @@ OPTIONS: list[Option] = [
         name="delete_model_after_load",
         kind="bool",
         default=False,
-        help="Remove the downloaded base model files from the Hugging Face cache once they are in memory, to save disk. "
-        "The next run will download them again.",
+        help="Remove the base model's downloaded files from the Hugging Face cache once they are loaded, to save disk "
+        "(the denoiser at once, the text encoders after caching when validation is off, the VAE only when validation is "
+        "off). Only local rank 0 deletes; local folders and checkpoints are never touched. The next run downloads again.",
         group=_G,
+        implemented=True,
     ),
 ]

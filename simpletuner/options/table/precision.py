@@ -46,9 +46,12 @@ def _text_encoder_precision(index: int) -> Option:
         name=f"text_encoder_{index}_precision",
         kind="str",
         default=None,
-        help=f"Quantisation preset for text encoder number {index}; a smaller type frees memory at some cost in fidelity.",
+        help=f"Quantisation preset for text encoder number {index} (its pipeline component text_encoder"
+        f"{'' if index == 1 else '_' + str(index)}); a smaller type frees memory at some cost in fidelity. "
+        "See documentation/QUANTIZATION.md.",
         group=_G,
         choices=QUANTIZATION_PRESETS,
+        implemented=True,
     )
 
 
@@ -66,43 +69,51 @@ OPTIONS: list[Option] = [
         name="base_model_precision",
         kind="str",
         default=None,
-        help="Quantise the frozen base model to this type when it is loaded, cutting memory use. "
-        "no_change keeps the original weights.",
+        help="Quantise the frozen base model (the UNet or transformer) to this type when it is loaded, cutting memory "
+        "use; LoRA then trains on top of it (full training needs no_change). no_change keeps the original weights. "
+        "Presets a device cannot run are refused at start-up; see documentation/QUANTIZATION.md.",
         group=_G,
         choices=QUANTIZATION_PRESETS,
+        implemented=True,
     ),
     *(_text_encoder_precision(i) for i in (1, 2, 3, 4)),
     Option(
         name="base_model_default_dtype",
         kind="str",
         default=None,
-        help="Type given to base model weights that the quantiser leaves untouched.",
+        help="Type given to base model weights that the quantiser leaves untouched (convolutions, norms, "
+        "embeddings); unset keeps the --mixed_precision type. Only with a quantized base.",
         group=_G,
         choices=("bf16", "fp32"),
+        implemented=True,
     ),
     Option(
         name="quantize_via",
         kind="str",
         default="cpu",
         help="Device that performs quantisation: cpu is slow but safe, accelerator is quicker but may run out of memory, "
-        "pipeline hands it to Diffusers at load time.",
+        "pipeline hands it to Diffusers/Transformers at load time (from_pretrained with a quantization_config).",
         group=_G,
         choices=("cpu", "accelerator", "pipeline"),
+        implemented=True,
     ),
     Option(
         name="quantization_config",
         kind="json",
         default=None,
-        help="Per-component Diffusers quantisation settings (keys such as unet, transformer, text_encoder, default), "
-        "inline or as a file; used with quantize_via=pipeline.",
+        help="Per-component Diffusers quantisation settings (keys unet or transformer, text_encoder, text_encoder_2..4, "
+        "default), inline or as a file; each entry refines the component's preset. Needs quantize_via=pipeline.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="quantize_activations",
         kind="bool",
         default=False,
-        help="Also quantise intermediate activations, not just weights, while training.",
+        help="Also quantise the base model's activations, not just its weights (int8-torchao: dynamic int8 per "
+        "token; fp8-torchao: float8 matmuls on GPUs of compute capability 8.9+).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="vae_dtype",

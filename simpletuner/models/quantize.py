@@ -1,0 +1,433 @@
+"""Quantized base models: load a family with its denoiser and text encoders quantized.
+
+The trainer calls :func:`load_model` instead of ``model.load()``. Everything goes through the family
+contract (``load()``, ``denoiser`` / ``denoiser_name``, ``text_encoder_modules()``), so every family
+gets every preset and no family file knows about quantization.
+
+Three ways to quantize (``--quantize_via``):
+
+* ``cpu`` (default): the family loads as usual; each requested component is then moved to the CPU,
+  quantized there and moved back. Slow for big models but it never needs more accelerator memory
+  than the quantized model.
+* ``accelerator``: the same, quantizing where the family put the component (quicker on a GPU; the
+  full-precision weights must fit there first).
+* ``pipeline``: diffusers / transformers quantize while loading (``quantization_config`` passed to
+  ``from_pretrained``, refined per component by ``--quantization_config``), so the full-precision
+  weights never sit on the device. Families load components themselves, so while ``load()`` runs the
+  ``from_pretrained`` classmethods are wrapped to pass the config for the component being loaded
+  (matched by its pipeline folder name). A component a family loads some other way (a single-file
+  checkpoint) is quantized right after loading, as with ``cpu``.
+
+Backends: optimum-quanto (``quantize`` + ``freeze``), torchao (``quantize_`` with its config objects)
+and bitsandbytes, whose diffusers loader needs a GPU; for ``nf4-bnb`` this module swaps each
+``nn.Linear`` for ``bnb.nn.Linear4bit`` itself, which runs forward and backward on the CPU too.
+
+A denoiser stored as a ``.gguf`` file (``--pretrained_transformer_model_name_or_path`` /
+``--pretrained_unet_model_name_or_path``, or a pipeline folder whose ``unet/`` or ``transformer/``
+holds a ``.gguf`` next to its config.json) is loaded with diffusers' ``GGUFQuantizationConfig``: its
+blocks stay quantized and are dequantized layer by layer in the forward pass.
+
+What may be combined on which device is decided at config validation
+(simpletuner/options/quantization_rules.py), never here mid-run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simpletuner.options.quantization_rules import (
+    PRESETS,
+    TORCHAO_CLASSES,
+    Preset,
+    component_precisions,
+    entry_for,
+    gguf_denoiser_file,
+    option_for,
+    parse_quantization_config,
+)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: diffusers' / transformers' QuantoConfig names for the quanto weight types. diffusers has no
+#: e4m3fnuz type; fp8uz-quanto through the pipeline loads e4m3fn (validation warns).
+QUANTO_PIPELINE_NAMES = {"qint8": "int8", "qint4": "int4", "qint2": "int2", "qfloat8": "float8",
+                         "qfloat8_e4m3fnuz": "float8"}
+#: Parameter types of quantized weights that are not traceable tensor subclasses.
+QUANTIZED_PARAMETER_TYPES = ("Params4bit", "Int8Params", "GGUFParameter")
+
+
+class QuantizationError(RuntimeError):
+    """A requested quantization that could not be applied; the message names the option."""
+
+
+# --- entry point ---------------------------------------------------------------------------------------
+
+
+def load_model(model, config) -> dict[str, str]:
+    """``model.load()``, with the components ``config`` asks for quantized.
+
+    Returns what was quantized, component name -> description (also left on ``model.quantization``).
+    """
+    wanted = component_precisions(config)
+    settings = parse_quantization_config(config.quantization_config, wanted) if config.quantization_config else {}
+    hooks = LoaderHooks(model, config, wanted, settings)
+    with hooks.installed():
+        model.load()
+    done = dict(hooks.done)
+    for role, name in wanted.items():
+        if role in done:
+            continue
+        if config.quantize_via == "pipeline":
+            logger.info("%s was not loaded through from_pretrained; quantizing it after loading, on the CPU", role)
+        module = component_module(model, role)
+        dtype = DTYPES.get(config.base_model_default_dtype) if role == "denoiser" else None
+        quantize_module(module, name, via="accelerator" if config.quantize_via == "accelerator" else "cpu",
+                        dtype=dtype, activations=bool(config.quantize_activations) and role == "denoiser",
+                        overrides=entry_for(settings, role))
+        done[role] = f"{name} ({config.quantize_via})"
+    for role, how in done.items():
+        module = component_module(model, role)
+        if quantized_layers(module) == 0:
+            raise QuantizationError(f"`--{option_for(role)}`: no layer of the {component_label(model, role)} was "
+                                    f"quantized ({how}); its layer shapes may not suit the preset")
+        module.requires_grad_(False)
+        logger.info("%s: %s, %d quantized layers, %.1f MB of weights", component_label(model, role), how,
+                    quantized_layers(module), weight_bytes(module) / 2**20)
+    labelled = {component_label(model, role): how for role, how in done.items()}
+    model.quantization = labelled
+    return labelled
+
+
+def component_module(model, role: str) -> torch.nn.Module:
+    if role == "denoiser":
+        return model.denoiser
+    encoders = text_encoders_of(model)
+    if role not in encoders:
+        raise QuantizationError(f"`--{option_for(role)}`: the {model.family} model has no {role} "
+                                f"(its text encoders: {', '.join(encoders) or 'none'}); remove the option")
+    return encoders[role]
+
+
+def component_label(model, role: str) -> str:
+    return model.denoiser_name if role == "denoiser" else role
+
+
+def text_encoders_of(model) -> dict[str, torch.nn.Module]:
+    method = getattr(model, "text_encoder_modules", None)
+    if callable(method):
+        return dict(method())
+    return {name: module for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
+            if isinstance(module := getattr(model, name, None), torch.nn.Module)}
+
+
+# --- quantizing a loaded module --------------------------------------------------------------------------
+
+
+def quantize_module(module: torch.nn.Module, preset_name: str, via: str = "cpu", dtype: torch.dtype | None = None,
+                    activations: bool = False, overrides: dict[str, Any] | None = None) -> torch.nn.Module:
+    """Quantize ``module`` in place with a preset; it ends up frozen on the device it started on.
+
+    ``via="cpu"`` moves it to the CPU for quantizing; ``dtype`` first casts the weights the quantizer
+    leaves alone (``--base_model_default_dtype``); ``activations`` picks the preset's variant with
+    quantized activations (torchao only; validation refuses the others).
+    """
+    preset = PRESETS[preset_name]
+    overrides = dict(overrides or {})
+    home = next((p.device for p in module.parameters()), torch.device("cpu"))
+    work = torch.device("cpu") if via == "cpu" else home
+    if dtype is not None:
+        module.to(dtype=dtype)
+    module.to(work)
+    module.requires_grad_(False)
+    if preset.backend == "quanto":
+        from optimum import quanto
+
+        quanto.quantize(module, weights=getattr(quanto, preset.weights),
+                        exclude=overrides.get("modules_to_not_convert"))
+        quanto.freeze(module)
+    elif preset.backend == "torchao":
+        from torchao.quantization import quantize_
+
+        skip = tuple(overrides.get("modules_to_not_convert") or ())
+        quantize_(module, torchao_config(preset, activations, overrides.get("quant_type")),
+                  filter_fn=lambda layer, name: isinstance(layer, torch.nn.Linear) and not _skipped(name, skip))
+    elif preset.backend == "bnb":
+        swap_linear_4bit(module, quant_type=preset.weights, compute_dtype=_module_dtype(module),
+                         skip=tuple(overrides.get("llm_int8_skip_modules") or ()))
+    else:  # pragma: no cover - PRESETS lists every backend
+        raise QuantizationError(f"unknown quantization backend {preset.backend!r}")
+    module.to(work)  # bitsandbytes quantizes when its parameters are moved to a device
+    module.to(home)
+    return module
+
+
+def torchao_config(preset: Preset, activations: bool, kwargs: dict[str, Any] | None = None):
+    """The torchao config object of a preset (current config-object API: ``quantize_(m, Config())``)."""
+    import torchao.quantization as ao
+
+    name = TORCHAO_CLASSES[(preset.weights, activations)]
+    try:
+        return getattr(ao, name)(**(kwargs or {}))
+    except TypeError as error:
+        raise QuantizationError(f"`--quantization_config` quant_type {kwargs!r} does not fit torchao's {name}: "
+                                f"{error}") from None
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def _module_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def swap_linear_4bit(module: torch.nn.Module, quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
+                     skip: tuple[str, ...] = ()) -> int:
+    """Replace every plain ``nn.Linear`` by bitsandbytes' ``Linear4bit`` holding the same weights.
+
+    The weights are quantized when the module is next moved to a device (``module.to(...)``), on
+    that device; returns how many layers were swapped.
+    """
+    import bitsandbytes as bnb
+
+    count = 0
+    for parent_name, parent in list(module.named_modules()):
+        for name, child in list(parent.named_children()):
+            full_name = f"{parent_name}.{name}" if parent_name else name
+            if type(child) is not torch.nn.Linear or _skipped(full_name, skip):
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type=quant_type, device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type=quant_type,
+                                             module=layer)
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            layer.train(child.training)
+            setattr(parent, name, layer)
+            count += 1
+    return count
+
+
+# --- measuring ------------------------------------------------------------------------------------------
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a (possibly quantized) tensor holds: the inner tensors of a tensor subclass (quanto,
+    torchao), plus the block statistics of a bitsandbytes 4-bit weight."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(inner) for name in names if isinstance(inner := getattr(tensor, name), torch.Tensor))
+    total = tensor.numel() * tensor.element_size()
+    state = getattr(tensor, "quant_state", None)
+    while state is not None:  # bitsandbytes: absmax (itself quantized with double quantization) and the code
+        total += sum(t.numel() * t.element_size() for t in (state.absmax, state.code, state.offset)
+                     if isinstance(t, torch.Tensor))
+        state = getattr(state, "state2", None)
+    return total
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers, quantized ones counted as stored."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor_bytes(tensor)
+    return total
+
+
+def is_quantized_tensor(tensor: torch.Tensor) -> bool:
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return is_traceable_wrapper_subclass(tensor) or type(tensor).__name__ in QUANTIZED_PARAMETER_TYPES
+
+
+def quantized_layers(module: torch.nn.Module) -> int:
+    """How many layers of ``module`` hold a quantized weight."""
+    return sum(1 for layer in module.modules()
+               if isinstance(weight := layer.__dict__.get("_parameters", {}).get("weight"), torch.Tensor)
+               and is_quantized_tensor(weight))
+
+
+# --- load-time quantization (--quantize_via pipeline) and GGUF files ------------------------------------------
+
+
+class LoaderHooks:
+    """While a family loads: pass ``quantization_config`` to diffusers' and transformers'
+    ``from_pretrained`` for the components being quantized through the pipeline, and load a
+    ``.gguf`` denoiser with diffusers' GGUF quantizer.
+
+    A component is recognised by the pipeline folder it is loaded from (``subfolder``, or the
+    folder's own name): ``model.denoiser_name`` or ``text_encoder``, ``text_encoder_2``, ... The
+    quantized modules tolerate the family casting them to their own dtype while it loads (diffusers
+    refuses any dtype cast of a quantized model).
+    """
+
+    def __init__(self, model, config, wanted: dict[str, str], settings: dict[str, dict[str, Any]]):
+        self.model = model
+        self.config = config
+        self.pipeline = {role: name for role, name in wanted.items()} if config.quantize_via == "pipeline" else {}
+        self.settings = settings
+        self.done: dict[str, str] = {}
+        self._guarded: list[torch.nn.Module] = []
+
+    def wanted(self) -> bool:
+        return bool(self.pipeline) or self._gguf_possible()
+
+    def _gguf_possible(self) -> bool:
+        from simpletuner.options.quantization_rules import _gguf_sources
+
+        return bool(_gguf_sources(self.config))
+
+    @contextlib.contextmanager
+    def installed(self):
+        if not self.wanted():
+            yield self
+            return
+        import diffusers
+        import transformers
+        from diffusers.loaders.single_file_model import FromOriginalModelMixin
+
+        replaced = []
+        for owner, attribute, wrapper in ((diffusers.ModelMixin, "from_pretrained", self._diffusers_from_pretrained),
+                                          (transformers.PreTrainedModel, "from_pretrained",
+                                           self._transformers_from_pretrained),
+                                          (FromOriginalModelMixin, "from_single_file", self._from_single_file)):
+            original = owner.__dict__[attribute]
+            replaced.append((owner, attribute, original))
+            setattr(owner, attribute, classmethod(_bind(wrapper, original.__func__)))
+        try:
+            yield self
+        finally:
+            for owner, attribute, original in replaced:
+                setattr(owner, attribute, original)
+            for module in self._guarded:
+                module.__dict__.pop("to", None)
+
+    # --- which component is loading ---
+
+    def _role(self, path, subfolder: str | None) -> str | None:
+        if path is None or not isinstance(path, (str, Path)):
+            return None
+        name = subfolder or Path(str(path)).name
+        if name == self.model.denoiser_name:
+            return "denoiser"
+        if name == "text_encoder" or (name.startswith("text_encoder_") and name[-1].isdigit()):
+            return name
+        return None
+
+    def _dtype(self, role: str) -> torch.dtype:
+        if role == "denoiser" and self.config.base_model_default_dtype:
+            return DTYPES[self.config.base_model_default_dtype]
+        return self.model.weight_dtype
+
+    # --- the wrapped loaders ---
+
+    def _diffusers_from_pretrained(self, original, cls, path=None, *args, **kwargs):
+        subfolder = kwargs.get("subfolder")
+        gguf = self._gguf_file(path, subfolder)
+        if gguf is not None:
+            config_path, config_folder = (self.model.model_path, self.model.denoiser_name) \
+                if str(path).endswith(".gguf") else (path, subfolder)
+            return self._load_gguf(cls, gguf, config_path, config_folder)
+        role = self._role(path, subfolder)
+        if role not in self.pipeline or "quantization_config" in kwargs:
+            return original(cls, path, *args, **kwargs)
+        kwargs["quantization_config"] = self._pipeline_config(role, diffusers_side=True)
+        kwargs.pop("dtype", None)
+        kwargs["torch_dtype"] = self._dtype(role)
+        return self._finish(role, original(cls, path, *args, **kwargs))
+
+    def _transformers_from_pretrained(self, original, cls, path=None, *args, **kwargs):
+        role = self._role(path, kwargs.get("subfolder"))
+        if role not in self.pipeline or "quantization_config" in kwargs:
+            return original(cls, path, *args, **kwargs)
+        kwargs["quantization_config"] = self._pipeline_config(role, diffusers_side=False)
+        kwargs.pop("torch_dtype", None)
+        kwargs["dtype"] = self._dtype(role)
+        return self._finish(role, original(cls, path, *args, **kwargs))
+
+    def _from_single_file(self, original, cls, path=None, *args, **kwargs):
+        if path is not None and str(path).endswith(".gguf") and "quantization_config" not in kwargs:
+            from diffusers import GGUFQuantizationConfig
+
+            dtype = self._dtype("denoiser")
+            kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
+            kwargs.pop("dtype", None)
+            kwargs["torch_dtype"] = dtype
+            self.done["denoiser"] = f"gguf ({Path(str(path)).name})"
+            return self._guard(original(cls, path, *args, **kwargs))
+        return original(cls, path, *args, **kwargs)
+
+    def _gguf_file(self, path, subfolder: str | None) -> Path | None:
+        if path is None or not isinstance(path, (str, Path)):
+            return None
+        if str(path).endswith(".gguf"):
+            return Path(str(path))
+        if self._role(path, subfolder) != "denoiser":
+            return None
+        folder = Path(str(path)) / subfolder if subfolder else Path(str(path))
+        return gguf_denoiser_file(folder)
+
+    def _load_gguf(self, cls, file: Path, config_path, config_folder):
+        from diffusers import GGUFQuantizationConfig
+
+        dtype = self._dtype("denoiser")
+        module = cls.from_single_file(str(file), config=str(config_path), subfolder=config_folder,
+                                      quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+                                      torch_dtype=dtype)
+        self.done["denoiser"] = f"gguf ({file.name})"
+        return self._guard(module)
+
+    def _finish(self, role: str, module):
+        self.done[role] = f"{self.pipeline[role]} (pipeline)"
+        return self._guard(module)
+
+    def _guard(self, module):
+        """Let the family's ``module.to(dtype=...)`` pass while it loads: a quantized module keeps
+        the dtype it was loaded in (removed again when loading ends)."""
+        original = module.to
+
+        def to(*args, **kwargs):
+            kwargs.pop("dtype", None)
+            args = tuple(arg for arg in args if not isinstance(arg, torch.dtype))
+            return original(*args, **kwargs) if args or kwargs else module
+
+        module.to = to
+        self._guarded.append(module)
+        return module
+
+    # --- the configs handed to the loaders ---
+
+    def _pipeline_config(self, role: str, diffusers_side: bool):
+        preset = PRESETS[self.pipeline[role]]
+        entry = entry_for(self.settings, role)
+        library = __import__("diffusers" if diffusers_side else "transformers")
+        activations = bool(self.config.quantize_activations) and role == "denoiser"
+        if preset.backend == "quanto":
+            weights = entry.pop("weights_dtype", None) or entry.pop("weights", None) \
+                or QUANTO_PIPELINE_NAMES[preset.weights]
+            key = "weights_dtype" if diffusers_side else "weights"
+            return library.QuantoConfig(**{key: weights}, **entry)
+        if preset.backend == "torchao":
+            quant_type = torchao_config(preset, activations, entry.pop("quant_type", None))
+            return library.TorchAoConfig(quant_type=quant_type, **entry)
+        entry.setdefault("bnb_4bit_compute_dtype", self._dtype(role))
+        return library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=preset.weights,
+                                          **{k: v for k, v in entry.items() if k != "load_in_4bit"})
+
+
+def _bind(wrapper, original):
+    def loader(cls, *args, **kwargs):
+        return wrapper(original, cls, *args, **kwargs)
+
+    return loader
