@@ -70,7 +70,8 @@ def implemented_in(*groups: str, besides: Sequence[str] = ()) -> list[str]:
 def model_section(ui: UI, draft: Draft) -> None:
     ui.heading("Model")
     table_families = options_by_name()["model_family"].choices or ()
-    family = ask_option(ui, draft, "model_family", choices=tuple(f for f in table_families if f in FAMILIES))
+    # in the registry's order: the oldest, smallest family (sd1x) comes first and is the default
+    family = ask_option(ui, draft, "model_family", choices=tuple(f for f in FAMILIES if f in table_families))
     info = FAMILIES[family]
     flavour, had_flavour = draft.typed("model_flavour"), draft.has("model_flavour")
     flavour = ask_option(ui, draft, "model_flavour", choices=tuple(info.flavours),

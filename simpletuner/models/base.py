@@ -185,7 +185,10 @@ class ModelFamily(ABC):
 
     def latent_fingerprint_parts(self) -> dict[str, str]:
         """What identifies the latent encoder (the VAE), for the latent cache's keys."""
-        return self._encoder_identity()
+        parts = self._encoder_identity()
+        if getattr(self.config, "vae_enable_tiling", False):
+            parts["vae_tiling"] = "on"  # blended tile seams change the latents (slicing does not)
+        return parts
 
     def _encoder_identity(self) -> dict[str, str]:
         return {"family": self.family, "model": self.model_path, "revision": str(self.config.revision),

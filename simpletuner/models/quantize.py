@@ -97,6 +97,9 @@ def load_model(model, config) -> dict[str, str]:
             raise QuantizationError(f"`--{option_for(role)}`: no layer of the {component_label(model, role)} was "
                                     f"quantized ({how}); its layer shapes may not suit the preset")
         module.requires_grad_(False)
+        for layer in module.modules():  # loader-made bitsandbytes layers too (see swap_linear_4bit)
+            if getattr(layer, "support_avx512bf16_for_cpu", False):
+                layer.support_avx512bf16_for_cpu = False
         logger.info("%s: %s, %d quantized layers, %.1f MB of weights", component_label(model, role), how,
                     quantized_layers(module), weight_bytes(module) / 2**20)
     labelled = {component_label(model, role): how for role, how in done.items()}
@@ -208,6 +211,10 @@ def swap_linear_4bit(module: torch.nn.Module, quant_type: str = "nf4", compute_d
                                              module=layer)
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            # bitsandbytes repacks a CPU layer's weight for its inference kernel the first time it runs in
+            # eval mode without gradients (a validation pass), and that kernel then fails in backward
+            # (an in-place bias add on a tensor that needs grad): keep the trainable layout.
+            layer.support_avx512bf16_for_cpu = False
             layer.train(child.training)
             setattr(parent, name, layer)
             count += 1

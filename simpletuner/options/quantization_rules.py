@@ -77,6 +77,10 @@ GGUF_DENOISERS = {"sd1x": "UNet2DConditionModel", "sd2x": "UNet2DConditionModel"
                   "kolors": "UNet2DConditionModel", "deepfloyd": "UNet2DConditionModel",
                   "sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
 GGUF_MIN_DIFFUSERS = (0, 32)
+#: How many text encoders each family loads (``--text_encoder_N_precision`` beyond that is refused);
+#: a family missing here is checked when it loads.
+TEXT_ENCODER_COUNTS = {"sd1x": 1, "sd2x": 1, "sdxl": 2, "kolors": 1, "deepfloyd": 1, "sd3": 3, "flux": 2,
+                       "pixart_sigma": 1}
 DENOISER_SOURCE_OPTIONS = ("pretrained_unet_model_name_or_path", "pretrained_transformer_model_name_or_path")
 
 
@@ -192,6 +196,17 @@ def _version_text(distribution: str) -> str:
     return ".".join(map(str, version)) if version else "(not installed)"
 
 
+def check_text_encoder_slots(config) -> None:
+    count = TEXT_ENCODER_COUNTS.get(config.model_family)
+    if count is None:
+        return
+    for index in TEXT_ENCODER_SLOTS[count:]:
+        value = getattr(config, f"text_encoder_{index}_precision")
+        if preset_of(value):
+            raise ConfigError(f"`--text_encoder_{index}_precision {value}`: {config.model_family} has "
+                              f"{count} text encoder{'s' if count > 1 else ''}; remove it")
+
+
 def check_quantized_training(config) -> None:
     """A quantized model is frozen: only adapters train on top of it."""
     wanted = component_precisions(config)
@@ -227,6 +242,12 @@ def check_default_dtype(config) -> None:
         raise ConfigError("`--base_model_default_dtype bf16` with `--mixed_precision no`: the base would compute in "
                           "bf16 while its inputs stay fp32; use `--mixed_precision bf16` or "
                           "`--base_model_default_dtype fp32`")
+    preset = preset_of(config.base_model_precision)
+    if dtype == "fp32" and config.mixed_precision != "no" and preset is not None and preset.backend == "quanto":
+        raise ConfigError(f"`--base_model_default_dtype fp32` with `--base_model_precision {config.base_model_precision}` "
+                          f"and `--mixed_precision {config.mixed_precision}`: optimum-quanto's weights cannot be cast "
+                          "to the autocast type, so a quanto base must be held in the compute type; leave "
+                          "`--base_model_default_dtype` unset (or bf16), or use a torchao / nf4-bnb preset")
 
 
 def check_quantize_activations(config) -> None:
@@ -405,5 +426,6 @@ def quantization_warnings(config) -> list[str]:
     return warnings
 
 
-QUANTIZATION_RULES: tuple[Callable, ...] = (check_presets_on_device, check_quantized_training, check_default_dtype,
-                                            check_quantize_activations, check_quantize_via, check_gguf)
+QUANTIZATION_RULES: tuple[Callable, ...] = (check_presets_on_device, check_text_encoder_slots, check_quantized_training,
+                                            check_default_dtype, check_quantize_activations, check_quantize_via,
+                                            check_gguf)

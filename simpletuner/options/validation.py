@@ -15,6 +15,7 @@ from simpletuner.options import ConfigError, all_options
 from simpletuner.options.adapter_rules import ADAPTER_RULES
 from simpletuner.options.deepfloyd_rules import check_deepfloyd, deepfloyd_warnings
 from simpletuner.options.flux_rules import check_flux, flux_warnings
+from simpletuner.options.memory_rules import MEMORY_RULES, memory_warnings
 from simpletuner.options.quantization_rules import QUANTIZATION_RULES, quantization_warnings
 from simpletuner.options.sdxl_rules import check_sdxl, sdxl_warnings
 from simpletuner.options.training_rules import TRAINING_RULES
@@ -381,6 +382,7 @@ def collect_warnings(config) -> list[str]:
     warnings.extend(deepfloyd_warnings(config))
     warnings.extend(flux_warnings(config))
     warnings.extend(quantization_warnings(config))
+    warnings.extend(memory_warnings(config))
     warnings.extend(sdxl_warnings(config))
     return warnings
 
@@ -390,7 +392,7 @@ RULES: tuple[Callable, ...] = (
     check_ranges,
     check_loss_settings, check_ema_settings, check_optimizer_settings,
     check_timestep_settings, check_flow_options, *TRAINING_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, check_sdxl,
-    *QUANTIZATION_RULES,
+    *QUANTIZATION_RULES, *MEMORY_RULES,
     check_validation_settings, check_paths,
 )
 

@@ -12,6 +12,8 @@ long as the global batch stays the same.
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import logging
 import sys
 from typing import Any, Iterable
@@ -70,9 +72,14 @@ def check_rank_sync(accelerator, step: int, local_loss: float, parameters: list[
     from accelerate.utils import gather_object
 
     digest = weights_digest(parameters)
-    # one write per line: the processes share the terminal, and print() writes the newline separately
-    sys.stdout.write(f"rank-sync step={step} rank={accelerator.process_index} loss={local_loss!r} weights={digest}\n")
+    # One system call per line: the processes share one pipe, and a single write of under PIPE_BUF
+    # bytes is never interleaved with another process's output (print() may take several).
+    line = f"rank-sync step={step} rank={accelerator.process_index} loss={local_loss!r} weights={digest}\n"
     sys.stdout.flush()
+    try:
+        os.write(sys.stdout.fileno(), line.encode())
+    except (OSError, ValueError, io.UnsupportedOperation):  # a captured stream without a descriptor
+        sys.stdout.write(line)
     if accelerator.num_processes > 1:
         digests = gather_object([digest])
         if len(set(digests)) > 1:

@@ -42,6 +42,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask where the platform has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else (os.cpu_count() or 1)
+
+
 def _flag_names(args: Sequence[str]) -> set[str]:
     """``--use-fsdp=x`` -> ``--use_fsdp`` (accelerate accepts both spellings)."""
     return {"--" + token[2:].split("=", 1)[0].replace("-", "_") for token in args if token.startswith("--")}
@@ -86,7 +92,7 @@ def accelerate_command(launcher, argv: Sequence[str], has_gpu: bool, config=None
         # Without --cpu, accelerate gives every process OMP_NUM_THREADS (default 1) threads; share the cores.
         if "OMP_NUM_THREADS" not in os.environ and "--num_cpu_threads_per_process" not in given:
             local = max(1, launcher.num_processes // machines)
-            command += ["--num_cpu_threads_per_process", str(max(1, len(os.sched_getaffinity(0)) // local))]
+            command += ["--num_cpu_threads_per_process", str(max(1, usable_cpus() // local))]
     command += extra
     command += ["-m", "simpletuner.cli", "train", *argv]
     return command, env

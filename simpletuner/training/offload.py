@@ -41,23 +41,31 @@ VAE_ENTRY_POINTS = ("encode", "decode", "forward")
 
 @dataclass
 class Placement:
-    """Moves components between devices and remembers each move (component, device, why)."""
+    """Moves components between the compute device and the CPU and remembers each move as
+    ``(component, "compute" | "offload", why)``: by role, because on a CPU-only run both are the CPU."""
 
+    compute_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    offload_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     history: list[tuple[str, str, str]] = field(default_factory=list)
 
-    def move(self, name: str, module: torch.nn.Module | None, device: torch.device | str, reason: str) -> None:
+    def move(self, name: str, module: torch.nn.Module | None, role: str, reason: str) -> None:
         if module is None:
             return
-        module.to(device)
-        self.history.append((name, str(torch.device(device)), reason))
-        logger.debug("%s -> %s (%s)", name, device, reason)
+        module.to(self.compute_device if role == "compute" else self.offload_device)
+        self.record(name, role, reason)
+
+    def record(self, name: str, role: str, reason: str) -> None:
+        self.history.append((name, role, reason))
+        logger.debug("%s -> %s (%s)", name, role, reason)
 
     def moves_of(self, name: str) -> list[tuple[str, str]]:
-        return [(device, reason) for component, device, reason in self.history if component == name]
+        return [(role, reason) for component, role, reason in self.history if component == name]
 
 
 def text_encoders_of(model) -> dict[str, torch.nn.Module]:
-    """The family's loaded text encoders, by attribute name (``text_encoder``, ``text_encoder_2`` ...)."""
+    """The family's loaded text encoders, by pipeline component name (``text_encoder``, ``text_encoder_2`` ...)."""
+    if hasattr(model, "text_encoder_modules"):
+        return dict(model.text_encoder_modules())
     return {name: module for name, module in vars(model).items()
             if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)}
 
@@ -161,11 +169,11 @@ def offload_checkpointed_inputs(denoiser: torch.nn.Module, force_copy: bool = Fa
 # --- component offload (--enable_model_cpu_offload) -------------------------------------------------
 
 
-def offload_between_uses(name: str, module: torch.nn.Module, compute_device, placement: Placement,
+def offload_between_uses(name: str, module: torch.nn.Module, placement: Placement,
                          methods: tuple[str, ...] = ("forward",)) -> None:
-    """Keep ``module`` on the CPU and move it to ``compute_device`` only while one of ``methods`` runs
+    """Keep ``module`` on the CPU and move it to the compute device only while one of ``methods`` runs
     (diffusers' model CPU offload, for components that never train)."""
-    placement.move(name, module, "cpu", "model cpu offload: waits on the CPU")
+    placement.move(name, module, "offload", "model cpu offload: waits on the CPU")
     depth = {"calls": 0}
     for method_name in methods:
         method = getattr(module, method_name, None)
@@ -174,14 +182,14 @@ def offload_between_uses(name: str, module: torch.nn.Module, compute_device, pla
 
         def visiting(*args, _method=method, **kwargs):
             if depth["calls"] == 0:
-                placement.move(name, module, compute_device, "model cpu offload: in use")
+                placement.move(name, module, "compute", "model cpu offload: in use")
             depth["calls"] += 1
             try:
                 return _method(*args, **kwargs)
             finally:
                 depth["calls"] -= 1
                 if depth["calls"] == 0:
-                    placement.move(name, module, "cpu", "model cpu offload: done")
+                    placement.move(name, module, "offload", "model cpu offload: done")
 
         setattr(module, method_name, visiting)
 
@@ -252,15 +260,18 @@ def move_except(module: torch.nn.Module, device, keep: list[torch.nn.Module]) ->
 class MemorySavers:
     """The memory options of one run (see the module docstring for when each acts)."""
 
+    #: Make block swap / RamTorch copy weights even when the compute device is the swap device, so a
+    #: CPU-only test can see (by storage identity) where each weight is. Never set in a real run.
+    copy_on_same_device = False
+
     def __init__(self, config, compute_device: torch.device, local_rank: int = 0):
         self.config = config
         self.compute_device = torch.device(compute_device)
         self.local_rank = local_rank
-        self.placement = Placement()
+        self.placement = Placement(self.compute_device)
         self.block_swapper = None
         self.ramtorch_swappers: list = []
         self.activation_offload: CpuActivationOffload | None = None
-        self.copy_on_same_device = False  # tests: make block swap / RamTorch copy on a CPU-only run
         self.notes: list[str] = []
 
     # --- which options are on ---------------------------------------------------------------------
@@ -308,10 +319,10 @@ class MemorySavers:
         for name, module in frozen.items():
             if name in trained or not self.offloads_components:
                 if moved:
-                    self.placement.move(name, module, device, "after load")
+                    self.placement.move(name, module, "compute", "after load")
             elif config.enable_model_cpu_offload:
                 methods = VAE_ENTRY_POINTS if name == "vae" else ("forward",)
-                offload_between_uses(name, module, device, self.placement, methods)
+                offload_between_uses(name, module, self.placement, methods)
             else:
                 self._group_offload(name, module)
         if not (moved or self.swaps_blocks):
@@ -323,7 +334,7 @@ class MemorySavers:
             keep = [block for _, block in last_blocks(model.transformer_blocks(), config.musubi_blocks_to_swap)]
         move_except(model.denoiser, device, keep)
         where = f"after load, {len(keep)} swapped block(s) stay on {config.musubi_block_swap_device}"
-        self.placement.history.append((model.denoiser_name, str(device), where if keep else "after load"))
+        self.placement.record(model.denoiser_name, "compute", where if keep else "after load")
 
     def _group_offload(self, name: str, module: torch.nn.Module) -> None:
         from diffusers.hooks import apply_group_offloading
@@ -341,8 +352,8 @@ class MemorySavers:
             use_stream=bool(config.group_offload_use_stream) and self.compute_device.type == "cuda",
             offload_to_disk_path=folder,
         )
-        self.placement.history.append((name, "cpu", f"group offload ({config.group_offload_type}"
-                                       + (f", on disk in {folder})" if folder else ")")))
+        self.placement.record(name, "offload", f"group offload ({config.group_offload_type}"
+                              + (f", on disk in {folder})" if folder else ")"))
 
     # --- start-up caching -------------------------------------------------------------------------
 
@@ -353,12 +364,15 @@ class MemorySavers:
         patched = []
         if config.offload_during_startup:
             encoders, vae = text_encoders_of(model), vae_of(model)
-            device, placement = self.compute_device, self.placement
+            placement, phase = self.placement, {"now": None}
 
             def only(wanted: str):
+                if phase["now"] == wanted:
+                    return
+                phase["now"] = wanted
                 for name, module in encoders.items():
-                    placement.move(name, module, device if wanted == "text" else "cpu", f"startup: {wanted} caching")
-                placement.move("vae", vae, device if wanted == "latent" else "cpu", f"startup: {wanted} caching")
+                    placement.move(name, module, "compute" if wanted == "text" else "offload", f"startup: {wanted} caching")
+                placement.move("vae", vae, "compute" if wanted == "latent" else "offload", f"startup: {wanted} caching")
 
             for method_name, wanted in (("encode_images", "latent"), ("encode_prompts", "text")):
                 method = getattr(model, method_name)
@@ -376,7 +390,7 @@ class MemorySavers:
                 delattr(model, method_name)
             if patched:
                 for name, module in {**text_encoders_of(model), "vae": vae_of(model)}.items():
-                    self.placement.move(name, module, self.compute_device, "startup done")
+                    self.placement.move(name, module, "compute", "startup done")
         if config.delete_model_after_load and self.local_rank == 0 and not config.train_text_encoder \
                 and config.validation_disable:
             delete_hub_files(model.model_path, sorted(text_encoders_of(model)))
@@ -415,12 +429,12 @@ class MemorySavers:
             return
         written = {model.denoiser_name: model.denoiser, **(text_encoders or {})}
         for name, module in written.items():
-            self.placement.move(name, module, "cpu", "offload during save")
+            self.placement.move(name, module, "offload", "offload during save")
         try:
             yield
         finally:
             for name, module in written.items():
-                self.placement.move(name, module, self.compute_device, "save done")
+                self.placement.move(name, module, "compute", "save done")
 
     def describe(self) -> str | None:
         return "memory:       " + "; ".join(self.notes) if self.notes else None

@@ -79,9 +79,13 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temp_folders(self.output_dir)
             self._write_resolved_config()
+        from simpletuner.training.offload import MemorySavers
+
+        self.memory = MemorySavers(config, self.accelerator.device, self.accelerator.local_process_index)
         self.model = self._load_model()
         self.data = self._build_data()
         self.trainable = self._prepare_trainable()
+        self.memory.before_optimization(self.model)  # unsloth checkpointing, block swap, RamTorch (training/offload.py)
         distributed.compile_denoiser(self.model.denoiser, getattr(self.launcher, "dynamo_backend", None), config)
         self._build_optimization()
         self._build_observers()
@@ -101,11 +105,12 @@ class Trainer:
         from simpletuner.models.registry import load_family_class
 
         family_class = load_family_class(self.config.model_family)
-        model = family_class(self.config, self.accelerator.device, self.weight_dtype)
+        model = family_class(self.config, self.memory.load_device(), self.weight_dtype)
         logger.info("loading %s from %s", self.config.model_family, model.model_path)
         from simpletuner.models.quantize import load_model
 
         load_model(model, self.config)  # model.load(), with quantized components (models/quantize.py)
+        self.memory.after_load(model)  # placement, VAE slicing/tiling, component offload, hub file deletion
         return model
 
     def _build_data(self):
@@ -113,7 +118,7 @@ class Trainer:
         from simpletuner.data.dataset import build_training_data
 
         plan = load_dataset_plan(self.config.data_backend_config)
-        with self.accelerator.main_process_first():
+        with self.accelerator.main_process_first(), self.memory.startup(self.model):  # --offload_during_startup
             return build_training_data(self.config, self.model, plan, show_progress=self.show_progress and self.is_main)
 
     def _prepare_trainable(self) -> list[torch.nn.Parameter]:
@@ -219,7 +224,8 @@ class Trainer:
                           "num_images_seen": self.state.num_images_seen, "max_steps": self.max_steps,
                           "model_type": self.config.model_type, "model_family": self.config.model_family,
                           **distributed.topology(self.config, self.accelerator.num_processes)}
-        folder = ckpt.write_checkpoint(self.output_dir, step, writers, training_state)
+        with self.memory.saving(self.model, getattr(self.text_encoders, "encoders", None)):  # --offload_during_save
+            folder = ckpt.write_checkpoint(self.output_dir, step, writers, training_state)
         logger.info("saved checkpoint %s", folder)
         ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
         return folder
@@ -403,19 +409,20 @@ class Trainer:
         set_optimizer_mode(self.optimizer, "eval")
         if not self.is_main:
             return None
-        if self.config.model_type == "lora":
-            result = self._save_lora(self.output_dir)
-            if self.ema is not None:
-                with self.ema.applied():
-                    self._save_lora(self.output_dir / "ema")
-            if self.config.save_text_encoder and self.text_encoders is not None:
-                for folder in self.text_encoders.save_pretrained(self.output_dir):
-                    logger.info("saved the trained text encoder to %s", folder)
-        else:
-            result = self.model.save_full(self.output_dir / "pipeline", self._unwrapped_denoiser())
-            if self.ema is not None:
-                with self.ema.applied():
-                    self.model.save_full(self.output_dir / "ema" / "pipeline", self._unwrapped_denoiser())
+        with self.memory.saving(self.model, getattr(self.text_encoders, "encoders", None)):  # --offload_during_save
+            if self.config.model_type == "lora":
+                result = self._save_lora(self.output_dir)
+                if self.ema is not None:
+                    with self.ema.applied():
+                        self._save_lora(self.output_dir / "ema")
+                if self.config.save_text_encoder and self.text_encoders is not None:
+                    for folder in self.text_encoders.save_pretrained(self.output_dir):
+                        logger.info("saved the trained text encoder to %s", folder)
+            else:
+                result = self.model.save_full(self.output_dir / "pipeline", self._unwrapped_denoiser())
+                if self.ema is not None:
+                    with self.ema.applied():
+                        self.model.save_full(self.output_dir / "ema" / "pipeline", self._unwrapped_denoiser())
         logger.info("saved %s", result)
         if self.validator.enabled and not self.validator.due(self.state.global_step):
             self.validate(self.state.global_step)
@@ -442,6 +449,7 @@ class Trainer:
             f"steps:        {self.max_steps} ({self.steps_per_epoch} per epoch), starting at {self.state.global_step}",
             f"optimizer:    {config.optimizer}, lr {config.learning_rate}"
             + (f" scaled to {self.learning_rate:g}" if config.lr_scale else "") + f" ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
+            *filter(None, [self.memory.describe()]),
             self.data.describe(),
             f"output:       {self.output_dir}",
         ]

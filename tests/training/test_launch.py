@@ -18,7 +18,8 @@ import pytest
 from simpletuner.options import ConfigError
 from simpletuner.options.files import LauncherSettings, load_launcher_settings
 from simpletuner.options.resolve import resolve_run
-from simpletuner.training.launch import LAUNCHED_MARKER, accelerate_command, needs_relaunch, printable_command
+from simpletuner.training.launch import (LAUNCHED_MARKER, accelerate_command, needs_relaunch, printable_command,
+                                         usable_cpus)
 
 
 def project(tmp_path: Path, env_file: str = "", **config) -> Path:
@@ -64,7 +65,7 @@ def test_cpu_command_starts_real_processes(tmp_path):
     import os
 
     if "OMP_NUM_THREADS" not in os.environ:  # the cores are shared between the processes
-        assert flag(command, "--num_cpu_threads_per_process") == str(max(1, len(os.sched_getaffinity(0)) // 2))
+        assert flag(command, "--num_cpu_threads_per_process") == str(max(1, usable_cpus() // 2))
     assert env == {LAUNCHED_MARKER: "1", "ACCELERATE_USE_CPU": "1"}
     assert command[-5:] == ["-m", "simpletuner.cli", "train", "--seed", "3"]
     line = printable_command(command, env)

@@ -158,7 +158,18 @@ def test_two_cpu_processes_match_one_process_and_resume(tiny_model, tmp_path):
                    "--resume_from_checkpoint", "checkpoint-4", "--report_to", "none", "--validation_prompt", "")
 
 
-def test_inductor_compiles_the_tiny_model_on_the_cpu(tiny_model, tmp_path, monkeypatch):
+@pytest.fixture()
+def one_compile_thread():
+    """On a 2-core machine a pool of compile workers costs more than it saves (about 45 s vs 75 s cold).
+    inductor's config is restored by its own patch(); monkeypatch's undo would delete the setting and
+    break every later torch.compile in this process (torchao's optimizers use it)."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(compile_threads=1):
+        yield
+
+
+def test_inductor_compiles_the_tiny_model_on_the_cpu(tiny_model, tmp_path, one_compile_thread):
     """The first run on a machine compiles from scratch: about 100-130 s of CPU time on this 2-core
     machine (Python-side tracing and lowering plus g++). inductor caches the result under
     /tmp/torchinductor_<user>, so later runs take about 15 s."""
@@ -166,11 +177,8 @@ def test_inductor_compiles_the_tiny_model_on_the_cpu(tiny_model, tmp_path, monke
     if not compilers:
         pytest.skip("TRAINING_DYNAMO_BACKEND=inductor needs a C++ compiler on the CPU (g++, gcc, cc, clang++); none found")
     import torch._dynamo
-    import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
 
-    # On a 2-core machine a pool of compile workers costs more than it saves (about 45 s vs 75 s cold).
-    monkeypatch.setattr(inductor_config, "compile_threads", 1)
     root = make_project(tmp_path, tiny_model, "TRAINING_DYNAMO_BACKEND=inductor\n", max_train_steps=3)
     run = resolve_run([], environ={}, root=root)
     assert run.launcher.dynamo_backend == "inductor" and run.launcher.num_processes == 1

@@ -1,0 +1,108 @@
+"""Loading a family quantized: through diffusers/transformers at load time (--quantize_via pipeline)
+and from a GGUF denoiser, via the family contract only (the sd1x family file knows nothing of it)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from simpletuner.models.quantize import QuantizationError, load_model, quantized_layers  # noqa: E402
+from tests.quantization.conftest import run_config  # noqa: E402
+
+
+def loaded(project, model_folder, **flags):
+    from simpletuner.models.sd1x import StableDiffusion1x
+
+    config = run_config(project, model_folder, "unused", **flags)
+    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    model = StableDiffusion1x(config, torch.device("cpu"), dtype)
+    return model, load_model(model, config)
+
+
+def to_q(model):
+    return model.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+
+
+def test_pipeline_quantizes_while_loading_and_restores_the_loaders(project, tiny_sd1x):
+    import diffusers
+    import transformers
+
+    originals = (diffusers.ModelMixin.__dict__["from_pretrained"], transformers.PreTrainedModel.__dict__["from_pretrained"])
+    model, done = loaded(project, tiny_sd1x, base_model_precision="int8-torchao", text_encoder_1_precision="int8-quanto",
+                         quantize_via="pipeline", mixed_precision="bf16",
+                         quantization_config='{"unet": {"modules_to_not_convert": ["time_embedding"]}}')
+    assert done == {"unet": "int8-torchao (pipeline)", "text_encoder": "int8-quanto (pipeline)"}
+    assert getattr(model.unet, "is_quantized", False) and model.unet.hf_quantizer is not None  # diffusers did it
+    assert type(to_q(model).weight).__name__ == "Int8Tensor"
+    assert type(model.unet.time_embedding.linear_1.weight) is torch.nn.Parameter  # the entry's exclusion
+    assert type(model.text_encoder.encoder.layers[0].self_attn.q_proj).__name__ == "QLinear"
+    assert model.unet.conv_in.weight.dtype == torch.bfloat16  # loaded in the compute type
+    assert "to" not in model.unet.__dict__ and "to" not in model.text_encoder.__dict__  # load-time guards gone
+    assert (diffusers.ModelMixin.__dict__["from_pretrained"], transformers.PreTrainedModel.__dict__["from_pretrained"]) \
+        == originals
+    assert model.denoiser is model.unet
+    with torch.no_grad():
+        embeds = model.encode_prompts(["a red circle"])["prompt_embeds"]
+        out = model.predict(torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([10]),
+                            {"prompt_embeds": embeds})
+    assert torch.isfinite(out.float()).all()
+
+
+def test_cpu_route_quantizes_after_loading(project, tiny_sd1x):
+    model, done = loaded(project, tiny_sd1x, base_model_precision="int4-quanto", text_encoder_1_precision="nf4-bnb")
+    assert done == {"unet": "int4-quanto (cpu)", "text_encoder": "nf4-bnb (cpu)"}
+    assert type(to_q(model)).__name__ == "QLinear" and not getattr(model.unet, "is_quantized", False)
+    assert quantized_layers(model.text_encoder) == 12
+    assert all(not p.requires_grad for p in model.unet.parameters())
+
+
+def test_gguf_denoiser_folder_loads_quantized_and_close_to_the_original(project, tiny_sd1x, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from simpletuner.testing.gguf import make_gguf_pipeline_folder
+
+    folder = make_gguf_pipeline_folder(tiny_sd1x, tmp_path / "gguf-model")
+    model, done = loaded(project, folder)
+    assert done == {"unet": "gguf (diffusion_pytorch_model.gguf)"}
+    weight = to_q(model).weight
+    assert type(weight).__name__ == "GGUFParameter" and weight.dtype == torch.uint8
+    assert int(weight.quant_type) == 8  # GGMLQuantizationType.Q8_0
+    original = UNet2DConditionModel.from_pretrained(tiny_sd1x, subfolder="unet")
+    inputs = (torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700]))
+    text = torch.randn(2, 77, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = original(*inputs, encoder_hidden_states=text).sample
+        got = model.unet(*inputs, encoder_hidden_states=text).sample
+    assert ((got - expected).abs().mean() / expected.abs().mean()) < 0.05
+
+
+def test_gguf_override_file_goes_through_from_single_file(project, tiny_sd1x, tmp_path):
+    """The `.gguf` given as the denoiser's own path (what --pretrained_transformer_model_name_or_path
+    holds for Flux/SD3): from_pretrained on that file is routed to diffusers' GGUF loader."""
+    from diffusers import UNet2DConditionModel
+
+    from simpletuner.models.quantize import LoaderHooks
+    from simpletuner.testing.gguf import write_denoiser_gguf
+
+    file = write_denoiser_gguf(UNet2DConditionModel.from_pretrained(tiny_sd1x, subfolder="unet"), tmp_path / "u.gguf",
+                               quant_type="Q4_0")
+    config = run_config(project, tiny_sd1x, "unused")
+
+    class Family:
+        denoiser_name, model_path, weight_dtype = "unet", str(tiny_sd1x), torch.float32
+
+    hooks = LoaderHooks(Family(), config, {}, {})
+    hooks.wanted = lambda: True
+    with hooks.installed():
+        unet = UNet2DConditionModel.from_pretrained(str(file), subfolder="unet")
+    assert type(unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight).__name__ == "GGUFParameter"
+    assert hooks.done == {"denoiser": "gguf (u.gguf)"}
+
+
+def test_a_text_encoder_the_family_lacks_is_a_clear_error(project, tiny_sd1x, monkeypatch):
+    from simpletuner.options import quantization_rules
+
+    monkeypatch.setattr(quantization_rules, "TEXT_ENCODER_COUNTS", {})  # as for a family the table lacks
+    with pytest.raises(QuantizationError, match="has no text_encoder_2"):
+        loaded(project, tiny_sd1x, text_encoder_2_precision="int8-quanto")
