@@ -21,6 +21,7 @@ logger = logging.getLogger("simpletuner")
 SUBCOMMANDS = {
     "train": "fine-tune a model (all training options: `simpletuner train --help`)",
     "configure": "write or edit config.json, multidatabackend.json and config.env (a wizard, or --non-interactive)",
+    "plan-memory": "estimate accelerator memory for a config; with --memory_budget, the cheapest options that fit",
     "options": "list every option (`--json` for machine-readable, `--write-docs` to regenerate OPTIONS.md)",
     "make-tiny-model": "write a tiny offline model folder built from the real diffusers classes",
     "make-demo-dataset": "write the procedural coloured-shapes dataset (PNG + caption .txt)",
@@ -88,6 +89,24 @@ def cmd_configure(argv: Sequence[str]) -> int:
     from simpletuner.configure import main as configure_main
 
     return configure_main(argv)
+
+
+# --- plan-memory ------------------------------------------------------------------------------------
+
+def cmd_plan_memory(argv: Sequence[str]) -> int:
+    """The same arguments as ``train`` (config file, flags, ``--memory_budget``); prints the plan."""
+    from simpletuner.options.resolve import resolve_run
+
+    if any(arg in ("-h", "--help") for arg in argv):
+        print("usage: simpletuner plan-memory [--config FILE] [train options] [--memory_budget SIZE]\n\n"
+              + SUBCOMMANDS["plan-memory"] + ". Reads the model folder's config.json files and safetensors headers "
+              "(no weights); see documentation/MEMORY.md.")
+        return 0
+    run = resolve_run(argv)
+    from simpletuner.memory.planner import describe
+
+    print(describe(run.config))
+    return 0
 
 
 # --- options ----------------------------------------------------------------------------------------
@@ -176,6 +195,7 @@ def cmd_demo(argv: Sequence[str]) -> int:
 COMMANDS = {
     "train": cmd_train,
     "configure": cmd_configure,
+    "plan-memory": cmd_plan_memory,
     "options": cmd_options,
     "make-tiny-model": cmd_make_tiny_model,
     "make-demo-dataset": cmd_make_demo_dataset,

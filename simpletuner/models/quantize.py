@@ -47,6 +47,7 @@ from simpletuner.options.quantization_rules import (
     component_precisions,
     entry_for,
     gguf_denoiser_file,
+    gguf_sources,
     option_for,
     parse_quantization_config,
 )
@@ -87,7 +88,9 @@ def load_model(model, config) -> dict[str, str]:
             logger.info("%s was not loaded through from_pretrained; quantizing it after loading, on the CPU", role)
         module = component_module(model, role)
         dtype = DTYPES.get(config.base_model_default_dtype) if role == "denoiser" else None
-        quantize_module(module, name, via="accelerator" if config.quantize_via == "accelerator" else "cpu",
+        # torchao's int4 packing (mslk) runs on the GPU only, so that preset quantizes where the model is
+        via = "accelerator" if config.quantize_via == "accelerator" or name == "int4-torchao" else "cpu"
+        quantize_module(module, name, via=via,
                         dtype=dtype, activations=bool(config.quantize_activations) and role == "denoiser",
                         overrides=entry_for(settings, role))
         done[role] = f"{name} ({config.quantize_via})"
@@ -100,6 +103,7 @@ def load_model(model, config) -> dict[str, str]:
         for layer in module.modules():  # loader-made bitsandbytes layers too (see swap_linear_4bit)
             if getattr(layer, "support_avx512bf16_for_cpu", False):
                 layer.support_avx512bf16_for_cpu = False
+        contiguous_quanto_inputs(module)  # and loader-made quanto layers
         logger.info("%s: %s, %d quantized layers, %.1f MB of weights", component_label(model, role), how,
                     quantized_layers(module), weight_bytes(module) / 2**20)
     labelled = {component_label(model, role): how for role, how in done.items()}
@@ -154,6 +158,7 @@ def quantize_module(module: torch.nn.Module, preset_name: str, via: str = "cpu",
         quanto.quantize(module, weights=getattr(quanto, preset.weights),
                         exclude=overrides.get("modules_to_not_convert"))
         quanto.freeze(module)
+        contiguous_quanto_inputs(module)
     elif preset.backend == "torchao":
         from torchao.quantization import quantize_
 
@@ -168,6 +173,27 @@ def quantize_module(module: torch.nn.Module, preset_name: str, via: str = "cpu",
     module.to(work)  # bitsandbytes quantizes when its parameters are moved to a device
     module.to(home)
     return module
+
+
+def contiguous_quanto_inputs(module: torch.nn.Module) -> int:
+    """Give quanto's linear layers contiguous inputs.
+
+    quanto's int8 CPU kernel (``torch._weight_int8pack_mm``) rejects an input that is not contiguous
+    in its last dimension, which is what a UNet with ``use_linear_projection`` (SDXL's) hands its
+    ``proj_in`` after a permute. Returns how many layers got the pre-hook."""
+    count = 0
+    for layer in module.modules():
+        if type(layer).__name__ == "QLinear" and not getattr(layer, "_contiguous_inputs", False):
+            layer.register_forward_pre_hook(_make_contiguous)
+            layer._contiguous_inputs = True
+            count += 1
+    return count
+
+
+def _make_contiguous(layer, args):
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 def torchao_config(preset: Preset, activations: bool, kwargs: dict[str, Any] | None = None):
@@ -291,9 +317,7 @@ class LoaderHooks:
         return bool(self.pipeline) or self._gguf_possible()
 
     def _gguf_possible(self) -> bool:
-        from simpletuner.options.quantization_rules import _gguf_sources
-
-        return bool(_gguf_sources(self.config))
+        return bool(gguf_sources(self.config))
 
     @contextlib.contextmanager
     def installed(self):

@@ -235,7 +235,7 @@ def check_default_dtype(config) -> None:
     dtype = config.base_model_default_dtype
     if dtype is None:
         return
-    if not preset_of(config.base_model_precision) and not _gguf_sources(config):
+    if not preset_of(config.base_model_precision) and not gguf_sources(config):
         raise ConfigError(f"`--base_model_default_dtype {dtype}` sets the type of the weights a quantizer leaves "
                           "alone, but the base model is not quantized; set `--base_model_precision` or remove it")
     if dtype == "bf16" and config.mixed_precision == "no":
@@ -370,7 +370,7 @@ def gguf_denoiser_file(folder: Path) -> Path | None:
     return files[0] if files and not has_weights else None
 
 
-def _gguf_sources(config) -> list[str]:
+def gguf_sources(config) -> list[str]:
     """Where this run's denoiser comes from, when that is a GGUF file."""
     found = []
     for name in DENOISER_SOURCE_OPTIONS:
@@ -393,7 +393,7 @@ def check_gguf(config) -> None:
                           "point it at the pipeline (folder or hub id) and give the .gguf as "
                           "`--pretrained_transformer_model_name_or_path` / `--pretrained_unet_model_name_or_path`, "
                           "or put it in the pipeline folder's unet/ or transformer/ folder next to its config.json")
-    sources = _gguf_sources(config)
+    sources = gguf_sources(config)
     if not sources:
         return
     where = sources[0]

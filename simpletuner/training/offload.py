@@ -223,16 +223,23 @@ def delete_hub_files(repo_id: str, subfolders: list[str], cache_dir: str | None 
     for repo in info.repos:
         if repo.repo_id != repo_id or repo.repo_type != "model":
             continue
+        chosen, kept_blobs = [], set()
         for revision in repo.revisions:
             for file in revision.files:
                 relative = Path(file.file_path).relative_to(revision.snapshot_path)
                 if relative.parts and relative.parts[0] in subfolders:
-                    for path in (Path(file.blob_path), Path(file.file_path)):
-                        try:
-                            path.unlink()
-                        except OSError:
-                            pass
-                    deleted.append(str(relative))
+                    chosen.append((relative, file))
+                else:
+                    kept_blobs.add(Path(file.blob_path))
+        for relative, file in chosen:
+            # blobs are content-addressed: one shared with a file that stays (an identical config) stays
+            paths = [Path(file.file_path)] + ([] if Path(file.blob_path) in kept_blobs else [Path(file.blob_path)])
+            for path in paths:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+            deleted.append(str(relative))
     if deleted:
         logger.info("--delete_model_after_load: deleted %d cached file(s) of %s (%s)", len(deleted), repo_id,
                     ", ".join(sorted(subfolders)))
@@ -248,7 +255,7 @@ def move_except(module: torch.nn.Module, device, keep: list[torch.nn.Module]) ->
     stack = [module]
     while stack:
         current = stack.pop()
-        for key, param in current._parameters.items():
+        for param in current._parameters.values():
             if param is not None:
                 param.data = param.data.to(device)
         for key, buffer in current._buffers.items():
@@ -332,7 +339,10 @@ class MemorySavers:
             from simpletuner.models.block_swap import last_blocks
 
             keep = [block for _, block in last_blocks(model.transformer_blocks(), config.musubi_blocks_to_swap)]
-        move_except(model.denoiser, device, keep)
+        if keep:
+            move_except(model.denoiser, device, keep)
+        else:
+            model.denoiser.to(device)
         where = f"after load, {len(keep)} swapped block(s) stay on {config.musubi_block_swap_device}"
         self.placement.record(model.denoiser_name, "compute", where if keep else "after load")
 

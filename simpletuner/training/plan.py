@@ -76,4 +76,7 @@ def describe_plan(run) -> str:
         describe_launcher(run.launcher),
     ]
     lines += describe_datasets(config)
+    from simpletuner.memory.planner import describe as describe_memory
+
+    lines.append(describe_memory(config))  # weights, optimizer, activations; a proposal with --memory_budget
     return "\n".join(lines)

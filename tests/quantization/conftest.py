@@ -52,5 +52,6 @@ def run_config(root: Path, model: Path, output: str, **overrides):
         "optimizer": "optimi-adamw", "lora_rank": 4, "lora_dropout": 0.0,
     }
     values.update(overrides)
+    values = {key: value for key, value in values.items() if value is not None}
     argv = [token for key, value in values.items() for token in (f"--{key}", str(value))]
     return resolve_run(argv).config

@@ -106,3 +106,18 @@ def test_a_text_encoder_the_family_lacks_is_a_clear_error(project, tiny_sd1x, mo
     monkeypatch.setattr(quantization_rules, "TEXT_ENCODER_COUNTS", {})  # as for a family the table lacks
     with pytest.raises(QuantizationError, match="has no text_encoder_2"):
         loaded(project, tiny_sd1x, text_encoder_2_precision="int8-quanto")
+
+
+def test_quantized_text_encoders_get_their_own_text_cache_keys(project, tiny_sd1x):
+    from simpletuner.models.sd1x import StableDiffusion1x
+
+    def parts(**flags):
+        config = run_config(project, tiny_sd1x, "unused", **flags)
+        return StableDiffusion1x(config, torch.device("cpu"), torch.float32).fingerprint_parts()
+
+    plain = parts()
+    assert parts(base_model_precision="int8-quanto") == plain  # the denoiser does not touch text embeds
+    assert not any("precision" in key for key in plain)  # unquantized runs keep their old keys
+    quantized = parts(text_encoder_1_precision="nf4-bnb")
+    assert quantized != plain and quantized["text_encoder_1_precision"] == "nf4-bnb"
+    assert parts(text_encoder_1_precision="int8-quanto") != quantized

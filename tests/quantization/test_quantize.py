@@ -100,7 +100,7 @@ def test_modules_to_not_convert_are_left_alone(block):
     quantize_module(model, "int8-torchao", overrides={"modules_to_not_convert": ["down"]})
     assert type(model.down.weight) is torch.nn.Parameter and type(model.up.weight).__name__ == "Int8Tensor"
     model = copy.deepcopy(block)
-    quantize_module(model, "int8-quanto", overrides={"modules_to_not_convert": ["down"]})
+    quantize_module(model, "int8-quanto", via="accelerator", overrides={"modules_to_not_convert": ["down"]})
     assert type(model.down).__name__ == "Linear" and type(model.up).__name__ == "QLinear"
 
 
@@ -108,3 +108,17 @@ def test_torchao_activation_variant(block):
     model = copy.deepcopy(block)
     quantize_module(model, "int8-torchao", activations=True)
     assert model.up.weight.act_quant_kwargs is not None  # int8 activations quantized per token on the fly
+
+
+def test_quanto_layers_accept_inputs_that_are_not_contiguous(block):
+    """quanto's int8 CPU matmul rejects a permuted input, as SDXL-style UNets (use_linear_projection)
+    hand their proj_in; the pre-hook makes it contiguous."""
+    model = copy.deepcopy(block)
+    quantize_module(model, "int8-quanto", dtype=torch.bfloat16)  # the int8 kernel quanto uses for bf16
+    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(2)).bfloat16().t()
+    assert not x.is_contiguous()
+    with torch.no_grad():
+        assert torch.isfinite(model.up(x)).all()
+        model.up._forward_pre_hooks.clear()
+        with pytest.raises(RuntimeError, match="contiguous"):
+            model.up(x)

@@ -1,0 +1,617 @@
+"""The memory planner: what a run needs on the accelerator, and the cheapest options that fit a budget.
+
+Torch-free, so ``--dry-run`` can print it: model sizes come from the model folder's ``config.json``
+files and safetensors headers (tensor names, shapes and dtypes; no weights are read), everything else
+from the resolved config. An estimate has these parts:
+
+- **weights**: every parameter of the denoiser in its training dtype (``--mixed_precision``) or its
+  quantized size (``--base_model_precision``: bits per Linear weight plus scales); text encoders and
+  the VAE likewise, unless an offload option keeps them off the accelerator during training.
+- **adapter, gradients, optimizer state**: the trainable parameters (LoRA rank x (in + out) per
+  targeted Linear layer, or every denoiser weight for full training), their gradients and the
+  optimizer's state per parameter (Adam: two tensors; 8-bit optimizers: two bytes; ...).
+- **activations**: what autograd keeps for the backward pass. Per token and per hidden unit each
+  architecture keeps a roughly fixed number of bytes per block, so the planner multiplies the number
+  of image tokens (and text tokens) by the width and depth read from the config and by a coefficient
+  per architecture and mode (LoRA / full, with / without gradient checkpointing) that was measured
+  on tiny models of the same diffusers classes with :mod:`simpletuner.memory.measure`
+  (``tests/memory/test_planner.py`` re-measures and checks the estimates within 25%).
+- **startup**: the peak while caches are built: every component loaded plus a VAE encode.
+
+The training peak is the larger of the forward/backward peak (weights + optimizer state + gradients
+that persist between steps + activations) and the optimizer step (weights + optimizer state +
+gradients). Block swap takes the swapped blocks' frozen weights off the accelerator except one block
+at a time.
+
+Given ``--memory_budget``, :func:`propose` tries combinations of precision, gradient checkpointing,
+text-encoder/VAE offload, block swap and batch size (with gradient accumulation keeping the
+effective batch) and returns the one with the smallest expected slowdown that fits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from simpletuner.memory.units import format_size, parse_size
+from simpletuner.models.registry import family_info
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1}
+#: LoRA targets when the family preset cannot be read without torch: the attention projections,
+#: which is every family's default preset.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+#: Text tokens each family's cached prompt holds when ``--tokenizer_max_length`` is unset.
+TEXT_TOKENS = {"sd1x": 77, "sd2x": 77, "sdxl": 77, "kolors": 256, "deepfloyd": 77, "flux": 512, "sd3": 77 + 154,
+               "pixart_sigma": 300}
+#: Quantized bytes per Linear weight element, scales included (int8: one scale per output row;
+#: 4-bit: one scale per group of 64 or so).
+QUANTIZED_BYTES = {8: 1.02, 4: 0.55, 2: 0.3}
+
+#: Activation memory, in element-sized units, per element of (batch x tokens x hidden width x
+#: blocks), for image tokens and text tokens, by architecture and training mode. With gradient
+#: checkpointing the pair is (per element of the checkpointed blocks' inputs, multiple of one
+#: block's activations recomputed at a time). Fitted (least squares on relative error) to
+#: ``measure_peak`` around real training steps of the tiny models of ``simpletuner.testing`` and of
+#: wider/deeper variants of each (fp32, 64-128 px, batch 2-3; activations = peak minus weights,
+#: gradients and optimizer state); the worst activation error of the fit was 15%.
+#: tests/memory/test_planner.py checks whole-step peaks at other sizes against fresh measurements.
+ACTIVATION_COEFFICIENTS: dict[str, dict[str, tuple[float, float]]] = {
+    "unet": {"lora": (19.48, 6.2), "lora+checkpointing": (5.27, 0.96),
+             "full": (16.61, 7.31), "full+checkpointing": (4.9, 1.07)},
+    "flux": {"lora": (22.58, 17.38), "lora+checkpointing": (0.68, 1.87),
+             "full": (26.37, 24.61), "full+checkpointing": (0.73, 1.25)},
+    "sd3": {"lora": (27.0, 12.22), "lora+checkpointing": (0.63, 1.59),
+            "full": (31.5, 22.51), "full+checkpointing": (0.0, 1.46)},
+    "pixart": {"lora": (26.48, 5.03), "lora+checkpointing": (0.0, 1.36),
+               "full": (25.6, 3.48), "full+checkpointing": (0.34, 1.32)},
+}
+
+#: Expected step-time factors of each choice (rough, from the reference trainer's documentation and
+#: common experience; used only to rank proposals).
+COST = {"gradient_checkpointing": 1.25, "offload_frozen": 1.0, "int8": 1.15, "int4": 1.35, "halve_batch": 1.08,
+        "swap_per_block_fraction": 0.6}
+
+
+# --- what the model folder says ------------------------------------------------------------------
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+
+@dataclass
+class ComponentInfo:
+    """One component folder: its config and the tensors its safetensors files declare."""
+
+    name: str
+    config: dict
+    tensors: list[TensorInfo] = field(default_factory=list)
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel * DTYPE_BYTES.get(t.dtype, 4) for t in self.tensors)
+
+    def linear_weights(self) -> list[TensorInfo]:
+        return [t for t in self.tensors if t.name.endswith(".weight") and len(t.shape) == 2]
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (names, dtypes, shapes), without reading any weight."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(length))
+
+
+def read_component(folder: Path) -> ComponentInfo | None:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    info = ComponentInfo(folder.name, json.loads(config_file.read_text(encoding="utf-8")))
+    files = sorted(folder.glob("*.safetensors"))
+    variant_free = [f for f in files if f.name.count(".") == 1]  # prefer the default variant's files
+    for file in variant_free or files:
+        for name, entry in read_safetensors_header(file).items():
+            if name != "__metadata__":
+                info.tensors.append(TensorInfo(name, tuple(entry["shape"]), entry["dtype"]))
+    return info
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The newest cached snapshot folder of a hub model, found without huggingface_hub."""
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    cache = Path(os.environ.get("HF_HUB_CACHE", home / "hub"))
+    snapshots = cache / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    return candidates[0] if candidates else None
+
+
+@dataclass
+class ModelInventory:
+    family: str
+    path: str
+    components: dict[str, ComponentInfo]
+
+    @property
+    def denoiser(self) -> ComponentInfo:
+        return self.components.get("transformer") or self.components["unet"]
+
+    def text_encoders(self) -> dict[str, ComponentInfo]:
+        return {name: c for name, c in self.components.items() if name.startswith("text_encoder")}
+
+    def blocks(self) -> list[tuple[str, int, int]]:
+        """The denoiser's repeated blocks in execution order: ``(name, parameters, stored bytes)``."""
+        found: dict[str, list[int]] = {}
+        order = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
+        for tensor in self.denoiser.tensors:
+            match = re.match(r"^(transformer_blocks|single_transformer_blocks|blocks|layers)\.(\d+)\.", tensor.name)
+            if match:
+                entry = found.setdefault(f"{match.group(1)}.{match.group(2)}", [0, 0])
+                entry[0] += tensor.numel
+                entry[1] += tensor.numel * DTYPE_BYTES.get(tensor.dtype, 4)
+        return sorted(((name, p, b) for name, (p, b) in found.items()),
+                      key=lambda item: (order.index(item[0].split(".")[0]), int(item[0].split(".")[1])))
+
+
+def read_inventory(config) -> ModelInventory:
+    """The components of the configured model, from a local folder or the local hub cache."""
+    info = family_info(config.model_family)
+    path = str(config.pretrained_model_name_or_path or info.flavours[config.model_flavour or info.default_flavour])
+    folder = Path(path)
+    if not folder.is_dir():
+        snapshot = hub_snapshot(path)
+        if snapshot is None:
+            raise FileNotFoundError(f"the memory planner reads the model's config.json and safetensors headers; {path} "
+                                    "is neither a local folder nor in the local Hugging Face cache")
+        folder = snapshot
+    components = {}
+    for child in sorted(folder.iterdir()):
+        if child.is_dir():
+            component = read_component(child)
+            if component is not None and component.tensors:
+                components[child.name] = component
+    if "unet" not in components and "transformer" not in components:
+        raise FileNotFoundError(f"{folder} has no unet/ or transformer/ folder with safetensors weights")
+    return ModelInventory(config.model_family, path, components)
+
+
+# --- the settings an estimate depends on ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The knobs of one estimate (from the config; :func:`propose` varies some of them)."""
+
+    model_type: str
+    mixed_precision: str
+    base_model_precision: str
+    text_encoder_precisions: tuple[str, ...]
+    lora_rank: int
+    lora_targets: tuple[str, ...]
+    batch_size: int
+    gradient_accumulation: int
+    width: int
+    height: int
+    gradient_checkpointing: bool
+    blocks_to_swap: int
+    offload_frozen: bool  # text encoders and VAE off the accelerator while training
+    offload_during_startup: bool
+    optimizer: str
+    set_grads_to_none: bool
+    train_text_encoder: bool
+    vae_batch_size: int
+    text_tokens: int
+    use_ema: bool
+    ema_on_cpu: bool
+
+    @classmethod
+    def from_config(cls, config) -> "PlanSettings":
+        from simpletuner.options.adapter_rules import parse_target_modules
+
+        targets = DEFAULT_LORA_TARGETS
+        if config.peft_lora_target_modules:
+            try:
+                targets = tuple(parse_target_modules(config.peft_lora_target_modules))
+            except Exception:  # validation reports a bad value; the planner keeps the default
+                targets = DEFAULT_LORA_TARGETS
+        edge = training_edge(config)
+        encoder_precisions = tuple(getattr(config, f"text_encoder_{n}_precision", None) or "no_change"
+                                   for n in range(1, 5))
+        return cls(
+            model_type=config.model_type, mixed_precision=config.mixed_precision or "no",
+            base_model_precision=getattr(config, "base_model_precision", None) or "no_change",
+            text_encoder_precisions=encoder_precisions, lora_rank=int(config.lora_rank or 16), lora_targets=targets,
+            batch_size=int(config.train_batch_size or 1), gradient_accumulation=int(config.gradient_accumulation_steps or 1),
+            width=edge, height=edge, gradient_checkpointing=bool(config.gradient_checkpointing),
+            blocks_to_swap=int(config.musubi_blocks_to_swap or 0),
+            offload_frozen=bool(config.enable_model_cpu_offload or config.enable_group_offload),
+            offload_during_startup=bool(config.offload_during_startup), optimizer=config.optimizer or "adamw_bf16",
+            set_grads_to_none=bool(config.set_grads_to_none), train_text_encoder=bool(config.train_text_encoder),
+            vae_batch_size=int(getattr(config, "vae_batch_size", None) or 4),
+            text_tokens=text_tokens(config),
+            use_ema=bool(config.use_ema), ema_on_cpu=bool(getattr(config, "ema_cpu_only", False)
+                                                          or getattr(config, "ema_device", "cpu") == "cpu"),
+        )
+
+
+def training_edge(config) -> int:
+    """The largest square edge (px) any enabled dataset trains at (its own resolution or the global one)."""
+    from simpletuner.data.buckets import pixel_edge
+
+    edges = []
+    try:
+        from simpletuner.data.config import load_dataset_plan
+        from simpletuner.data.settings import resolve_dataset
+
+        for dataset in load_dataset_plan(config.data_backend_config).enabled_images:
+            dataset = resolve_dataset(dataset, config)
+            edges.append(pixel_edge(dataset.resolution, dataset.resolution_type))
+    except Exception:  # no readable dataset list: the global resolution
+        pass
+    if not edges and config.resolution:
+        edges.append(pixel_edge(config.resolution, config.resolution_type or "pixel"))
+    return int(max(edges, default=1024))
+
+
+def text_tokens(config) -> int:
+    """Text tokens per cached prompt: ``--tokenizer_max_length`` or the family's default (SD3 joins
+    77 CLIP tokens and its T5 tokens)."""
+    length = getattr(config, "tokenizer_max_length", None)
+    if config.model_family == "sd3":
+        return 77 + int(length or 154)
+    return int(length or TEXT_TOKENS.get(config.model_family, 77))
+
+
+def _precision_bits(precision: str) -> int | None:
+    from simpletuner.options.quantization_rules import PRESETS
+
+    preset = PRESETS.get(precision)
+    return preset.bits if preset is not None else None
+
+
+def optimizer_state_bytes(optimizer: str, param_bytes: int) -> float:
+    """Optimizer state per trainable parameter, in bytes."""
+    name = optimizer.lower()
+    if "4bit" in name:
+        return 1.0
+    if "8bit" in name or "fp8" in name:
+        return 3.0 if "ademamix" in name else 2.0
+    if "prodigy" in name or "adan" in name:
+        return 4 * param_bytes
+    if "ranger" in name or "ademamix" in name:
+        return 3 * param_bytes
+    if "lion" in name or "sgd" in name or "adagrad" in name:
+        return 1 * param_bytes
+    return 2 * param_bytes  # Adam and friends: two moments
+
+
+# --- activations ---------------------------------------------------------------------------------
+
+
+def architecture(inventory: ModelInventory) -> str:
+    name = inventory.denoiser.config.get("_class_name", "")
+    return {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
+            "PixArtTransformer2DModel": "pixart"}.get(name, "unet" if "UNet" in name else "transformer")
+
+
+def latent_grid(inventory: ModelInventory, width: int, height: int) -> tuple[int, int, int]:
+    """(latent channels, latent height, latent width) of one image."""
+    vae = inventory.components.get("vae")
+    if vae is None:  # pixel space
+        return 3, height, width
+    scale = 2 ** (len(vae.config.get("block_out_channels", [1, 1, 1, 1])) - 1)
+    return int(vae.config.get("latent_channels", 4)), height // scale, width // scale
+
+
+@dataclass(frozen=True)
+class ActivationShape:
+    """Element counts per sample that the activation coefficients multiply, from the denoiser's
+    config: image tokens x width x blocks, text tokens x width x blocks, the checkpointed blocks'
+    inputs, and how many checkpointed units there are."""
+
+    image: float
+    text: float
+    inputs: float
+    units: int
+
+
+def activation_shape(inventory: ModelInventory, settings: PlanSettings) -> ActivationShape:
+    config = inventory.denoiser.config
+    channels, lat_h, lat_w = latent_grid(inventory, settings.width, settings.height)
+    kind = architecture(inventory)
+    if kind == "unet":
+        widths = list(config.get("block_out_channels", [320, 640, 1280, 1280]))
+        per_block = config.get("layers_per_block", 2)
+        per_block = per_block if isinstance(per_block, list) else [per_block] * len(widths)
+        transformer_layers = config.get("transformer_layers_per_block", 1)
+        transformer_layers = transformer_layers if isinstance(transformer_layers, list) else [transformer_layers] * len(widths)
+        down_types = config.get("down_block_types", [])
+        attention = ["CrossAttn" in (down_types[level] if level < len(down_types) else "") for level in range(len(widths))]
+        # LoRA adapts attention only: nothing before the first attention block needs a gradient
+        first = attention.index(True) if settings.model_type == "lora" and True in attention else 0
+        image = text = inputs = 0.0
+        units = 3  # the mid block: two resnets and an attention
+        for level, width in enumerate(widths):
+            units += (2 * per_block[level] + 1) * (2 if attention[level] else 1)
+            cells = (lat_h >> level) * (lat_w >> level)
+            extra = transformer_layers[level] if attention[level] else 0
+            down = per_block[level] * (1 + extra) if level >= first else 0
+            up = (per_block[level] + 1) * (1 + extra)
+            image += cells * width * (down + up)
+            inputs += cells * width * (per_block[level] * (level >= first) + per_block[level] + 1) * (2 if extra else 1)
+            if extra:
+                text += settings.text_tokens * width * (per_block[level] * (level >= first) + per_block[level] + 1) * extra
+        lowest = len(widths) - 1
+        cells = (lat_h >> lowest) * (lat_w >> lowest)
+        image += cells * widths[lowest] * (2 + transformer_layers[lowest])  # the mid block
+        return ActivationShape(image, text, inputs, units)
+    patch = int(config.get("patch_size", 2) or 1)
+    if kind == "flux":
+        patch = 2  # FLUX packs 2x2 latent cells into one token (its config says patch_size 1)
+        depth = config.get("num_layers", 19) + config.get("num_single_layers", 38)
+    else:
+        depth = config.get("num_layers", 24)
+    width = config.get("num_attention_heads", 24) * config.get("attention_head_dim", 64)
+    tokens = (lat_h // patch) * (lat_w // patch)
+    return ActivationShape(tokens * width * depth, settings.text_tokens * width * depth,
+                           (tokens + settings.text_tokens) * width * depth, depth)
+
+
+def activation_bytes(inventory: ModelInventory, settings: PlanSettings) -> float:
+    kind = architecture(inventory)
+    coefficients = ACTIVATION_COEFFICIENTS.get(kind) or ACTIVATION_COEFFICIENTS["flux" if kind != "unet" else "unet"]
+    mode = "full" if settings.model_type == "full" else "lora"
+    image_coefficient, text_coefficient = coefficients[mode]
+    shape = activation_shape(inventory, settings)
+    element = 2 if settings.mixed_precision in ("bf16", "fp16") else 4
+    everything = image_coefficient * shape.image + text_coefficient * shape.text
+    if settings.gradient_checkpointing:
+        per_input, recomputed_blocks = coefficients[mode + "+checkpointing"]
+        everything = per_input * shape.inputs + recomputed_blocks * everything / max(shape.units, 1)
+    return settings.batch_size * element * everything
+
+
+# --- the estimate --------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on the accelerator, by part; ``training_peak`` and ``startup_peak`` are the totals."""
+
+    parts: dict[str, float]
+    training_peak: float
+    startup_peak: float
+    settings: PlanSettings
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        return max(self.training_peak, self.startup_peak)
+
+    def table(self) -> list[str]:
+        lines = [f"  {name:<28} {format_size(value):>12}" for name, value in self.parts.items() if value]
+        lines.append(f"  {'training peak':<28} {format_size(self.training_peak):>12}")
+        lines.append(f"  {'startup peak (caching)':<28} {format_size(self.startup_peak):>12}")
+        return lines
+
+
+def _weights(component: ComponentInfo, precision: str, training_bytes: int) -> float:
+    bits = _precision_bits(precision)
+    if bits is None:
+        return component.parameters * training_bytes
+    linear = sum(t.numel for t in component.linear_weights())
+    return linear * QUANTIZED_BYTES[bits] + (component.parameters - linear) * training_bytes
+
+
+def lora_parameters(component: ComponentInfo, targets: tuple[str, ...], rank: int) -> int:
+    count = 0
+    for tensor in component.linear_weights():
+        module = tensor.name[: -len(".weight")]
+        if any(module == t or module.endswith("." + t) for t in targets):
+            out_features, in_features = tensor.shape
+            count += rank * (in_features + out_features)
+    return count
+
+
+def estimate(inventory: ModelInventory, settings: PlanSettings) -> MemoryEstimate:
+    """Accelerator bytes a run with ``settings`` needs (see the module docstring)."""
+    training_bytes = 2 if settings.mixed_precision in ("bf16", "fp16") else 4
+    denoiser = inventory.denoiser
+    parts: dict[str, float] = {}
+    notes: list[str] = []
+    denoiser_weights = _weights(denoiser, settings.base_model_precision, training_bytes)
+    swapped = 0.0
+    if settings.blocks_to_swap:
+        blocks = inventory.blocks()[-settings.blocks_to_swap:]
+        per_block = [p * training_bytes for _, p, _ in blocks]
+        swapped = sum(per_block) - max(per_block, default=0)  # one block at a time visits the accelerator
+        notes.append(f"block swap: {len(blocks)} blocks ({format_size(sum(per_block))}) wait in CPU memory")
+    parts["denoiser weights"] = denoiser_weights - swapped
+    encoders = inventory.text_encoders()
+    encoder_weights = sum(_weights(c, settings.text_encoder_precisions[index] if index < 4 else "no_change", training_bytes)
+                          for index, c in enumerate(encoders.values()))
+    vae = inventory.components.get("vae")
+    vae_weights = vae.parameters * 4 if vae is not None else 0.0  # the VAE stays fp32 below bf16
+    if vae is not None and training_bytes == 2:
+        vae_weights = vae.parameters * 2
+    frozen_resident = not settings.offload_frozen or settings.train_text_encoder
+    parts["text encoders"] = encoder_weights if frozen_resident else 0.0
+    parts["vae"] = vae_weights if not settings.offload_frozen else 0.0
+    if settings.model_type == "lora":
+        trainable = lora_parameters(denoiser, settings.lora_targets, settings.lora_rank)
+        parts["adapter weights"] = trainable * 4  # adapters train in fp32
+        trainable_bytes = 4
+    else:
+        trainable = denoiser.parameters
+        trainable_bytes = training_bytes
+    if settings.train_text_encoder:
+        encoder_params = sum(c.parameters for c in encoders.values())
+        trainable += (sum(lora_parameters(c, ("q_proj", "k_proj", "v_proj", "out_proj"), settings.lora_rank)
+                          for c in encoders.values()) if settings.model_type == "lora" else encoder_params)
+    gradients = trainable * trainable_bytes
+    optimizer = trainable * optimizer_state_bytes(settings.optimizer, trainable_bytes)
+    parts["optimizer state"] = optimizer
+    if settings.use_ema and not settings.ema_on_cpu:
+        parts["ema weights"] = trainable * trainable_bytes
+    activations = activation_bytes(inventory, settings)
+    static = sum(parts.values())
+    persistent_gradients = 0.0 if settings.set_grads_to_none else gradients
+    parts["gradients"] = gradients
+    parts["activations"] = activations
+    forward_backward = static + persistent_gradients + activations
+    optimizer_step = static + gradients + trainable * trainable_bytes  # one temporary per parameter
+    training_peak = max(forward_backward, optimizer_step)
+    # caching: every component loaded (unless offloaded while the other one works) plus a VAE encode
+    largest_feature = 0.0
+    if vae is not None:
+        widths = vae.config.get("block_out_channels", [128, 256, 512, 512])
+        largest_feature = max(w * (settings.height >> i) * (settings.width >> i) for i, w in enumerate(widths))
+    vae_encode = settings.vae_batch_size * largest_feature * (vae_weights / max(vae.parameters, 1) if vae else 4) * 3
+    caching_components = parts["denoiser weights"] + (max(encoder_weights, vae_weights) if settings.offload_during_startup
+                                             or settings.offload_frozen else encoder_weights + vae_weights)
+    startup_peak = caching_components + vae_encode
+    return MemoryEstimate(parts, training_peak, startup_peak, settings, notes)
+
+
+# --- proposals -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Proposal:
+    """A set of option changes, the estimate with them, and its expected slowdown."""
+
+    changes: dict[str, object]
+    estimate: MemoryEstimate
+    cost: float
+
+    def flags(self) -> str:
+        return " ".join(f"--{name} {str(value).lower() if isinstance(value, bool) else value}"
+                        for name, value in self.changes.items()) or "(no changes)"
+
+
+def _candidates(inventory: ModelInventory, base: PlanSettings, can_swap: bool, precisions: list[str]):
+    blocks = len(inventory.blocks()) if can_swap else 0
+    batches = sorted({max(1, base.batch_size >> k) for k in range(8)}, reverse=True)
+    for precision, checkpointing, offload, batch in itertools.product(
+            precisions, sorted({base.gradient_checkpointing, True}), sorted({base.offload_frozen, True}), batches):
+        swaps = range(blocks + 1) if precision == "no_change" else [0]
+        for swap in swaps:
+            yield replace(base, base_model_precision=precision, gradient_checkpointing=checkpointing,
+                          offload_frozen=offload, batch_size=batch, blocks_to_swap=swap,
+                          gradient_accumulation=base.gradient_accumulation * (base.batch_size // batch))
+
+
+def _cost(settings: PlanSettings, base: PlanSettings, blocks: int) -> float:
+    cost = 1.0
+    if settings.gradient_checkpointing and not base.gradient_checkpointing:
+        cost *= COST["gradient_checkpointing"]
+    bits = _precision_bits(settings.base_model_precision)
+    if bits is not None and settings.base_model_precision != base.base_model_precision:
+        cost *= COST["int8"] if bits >= 8 else COST["int4"]
+    if settings.blocks_to_swap and blocks:
+        cost *= 1 + COST["swap_per_block_fraction"] * settings.blocks_to_swap / blocks
+    halvings = (base.batch_size // settings.batch_size).bit_length() - 1
+    cost *= COST["halve_batch"] ** halvings
+    if settings.offload_frozen and not base.offload_frozen:
+        cost *= 1.001  # free during training; validation waits for the copies
+    return cost
+
+
+def _changes(settings: PlanSettings, base: PlanSettings) -> dict[str, object]:
+    changes: dict[str, object] = {}
+    if settings.base_model_precision != base.base_model_precision:
+        changes["base_model_precision"] = settings.base_model_precision
+    if settings.gradient_checkpointing != base.gradient_checkpointing:
+        changes["gradient_checkpointing"] = True
+    if settings.offload_frozen != base.offload_frozen:
+        changes["enable_model_cpu_offload"] = True
+    if settings.blocks_to_swap != base.blocks_to_swap:
+        changes["musubi_blocks_to_swap"] = settings.blocks_to_swap
+    if settings.batch_size != base.batch_size:
+        changes["train_batch_size"] = settings.batch_size
+        changes["gradient_accumulation_steps"] = settings.gradient_accumulation
+    return changes
+
+
+def propose(inventory: ModelInventory, base: PlanSettings, budget: int, config=None,
+            cuda: bool | None = None) -> Proposal | None:
+    """The cheapest :class:`Proposal` whose peak fits ``budget`` bytes (None when nothing does)."""
+    from simpletuner.options.adapter_rules import cuda_visible
+    from simpletuner.options.quantization_rules import PRESETS
+
+    cuda = cuda_visible() if cuda is None else cuda
+    can_swap = (base.model_type == "lora" and architecture(inventory) != "unet"
+                and (config is None or (config.num_processes or 1) == 1))
+    precisions = [base.base_model_precision]
+    if base.base_model_precision == "no_change":
+        precisions += [name for name in ("int8-quanto", "int4-quanto") if name in PRESETS]
+        if cuda and "nf4-bnb" in PRESETS:
+            precisions.append("nf4-bnb")
+    blocks = len(inventory.blocks())
+    best: Proposal | None = None
+    for settings in _candidates(inventory, base, can_swap, precisions):
+        result = estimate(inventory, settings)
+        if result.peak > budget:
+            continue
+        cost = _cost(settings, base, blocks)
+        changes = _changes(settings, base)
+        if best is None or (cost, len(changes)) < (best.cost, len(best.changes)):
+            best = Proposal(changes, result, cost)
+    return best
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def describe(config, budget: str | None = None) -> str:
+    """The text ``simpletuner plan-memory`` and ``--dry-run`` print."""
+    try:
+        inventory = read_inventory(config)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        return f"memory plan: not available ({error})"
+    settings = PlanSettings.from_config(config)
+    result = estimate(inventory, settings)
+    sizes = ", ".join(f"{name} {c.parameters / 1e6:,.{1 if c.parameters >= 10**6 else 3}f}M"
+                      for name, c in inventory.components.items())
+    lines = [f"memory plan for {config.model_family} ({inventory.path}; parameters: {sizes})",
+             f"  at {settings.width}x{settings.height}, batch {settings.batch_size}, {settings.model_type}"
+             + (f" rank {settings.lora_rank}" if settings.model_type == "lora" else "")
+             + f", {settings.mixed_precision}, base {settings.base_model_precision}, optimizer {settings.optimizer}"
+             + (", gradient checkpointing" if settings.gradient_checkpointing else "")]
+    lines += result.table()
+    lines += [f"  note: {note}" for note in result.notes]
+    budget = budget if budget is not None else config.memory_budget
+    if budget:
+        limit = parse_size(budget)
+        if result.peak <= limit:
+            lines.append(f"  fits in {format_size(limit)} as configured")
+        else:
+            proposal = propose(inventory, settings, limit, config)
+            if proposal is None:
+                lines.append(f"  does not fit in {format_size(limit)} with any combination the planner tries "
+                             "(precision, checkpointing, offload, block swap, batch size)")
+            else:
+                lines.append(f"  to fit in {format_size(limit)}: {proposal.flags()}")
+                lines.append(f"    estimated peak {format_size(proposal.estimate.peak)}, about "
+                             f"{proposal.cost:.2f}x the step time")
+    return "\n".join(lines)

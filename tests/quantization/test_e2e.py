@@ -1,0 +1,149 @@
+"""Three LoRA steps through the real trainer on every quantized base the CPU can run: finite losses,
+gradients only on the adapter, the base's linears really quantized, and a saved LoRA that loads into
+the unquantized diffusers pipeline."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from simpletuner.training.trainer import Trainer, train  # noqa: E402
+from tests.quantization.conftest import run_config  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+#: preset -> (layer type, weight type) of a quantized UNet linear (the PEFT base layer)
+LAYERS = {
+    "int8-quanto": ("QLinear", "WeightQBytesTensor"),
+    "int4-quanto": ("QLinear", "WeightQBitsTensor"),
+    "int2-quanto": ("QLinear", "WeightQBitsTensor"),
+    "fp8-quanto": ("QLinear", "WeightQBytesTensor"),
+    "fp8uz-quanto": ("QLinear", "WeightQBytesTensor"),
+    "int8-torchao": ("Linear", "Int8Tensor"),
+    "fp8-torchao": ("Linear", "Float8Tensor"),
+    "nf4-bnb": ("Linear4bit", "Params4bit"),
+}
+QUANTO_QTYPES = {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": "qint2", "fp8-quanto": "qfloat8_e4m3fn",
+                 "fp8uz-quanto": "qfloat8_e4m3fnuz"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train_and_watch(config, monkeypatch):
+    """Train; returns the trainer and the adapter weights right after setup."""
+    seen = {}
+    original_setup = Trainer.setup
+
+    def setup_and_snapshot(self):
+        original_setup(self)
+        seen["lora"] = {n: p.detach().clone() for n, p in self._unwrapped_denoiser().named_parameters()
+                        if "lora_" in n}
+
+    monkeypatch.setattr(Trainer, "setup", setup_and_snapshot)
+    return train(config, show_progress=False), seen
+
+
+def base_linear(trainer):
+    layer = trainer._unwrapped_denoiser().down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    return layer.base_layer if hasattr(layer, "base_layer") else layer
+
+
+def check_adapter_only(trainer, seen):
+    assert len(trainer.state.losses) == 3 and all(math.isfinite(loss) for loss in trainer.state.losses)
+    denoiser = trainer._unwrapped_denoiser()
+    trainable = {n for n, p in denoiser.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.grad is None for n, p in denoiser.named_parameters() if "lora_" not in n)
+    moved = [n for n, p in denoiser.named_parameters() if "lora_" in n and not torch.equal(seen["lora"][n], p.detach())]
+    assert moved
+
+
+def check_loads_unquantized(trainer, model_folder):
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline = StableDiffusionPipeline.from_pretrained(model_folder, safety_checker=None)
+    pipeline.load_lora_weights(str(trainer.output_dir / "pytorch_lora_weights.safetensors"))
+    loaded = get_peft_model_state_dict(pipeline.unet, adapter_name=next(iter(pipeline.unet.peft_config)))
+    trained = get_peft_model_state_dict(trainer._unwrapped_denoiser())
+    assert loaded.keys() == trained.keys() and loaded
+    assert all(torch.equal(loaded[k].float(), trained[k].float()) for k in loaded)
+    assert all(type(m.weight) is torch.nn.Parameter for m in pipeline.unet.modules() if type(m) is torch.nn.Linear)
+
+
+@pytest.mark.parametrize("preset", list(LAYERS))
+def test_lora_trains_on_a_quantized_base(project, tiny_sd1x, monkeypatch, preset):
+    config = run_config(project, tiny_sd1x, f"run-{preset}", base_model_precision=preset)
+    trainer, seen = train_and_watch(config, monkeypatch)
+    check_adapter_only(trainer, seen)
+    layer = base_linear(trainer)
+    assert (type(layer).__name__, type(layer.weight).__name__) == LAYERS[preset]
+    if preset in QUANTO_QTYPES:
+        assert layer.weight.qtype.name == QUANTO_QTYPES[preset]
+    elif preset == "nf4-bnb":
+        assert layer.weight.dtype == torch.uint8 and layer.weight.quant_type == "nf4"
+    elif preset == "int8-torchao":
+        assert layer.weight.qdata.dtype == torch.int8
+    else:
+        assert layer.weight.qdata.dtype == torch.float8_e4m3fn
+    assert trainer.model.quantization == {"unet": f"{preset} (cpu)"}
+    check_loads_unquantized(trainer, tiny_sd1x)
+
+
+def test_pipeline_route_with_quantized_text_encoder_and_bf16(project, tiny_sd1x, monkeypatch):
+    config = run_config(project, tiny_sd1x, "run-pipeline", base_model_precision="int8-quanto",
+                        text_encoder_1_precision="int8-torchao", quantize_via="pipeline", mixed_precision="bf16")
+    trainer, seen = train_and_watch(config, monkeypatch)
+    check_adapter_only(trainer, seen)
+    assert trainer.model.quantization == {"unet": "int8-quanto (pipeline)", "text_encoder": "int8-torchao (pipeline)"}
+    assert type(base_linear(trainer)).__name__ == "QLinear"
+    check_loads_unquantized(trainer, tiny_sd1x)
+
+
+def test_gguf_base(project, tiny_sd1x, monkeypatch, tmp_path_factory):
+    from simpletuner.testing.gguf import make_gguf_pipeline_folder
+
+    folder = make_gguf_pipeline_folder(tiny_sd1x, tmp_path_factory.mktemp("gguf") / "model", quant_type="Q4_0")
+    config = run_config(project, folder, "run-gguf")
+    trainer, seen = train_and_watch(config, monkeypatch)
+    check_adapter_only(trainer, seen)
+    assert type(base_linear(trainer).weight).__name__ == "GGUFParameter"
+    check_loads_unquantized(trainer, tiny_sd1x)
+
+
+def test_lycoris_in_bypass_mode_on_a_torchao_base(project, tiny_sd1x, monkeypatch):
+    config = run_config(project, tiny_sd1x, "run-lycoris", base_model_precision="int8-torchao", lora_type="lycoris",
+                        lycoris_config='{"algo": "lokr", "linear_dim": 4, "factor": 4, "bypass_mode": true}',
+                        lora_rank=None, lora_dropout=None)
+    trainer = train(config, show_progress=False)
+    assert all(math.isfinite(loss) for loss in trainer.state.losses)
+    trainable = {n for n, p in trainer._unwrapped_denoiser().named_parameters() if p.requires_grad}
+    assert trainable and all("lycoris" in n or "lokr" in n for n in trainable)
+
+
+def test_text_encoder_lora_on_a_quantized_text_encoder(project, tiny_sd1x, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    config = run_config(project, tiny_sd1x, "run-te", text_encoder_1_precision="nf4-bnb", train_text_encoder="true")
+    trainer = train(config, show_progress=False)
+    assert all(math.isfinite(loss) for loss in trainer.state.losses)
+    encoder = trainer.model.text_encoder
+    assert type(encoder.encoder.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd1x, safety_checker=None)
+    pipeline.load_lora_weights(str(trainer.output_dir / "pytorch_lora_weights.safetensors"))
+    loaded = get_peft_model_state_dict(pipeline.text_encoder, adapter_name=next(iter(pipeline.text_encoder.peft_config)))
+    trained = get_peft_model_state_dict(encoder)
+    assert loaded and loaded.keys() == trained.keys()
+    assert all(torch.equal(loaded[k].float(), trained[k].float()) for k in loaded)
