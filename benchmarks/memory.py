@@ -187,11 +187,22 @@ def quantized_bases(args) -> list[dict]:
     return [row for name in args.models.split(",") for row in quantized_base(name.strip(), args)]
 
 
+def memory_options(args) -> list[dict]:
+    """Section 3: peak memory with gradient checkpointing and with block swap (benchmarks/memory_savers.py)."""
+    from benchmarks.memory_savers import memory_options as measure
+
+    return measure(args)
+
+
 #: Each section returns rows: model, setting, and its measurements (None where not measured).
-SECTIONS = [quantized_bases]
+SECTIONS = [quantized_bases, memory_options]
 
 
 def print_table(rows: list[dict]) -> None:
+    from benchmarks.memory_savers import print_rows
+
+    options = [row for row in rows if row.get("section") == "memory options"]  # section 3 has its own table
+    rows = [row for row in rows if row.get("section") != "memory options"]
     print()
     print("| model | setting | quantized layers | weights (MiB) | weights / bf16 | target | LoRA step (s) | "
           "step / unquantized |")
@@ -203,6 +214,8 @@ def print_table(rows: list[dict]) -> None:
         step_ratio = "-" if row.get("step_ratio") is None else f"{row['step_ratio']:.2f}"
         print(f"| {row['model']} | {row['setting']} | {row.get('layers') or '-'} | {row['weight_mib']:.1f} | "
               f"{row['weight_ratio']:.3f} | {verdict} | {step} | {step_ratio} |")
+    if options:
+        print_rows(options)
 
 
 def main(argv=None) -> int:

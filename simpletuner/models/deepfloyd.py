@@ -190,10 +190,13 @@ class DeepFloydIF(ModelFamily):
     def fingerprint_parts(self) -> dict[str, str]:
         """Everything that changes a cached tensor: the T5 source and how prompts are tokenized and
         padded (text cache), and the 8-bit pixel format (image cache)."""
-        return {"family": self.family, "model": self.model_path, "revision": str(self.config.revision),
-                "variant": str(self.config.variant),
+        return {**super().fingerprint_parts(),  # includes a quantized T5's precision
                 "text_encoder": str(self.config.pretrained_t5_model_name_or_path or self.model_path),
-                "max_length": str(self.max_length), "t5_padding": self.t5_padding, "images": "uint8-pixels"}
+                "max_length": str(self.max_length), "t5_padding": self.t5_padding}
+
+    def latent_fingerprint_parts(self) -> dict[str, str]:
+        """The image cache holds 8-bit pixels, not VAE latents."""
+        return {**super().latent_fingerprint_parts(), "images": "uint8-pixels"}
 
     # --- conditioning and pixels -----------------------------------------------------------------------
 
