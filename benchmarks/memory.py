@@ -31,8 +31,9 @@ stay bf16 under them; optimum-quanto quantizes the convolutions too.
    pass ``--device cuda --compute-dtype bf16`` (autocast, weights held in bf16). Each timed base is
    quantized, on ``--device``, from a copy held in the compute type.
 
-Section 3 is reserved for the memory options (gradient checkpointing, block swap: peak memory with
-each relative to without): add a function to SECTIONS that returns rows of the same shape.
+3. **Memory options** (benchmarks/memory_savers.py): measured peak memory of a LoRA step with gradient
+   checkpointing, with block swap (the MMDiT's blocks) and with both, relative to without, on the
+   same two models in fp32 at batch 2, 256 px. Printed as a table of its own.
 
     python benchmarks/memory.py [--steps 3] [--warmup 1] [--device cpu|cuda] [--compute-dtype fp32|bf16]
                                 [--models unet,mmdit] [--threads N] [--json FILE]

@@ -41,21 +41,21 @@ def _lora(model, targets):
     return model.train(), torch.optim.AdamW(trainable, lr=1e-4)
 
 
-def _step(model, optimizer, name: str, configs: dict):
+def _step(model, optimizer, name: str, configs: dict, device):
     """One LoRA training step on fixed inputs (forward, backward, AdamW)."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(BATCH, 4, LATENT_EDGE, LATENT_EDGE, generator=generator)
-    timestep = torch.full((BATCH,), 500)
+    latents = torch.randn(BATCH, 4, LATENT_EDGE, LATENT_EDGE, generator=generator).to(device)
+    timestep = torch.full((BATCH,), 500, device=device)
     if name == "unet":
-        text = torch.randn(BATCH, TEXT_TOKENS, configs["unet"]["cross_attention_dim"], generator=generator)
+        text = torch.randn(BATCH, TEXT_TOKENS, configs["unet"]["cross_attention_dim"], generator=generator).to(device)
 
         def forward():
             return model(latents, timestep, encoder_hidden_states=text).sample
     else:
-        text = torch.randn(BATCH, TEXT_TOKENS, configs["mmdit"]["joint_attention_dim"], generator=generator)
-        pooled = torch.randn(BATCH, configs["mmdit"]["pooled_projection_dim"], generator=generator)
+        text = torch.randn(BATCH, TEXT_TOKENS, configs["mmdit"]["joint_attention_dim"], generator=generator).to(device)
+        pooled = torch.randn(BATCH, configs["mmdit"]["pooled_projection_dim"], generator=generator).to(device)
 
         def forward():
             return model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
@@ -71,16 +71,20 @@ def _step(model, optimizer, name: str, configs: dict):
     return step
 
 
-def _measure(model, optimizer, step, args, subtract: int = 0) -> tuple[float, float]:
+def _measure(model, optimizer, step, args, device, subtract: int = 0) -> tuple[float, float]:
+    import torch
+
     from simpletuner.memory.measure import measure_peak
 
     for _ in range(max(1, args.warmup)):  # the optimizer state exists from the first step on
         step()
-    peak = measure_peak(step, [model, optimizer]).total - subtract
+    peak = measure_peak(step, [model, optimizer], device=device).total - subtract
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return peak, statistics.median(times)
 
@@ -99,6 +103,8 @@ def memory_options(args) -> list[dict]:
     configs = {"unet": UNET_CONFIG, "mmdit": MMDIT_CONFIG}
     classes = {"unet": UNet2DConditionModel, "mmdit": SD3Transformer2DModel}
     attention = ("to_q", "to_k", "to_v", "to_out.0")
+    device = torch.device(getattr(args, "device", "cpu"))
+    on_cpu = device.type == "cpu"  # then the swap device is the compute device: copy, and subtract the masters
     rows = []
     for name in [n.strip() for n in getattr(args, "models", "unet,mmdit").split(",")]:
         torch.manual_seed(0)
@@ -108,15 +114,16 @@ def memory_options(args) -> list[dict]:
               f"rank 16, batch {BATCH} at {LATENT_EDGE}x{LATENT_EDGE} latents", flush=True)
 
         def run(checkpointing: bool, swap: int, base=base, name=name):
-            model, optimizer = _lora(copy.deepcopy(base), attention)
+            model, optimizer = _lora(copy.deepcopy(base).to(device), attention)
             if checkpointing:
                 model.enable_gradient_checkpointing()
             masters = 0
             if swap:
                 named = [(f"transformer_blocks.{i}", block) for i, block in enumerate(model.transformer_blocks)]
-                swapper = WeightSwapper(last_blocks(named, swap), model, "cpu", "cpu", copy_on_same_device=True)
-                masters = swapper.swapped_bytes
-            return _measure(model, optimizer, _step(model, optimizer, name, configs), args, subtract=masters)
+                swapper = WeightSwapper(last_blocks(named, swap), model, device, "cpu", copy_on_same_device=on_cpu)
+                masters = swapper.swapped_bytes if on_cpu else 0
+            return _measure(model, optimizer, _step(model, optimizer, name, configs, device), args, device,
+                            subtract=masters)
 
         settings = [("no memory option", False, 0), ("gradient checkpointing", True, 0)]
         if blocks:

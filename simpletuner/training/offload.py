@@ -308,10 +308,31 @@ class MemorySavers:
                 vae.use_slicing = True
             if config.vae_enable_tiling:
                 vae.use_tiling = True
+        if config.memory_budget and self.local_rank == 0:
+            self._check_budget()
         if config.delete_model_after_load and self.local_rank == 0:
             keep_vae = not config.validation_disable
             folders = [model.denoiser_name] + ([] if keep_vae else ["vae"])
             delete_hub_files(model.model_path, folders)
+
+    def _check_budget(self) -> None:
+        """``--memory_budget``: say so at start-up when the planner expects the run not to fit."""
+        from simpletuner.memory import planner
+        from simpletuner.memory.units import format_size, parse_size
+
+        try:
+            inventory = planner.read_inventory(self.config)
+        except (FileNotFoundError, OSError, ValueError) as error:
+            logger.info("--memory_budget: no estimate (%s)", error)
+            return
+        settings = planner.PlanSettings.from_config(self.config)
+        estimate, budget = planner.estimate(inventory, settings), parse_size(self.config.memory_budget)
+        if estimate.peak <= budget:
+            self.notes.append(f"estimated peak {format_size(estimate.peak)} within --memory_budget {format_size(budget)}")
+            return
+        proposal = planner.propose(inventory, settings, budget, self.config)
+        logger.warning("the memory planner estimates a peak of %s, above --memory_budget %s%s", format_size(estimate.peak),
+                       format_size(budget), f"; to fit: {proposal.flags()}" if proposal else "; nothing it tries fits")
 
     def _place(self, model) -> None:
         """Put each component where it lives during training (the family loaded on load_device())."""

@@ -266,3 +266,14 @@ def test_only_local_rank_zero_deletes_and_the_vae_stays_for_validation(tmp_path,
     with savers.startup(model):
         pass
     assert calls == [("org/tiny", ["unet", "vae"]), ("org/tiny", ["text_encoder", "text_encoder_2"])]
+
+
+def test_memory_budget_at_start_up_warns_with_a_proposal(memory_config, caplog):
+    model = StubFamily()
+    config = memory_config("flux", resolution=128, image_size=128, train_batch_size=4, memory_budget="8MiB")
+    with caplog.at_level("WARNING", logger="simpletuner.training.offload"):
+        MemorySavers(config, torch.device("cpu")).after_load(model)
+    assert "above --memory_budget 8.00 MiB; to fit: --" in caplog.text
+    roomy = MemorySavers(config.replace(memory_budget="1GiB"), torch.device("cpu"))
+    roomy.after_load(model)
+    assert "within --memory_budget 1.00 GiB" in roomy.describe()
