@@ -263,10 +263,19 @@ slow = pytest.mark.slow
 
 
 @slow
-def test_lora_run_loads_in_diffusers(project):
+def test_lora_run_loads_in_diffusers(project, monkeypatch):
     from diffusers import StableDiffusion3Pipeline
+    from PIL import Image
     from safetensors import safe_open
 
+    seen = {}
+    original_setup = Trainer.setup
+
+    def setup_and_keep(self):
+        original_setup(self)
+        seen["trainer"] = self
+
+    monkeypatch.setattr(Trainer, "setup", setup_and_keep)
     args = family_args(project, "sd3", "lora", validation_prompt=PROMPT, validation_num_inference_steps=2,
                        validation_step_interval=3, caption_dropout_probability=0.5, sd3_clip_uncond_behaviour="zero",
                        disable_benchmark=None)
@@ -279,6 +288,7 @@ def test_lora_run_loads_in_diffusers(project):
     assert metadata["model_family"] == "sd3" and metadata["global_step"] == "3"
     for step in ("step_0_base_model", "step_3"):  # validation defaults to the largest bucket edge: 96 px
         assert (out / "validation" / step / "grid_96x96.png").is_file()
+        assert Image.open(out / "validation" / step / "96x96_00.png").size == (96, 96)
 
     pipeline = StableDiffusion3Pipeline.from_pretrained(project / "model")
     pipeline.set_progress_bar_config(disable=True)
@@ -288,11 +298,31 @@ def test_lora_run_loads_in_diffusers(project):
     pipeline.load_lora_weights(out)
     after = pipeline(generator=torch.Generator().manual_seed(0), **kwargs).images
     assert (before - after).abs().max() > 1e-4, "loading the trained LoRA must change the output"
+    # ... and it is the trained model: the same sampling through the live trained components
+    trainer = seen["trainer"]
+    denoiser = trainer._unwrapped_denoiser().eval()
+    live = StableDiffusion3Pipeline(**{**pipeline.components, "transformer": denoiser,
+                                       "text_encoder": trainer.model.text_encoder,
+                                       "text_encoder_2": trainer.model.text_encoder_2,
+                                       "text_encoder_3": trainer.model.text_encoder_3})
+    live.set_progress_bar_config(disable=True)
+    trained = live(generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(after, trained, rtol=0, atol=1e-5)
 
 
 @slow
-def test_full_run_writes_a_pipeline_with_the_trained_transformer(project, monkeypatch):
+def test_full_run_writes_a_pipeline_with_the_trained_transformer(project, monkeypatch, caplog):
+    import logging
+
     from diffusers import StableDiffusion3Pipeline
+
+    from simpletuner.models.sd3 import StableDiffusion3
+
+    if not (project / "lora").exists():  # run alone: a first run fills the text cache
+        assert main(["train", *family_args(project, "sd3", "warm", max_train_steps=1)]) == 0
+    encoded = []
+    monkeypatch.setattr(StableDiffusion3, "encode_prompts", lambda self, prompts: encoded.append(prompts))
+    caplog.set_level(logging.INFO, logger="simpletuner")
 
     seen = {}
     original_setup = Trainer.setup
@@ -303,6 +333,8 @@ def test_full_run_writes_a_pipeline_with_the_trained_transformer(project, monkey
 
     monkeypatch.setattr(Trainer, "setup", setup_and_keep)
     assert main(["train", *family_args(project, "sd3", "full", model_type="full")]) == 0
+    assert encoded == [], "a second run must reuse the cached prompt embeds"
+    assert any("text embeds:" in r.getMessage() and "0 built" in r.getMessage() for r in caplog.records)
     trained = seen["trainer"]._unwrapped_denoiser().state_dict()
     saved = StableDiffusion3Pipeline.from_pretrained(project / "full" / "pipeline")
     base = StableDiffusion3Pipeline.from_pretrained(project / "model")
