@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from diffusers import FluxPipeline
 
-from simpletuner.models.base import ModelFamily
+from simpletuner.models.base import ModelFamily, checkpoint_every_nth_block
 
 logger = logging.getLogger(__name__)
 
@@ -396,22 +396,10 @@ class Flux(ModelFamily):
         return FluxPipeline._unpack_latents(output, height * scale, width * scale, scale)
 
     def enable_gradient_checkpointing(self, interval: int | None = None) -> int:
-        """Recompute every ``interval``-th block (default: all; double and single blocks counted in
-        one sequence) in the backward pass. diffusers' Flux transformer hands each block to its
-        checkpointing function, so that function decides per block."""
-        from torch.utils.checkpoint import checkpoint
-
-        step = interval or 1
+        """Recompute every ``interval``-th block (default: all), double and single blocks counted
+        in one sequence."""
         blocks = [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
-        positions = {id(block): index for index, block in enumerate(blocks)}
-
-        def checkpoint_every_nth(block, *args):
-            if positions.get(id(block), 0) % step:
-                return block(*args)
-            return checkpoint(block.__call__, *args, use_reentrant=False)
-
-        self.transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_every_nth)
-        return sum(1 for index in positions.values() if index % step == 0)
+        return checkpoint_every_nth_block(self.transformer, blocks, interval)
 
     # --- validation and outputs ------------------------------------------------------------------------
 
