@@ -13,8 +13,12 @@ Two models of about 55M parameters, built from the real diffusers classes with r
 * **MMDiT**: SD3Transformer2DModel with 6 joint blocks of width 512; 99.8 % Linear, like every
   transformer family (SD3, Flux, PixArt, ...).
 
-The share matters: bitsandbytes and torchao quantize Linear layers only, so a UNet's convolutions
-stay bf16 under them; optimum-quanto quantizes the convolutions too.
+The share matters: bitsandbytes and torchao quantize Linear layers only (torchao's tensors have no
+convolution op, bitsandbytes no 4-bit convolution), so under their presets quantize_module quantizes
+the remaining convolutions with optimum-quanto at the matching precision (int8, or int4 for
+nf4-bnb); optimum-quanto's own presets quantize them directly. Before that, the UNet's convolutions
+(14 % of its parameters) stayed bf16 under torchao and bitsandbytes, which then missed the targets
+(0.58 and 0.37 of the bf16 bytes).
 
 1. **Weight memory** of int8-quanto, int4-quanto, int8-torchao and nf4-bnb relative to the bf16
    model: bytes actually stored by parameters and buffers (the packed data and scales inside

@@ -5,8 +5,9 @@ dispatch mode that sees every tensor an operator returns (forward, backward and 
 and follows each storage until it is freed, so it knows the live bytes at every moment and their
 peak. Tensors that existed before the measured call count only when they belong to a module or
 optimizer passed in as ``track`` (weights, buffers, gradients, optimizer state); a view shares its
-base's storage and is not counted twice. On CUDA the allocator's own ``max_memory_allocated`` is
-read as well. (torch's ``MemTracker`` does the same bookkeeping but assumes every parameter
+base's storage and is not counted twice; a tensor subclass that wraps others (quanto's and
+torchao's quantized weights) counts as the tensors inside it. On CUDA the allocator's own
+``max_memory_allocated`` is read as well. (torch's ``MemTracker`` does the same bookkeeping but assumes every parameter
 requires a gradient, which frozen base weights do not.)
 """
 
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterable
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 
@@ -36,6 +37,13 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def add(self, tensor: torch.Tensor, kind: str) -> None:
         if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device.type or tensor.is_meta:
+            return
+        if is_traceable_wrapper_subclass(tensor):
+            # a quantized weight (quanto, torchao): its storage has the unquantized size, the data and
+            # scales it holds are its inner tensors
+            names, _ = tensor.__tensor_flatten__()
+            for name in names:
+                self.add(getattr(tensor, name), kind)
             return
         try:
             storage = tensor.untyped_storage()

@@ -5,8 +5,10 @@ files and safetensors headers (tensor names, shapes and dtypes; no weights are r
 from the resolved config. An estimate has these parts:
 
 - **weights**: every parameter of the denoiser in its training dtype (``--mixed_precision``) or its
-  quantized size (``--base_model_precision``: bits per Linear weight plus scales); text encoders and
-  the VAE likewise, unless an offload option keeps them off the accelerator during training.
+  quantized size (``--base_model_precision``: bits per Linear and Conv2d weight plus scales; every
+  preset quantizes both, torchao and bitsandbytes presets their convolutions with optimum-quanto);
+  text encoders and the VAE likewise, unless an offload option keeps them off the accelerator during
+  training.
 - **adapter, gradients, optimizer state**: the trainable parameters (LoRA rank x (in + out) per
   targeted Linear layer, or every denoiser weight for full training), their gradients and the
   optimizer's state per parameter (Adam: two tensors; 8-bit optimizers: two bytes; ...).
@@ -49,7 +51,7 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 #: Text tokens each family's cached prompt holds when ``--tokenizer_max_length`` is unset.
 TEXT_TOKENS = {"sd1x": 77, "sd2x": 77, "sdxl": 77, "kolors": 256, "deepfloyd": 77, "flux": 512, "sd3": 77 + 154,
                "pixart_sigma": 300}
-#: Quantized bytes per Linear weight element, scales included (int8: one scale per output row;
+#: Quantized bytes per Linear / Conv2d weight element, scales included (int8: one scale per output row;
 #: 4-bit: one scale per group of 64 or so).
 QUANTIZED_BYTES = {8: 1.02, 4: 0.55, 2: 0.3}
 
@@ -112,6 +114,10 @@ class ComponentInfo:
 
     def linear_weights(self) -> list[TensorInfo]:
         return [t for t in self.tensors if t.name.endswith(".weight") and len(t.shape) == 2]
+
+    def conv_weights(self) -> list[TensorInfo]:
+        """Weights of 2-D convolutions (out, in, kernel height, kernel width)."""
+        return [t for t in self.tensors if t.name.endswith(".weight") and len(t.shape) == 4]
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -419,8 +425,10 @@ def _weights(component: ComponentInfo, precision: str, training_bytes: int) -> f
     bits = _precision_bits(precision)
     if bits is None:
         return component.parameters * training_bytes
-    linear = sum(t.numel for t in component.linear_weights())
-    return linear * QUANTIZED_BYTES[bits] + (component.parameters - linear) * training_bytes
+    # every preset quantizes Linear and Conv2d weights (torchao / bitsandbytes presets their convolutions
+    # with optimum-quanto, simpletuner/models/quantize.py); norms, biases and embeddings keep their type
+    quantized = sum(t.numel for t in (*component.linear_weights(), *component.conv_weights()))
+    return quantized * QUANTIZED_BYTES[bits] + (component.parameters - quantized) * training_bytes
 
 
 def lora_parameters(component: ComponentInfo, targets: tuple[str, ...], rank: int) -> int:

@@ -154,7 +154,11 @@ LYCORIS_ATTRIBUTE = "lycoris_network"
 
 
 def module_paths(module) -> set[str]:
-    """Names of the model's own modules, without the adapter layers PEFT or LyCORIS added."""
+    """Names of the model's own modules, without the adapter layers PEFT or LyCORIS added; with
+    fused attention projections (models/qkv_fusion.py), the names of the unfused ones, which is
+    what adapter files hold."""
+    from simpletuner.models.qkv_fusion import fusion_of
+
     paths = set()
     for name, _ in module.named_modules():
         parts = name.split(".") if name else []
@@ -163,7 +167,8 @@ def module_paths(module) -> set[str]:
         if any(part == "base_layer" or part.startswith("lora_") for part in parts):
             continue
         paths.add(name)
-    return paths
+    fusion = fusion_of(module)
+    return fusion.unfused_paths(paths) if fusion is not None else paths
 
 
 def _key_index(naming: ComfyNaming, modules: Mapping[str, Any]) -> dict[str, tuple[str, str]]:

@@ -21,6 +21,13 @@ Three ways to quantize (``--quantize_via``):
 Backends: optimum-quanto (``quantize`` + ``freeze``), torchao (``quantize_`` with its config objects)
 and bitsandbytes, whose diffusers loader needs a GPU; for ``nf4-bnb`` this module swaps each
 ``nn.Linear`` for ``bnb.nn.Linear4bit`` itself, which runs forward and backward on the CPU too.
+torchao and bitsandbytes quantize Linear layers only (torchao's tensors have no convolution op,
+bitsandbytes no 4-bit convolution), so after them the remaining ``nn.Conv2d`` layers (a UNet's
+resnets, up/downsamplers, conv_in/out; a patch embedding) are quantized with optimum-quanto at the
+preset's precision (``Preset.conv_weights``), by every ``--quantize_via`` route; the loaders'
+QuantoConfig quantizes Linear layers only too, so on the pipeline route quanto presets get the same
+pass. The quantized convolutions are simpletuner.models.quanto_layers' classes (PEFT and LyCORIS on
+top of them).
 
 A denoiser stored as a ``.gguf`` file (``--pretrained_transformer_model_name_or_path`` /
 ``--pretrained_unet_model_name_or_path``, or a pipeline folder whose ``unet/`` or ``transformer/``
@@ -34,6 +41,7 @@ What may be combined on which device is decided at config validation
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 from pathlib import Path
 from typing import Any
@@ -80,6 +88,13 @@ def load_model(model, config) -> dict[str, str]:
     hooks = LoaderHooks(model, config, wanted, settings)
     with hooks.installed():
         model.load()
+    if getattr(config, "fuse_qkv_projections", False):
+        # between loading and quantizing: quantized weights cannot be concatenated (models/qkv_fusion.py)
+        from simpletuner.models.qkv_fusion import QkvFusion, describe
+
+        fusion = QkvFusion.apply(model.denoiser)
+        logger.info("fused the attention projections of the %s: %s", model.denoiser_name,
+                    ", ".join(f"{count} x {name}" for name, count in describe(fusion).items()))
     done = dict(hooks.done)
     for role, name in wanted.items():
         if role in done:
@@ -92,7 +107,7 @@ def load_model(model, config) -> dict[str, str]:
         via = "accelerator" if config.quantize_via == "accelerator" or name == "int4-torchao" else "cpu"
         quantize_module(module, name, via=via,
                         dtype=dtype, activations=bool(config.quantize_activations) and role == "denoiser",
-                        overrides=entry_for(settings, role))
+                        overrides=entry_for(settings, role), **convolution_settings(config))
         done[role] = f"{name} ({config.quantize_via})"
     for role, how in done.items():
         module = component_module(model, role)
@@ -104,11 +119,25 @@ def load_model(model, config) -> dict[str, str]:
             if getattr(layer, "support_avx512bf16_for_cpu", False):
                 layer.support_avx512bf16_for_cpu = False
         contiguous_quanto_inputs(module)  # and loader-made quanto layers
+        adaptable_quanto_convolutions(module)
         logger.info("%s: %s, %d quantized layers, %.1f MB of weights", component_label(model, role), how,
                     quantized_layers(module), weight_bytes(module) / 2**20)
     labelled = {component_label(model, role): how for role, how in done.items()}
     model.quantization = labelled
     return labelled
+
+
+def convolution_settings(config) -> dict[str, Any]:
+    """How the convolutions a preset's library leaves are quantized with quanto in this run
+    (:func:`quantize_convolutions`): held in the autocast type under ``--mixed_precision bf16``
+    (quanto's weights cannot be cast by autocast, so an fp32 ``--base_model_default_dtype`` would
+    break them), in the module's own type without mixed precision. Under fp16 / fp8 mixed precision
+    the model is held in fp32 while autocast computes in another type and validation runs without
+    autocast, which no fixed quanto type survives: the convolutions are left unquantized."""
+    precision = getattr(config, "mixed_precision", None) or "no"
+    if precision == "bf16":
+        return {"convolutions": True, "conv_dtype": torch.bfloat16}
+    return {"convolutions": precision == "no", "conv_dtype": None}
 
 
 def component_module(model, role: str) -> torch.nn.Module:
@@ -137,12 +166,16 @@ def text_encoders_of(model) -> dict[str, torch.nn.Module]:
 
 
 def quantize_module(module: torch.nn.Module, preset_name: str, via: str = "cpu", dtype: torch.dtype | None = None,
-                    activations: bool = False, overrides: dict[str, Any] | None = None) -> torch.nn.Module:
+                    activations: bool = False, overrides: dict[str, Any] | None = None, convolutions: bool = True,
+                    conv_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Quantize ``module`` in place with a preset; it ends up frozen on the device it started on.
 
     ``via="cpu"`` moves it to the CPU for quantizing; ``dtype`` first casts the weights the quantizer
     leaves alone (``--base_model_default_dtype``); ``activations`` picks the preset's variant with
-    quantized activations (torchao only; validation refuses the others).
+    quantized activations (torchao only; validation refuses the others). For torchao and
+    bitsandbytes presets the ``nn.Conv2d`` layers are then quantized with optimum-quanto
+    (:func:`quantize_convolutions`; ``convolutions=False`` leaves them, ``conv_dtype`` is the type
+    they are held and compute in).
     """
     preset = PRESETS[preset_name]
     overrides = dict(overrides or {})
@@ -159,6 +192,7 @@ def quantize_module(module: torch.nn.Module, preset_name: str, via: str = "cpu",
                         exclude=overrides.get("modules_to_not_convert"))
         quanto.freeze(module)
         contiguous_quanto_inputs(module)
+        adaptable_quanto_convolutions(module)
     elif preset.backend == "torchao":
         from torchao.quantization import quantize_
 
@@ -170,9 +204,72 @@ def quantize_module(module: torch.nn.Module, preset_name: str, via: str = "cpu",
                          skip=tuple(overrides.get("llm_int8_skip_modules") or ()))
     else:  # pragma: no cover - PRESETS lists every backend
         raise QuantizationError(f"unknown quantization backend {preset.backend!r}")
+    if convolutions and preset.conv_weights:
+        quantize_convolutions(module, preset.conv_weights, skip=skip_list(preset, overrides), dtype=conv_dtype,
+                              why=CONV_REASONS[preset.backend])
+    elif preset.conv_weights:
+        _convolutions_left(module, preset.backend)
     module.to(work)  # bitsandbytes quantizes when its parameters are moved to a device
     module.to(home)
     return module
+
+
+def skip_list(preset: Preset, overrides: dict[str, Any]) -> tuple[str, ...]:
+    """The ``--quantization_config`` modules a preset's backend leaves unquantized."""
+    key = "llm_int8_skip_modules" if preset.backend == "bnb" else "modules_to_not_convert"
+    return tuple(overrides.get(key) or ())
+
+
+def quantize_convolutions(module: torch.nn.Module, weights: str, skip: tuple[str, ...] = (),
+                          dtype: torch.dtype | None = None, why: str = "", keep_conv_name: bool = True) -> int:
+    """Quantize the plain ``nn.Conv2d`` layers of ``module`` with optimum-quanto weight type ``weights``
+    (``qint8``, ``qint4``, ...), frozen: the convolutions of a preset whose library quantizes Linear
+    layers only (``Preset.conv_weights``), or that diffusers' loader left (``--quantize_via pipeline``).
+
+    Layers named in ``skip`` (or ending in ``.`` + a name in it, as for the Linear pass) stay as they
+    are; ``dtype`` casts the convolutions first (quanto's layers compute in the type they hold). The
+    layers become :class:`~simpletuner.models.quanto_layers.Conv2d` (``keep_conv_name``: what LyCORIS
+    matched before they were quantized) or ``QConv2d`` (a quanto preset's own). Returns how many were
+    quantized, and logs it with their share of the module's weights and ``why`` it was done here.
+    """
+    names = [name for name, layer in module.named_modules()
+             if type(layer) is torch.nn.Conv2d and not _skipped(name, skip)]
+    if not names:
+        return 0
+    from optimum import quanto
+
+    from simpletuner.models.quanto_layers import Conv2d, QConv2d
+
+    layers = [module.get_submodule(name) for name in names]
+    share = sum(layer.weight.numel() for layer in layers) / max(sum(map(logical_numel, module.parameters())), 1)
+    if dtype is not None:
+        for layer in layers:
+            layer.to(dtype=dtype)
+    # quanto matches ``include`` with fnmatch: the exact names, escaped, select these layers and nothing
+    # else (torchao's linears are nn.Linear and bitsandbytes' Linear4bit subclasses it, which quanto
+    # would otherwise replace as well)
+    quanto.quantize(module, weights=getattr(quanto, weights), include=[glob.escape(name) for name in names])
+    for name in names:
+        layer = module.get_submodule(name)
+        layer.freeze()
+        layer.requires_grad_(False)
+        layer.__class__ = Conv2d if keep_conv_name else QConv2d  # see quanto_layers: LoRA factors, LyCORIS
+    logger.info("%d convolutions (%.1f%% of the weights) quantized with optimum-quanto %s%s", len(names),
+                100 * share, weights, f": {why}" if why else "")
+    return len(names)
+
+
+def _convolutions_left(module: torch.nn.Module, backend: str) -> None:
+    count = sum(1 for layer in module.modules() if type(layer) is torch.nn.Conv2d)
+    if count:
+        logger.info("%d convolutions left unquantized (%s; optimum-quanto's weights cannot follow autocast "
+                    "under this --mixed_precision)", count, CONV_REASONS[backend])
+
+
+#: Why :func:`quantize_convolutions` runs, by backend: what the library cannot do.
+CONV_REASONS = {"torchao": "torchao has no quantized convolution",
+                "bnb": "bitsandbytes has no quantized convolution",
+                "quanto": "the loader's QuantoConfig quantizes Linear layers only"}
 
 
 def contiguous_quanto_inputs(module: torch.nn.Module) -> int:
@@ -188,6 +285,19 @@ def contiguous_quanto_inputs(module: torch.nn.Module) -> int:
             layer._contiguous_inputs = True
             count += 1
     return count
+
+
+def adaptable_quanto_convolutions(module: torch.nn.Module) -> int:
+    """Make quanto's convolutions simpletuner's :class:`~simpletuner.models.quanto_layers.QConv2d`, on
+    which PEFT builds a LoRA's factors as plain convolutions (see that module). Returns how many."""
+    layers = [layer for layer in module.modules()
+              if type(layer).__name__ == "QConv2d" and type(layer).__module__.startswith("optimum.quanto")]
+    if layers:
+        from simpletuner.models.quanto_layers import QConv2d
+
+        for layer in layers:
+            layer.__class__ = QConv2d
+    return len(layers)
 
 
 def _make_contiguous(layer, args):
@@ -265,6 +375,12 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
                      if isinstance(t, torch.Tensor))
         state = getattr(state, "state2", None)
     return total
+
+
+def logical_numel(tensor: torch.Tensor) -> int:
+    """Elements of the weight a tensor stands for (a packed bitsandbytes 4-bit weight holds two per byte)."""
+    state = getattr(tensor, "quant_state", None)
+    return state.shape.numel() if state is not None and getattr(state, "shape", None) is not None else tensor.numel()
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -420,6 +536,23 @@ class LoaderHooks:
         return self._guard(module)
 
     def _finish(self, role: str, module):
+        """A component the loader quantized. diffusers' and transformers' QuantoConfig, TorchAoConfig and
+        BitsAndBytesConfig all quantize Linear layers only, so its convolutions are quantized with
+        optimum-quanto now, at the precision of its linears, as the other routes do."""
+        preset = PRESETS[self.pipeline[role]]
+        entry = entry_for(self.settings, role)
+        settings = convolution_settings(self.config)
+        if preset.backend == "quanto":
+            named = entry.get("weights_dtype") or entry.get("weights") or QUANTO_PIPELINE_NAMES[preset.weights]
+            weights = {name: qtype for qtype, name in QUANTO_PIPELINE_NAMES.items()
+                       if not qtype.endswith("fnuz")}.get(named)
+        else:
+            weights = preset.conv_weights
+        if weights and settings["convolutions"]:
+            quantize_convolutions(module, weights, skip=skip_list(preset, entry), dtype=settings["conv_dtype"],
+                                  why=CONV_REASONS[preset.backend], keep_conv_name=preset.backend != "quanto")
+        elif weights:
+            _convolutions_left(module, preset.backend)
         self.done[role] = f"{self.pipeline[role]} (pipeline)"
         return self._guard(module)
 

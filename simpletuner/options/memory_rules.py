@@ -171,6 +171,44 @@ def check_memory_budget(config) -> None:
             raise ConfigError(f"`--memory_budget`: {error}") from None
 
 
+#: Families whose attention diffusers fuses into the same computation (checked by tests/memory/test_qkv_fusion.py).
+QKV_FUSION_FAMILIES = ("sd1x", "sd2x", "sdxl", "kolors", "pixart_sigma", "flux")
+QKV_FUSION_REFUSED = {
+    "sd3": "diffusers' fused joint-attention processor skips SD3.5's query/key normalisation and its second "
+           "attention layer, so the fused model would compute something else",
+    "deepfloyd": "its UNet's attention has added key/value projections, which diffusers cannot fuse",
+}
+
+
+def check_qkv_fusion(config) -> None:
+    if not config.fuse_qkv_projections:
+        return
+    family = config.model_family
+    if family not in QKV_FUSION_FAMILIES:
+        why = QKV_FUSION_REFUSED.get(family, "its attention layers have no fused form here yet")
+        raise ConfigError(f"`--fuse_qkv_projections` is not available for {family}: {why}. Remove it")
+    if config.model_type == "lora" and config.lora_type == "lycoris":
+        raise ConfigError("`--fuse_qkv_projections` with `--lora_type lycoris`: a LyCORIS factorisation of the fused "
+                          "matrix cannot be split back into separate query/key/value adapters for saving; use "
+                          "`--lora_type standard` or remove `--fuse_qkv_projections`")
+    if config.model_type == "lora" and config.peft_lora_mode == "singlora":
+        raise ConfigError("`--fuse_qkv_projections` with `--peft_lora_mode singlora`: a SingLoRA of the fused matrix "
+                          "has no exact per-projection form to save; remove one of them")
+    if getattr(config, "unet_attention_slice", False):
+        raise ConfigError("`--fuse_qkv_projections` and `--unet_attention_slice` cannot be combined: sliced attention "
+                          "projects query, key and value separately; remove one of them")
+    from simpletuner.options.quantization_rules import gguf_sources, preset_of
+
+    if config.quantize_via == "pipeline" and preset_of(config.base_model_precision):
+        raise ConfigError("`--fuse_qkv_projections` with `--quantize_via pipeline`: the projections are fused after "
+                          "loading, and weights quantized while loading cannot be concatenated. Use `--quantize_via "
+                          "cpu` or `accelerator` (they quantize after fusing)")
+    sources = gguf_sources(config)
+    if sources:
+        raise ConfigError(f"`--fuse_qkv_projections`: the denoiser comes from a GGUF file ({sources[0]}) whose "
+                          "quantized blocks cannot be concatenated; remove `--fuse_qkv_projections`")
+
+
 def memory_warnings(config) -> list[str]:
     warnings = []
     if not accelerator_visible():
@@ -187,5 +225,5 @@ def memory_warnings(config) -> list[str]:
 
 MEMORY_RULES: tuple[Callable, ...] = (
     check_exclusive, check_checkpointing_backend, check_group_offload, check_block_swap, check_ramtorch,
-    check_vae_options, check_memory_budget,
+    check_vae_options, check_memory_budget, check_qkv_fusion,
 )

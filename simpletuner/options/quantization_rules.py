@@ -31,12 +31,16 @@ class Preset:
         weights: the backend's name for the weight type (a quanto qtype, a torchao kind, a bnb quant type).
         bits: bits per quantized weight, for messages and the memory planner.
         package: the module ``importlib`` must find.
+        conv_weights: the optimum-quanto weight type the preset's ``nn.Conv2d`` layers get, for a
+            backend that quantizes Linear layers only (torchao has no quantized convolution,
+            bitsandbytes no 4-bit one); None where the backend quantizes convolutions itself (quanto).
     """
 
     backend: str
     weights: str
     bits: int
     package: str
+    conv_weights: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -45,10 +49,10 @@ PRESETS: dict[str, Preset] = {
     "int2-quanto": Preset("quanto", "qint2", 2, "optimum.quanto"),
     "fp8-quanto": Preset("quanto", "qfloat8", 8, "optimum.quanto"),  # float8 e4m3fn
     "fp8uz-quanto": Preset("quanto", "qfloat8_e4m3fnuz", 8, "optimum.quanto"),
-    "int8-torchao": Preset("torchao", "int8", 8, "torchao"),
-    "int4-torchao": Preset("torchao", "int4", 4, "torchao"),
-    "fp8-torchao": Preset("torchao", "fp8", 8, "torchao"),
-    "nf4-bnb": Preset("bnb", "nf4", 4, "bitsandbytes"),
+    "int8-torchao": Preset("torchao", "int8", 8, "torchao", conv_weights="qint8"),
+    "int4-torchao": Preset("torchao", "int4", 4, "torchao", conv_weights="qint4"),
+    "fp8-torchao": Preset("torchao", "fp8", 8, "torchao", conv_weights="qfloat8"),  # float8 e4m3fn, like torchao's
+    "nf4-bnb": Preset("bnb", "nf4", 4, "bitsandbytes", conv_weights="qint4"),
 }
 #: pip names of the packages in :data:`PRESETS`.
 PIP_NAMES = {"optimum.quanto": "optimum-quanto", "torchao": "torchao", "bitsandbytes": "bitsandbytes", "gguf": "gguf",
@@ -177,6 +181,9 @@ def check_presets_on_device(config) -> None:
         if not has_package(preset.package):
             raise ConfigError(f"{flag} needs the {PIP_NAMES[preset.package]} package, which is not installed; "
                               f"pip install {PIP_NAMES[preset.package]}")
+        if preset.conv_weights and not has_package("optimum.quanto"):
+            raise ConfigError(f"{flag} quantizes the convolutions, which {PIP_NAMES[preset.package]} cannot, with "
+                              "optimum-quanto, which is not installed; pip install optimum-quanto")
         if name == "int4-torchao":
             if device != "cuda":
                 raise ConfigError(f"{flag}: torchao {_version_text('torchao')} packs int4 weights with the mslk "

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from simpletuner.models import lora_formats as formats
+from simpletuner.models.qkv_fusion import QkvFusionError, fusion_of
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ def resolve_target_modules(model, config) -> list[str]:
 
     denoiser = model.denoiser
     names = [name for name, _ in denoiser.named_modules() if name]
+    fusion = fusion_of(denoiser)
+    if fusion is not None:  # targets name the projections a user knows (to_q, ...), fused or not
+        names = sorted(fusion.unfused_paths(set(names)))
     if config.peft_lora_target_modules:
         targets = parse_target_modules(config.peft_lora_target_modules)
         missing = [t for t in targets if not any(_matches(n, t) for n in names)]
@@ -127,6 +131,7 @@ class PeftAdapter:
         self.singlora = config.peft_lora_mode == "singlora"
         self.initial: dict[str, torch.Tensor] | None = None  # A₀/B₀ of a mutating init
         self.lora_config: dict[str, Any] = {}
+        self.fusion = fusion_of(self.denoiser)  # --fuse_qkv_projections (models/qkv_fusion.py)
 
     # --- building ----------------------------------------------------------------------------------
 
@@ -135,7 +140,13 @@ class PeftAdapter:
 
         config = self.config
         targets = resolve_target_modules(self.model, config)
-        self._check_targets(targets)
+        layer_targets = targets
+        if self.fusion is not None:
+            try:
+                layer_targets = self.fusion.adapter_targets(targets)
+            except QkvFusionError as error:
+                raise AdapterError(str(error)) from None
+        self._check_targets(layer_targets)
         options: dict[str, Any] = {}
         if config.use_dora:
             options["use_dora"] = True
@@ -148,8 +159,9 @@ class PeftAdapter:
             from simpletuner.models.singlora import SingLoraLinear
 
             options["custom_modules"] = {torch.nn.Linear: SingLoraLinear}
-        self.lora_config = add_lora(self.denoiser, targets, config.lora_rank, config.lora_alpha, config.lora_dropout,
-                                    init_lora_weights=self.init, **options)
+        self.lora_config = add_lora(self.denoiser, layer_targets, config.lora_rank, config.lora_alpha,
+                                    config.lora_dropout, init_lora_weights=self.init, **options)
+        self.lora_config["target_modules"] = sorted(targets)  # files hold the unfused projections
         if self.singlora:
             from simpletuner.models.singlora import ramp_schedule, set_ramp
 
@@ -199,7 +211,7 @@ class PeftAdapter:
                     state[key] = torch.cat([state[key], initial.to(state[key].dtype)], dim=0)
                 elif key.endswith("lora_B.weight"):
                     state[key] = torch.cat([state[key], -initial.to(state[key].dtype)], dim=1)
-        return state
+        return self.fusion.split_lora_state(state) if self.fusion is not None else state
 
     def _undo_export(self, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         """A rank-2r file of a mutating init -> the rank-r trained factors (checking the A₀/B₀ half)."""
@@ -270,7 +282,13 @@ class PeftAdapter:
         name = self.model.denoiser_name
         if name not in states:
             raise AdapterError(f"{file} holds no adapter weights for the {name} (layout {lora_file.format})")
-        return states[name], alphas.get(name, {}), leftover
+        state, layer_alphas = states[name], alphas.get(name, {})
+        if self.fusion is not None:
+            try:
+                state, layer_alphas = self.fusion.merge_lora_state(state, layer_alphas, source=str(file))
+            except QkvFusionError as error:
+                raise AdapterError(str(error)) from None
+        return state, layer_alphas, leftover
 
     def load_checkpoint(self, file: Path) -> None:
         """Resume: the adapter exactly as it was saved (SingLoRA from its own matrices)."""
@@ -333,6 +351,20 @@ def _reset_lycoris_presets() -> None:
         setattr(LycorisNetwork, name, copy.deepcopy(value))
 
 
+def _match_quantized_layers(network_class, denoiser: torch.nn.Module) -> None:
+    """LyCORIS picks leaf layers by class name (``"Linear"``, ``"Conv2d"``); a quantized base holds
+    subclasses under other names (quanto's ``QLinear``/``QConv2d``, bitsandbytes' ``Linear4bit``).
+    Where the preset names the plain class, name the quantized subclasses in the denoiser as well, so
+    a LyCORIS network adapts the same layers on a quantized base as on an unquantized one."""
+    targets = list(network_class.TARGET_REPLACE_MODULE)
+    for layer in denoiser.modules():
+        for plain in (torch.nn.Linear, torch.nn.Conv2d):
+            name = type(layer).__name__
+            if isinstance(layer, plain) and plain.__name__ in targets and name not in targets:
+                targets.append(name)
+    network_class.TARGET_REPLACE_MODULE = targets
+
+
 def init_lokr_perturbed_normal(network, scale: float) -> int:
     """``--init_lokr_norm``: LoKr starts from a small perturbation instead of a zero update.
 
@@ -385,6 +417,7 @@ class LycorisAdapter:
         preset = settings.pop("apply_preset", None)
         if preset:
             LycorisNetwork.apply_preset(preset)
+        _match_quantized_layers(LycorisNetwork, self.denoiser)
         multiplier = float(settings.pop("multiplier", 1.0))
         linear_dim = int(settings.pop("linear_dim", 4))
         linear_alpha = float(settings.pop("linear_alpha", 1.0))

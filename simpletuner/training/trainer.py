@@ -7,6 +7,7 @@ accumulation and the distributed plumbing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -111,6 +112,11 @@ class Trainer:
 
         load_model(model, self.config)  # model.load(), with quantized components (models/quantize.py)
         self.memory.after_load(model)  # placement, VAE slicing/tiling, component offload, hub file deletion
+        self.attention_note = None
+        if self.config.fuse_qkv_projections:  # fused right after loading (models/qkv_fusion.py)
+            from simpletuner.models.qkv_fusion import select_attention
+
+            self.attention_note = "fused q/k/v projections, " + select_attention(model.denoiser, self.accelerator.device)
         return model
 
     def _build_data(self):
@@ -223,6 +229,7 @@ class Trainer:
         training_state = {"global_step": step, "micro_step": self.state.micro_step,
                           "num_images_seen": self.state.num_images_seen, "max_steps": self.max_steps,
                           "model_type": self.config.model_type, "model_family": self.config.model_family,
+                          "fuse_qkv_projections": bool(self.config.fuse_qkv_projections),
                           **distributed.topology(self.config, self.accelerator.num_processes)}
         with self.memory.saving(self.model, getattr(self.text_encoders, "encoders", None)):  # --offload_during_save
             folder = ckpt.write_checkpoint(self.output_dir, step, writers, training_state)
@@ -245,6 +252,11 @@ class Trainer:
                 f"--model_type {self.config.model_type}. Use a matching checkpoint or a new --output_dir"
             )
         distributed.check_resume_topology(folder, state, self.config, self.accelerator.num_processes)
+        fused = bool(state.get("fuse_qkv_projections", False))
+        if self.config.model_type == "full" and fused != bool(self.config.fuse_qkv_projections):
+            raise ckpt.CheckpointError(
+                f"{folder} holds weights {'with' if fused else 'without'} fused q/k/v projections; set "
+                f"`--fuse_qkv_projections {str(fused).lower()}` to resume it (LoRA checkpoints work either way)")
         denoiser = self._unwrapped_denoiser()
         if self.config.model_type == "lora":
             self.adapter.load_checkpoint(folder / WEIGHTS_FILE)  # any --lora_format; SingLoRA/PiSSA exactly
@@ -419,15 +431,24 @@ class Trainer:
                     for folder in self.text_encoders.save_pretrained(self.output_dir):
                         logger.info("saved the trained text encoder to %s", folder)
             else:
-                result = self.model.save_full(self.output_dir / "pipeline", self._unwrapped_denoiser())
+                with self._unfused_layout():
+                    result = self.model.save_full(self.output_dir / "pipeline", self._unwrapped_denoiser())
                 if self.ema is not None:
-                    with self.ema.applied():
+                    with self.ema.applied(), self._unfused_layout():
                         self.model.save_full(self.output_dir / "ema" / "pipeline", self._unwrapped_denoiser())
         logger.info("saved %s", result)
         if self.validator.enabled and not self.validator.due(self.state.global_step):
             self.validate(self.state.global_step)
         self.tracker.close()
         return result
+
+    def _unfused_layout(self):
+        """While a full model is written: the separate q/k/v projections every loader expects."""
+        from simpletuner.models.qkv_fusion import fusion_of
+
+        denoiser = self._unwrapped_denoiser()
+        fusion = fusion_of(denoiser)
+        return fusion.unfused(denoiser) if fusion is not None else contextlib.nullcontext()
 
     # --- reporting -----------------------------------------------------------------------------------
 
@@ -450,6 +471,7 @@ class Trainer:
             f"optimizer:    {config.optimizer}, lr {config.learning_rate}"
             + (f" scaled to {self.learning_rate:g}" if config.lr_scale else "") + f" ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
             *filter(None, [self.memory.describe()]),
+            *([f"attention:    {note}"] if (note := getattr(self, "attention_note", None)) else []),
             self.data.describe(),
             f"output:       {self.output_dir}",
         ]

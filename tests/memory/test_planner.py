@@ -69,6 +69,25 @@ def test_estimate_reacts_to_each_knob(memory_config):
     assert full.parts["optimizer state"] == pytest.approx(2 * full.parts["gradients"])
 
 
+@pytest.mark.parametrize("preset", ["int8-quanto", "int4-quanto", "int8-torchao", "fp8-torchao", "nf4-bnb"])
+def test_quantized_weights_match_the_quantized_unet(tiny, memory_config, preset):
+    """Every preset quantizes the convolutions too (torchao and bitsandbytes ones with quanto; 58 % of
+    the tiny UNet's weights): the estimated denoiser weights are the bytes the quantized UNet holds."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from simpletuner.models.quantize import quantize_module, weight_bytes
+
+    config = memory_config("sd1x")
+    inventory = planner.read_inventory(config)
+    settings = planner.replace(planner.PlanSettings.from_config(config), mixed_precision="bf16",
+                               base_model_precision=preset)
+    estimated = planner.estimate(inventory, settings).parts["denoiser weights"]
+    unet = UNet2DConditionModel.from_pretrained(tiny.path("sd1x"), subfolder="unet", torch_dtype=torch.bfloat16)
+    quantize_module(unet, preset)
+    assert estimated == pytest.approx(weight_bytes(unet), rel=0.1)
+
+
 def test_proposal_is_the_cheapest_that_fits(memory_config):
     config = memory_config("flux", resolution=128, image_size=128, train_batch_size=4)
     inventory = planner.read_inventory(config)
@@ -103,6 +122,7 @@ CASES = [
     ("sd1x", None, 80, 1, {}),
     ("sd1x", "sd1x+", 112, 3, {"gradient_checkpointing": "true"}),
     ("sd1x", None, 96, 2, {"model_type": "full", "lora_rank": None}),
+    ("sd1x", "sd1x+", 96, 2, {"base_model_precision": "nf4-bnb"}),
     ("flux", None, 112, 3, {}),
     ("flux", "flux+", 80, 1, {"gradient_checkpointing": "true"}),
     ("sd3", "sd3+", 112, 1, {}),

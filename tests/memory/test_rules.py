@@ -99,6 +99,30 @@ def test_delete_model_after_load_warns_for_a_local_folder(tmp_path):
 
 
 def test_still_unsupported_memory_options_are_refused(tmp_path):
-    for flag in ("ramtorch_controlnet", "vae_enable_patch_conv", "fuse_qkv_projections"):
+    for flag in ("ramtorch_controlnet", "vae_enable_patch_conv"):
         with pytest.raises(ConfigError, match="not supported yet"):
             resolve(tmp_path, **{flag: "true"})
+
+
+@pytest.mark.parametrize("family,flags,words", [
+    ("sd3", {}, ("not available for sd3", "query/key normalisation")),
+    ("deepfloyd", {}, ("not available for deepfloyd", "added key/value")),
+    ("flux", {"lora_type": "lycoris"}, ("--lora_type lycoris", "cannot be split back")),
+    ("sdxl", {"peft_lora_mode": "singlora"}, ("--peft_lora_mode singlora",)),
+    ("sdxl", {"unet_attention_slice": "true"}, ("--unet_attention_slice", "separately")),
+    ("flux", {"base_model_precision": "int8-quanto", "quantize_via": "pipeline"},
+     ("--quantize_via pipeline", "cannot be concatenated", "`--quantize_via cpu`")),
+])
+def test_qkv_fusion_is_refused_where_it_cannot_be_honoured(tmp_path, family, flags, words):
+    if flags.get("lora_type") == "lycoris":
+        config_file = tmp_path / "lycoris.json"
+        config_file.write_text(json.dumps({"algo": "lora", "linear_dim": 4, "linear_alpha": 4}))
+        flags = {**flags, "lycoris_config": str(config_file)}
+    with pytest.raises(ConfigError) as error:
+        resolve(tmp_path, family, fuse_qkv_projections="true", **flags)
+    assert all(word in str(error.value) for word in words), str(error.value)
+
+
+@pytest.mark.parametrize("family", ["sd1x", "sd2x", "sdxl", "kolors", "pixart_sigma", "flux"])
+def test_qkv_fusion_validates_for_the_families_that_have_it(tmp_path, family):
+    assert resolve(tmp_path, family, fuse_qkv_projections="true").config.fuse_qkv_projections is True

@@ -28,6 +28,9 @@ LAYERS = {
 }
 QUANTO_QTYPES = {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": "qint2", "fp8-quanto": "qfloat8_e4m3fn",
                  "fp8uz-quanto": "qfloat8_e4m3fnuz"}
+#: the quanto type of the UNet's convolutions: the quanto preset's own, else the one quanto gives them
+#: at the precision of a library that has no quantized convolution
+CONV_QTYPES = {**QUANTO_QTYPES, "int8-torchao": "qint8", "fp8-torchao": "qfloat8_e4m3fn", "nf4-bnb": "qint4"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,6 +58,16 @@ def train_and_watch(config, monkeypatch):
 def base_linear(trainer):
     layer = trainer._unwrapped_denoiser().down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
     return layer.base_layer if hasattr(layer, "base_layer") else layer
+
+
+def check_convolutions(trainer, preset):
+    """Every convolution of the UNet is a frozen quanto QConv2d, whichever library did the linears."""
+    from optimum.quanto.nn import QConv2d
+
+    convs = [m for name, m in trainer._unwrapped_denoiser().named_modules()
+             if isinstance(m, torch.nn.Conv2d) and "lora_" not in name]
+    assert convs and all(isinstance(m, QConv2d) for m in convs)
+    assert {m.weight.qtype.name for m in convs} == {CONV_QTYPES[preset]}
 
 
 def check_adapter_only(trainer, seen):
@@ -96,6 +109,7 @@ def test_lora_trains_on_a_quantized_base(project, tiny_sd1x, monkeypatch, preset
     else:
         assert layer.weight.qdata.dtype == torch.float8_e4m3fn
     assert trainer.model.quantization == {"unet": f"{preset} (cpu)"}
+    check_convolutions(trainer, preset)
     check_loads_unquantized(trainer, tiny_sd1x)
 
 
@@ -106,6 +120,7 @@ def test_pipeline_route_with_quantized_text_encoder_and_bf16(project, tiny_sd1x,
     check_adapter_only(trainer, seen)
     assert trainer.model.quantization == {"unet": "int8-quanto (pipeline)", "text_encoder": "int8-torchao (pipeline)"}
     assert type(base_linear(trainer)).__name__ == "QLinear"
+    check_convolutions(trainer, "int8-quanto")  # diffusers' QuantoConfig does linears; quanto convs after loading
     check_loads_unquantized(trainer, tiny_sd1x)
 
 
@@ -120,14 +135,46 @@ def test_gguf_base(project, tiny_sd1x, monkeypatch, tmp_path_factory):
     check_loads_unquantized(trainer, tiny_sd1x)
 
 
-def test_lycoris_in_bypass_mode_on_a_torchao_base(project, tiny_sd1x, monkeypatch):
-    config = run_config(project, tiny_sd1x, "run-lycoris", base_model_precision="int8-torchao", lora_type="lycoris",
-                        lycoris_config='{"algo": "lokr", "linear_dim": 4, "factor": 4, "bypass_mode": true}',
-                        lora_rank=None, lora_dropout=None)
+LYCORIS_BYPASS = '{"algo": "lokr", "linear_dim": 4, "conv_dim": 4, "factor": 4, "bypass_mode": true}'
+
+
+@pytest.mark.parametrize("precision,conv_type", [("int8-torchao", "qint8"), ("int8-quanto", "qint8"),
+                                                 ("nf4-bnb", "qint4")])
+def test_lycoris_in_bypass_mode_adapts_the_same_layers_on_a_quantized_base(project, tiny_sd1x, precision, conv_type):
+    def adapted(trainer):
+        return sorted(lora.lora_name for lora in trainer.adapter.network.loras)
+
+    plain = train(run_config(project, tiny_sd1x, "run-lycoris-plain", lora_type="lycoris",
+                             lycoris_config=LYCORIS_BYPASS, lora_rank=None, lora_dropout=None), show_progress=False)
+    config = run_config(project, tiny_sd1x, f"run-lycoris-{precision}", base_model_precision=precision,
+                        lora_type="lycoris", lycoris_config=LYCORIS_BYPASS, lora_rank=None, lora_dropout=None)
     trainer = train(config, show_progress=False)
     assert all(math.isfinite(loss) for loss in trainer.state.losses)
     trainable = {n for n, p in trainer._unwrapped_denoiser().named_parameters() if p.requires_grad}
     assert trainable and all("lycoris" in n or "lokr" in n for n in trainable)
+    # quantized Linear and Conv2d subclasses (QLinear, Linear4bit, QConv2d) are found like plain ones
+    assert adapted(trainer) == adapted(plain)
+    assert any(getattr(getattr(lora.org_module[0], "weight", None), "qtype", None) is not None
+               and lora.org_module[0].weight.qtype.name == conv_type and "conv" in lora.lora_name.lower()
+               for lora in trainer.adapter.network.loras)
+
+
+def test_slider_lora_on_the_quantized_convolutions_of_a_bnb_base(project, tiny_sd1x, monkeypatch):
+    """The slider targets include conv_in/conv_out, which nf4-bnb leaves to quanto: PEFT's factors on
+    them are plain convolutions, and the saved LoRA loads into the unquantized pipeline. Under bf16
+    autocast with fp32 unquantized weights the quanto convolutions are held in bf16, through training
+    and a validation pass."""
+    config = run_config(project, tiny_sd1x, "run-slider", base_model_precision="nf4-bnb", slider_lora_target="true",
+                        mixed_precision="bf16", base_model_default_dtype="fp32", validation_prompt="a red circle",
+                        validation_steps=3, validation_num_inference_steps=2)
+    trainer, seen = train_and_watch(config, monkeypatch)
+    check_adapter_only(trainer, seen)
+    unet = trainer._unwrapped_denoiser()
+    assert unet.conv_in.base_layer.weight.qtype.name == "qint4" and unet.conv_in.base_layer.weight.dtype == torch.bfloat16
+    assert unet.conv_norm_out.weight.dtype == torch.float32  # --base_model_default_dtype for what stays unquantized
+    assert type(unet.conv_in.lora_A["default"]) is torch.nn.Conv2d
+    assert list((trainer.output_dir / "validation" / "step_3").glob("*.png"))
+    check_loads_unquantized(trainer, tiny_sd1x)
 
 
 def test_text_encoder_lora_on_a_quantized_text_encoder(project, tiny_sd1x, monkeypatch):

@@ -31,11 +31,14 @@ def test_pipeline_quantizes_while_loading_and_restores_the_loaders(project, tiny
     originals = (diffusers.ModelMixin.__dict__["from_pretrained"], transformers.PreTrainedModel.__dict__["from_pretrained"])
     model, done = loaded(project, tiny_sd1x, base_model_precision="int8-torchao", text_encoder_1_precision="int8-quanto",
                          quantize_via="pipeline", mixed_precision="bf16",
-                         quantization_config='{"unet": {"modules_to_not_convert": ["time_embedding"]}}')
+                         quantization_config='{"unet": {"modules_to_not_convert": ["time_embedding", "conv_out"]}}')
     assert done == {"unet": "int8-torchao (pipeline)", "text_encoder": "int8-quanto (pipeline)"}
     assert getattr(model.unet, "is_quantized", False) and model.unet.hf_quantizer is not None  # diffusers did it
     assert type(to_q(model).weight).__name__ == "Int8Tensor"
     assert type(model.unet.time_embedding.linear_1.weight) is torch.nn.Parameter  # the entry's exclusion
+    # diffusers' TorchAoConfig quantizes linears only; the convolutions get quanto's int8 after loading
+    assert model.unet.conv_in.weight.qtype.name == "qint8" and type(model.unet.conv_in).__name__ == "Conv2d"
+    assert type(model.unet.conv_out) is torch.nn.Conv2d  # excluded like the linears
     assert type(model.text_encoder.encoder.layers[0].self_attn.q_proj).__name__ == "QLinear"
     assert model.unet.conv_in.weight.dtype == torch.bfloat16  # loaded in the compute type
     assert "to" not in model.unet.__dict__ and "to" not in model.text_encoder.__dict__  # load-time guards gone

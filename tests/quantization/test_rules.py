@@ -123,6 +123,9 @@ def test_a_missing_backend_package_is_named(tmp_path, on_cpu, monkeypatch):
     monkeypatch.setattr(rules, "has_package", lambda module: module != "optimum.quanto")
     with pytest.raises(ConfigError, match="pip install optimum-quanto"):
         resolve(tmp_path, text_encoder_1_precision="int4-quanto")
+    # torchao and bitsandbytes presets quantize their convolutions with quanto
+    with pytest.raises(ConfigError, match="nf4-bnb` quantizes the convolutions.*pip install optimum-quanto"):
+        resolve(tmp_path, base_model_precision="nf4-bnb")
 
 
 def test_warnings(tmp_path, on_cpu):

@@ -182,9 +182,12 @@ OPTIONS: list[Option] = [
         name="fuse_qkv_projections",
         kind="bool",
         default=False,
-        help="Merge the query, key and value projections of attention layers into one matmul; "
-        "pays off with Flash Attention 3 on Hopper GPUs.",
+        help="Merge each attention layer's query, key and value projections into one matmul (sd1x, sd2x, sdxl, "
+        "kolors, pixart_sigma, flux). A LoRA on them becomes one LoRA on the fused matrix (q, k and v share its A), "
+        "saved split back into ordinary per-projection files; full models are saved unfused. Attention runs on Flash "
+        "Attention 3 where diffusers can use it (Hopper GPU, flash_attn_interface installed, flux), else PyTorch SDPA.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="delete_model_after_load",

@@ -81,8 +81,8 @@ OPTIONS: list[Option] = [
         name="base_model_default_dtype",
         kind="str",
         default=None,
-        help="Type given to base model weights that the quantiser leaves untouched (convolutions, norms, "
-        "embeddings); unset keeps the --mixed_precision type. Only with a quantized base.",
+        help="Type given to base model weights that the quantiser leaves untouched (norms, embeddings, "
+        "biases); unset keeps the --mixed_precision type. Only with a quantized base.",
         group=_G,
         choices=("bf16", "fp32"),
         implemented=True,
