@@ -26,8 +26,8 @@ bitsandbytes no 4-bit convolution), so after them the remaining ``nn.Conv2d`` la
 resnets, up/downsamplers, conv_in/out; a patch embedding) are quantized with optimum-quanto at the
 preset's precision (``Preset.conv_weights``), by every ``--quantize_via`` route; the loaders'
 QuantoConfig quantizes Linear layers only too, so on the pipeline route quanto presets get the same
-pass. The quantized convolutions are simpletuner.models.quanto_layers' classes (PEFT and LyCORIS on
-top of them).
+pass. The quantized convolutions are simpletuner.models.quanto_layers' QConv2d (so PEFT can put a LoRA
+on them).
 
 A denoiser stored as a ``.gguf`` file (``--pretrained_transformer_model_name_or_path`` /
 ``--pretrained_unet_model_name_or_path``, or a pipeline folder whose ``unet/`` or ``transformer/``
@@ -221,15 +221,14 @@ def skip_list(preset: Preset, overrides: dict[str, Any]) -> tuple[str, ...]:
 
 
 def quantize_convolutions(module: torch.nn.Module, weights: str, skip: tuple[str, ...] = (),
-                          dtype: torch.dtype | None = None, why: str = "", keep_conv_name: bool = True) -> int:
+                          dtype: torch.dtype | None = None, why: str = "") -> int:
     """Quantize the plain ``nn.Conv2d`` layers of ``module`` with optimum-quanto weight type ``weights``
     (``qint8``, ``qint4``, ...), frozen: the convolutions of a preset whose library quantizes Linear
     layers only (``Preset.conv_weights``), or that diffusers' loader left (``--quantize_via pipeline``).
 
     Layers named in ``skip`` (or ending in ``.`` + a name in it, as for the Linear pass) stay as they
     are; ``dtype`` casts the convolutions first (quanto's layers compute in the type they hold). The
-    layers become :class:`~simpletuner.models.quanto_layers.Conv2d` (``keep_conv_name``: what LyCORIS
-    matched before they were quantized) or ``QConv2d`` (a quanto preset's own). Returns how many were
+    layers become :class:`~simpletuner.models.quanto_layers.QConv2d`. Returns how many were
     quantized, and logs it with their share of the module's weights and ``why`` it was done here.
     """
     names = [name for name, layer in module.named_modules()
@@ -238,7 +237,7 @@ def quantize_convolutions(module: torch.nn.Module, weights: str, skip: tuple[str
         return 0
     from optimum import quanto
 
-    from simpletuner.models.quanto_layers import Conv2d, QConv2d
+    from simpletuner.models.quanto_layers import QConv2d
 
     layers = [module.get_submodule(name) for name in names]
     share = sum(layer.weight.numel() for layer in layers) / max(sum(map(logical_numel, module.parameters())), 1)
@@ -253,7 +252,7 @@ def quantize_convolutions(module: torch.nn.Module, weights: str, skip: tuple[str
         layer = module.get_submodule(name)
         layer.freeze()
         layer.requires_grad_(False)
-        layer.__class__ = Conv2d if keep_conv_name else QConv2d  # see quanto_layers: LoRA factors, LyCORIS
+        layer.__class__ = QConv2d  # PEFT builds LoRA factors from the layer's class: see quanto_layers
     logger.info("%d convolutions (%.1f%% of the weights) quantized with optimum-quanto %s%s", len(names),
                 100 * share, weights, f": {why}" if why else "")
     return len(names)
@@ -550,7 +549,7 @@ class LoaderHooks:
             weights = preset.conv_weights
         if weights and settings["convolutions"]:
             quantize_convolutions(module, weights, skip=skip_list(preset, entry), dtype=settings["conv_dtype"],
-                                  why=CONV_REASONS[preset.backend], keep_conv_name=preset.backend != "quanto")
+                                  why=CONV_REASONS[preset.backend])
         elif weights:
             _convolutions_left(module, preset.backend)
         self.done[role] = f"{self.pipeline[role]} (pipeline)"

@@ -1,21 +1,15 @@
 """optimum-quanto's quantized convolution, as simpletuner's quantized base models hold it.
 
-Two tools built around ``nn.Conv2d`` expect things of a convolution that quanto's ``QConv2d`` does not give:
-
-* PEFT builds a LoRA's factors for a convolution as ``type(base_layer)(in, rank, kernel, stride, padding,
+PEFT builds a LoRA's factors for a convolution as ``type(base_layer)(in, rank, kernel, stride, padding,
   bias=False)``. For quanto's QConv2d that is a QConv2d without a weight type, whose forward passes
   ``None`` as the weight (quanto's ``qweight`` is None when nothing is quantized): a LoRA on a quantized
   convolution (``conv_in``/``conv_out`` of the slider targets, or ``--peft_lora_target_modules``) fails
   at its first step. :class:`QConv2d` here builds a plain ``nn.Conv2d`` when it is constructed like one
   (without quanto's ``weights`` argument), and is quanto's QConv2d otherwise.
-* LyCORIS and its presets pick layers by class name (``"Conv2d"``). The convolutions that
-  simpletuner quantizes with quanto for a torchao or bitsandbytes preset (whose libraries cannot) are
-  :class:`Conv2d`: that QConv2d under the name of the layer it replaced, so a LoCon network adapts them
-  as it did before they were quantized. The convolutions of a quanto preset keep the class name
-  QConv2d, like quanto's other layers (QLinear).
 
-simpletuner.models.quantize switches the class of quantized layers to these after quantizing; they add
-no state, so a module holding them copies, pickles and moves like any other.
+simpletuner.models.quantize switches the class of quantized convolutions to it after quantizing; it adds
+no state, so a module holding them copies, pickles and moves like any other. (LyCORIS, which picks layers
+by class name, is told about quantized subclasses by simpletuner.training.adapter.)
 """
 
 from __future__ import annotations
@@ -32,7 +26,3 @@ class QConv2d(quanto_nn.QConv2d):
             return torch.nn.Conv2d(*args, **kwargs)
         return super().__new__(cls)  # quanto's qcreate (keywords, weights=...), copy and pickle (no arguments)
 
-
-class Conv2d(QConv2d):
-    """A convolution quantized with quanto for a preset whose library has no quantized convolution,
-    named like the ``nn.Conv2d`` it replaced for tools that match layers by class name."""

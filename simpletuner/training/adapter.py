@@ -351,7 +351,7 @@ def _reset_lycoris_presets() -> None:
         setattr(LycorisNetwork, name, copy.deepcopy(value))
 
 
-def _match_quantized_layers(network_class, denoiser: torch.nn.Module) -> None:
+def match_quantized_layers(network_class, denoiser: torch.nn.Module) -> None:
     """LyCORIS picks leaf layers by class name (``"Linear"``, ``"Conv2d"``); a quantized base holds
     subclasses under other names (quanto's ``QLinear``/``QConv2d``, bitsandbytes' ``Linear4bit``).
     Where the preset names the plain class, name the quantized subclasses in the denoiser as well, so
@@ -417,7 +417,7 @@ class LycorisAdapter:
         preset = settings.pop("apply_preset", None)
         if preset:
             LycorisNetwork.apply_preset(preset)
-        _match_quantized_layers(LycorisNetwork, self.denoiser)
+        match_quantized_layers(LycorisNetwork, self.denoiser)
         multiplier = float(settings.pop("multiplier", 1.0))
         linear_dim = int(settings.pop("linear_dim", 4))
         linear_alpha = float(settings.pop("linear_alpha", 1.0))

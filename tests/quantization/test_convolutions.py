@@ -104,7 +104,7 @@ def test_skip_listed_convolutions_stay_plain(unetish):
     quantize_module(model, "int8-torchao", overrides={"modules_to_not_convert": ["conv_out", "proj"]})
     assert type(model.conv_out) is torch.nn.Conv2d and type(model.conv_out.weight) is torch.nn.Parameter
     assert type(model.proj.weight) is torch.nn.Parameter  # the same list the Linear pass honours
-    assert type(model.conv1).__name__ == "Conv2d" and type(model.conv1.weight).__name__ == "WeightQBytesTensor"
+    assert type(model.conv1).__name__ == "QConv2d" and type(model.conv1.weight).__name__ == "WeightQBytesTensor"
     model = copy.deepcopy(unetish)
     quantize_module(model, "nf4-bnb", overrides={"llm_int8_skip_modules": ["conv_in"]})
     assert type(model.conv_in) is torch.nn.Conv2d
@@ -151,9 +151,11 @@ def test_a_lora_on_quantized_convolutions_trains(unetish, sample, preset):
 
 
 def test_lycoris_locon_still_adapts_the_convolutions(unetish, sample):
-    """LyCORIS picks layers by class name; the convolutions a torchao preset now quantizes keep the
-    name Conv2d, so a LoCon adapts them as it did when they were left in bf16."""
-    from lycoris import create_lycoris
+    """LyCORIS picks layers by class name; told about the quantized subclasses (as the trainer's
+    adapter does), a LoCon adapts the convolutions a torchao preset now quantizes as it did in bf16."""
+    from lycoris import LycorisNetwork, create_lycoris
+
+    from simpletuner.training.adapter import _reset_lycoris_presets, match_quantized_layers
 
     counts = {}
     for preset in (None, "int8-torchao"):
@@ -161,6 +163,8 @@ def test_lycoris_locon_still_adapts_the_convolutions(unetish, sample):
         if preset:
             quantize_module(model, preset)
         model.requires_grad_(False)
+        _reset_lycoris_presets()
+        match_quantized_layers(LycorisNetwork, model)
         network = create_lycoris(model, 1.0, linear_dim=4, linear_alpha=1, algo="locon", conv_dim=4, conv_alpha=1,
                                  bypass_mode=True, warn_on_unmatched=False)
         counts[preset] = sum(isinstance(lora.org_module[0], torch.nn.Conv2d) for lora in network.loras)

@@ -37,7 +37,7 @@ def test_pipeline_quantizes_while_loading_and_restores_the_loaders(project, tiny
     assert type(to_q(model).weight).__name__ == "Int8Tensor"
     assert type(model.unet.time_embedding.linear_1.weight) is torch.nn.Parameter  # the entry's exclusion
     # diffusers' TorchAoConfig quantizes linears only; the convolutions get quanto's int8 after loading
-    assert model.unet.conv_in.weight.qtype.name == "qint8" and type(model.unet.conv_in).__name__ == "Conv2d"
+    assert model.unet.conv_in.weight.qtype.name == "qint8" and type(model.unet.conv_in).__name__ == "QConv2d"
     assert type(model.unet.conv_out) is torch.nn.Conv2d  # excluded like the linears
     assert type(model.text_encoder.encoder.layers[0].self_attn.q_proj).__name__ == "QLinear"
     assert model.unet.conv_in.weight.dtype == torch.bfloat16  # loaded in the compute type
