@@ -76,9 +76,8 @@ KOHYA_SD = ComfyNaming({"unet": "lora_unet", "text_encoder": "lora_te"})
 
 #: Family -> its ComfyUI naming. A family without an entry cannot use ``--lora_format comfyui`` (config
 #: validation says so). Add one line here when a family's layout is known (see STACK.md for the ones
-#: checked against ComfyUI: Flux loads ``transformer.<diffusers path>`` with lora_A/lora_B, i.e.
-#: ``ComfyNaming({"transformer": "transformer"}, style="dotted")``; Wan wants native names under
-#: ``diffusion_model.``, a ``dotted`` naming with ``renames``).
+#: checked against ComfyUI; Wan, for example, wants native names under ``diffusion_model.``, a
+#: ``dotted`` naming with ``renames``).
 COMFYUI_NAMING: dict[str, ComfyNaming] = {
     "sd1x": KOHYA_SD,
     "sd2x": KOHYA_SD,
@@ -87,6 +86,8 @@ COMFYUI_NAMING: dict[str, ComfyNaming] = {
     # ComfyUI's model_lora_keys_unet maps `transformer.<diffusers path>` for PixArt (its "default
     # format"); the comfyui layout adds the `.alpha` tensors ComfyUI needs when alpha != rank.
     "pixart_sigma": ComfyNaming({"transformer": "transformer"}, style="dotted"),
+    # Flux: ComfyUI and diffusers both load `transformer.<diffusers path>` with lora_A/lora_B (STACK.md)
+    "flux": ComfyNaming({"transformer": "transformer"}, style="dotted"),
 }
 
 

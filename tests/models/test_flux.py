@@ -481,6 +481,50 @@ def test_lora_run_validates_and_loads_exactly_in_diffusers(project, monkeypatch)
 
 
 @slow
+def test_comfyui_lora_is_written_in_transformer_names_and_loads_exactly_in_diffusers(project, monkeypatch):
+    """--lora_format comfyui for Flux: ``transformer.<diffusers path>.lora_A/lora_B`` plus ``.alpha``
+    (the layout ComfyUI maps, STACK.md), reproduced by FluxPipeline.load_lora_weights with alpha != rank,
+    and read back by --init_lora."""
+    from diffusers import FluxPipeline
+
+    from simpletuner.models import lora_formats
+
+    seen = keep_trainer(monkeypatch)
+    args = family_args(project, "flux", "comfy", tokenizer_max_length=SHORT, lora_format="comfyui", lora_rank=4,
+                       lora_alpha=2, flux_lora_target="all")
+    assert main(["train", *args]) == 0
+    trainer = seen["trainer"]
+    file = project / "comfy" / "pytorch_lora_weights.safetensors"
+    lora_file = lora_formats.LoraFile.read(file)
+    assert lora_file.format == "comfyui"
+    keys = list(lora_file.tensors)
+    assert all(re.match(r"transformer\.[\w.]+\.(lora_[AB]\.weight|alpha)$", k) for k in keys)
+    assert any(k.endswith(".add_q_proj.alpha") for k in keys)
+    assert {float(lora_file.tensors[k]) for k in keys if k.endswith(".alpha")} == {2.0}
+    denoiser = trainer._unwrapped_denoiser().eval()
+    pipeline = FluxPipeline.from_pretrained(project / "model")
+    pipeline.load_lora_weights(str(file))
+    g = torch.Generator().manual_seed(0)
+    tokens, text = torch.randn(1, 16, 64, generator=g), torch.randn(1, SHORT, 48, generator=g)
+    inputs = dict(hidden_states=tokens, encoder_hidden_states=text, pooled_projections=torch.randn(1, 32, generator=g),
+                  timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]), img_ids=torch.rand(16, 3, generator=g),
+                  txt_ids=torch.zeros(SHORT, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(pipeline.transformer(**inputs).sample, denoiser(**inputs).sample, atol=1e-5,
+                                   rtol=1e-4)
+    monkeypatch.undo()
+    config = flux_config(project, "comfy-init", tokenizer_max_length=SHORT, lora_rank=4, lora_alpha=2,
+                         flux_lora_target="all", init_lora=str(file))
+    started_trainer = Trainer(config, show_progress=False)
+    started_trainer.setup()
+    started_trainer.data.close()
+    started = {n: p for n, p in started_trainer._unwrapped_denoiser().named_parameters() if "lora_" in n}
+    trained = {n: p for n, p in denoiser.named_parameters() if "lora_" in n}
+    assert started.keys() == trained.keys()
+    assert all(torch.allclose(started[n], trained[n], atol=1e-6) for n in trained)
+
+
+@slow
 def test_full_run_reuses_the_text_cache_and_saves_the_trained_transformer(project, monkeypatch, caplog):
     import logging
 
