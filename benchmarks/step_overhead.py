@@ -7,7 +7,7 @@ what a real run does every step: batch assembly from the sampler, accelerate's a
 the LR schedule, tensorboard scalars and the progress bar. Rounds alternate between the two so
 background load affects both equally. Prints the ratio of median step times (target: <= 1.10).
 
-    python benchmarks/step_overhead.py [--steps 40] [--rounds 5]
+    python benchmarks/step_overhead.py [--steps 10] [--rounds 20]
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def bare_loop_factory(trainer):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="steps per round and side")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="steps per round and side")
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
     import torch

@@ -40,10 +40,18 @@ def batch_seed(base: int, index: int) -> int:
 
 
 def seed_batch(base: int, index: int) -> None:
-    """Seed python, numpy and torch (all devices) for the batch at ``index`` of the global order."""
-    from accelerate.utils import set_seed
+    """Seed python, numpy and torch (all devices) for the batch at ``index`` of the global order.
 
-    set_seed(batch_seed(base, index) % 2**32)
+    The same three calls as accelerate's ``set_seed``, without its per-call probing of optional
+    backends, which cost about 1.3 ms a step (2 % of a tiny model's step)."""
+    import random
+
+    import numpy
+
+    seed = batch_seed(base, index) % 2**32
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)  # every device's generator, CUDA's included
 
 
 # --- cross-process bookkeeping ------------------------------------------------------------------------
