@@ -213,3 +213,18 @@ def test_masked_loss_counts_only_the_masked_pixels(project, tmp_path):
     black = train(config_for(project, "mask-black", data_backend_config=masked_project(tmp_path, project, 0),
                              masked_loss_probability=1.0), show_progress=False)
     assert black.state.losses == [0.0, 0.0, 0.0]
+
+
+def test_prefetch_with_on_demand_encoding_trains_exactly_like_the_synchronous_run(project):
+    """The prefetch thread encodes latents while the main thread trains; every random draw of a step
+    comes from that batch's own seed, so the losses and LoRA weights equal the synchronous run's."""
+    def lora(trainer):
+        return {n: p.detach().clone() for n, p in trainer.model.denoiser.named_parameters() if "lora_" in n}
+
+    flags = dict(vae_cache_ondemand="true", max_train_steps=6)
+    synchronous = train(config_for(project, "sync", **flags), show_progress=False)
+    prefetched = train(config_for(project, "prefetch", dataloader_prefetch="true", dataloader_prefetch_qlen=3,
+                                  **flags), show_progress=False)
+    assert prefetched.state.losses == synchronous.state.losses
+    reference = lora(synchronous)
+    assert all(torch.equal(p, reference[n]) for n, p in lora(prefetched).items())
