@@ -13,6 +13,7 @@ from typing import Callable
 from simpletuner.models.registry import FAMILIES, family_info
 from simpletuner.options import ConfigError, all_options
 from simpletuner.options.adapter_rules import ADAPTER_RULES
+from simpletuner.options.checkpoint_rules import CHECKPOINT_RULES, checkpoint_warnings
 from simpletuner.options.deepfloyd_rules import check_deepfloyd, deepfloyd_warnings
 from simpletuner.options.flux_rules import check_flux, flux_warnings
 from simpletuner.options.memory_rules import MEMORY_RULES, memory_warnings
@@ -384,6 +385,7 @@ def collect_warnings(config) -> list[str]:
     warnings.extend(quantization_warnings(config))
     warnings.extend(memory_warnings(config))
     warnings.extend(sdxl_warnings(config))
+    warnings.extend(checkpoint_warnings(config))
     return warnings
 
 
@@ -392,7 +394,7 @@ RULES: tuple[Callable, ...] = (
     check_ranges,
     check_loss_settings, check_ema_settings, check_optimizer_settings,
     check_timestep_settings, check_flow_options, *TRAINING_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, check_sdxl,
-    *QUANTIZATION_RULES, *MEMORY_RULES,
+    *QUANTIZATION_RULES, *MEMORY_RULES, *CHECKPOINT_RULES,
     check_validation_settings, check_paths,
 )
 

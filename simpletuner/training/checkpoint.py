@@ -5,6 +5,14 @@ listing every file and its size is written last, and only then is the folder ren
 ``checkpoint-<step>``. ``latest`` only considers folders named exactly ``checkpoint-<digits>`` whose
 manifest matches the files on disk, so a crash mid-write, a full disk or a hand-made
 ``checkpoint-final`` folder can never be picked up by mistake.
+
+With ``--checkpointing_use_tempdir`` the files are first written into a folder under the system
+temp dir (fast local disk when ``output_dir`` is a network mount) and then moved into that hidden
+folder, so the rename stays the only step that makes a checkpoint visible.
+
+Rolling checkpoints (``--checkpointing_rolling_steps``) share the ``checkpoint-<step>`` name and
+are told apart by ``"rolling": true`` in their ``training_state.json``: resume treats both kinds
+alike, while each kind is pruned by its own limit, also after a restart.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +36,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
 TEMP_PREFIX = ".tmp-checkpoint-"
+#: Prefix of the staging folders ``--checkpointing_use_tempdir`` creates under the system temp dir.
+STAGING_PREFIX = "simpletuner-checkpoint-"
 TRAINING_STATE = "training_state.json"
 
 
@@ -38,6 +49,7 @@ class CheckpointError(RuntimeError):
 class CheckpointInfo:
     path: Path
     step: int
+    rolling: bool = False
 
 
 def rng_state() -> dict[str, Any]:
@@ -74,35 +86,63 @@ def is_complete(folder: Path) -> bool:
 
 
 def write_checkpoint(output_dir: Path, step: int, writers: dict[str, Callable[[Path], None]],
-                     training_state: dict[str, Any]) -> Path:
+                     training_state: dict[str, Any], staging_root: Path | None = None) -> Path:
     """Write a checkpoint atomically.
 
     ``writers`` maps a file (or folder) name inside the checkpoint to a function that writes it at the
-    given path. Returns the final folder. On any error the temporary folder is removed and existing
-    checkpoints are left as they were.
+    given path. With ``staging_root`` (``--checkpointing_use_tempdir``) they write into a fresh folder
+    there, which is then moved into the hidden folder in ``output_dir``; either way the manifest
+    arrives last and the rename into ``checkpoint-<step>`` makes it visible. Returns the final folder.
+    On any error the temporary folders are removed and existing checkpoints are left as they were.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
     temp = output_dir / f"{TEMP_PREFIX}{step}-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
+    staging = None
     try:
         temp.mkdir()
-        for name, write in writers.items():
-            write(temp / name)
-        (temp / TRAINING_STATE).write_text(json.dumps(training_state, indent=2) + "\n", encoding="utf-8")
-        manifest = {"step": step, "files": _manifest_for(temp)}
-        (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if staging_root is not None:
+            staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{step}-", dir=staging_root))
+        _write_contents(staging or temp, step, writers, training_state)
+        if staging is not None:
+            _move_contents(staging, temp)
+        if not is_complete(temp):
+            raise OSError(f"the files in {temp} do not match its manifest after moving them from {staging}")
         _fsync_folder(temp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(temp, final)
     except OSError as error:
         shutil.rmtree(temp, ignore_errors=True)
+        where = f" (staged under {staging_root} for --checkpointing_use_tempdir)" if staging_root is not None else ""
         raise CheckpointError(
-            f"could not write checkpoint {final}: {error.strerror or error}. Existing checkpoints are untouched; "
-            "free disk space or change --output_dir, then resume with --resume_from_checkpoint latest"
+            f"could not write checkpoint {final}{where}: {error.strerror or error}. Existing checkpoints are "
+            "untouched; free disk space or change --output_dir, then resume with --resume_from_checkpoint latest"
         ) from error
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _write_contents(folder: Path, step: int, writers: dict[str, Callable[[Path], None]],
+                    training_state: dict[str, Any]) -> None:
+    """Every file of the checkpoint, the manifest last: its presence means the rest was written."""
+    for name, write in writers.items():
+        write(folder / name)
+    (folder / TRAINING_STATE).write_text(json.dumps(training_state, indent=2) + "\n", encoding="utf-8")
+    manifest = {"step": step, "files": _manifest_for(folder)}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _move_contents(source: Path, target: Path) -> None:
+    """Move a staged checkpoint into ``target``, the manifest last, so an interrupted move leaves a
+    folder without a manifest (never resumable) and the manifest written in the staging folder can
+    check that every file arrived whole."""
+    entries = sorted(source.iterdir(), key=lambda entry: entry.name == MANIFEST)
+    for entry in entries:
+        shutil.move(str(entry), str(target / entry.name))
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -113,15 +153,24 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def list_checkpoints(output_dir: Path) -> list[CheckpointInfo]:
-    """Complete checkpoints, oldest first. Anything else in ``output_dir`` is ignored."""
+    """Complete checkpoints of both kinds, oldest first. Anything else in ``output_dir`` is ignored."""
     if not output_dir.is_dir():
         return []
     found = []
     for entry in output_dir.iterdir():
         match = CHECKPOINT_PATTERN.match(entry.name)
         if match and entry.is_dir() and is_complete(entry):
-            found.append(CheckpointInfo(entry, int(match.group(1))))
+            found.append(CheckpointInfo(entry, int(match.group(1)), _is_rolling(entry)))
     return sorted(found, key=lambda info: info.step)
+
+
+def _is_rolling(folder: Path) -> bool:
+    """The kind is read from the checkpoint itself, so pruning after a restart still tells them apart;
+    checkpoints written before rolling ones existed count as regular."""
+    try:
+        return read_training_state(folder).get("rolling") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def resolve_resume_path(output_dir: Path, request: str | None) -> Path | None:
@@ -144,15 +193,20 @@ def resolve_resume_path(output_dir: Path, request: str | None) -> Path | None:
     return path
 
 
-def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond ``keep``; returns what was removed."""
+def prune_checkpoints(output_dir: Path, keep: int | None, rolling: bool = False) -> list[Path]:
+    """Delete the oldest complete checkpoints of one kind beyond ``keep``; returns what was removed.
+
+    Regular checkpoints answer to ``--checkpoints_total_limit`` and rolling ones to
+    ``--checkpoints_rolling_total_limit``; neither limit ever deletes a checkpoint of the other kind.
+    """
     if not keep:
         return []
-    checkpoints = list_checkpoints(output_dir)
+    checkpoints = [info for info in list_checkpoints(output_dir) if info.rolling == rolling]
     removed = [info.path for info in checkpoints[: max(0, len(checkpoints) - keep)]]
+    limit = "checkpoints_rolling_total_limit" if rolling else "checkpoints_total_limit"
     for path in removed:
         shutil.rmtree(path)
-        logger.info("removed old checkpoint %s (checkpoints_total_limit=%d)", path.name, keep)
+        logger.info("removed old %scheckpoint %s (%s=%d)", "rolling " if rolling else "", path.name, limit, keep)
     return removed
 
 

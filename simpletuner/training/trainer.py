@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from simpletuner.training import checkpoint as ckpt
 from simpletuner.training import distributed
+from simpletuner.training.checkpoint_schedule import ROLLING, CheckpointSchedule
 from simpletuner.training.memory import clear_accelerator_cache
 from simpletuner.training.optim import clip_gradients, optimizer_mode, set_optimizer_mode
 from simpletuner.training.precision import Fp32GradientAccumulator, configure_tf32
@@ -90,6 +92,7 @@ class Trainer:
         distributed.compile_denoiser(self.model.denoiser, getattr(self.launcher, "dynamo_backend", None), config)
         self._build_optimization()
         self._build_observers()
+        self._build_checkpointing()
         self._maybe_resume()
         if self.is_main:
             logger.info("\n%s", self.startup_summary())
@@ -201,17 +204,44 @@ class Trainer:
             disabled=config.validation_disable,
         )
 
+    def _build_checkpointing(self) -> None:
+        """When checkpoints are due (needs ``steps_per_epoch``), and the free-space check and user script
+        around each save; the last two only act on the main process, which writes the checkpoints."""
+        from simpletuner.training.checkpoint_hooks import DiskGuard, PostCheckpointScripts
+
+        self.checkpoint_schedule = CheckpointSchedule.from_config(self.config, self.steps_per_epoch)
+        self.disk_guard = DiskGuard.from_config(self.config, self.output_dir) if self.is_main else None
+        self.post_checkpoint = PostCheckpointScripts.from_config(self.config) if self.is_main else None
+
     # --- checkpoints ---------------------------------------------------------------------------------
 
     def _unwrapped_denoiser(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model.denoiser)
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, rolling: bool = False) -> Path | None:
+        """Write ``checkpoint-<step>`` (``rolling`` marks one from ``--checkpointing_rolling_steps``), prune
+        each kind to its own limit, then start ``--post_checkpoint_script``. The free-space check runs
+        first, so a run stopped for lack of space has written nothing."""
         if not self.is_main:
             return None
+        step = self.state.global_step
+        if self.disk_guard is not None:
+            self.disk_guard.ensure_space(step)
+        staging = Path(tempfile.gettempdir()) if self.config.checkpointing_use_tempdir else None
+        with self.memory.saving(self.model, getattr(self.text_encoders, "encoders", None)):  # --offload_during_save
+            folder = ckpt.write_checkpoint(self.output_dir, step, self._checkpoint_writers(),
+                                           self._checkpoint_state(rolling), staging_root=staging)
+        logger.info("saved %scheckpoint %s", "rolling " if rolling else "", folder)
+        ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
+        ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_rolling_total_limit, rolling=True)
+        if self.post_checkpoint is not None:
+            self.post_checkpoint.launch(folder, step)
+        return folder
+
+    def _checkpoint_writers(self) -> dict:
+        """File name -> function writing it: everything an exact resume needs."""
         from safetensors.torch import save_model
 
-        step = self.state.global_step
         writers = {
             "optimizer.pt": lambda path: torch.save(self.optimizer.state_dict(), path),
             "lr_scheduler.pt": lambda path: torch.save(self.lr_scheduler.state_dict(), path),
@@ -226,16 +256,21 @@ class Trainer:
                 writers.update(self.text_encoders.full_state_files())
         if self.ema is not None:
             writers["ema.pt"] = lambda path: torch.save(self.ema.state_dict(), path)
-        training_state = {"global_step": step, "micro_step": self.state.micro_step,
-                          "num_images_seen": self.state.num_images_seen, "max_steps": self.max_steps,
-                          "model_type": self.config.model_type, "model_family": self.config.model_family,
-                          "fuse_qkv_projections": bool(self.config.fuse_qkv_projections),
-                          **distributed.topology(self.config, self.accelerator.num_processes)}
-        with self.memory.saving(self.model, getattr(self.text_encoders, "encoders", None)):  # --offload_during_save
-            folder = ckpt.write_checkpoint(self.output_dir, step, writers, training_state)
-        logger.info("saved checkpoint %s", folder)
-        ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
-        return folder
+        return writers
+
+    def _checkpoint_state(self, rolling: bool) -> dict:
+        """training_state.json: the counters, what must match on resume, and the checkpoint's kind
+        (read back by pruning, so each limit still only counts its own kind after a restart)."""
+        return {"global_step": self.state.global_step, "micro_step": self.state.micro_step,
+                "num_images_seen": self.state.num_images_seen, "max_steps": self.max_steps,
+                "model_type": self.config.model_type, "model_family": self.config.model_family,
+                "fuse_qkv_projections": bool(self.config.fuse_qkv_projections), "rolling": rolling,
+                **distributed.topology(self.config, self.accelerator.num_processes)}
+
+    def wait_for_post_checkpoint_scripts(self) -> None:
+        """The end of a run waits for ``--post_checkpoint_script`` runs still going, so none is orphaned."""
+        if getattr(self, "post_checkpoint", None) is not None:
+            self.post_checkpoint.wait()
 
     def _maybe_resume(self) -> None:
         from safetensors.torch import load_model
@@ -376,10 +411,11 @@ class Trainer:
         interval = self.config.accelerator_cache_clear_interval
         if interval and state.global_step % interval == 0:
             clear_accelerator_cache(self.accelerator.device)
-        if self.config.checkpoint_step_interval and state.global_step % self.config.checkpoint_step_interval == 0:
+        kind = self.checkpoint_schedule.kind_at(state.global_step)  # step/epoch interval, or rolling
+        if kind is not None:
             self.accelerator.wait_for_everyone()
             with optimizer_mode(self.optimizer, "eval"):  # schedule-free: save the averaged weights
-                self.save_checkpoint()
+                self.save_checkpoint(rolling=kind == ROLLING)
         if self.validator.due(state.global_step):
             with optimizer_mode(self.optimizer, "eval"):  # on every process, so their weights stay equal
                 if self.is_main:
@@ -510,4 +546,5 @@ def train(config, launcher=None, config_file: Path | None = None, show_progress:
         trainer.save_final()
     finally:
         trainer.data.close()  # stops the prefetch thread, also when training fails
+        trainer.wait_for_post_checkpoint_scripts()
     return trainer

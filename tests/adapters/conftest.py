@@ -33,18 +33,9 @@ def fresh_accelerator_state():
 
 @pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Path:
-    from simpletuner.testing.shapes import make_demo_dataset
-    from simpletuner.testing.tiny_models import make_tiny_model
+    from simpletuner.testing.projects import make_family_project
 
-    root = tmp_path_factory.mktemp("adapters")
-    make_tiny_model("sd1x", root / "model", seed=0)
-    make_demo_dataset(root / "data", 8, size=64, seed=3)
-    (root / "multidatabackend.json").write_text(json.dumps([
-        {"id": "shapes", "type": "local", "instance_data_dir": str(root / "data"), "caption_strategy": "textfile",
-         "resolution": 64, "resolution_type": "pixel"},
-        {"id": "text", "dataset_type": "text_embeds", "cache_dir": str(root / "cache" / "text"), "default": True},
-    ]))
-    return root
+    return make_family_project(tmp_path_factory.mktemp("adapters"), "sd1x")
 
 
 def adapter_config(root: Path, output: str = "out", **overrides):

@@ -12,27 +12,13 @@ from simpletuner.models import lora_formats as formats  # noqa: E402
 from simpletuner.training import checkpoint as ckpt  # noqa: E402
 from simpletuner.training.trainer import Trainer, train  # noqa: E402
 from tests.memory.test_qkv_fusion import forward  # noqa: E402
+from tests.training.conftest import Interrupted, crash_after_step  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-class Interrupted(Exception):
-    pass
-
-
-def crash_after_step(monkeypatch, step: int) -> None:
-    original = Trainer._after_step
-
-    def after_step(self, *args):
-        original(self, *args)
-        if self.state.global_step == step:
-            raise Interrupted()
-
-    monkeypatch.setattr(Trainer, "_after_step", after_step)
-
-
 @pytest.mark.parametrize("lora_format", ["diffusers", "comfyui"])
-def test_fused_lora_matches_the_unfused_start_loads_in_diffusers_and_resumes(memory_config, tiny, monkeypatch,
+def test_fused_lora_matches_the_unfused_start_loads_in_diffusers_and_resumes(memory_config, tiny,
                                                                              tmp_path, lora_format):
     from diffusers import StableDiffusionPipeline
 
@@ -55,10 +41,8 @@ def test_fused_lora_matches_the_unfused_start_loads_in_diffusers_and_resumes(mem
     torch.testing.assert_close(forward(pipeline.unet), trained, atol=1e-5, rtol=1e-4)
     assert (before - trained).abs().max() > 1e-4, "the trained LoRA must change the output"
 
-    crash_after_step(monkeypatch, 2)
-    with pytest.raises(Interrupted):
+    with crash_after_step(2), pytest.raises(Interrupted):
         train(memory_config("sd1x", output_dir=str(tmp_path / "cut"), **flags), show_progress=False)
-    monkeypatch.undo()
     resumed = train(memory_config("sd1x", output_dir=str(tmp_path / "cut"), resume_from_checkpoint="latest",
                                   **flags), show_progress=False)
     assert resumed.state.losses == fused.state.losses[2:]

@@ -3,11 +3,12 @@ dataset, and a helper that builds CLI arguments for short runs."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
+
+from simpletuner.testing.projects import make_family_project  # noqa: F401  (re-exported for the tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,22 +20,6 @@ def fresh_accelerator_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)
-
-
-def make_family_project(root: Path, family: str, images: int = 8, size: int = 64, seed: int = 0) -> Path:
-    """``root`` with ``model/`` (the tiny ``family`` model), ``data/`` (demo shapes with captions) and
-    ``multidatabackend.json`` (the images plus a text-embed cache)."""
-    from simpletuner.testing.shapes import make_demo_dataset
-    from simpletuner.testing.tiny_models import make_tiny_model
-
-    make_tiny_model(family, root / "model", seed=seed)
-    make_demo_dataset(root / "data", images, size=size, seed=3)
-    (root / "multidatabackend.json").write_text(json.dumps([
-        {"id": "shapes", "type": "local", "instance_data_dir": str(root / "data"), "caption_strategy": "textfile",
-         "resolution": size, "resolution_type": "pixel"},
-        {"id": "text", "dataset_type": "text_embeds", "cache_dir": str(root / "cache" / "text"), "default": True},
-    ]))
-    return root
 
 
 def family_args(root: Path, family: str, output: str, **overrides) -> list[str]:

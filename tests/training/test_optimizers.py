@@ -3,10 +3,8 @@ modes, prodigy_steps, and short real runs of one optimizer per family through th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +19,7 @@ from simpletuner.training.optim import (  # noqa: E402
 )
 from simpletuner.training.trainer import Trainer, train  # noqa: E402
 from tests.conftest import write_minimal_dataset_list  # noqa: E402
+from tests.training.conftest import Interrupted, crash_after_step, run_args  # noqa: E402
 
 
 def settings(**overrides):
@@ -283,35 +282,6 @@ def test_validation_warns_about_schedules_for_schedulefree_and_a_small_prodigy_l
 
 # --- real runs on the tiny sd1x model -----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The tiny model and a dataset whose caches every run here shares (each run has its own output)."""
-    from simpletuner.testing.shapes import make_demo_dataset
-    from simpletuner.testing.tiny_models import make_tiny_model
-
-    root = tmp_path_factory.mktemp("optimizers")
-    make_tiny_model("sd1x", root / "model", seed=0)
-    make_demo_dataset(root / "data", 8, size=64, seed=3)
-    (root / "multidatabackend.json").write_text(json.dumps([
-        {"id": "shapes", "type": "local", "instance_data_dir": str(root / "data"), "caption_strategy": "textfile",
-         "resolution": 64, "resolution_type": "pixel"},
-        {"id": "text", "dataset_type": "text_embeds", "cache_dir": str(root / "cache" / "text"), "default": True},
-    ]))
-    return root
-
-
-def run_args(root: Path, output: str, **overrides) -> list[str]:
-    values = {
-        "model_family": "sd1x", "pretrained_model_name_or_path": str(root / "model"), "model_type": "lora",
-        "output_dir": str(root / output), "data_backend_config": str(root / "multidatabackend.json"),
-        "cache_dir": str(root / "cache"), "resolution": 64, "resolution_type": "pixel",
-        "aspect_bucket_alignment": 8, "mixed_precision": "no", "train_batch_size": 2, "max_train_steps": 3,
-        "seed": 7, "learning_rate": 1e-3, "report_to": "none", "disable_benchmark": "true",
-    }
-    values.update(overrides)
-    return [token for key, value in values.items() for token in (f"--{key}", str(value))]
-
-
 FAMILIES = {
     "torch-optimi": dict(optimizer="optimi-stableadamw", grad_clip_method="value", max_grad_norm=0.01),
     "kahan": dict(optimizer="adamw_bf16", mixed_precision="bf16", model_type="full"),
@@ -325,7 +295,7 @@ FAMILIES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_three_steps_through_the_cli_train_the_weights(tiny_run, monkeypatch, family):
+def test_three_steps_through_the_cli_train_the_weights(project, monkeypatch, family):
     import simpletuner.training.trainer as trainer_module
 
     seen = {}
@@ -346,7 +316,7 @@ def test_three_steps_through_the_cli_train_the_weights(tiny_run, monkeypatch, fa
         seen["before"] = [p.detach().float().clone() for p in self.trainable]
 
     monkeypatch.setattr(Trainer, "setup", setup_and_snapshot)
-    assert main(["train", *run_args(tiny_run, f"out-{family}", **FAMILIES[family])]) == 0
+    assert main(["train", *run_args(project, f"out-{family}", **FAMILIES[family])]) == 0
     trainer = seen["trainer"]
     assert len(trainer.state.losses) == 3 and all(math.isfinite(loss) for loss in trainer.state.losses)
     moved = [not torch.equal(a, p.detach().float()) for a, p in zip(seen["before"], trainer.trainable)]
@@ -369,17 +339,13 @@ def test_three_steps_through_the_cli_train_the_weights(tiny_run, monkeypatch, fa
 
 
 @pytest.mark.slow
-def test_loss_falls_over_thirty_steps(tiny_run):
-    config = resolve_run(run_args(tiny_run, "out-30", max_train_steps=30, model_type="full", learning_rate=3e-4,
+def test_loss_falls_over_thirty_steps(project):
+    config = resolve_run(run_args(project, "out-30", max_train_steps=30, model_type="full", learning_rate=3e-4,
                                   optimizer="optimi-adamw", train_batch_size=4)).config
     losses = train(config, show_progress=False).state.losses
     assert len(losses) == 30
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.8 * first, f"loss did not fall: first 10 steps {first:.4f}, last 10 {last:.4f}"
-
-
-class Interrupted(Exception):
-    pass
 
 
 @pytest.mark.slow
@@ -388,15 +354,15 @@ class Interrupted(Exception):
     ("prodigy", dict(learning_rate=1.0, prodigy_steps=4)),
     ("optimi-adamw", dict(use_ema="true", ema_update_interval=1, lr_scheduler="cosine", lr_warmup_steps=2)),
 ])
-def test_resume_reproduces_the_loss_sequence(tiny_run, monkeypatch, optimizer, extra):
+def test_resume_reproduces_the_loss_sequence(project, monkeypatch, optimizer, extra):
     overrides = dict(optimizer=optimizer, max_train_steps=6, checkpoint_step_interval=3, **extra)
-    config = lambda output, **more: resolve_run(run_args(tiny_run, output, **overrides, **more)).config  # noqa: E731
+    config = lambda output, **more: resolve_run(run_args(project, output, **overrides, **more)).config  # noqa: E731
     modes = []
     original_save = Trainer.save_checkpoint
 
-    def save_and_record_mode(self):
+    def save_and_record_mode(self, **kwargs):
         modes.append(group_of(self.optimizer.optimizer).get("train_mode"))
-        return original_save(self)
+        return original_save(self, **kwargs)
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save_and_record_mode)
     reference = train(config(f"ref-{optimizer}"), show_progress=False)
@@ -404,17 +370,8 @@ def test_resume_reproduces_the_loss_sequence(tiny_run, monkeypatch, optimizer, e
     if optimizer == "adamw_schedulefree":
         assert modes == [False, False]  # checkpoints hold the averaged weights
 
-    original_after = Trainer._after_step
-
-    def crash_after_step_4(self, *args):
-        original_after(self, *args)
-        if self.state.global_step == 4:
-            raise Interrupted()
-
-    monkeypatch.setattr(Trainer, "_after_step", crash_after_step_4)
-    with pytest.raises(Interrupted):
+    with crash_after_step(4), pytest.raises(Interrupted):
         train(config(f"cut-{optimizer}"), show_progress=False)
-    monkeypatch.setattr(Trainer, "_after_step", original_after)
     resumed = train(config(f"cut-{optimizer}", resume_from_checkpoint="latest"), show_progress=False)
     assert resumed.resumed_from.name == "checkpoint-3"
     assert resumed.state.losses == reference.state.losses[3:]

@@ -11,40 +11,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from simpletuner.options.resolve import resolve_run  # noqa: E402
 from simpletuner.training.trainer import Trainer, train  # noqa: E402
+from tests.training.conftest import config_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    from simpletuner.testing.shapes import make_demo_dataset
-    from simpletuner.testing.tiny_models import make_tiny_model
-
-    root = tmp_path_factory.mktemp("switches")
-    make_tiny_model("sd1x", root / "model", seed=0)
-    make_demo_dataset(root / "data", 8, size=64, seed=3)
-    (root / "multidatabackend.json").write_text(json.dumps([
-        {"id": "shapes", "type": "local", "instance_data_dir": str(root / "data"), "caption_strategy": "textfile",
-         "resolution": 64, "resolution_type": "pixel"},
-        {"id": "text", "dataset_type": "text_embeds", "cache_dir": str(root / "cache" / "text"), "default": True},
-    ]))
-    return root
-
-
-def config_for(root: Path, output: str, **overrides):
-    values = {
-        "model_family": "sd1x", "pretrained_model_name_or_path": str(root / "model"), "model_type": "lora",
-        "output_dir": str(root / output), "data_backend_config": str(root / "multidatabackend.json"),
-        "cache_dir": str(root / "cache"), "resolution": 64, "resolution_type": "pixel",
-        "aspect_bucket_alignment": 8, "mixed_precision": "no", "train_batch_size": 2, "max_train_steps": 3,
-        "seed": 7, "learning_rate": 1e-3, "report_to": "none", "disable_benchmark": "true",
-        "optimizer": "optimi-adamw",
-    }
-    values.update(overrides)
-    argv = [token for key, value in values.items() for token in (f"--{key}", str(value))]
-    return resolve_run(argv).config
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

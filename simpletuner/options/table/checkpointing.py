@@ -22,6 +22,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Write a checkpoint after every N completed epochs, in addition to any step-based ones.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="checkpoints_total_limit",
@@ -37,20 +38,23 @@ OPTIONS: list[Option] = [
         default=None,
         help="Step interval for an extra set of rolling checkpoints kept separately from the regular ones.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="checkpoints_rolling_total_limit",
         kind="int",
         default=None,
-        help="How many rolling checkpoints to keep.",
+        help="How many rolling checkpoints to keep; regular ones only count against checkpoints_total_limit.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="checkpointing_use_tempdir",
         kind="bool",
         default=False,
-        help="Write each checkpoint into a temporary folder first and move it into place once complete.",
+        help="Write each checkpoint into a folder under the system temp dir (local disk) first and move it into output_dir once complete; useful when output_dir is a network mount.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="resume_from_checkpoint",
@@ -66,6 +70,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Free space required before a checkpoint is saved, as bytes or a size like 50M, 100G or 1T. Unset disables the check.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="disk_low_action",
@@ -74,6 +79,7 @@ OPTIONS: list[Option] = [
         help="Reaction when free space is under disk_low_threshold: stop the run, wait and re-check every 30 seconds, or run disk_low_script.",
         group=_G,
         choices=("stop", "wait", "script"),
+        implemented=True,
     ),
     Option(
         name="disk_low_script",
@@ -81,6 +87,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Executable cleanup script run when disk_low_action is script; training stops if it fails or frees too little.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="post_checkpoint_script",
@@ -89,5 +96,6 @@ OPTIONS: list[Option] = [
         help="Command run in the background after each checkpoint is written locally. "
         "Placeholders like {local_checkpoint_path} and {global_step} are filled in.",
         group=_G,
+        implemented=True,
     ),
 ]
