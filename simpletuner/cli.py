@@ -1,4 +1,5 @@
-"""The ``simpletuner`` command: train, configure, options, make-tiny-model, make-demo-dataset, demo.
+"""The ``simpletuner`` command: train, configure, options, make-tiny-model, make-demo-dataset, demo,
+extract-lora, merge-lora.
 
 Only the standard library and the options package are imported at start-up; each subcommand imports
 what it needs when it runs, so ``simpletuner --help`` and config validation stay fast and torch-free.
@@ -26,6 +27,8 @@ SUBCOMMANDS = {
     "make-tiny-model": "write a tiny offline model folder built from the real diffusers classes",
     "make-demo-dataset": "write the procedural coloured-shapes dataset (PNG + caption .txt)",
     "demo": "build the tiny model and dataset, train, and score prompt-matching before and after",
+    "extract-lora": "write a LoRA holding the difference between a fine-tuned model and its base",
+    "merge-lora": "fold a LoRA or LyCORIS file into a base pipeline and save the merged pipeline",
 }
 
 
@@ -192,6 +195,62 @@ def cmd_demo(argv: Sequence[str]) -> int:
     return 0
 
 
+# --- LoRA extraction and merging ----------------------------------------------------------------------
+
+def _lora_tool_parser(name: str) -> argparse.ArgumentParser:
+    """The options both LoRA tools share: the base, the tensor type and replacing an existing output."""
+    parser = argparse.ArgumentParser(prog=f"simpletuner {name}",
+                                     description=SUBCOMMANDS[name] + " (documentation/LORA_TOOLS.md).")
+    parser.add_argument("--base", required=True, help="base pipeline folder (extract-lora: or the denoiser's folder)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="dtype of the written tensors (merge-lora: the pipeline is loaded and merged in it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    return parser
+
+
+def _run_lora_tool(name: str, run, error_type) -> int:
+    """Run a LoRA tool; its own errors become one line on stderr and exit status 2."""
+    configure_logging("WARNING")
+    try:
+        result = run()
+    except error_type as error:
+        print(f"simpletuner {name}: {error}", file=sys.stderr)
+        return 2
+    print(result.describe())
+    return 0
+
+
+def cmd_extract_lora(argv: Sequence[str]) -> int:
+    parser = _lora_tool_parser("extract-lora")
+    parser.add_argument("--ft", required=True, help="fine-tuned pipeline folder (or model folder) of the same architecture")
+    parser.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (at least 1)")
+    parser.add_argument("--full-rank", action="store_true", help="keep every layer's full rank: an exact copy")
+    parser.add_argument("--component", choices=["unet", "transformer"], default=None,
+                        help="the denoiser component (default: detected from model_index.json)")
+    args = parser.parse_args(argv)
+    if args.full_rank == (args.rank is not None):
+        parser.error("give exactly one of --rank R and --full-rank")
+    from simpletuner.tools.lora_extract import ExtractError, extract_lora
+
+    return _run_lora_tool("extract-lora", lambda: extract_lora(
+        args.base, args.ft, args.out, None if args.full_rank else args.rank, component=args.component,
+        dtype=args.dtype, overwrite=args.overwrite), ExtractError)
+
+
+def cmd_merge_lora(argv: Sequence[str]) -> int:
+    parser = _lora_tool_parser("merge-lora")
+    parser.add_argument("--adapter", required=True, help="LoRA (diffusers/kohya) or LyCORIS .safetensors file")
+    parser.add_argument("--output", required=True, help="folder for the merged pipeline")
+    parser.add_argument("--scale", type=float, default=1.0, help="adapter strength folded into the weights")
+    args = parser.parse_args(argv)
+    from simpletuner.tools.lora_merge import MergeError, merge_lora
+
+    return _run_lora_tool("merge-lora", lambda: merge_lora(
+        args.base, args.adapter, args.output, scale=args.scale, overwrite=args.overwrite, dtype=args.dtype),
+        MergeError)
+
+
 COMMANDS = {
     "train": cmd_train,
     "configure": cmd_configure,
@@ -200,6 +259,8 @@ COMMANDS = {
     "make-tiny-model": cmd_make_tiny_model,
     "make-demo-dataset": cmd_make_demo_dataset,
     "demo": cmd_demo,
+    "extract-lora": cmd_extract_lora,
+    "merge-lora": cmd_merge_lora,
 }
 
 
