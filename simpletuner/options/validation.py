@@ -20,6 +20,7 @@ from simpletuner.options.memory_rules import MEMORY_RULES, memory_warnings
 from simpletuner.options.quantization_rules import QUANTIZATION_RULES, quantization_warnings
 from simpletuner.options.sdxl_rules import check_sdxl, sdxl_warnings
 from simpletuner.options.training_rules import TRAINING_RULES
+from simpletuner.options.validation_rules import VALIDATION_RULES, validation_option_warnings
 from simpletuner.training.optim import OPTIMIZERS, parse_optimizer_config
 
 # Values of implemented options that the trainer cannot act on yet. Keeping them here (instead of
@@ -31,6 +32,7 @@ SUPPORTED_VALUES: dict[str, tuple] = {
     "lora_type": ("standard", "lycoris"),
     "report_to": ("tensorboard", "none"),
     "resolution_type": ("pixel", "pixel_area", "area"),
+    "validation_noise_scheduler": ("ddim", "ddpm", "euler", "euler-a", "unipc", "dpm++"),
 }
 
 LORA_ONLY_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout")
@@ -372,7 +374,8 @@ def check_validation_settings(config) -> None:
 def collect_warnings(config) -> list[str]:
     """Settings that are legal but probably not what the user meant."""
     warnings = []
-    if config.validation_step_interval and not config.validation_prompt:
+    if config.validation_step_interval and not (config.validation_prompt or config.validation_prompt_library
+                                                or config.user_prompt_library):
         warnings.append("`--validation_step_interval` is set but `--validation_prompt` is empty: "
                         "no validation images will be made")
     if config.lr_scheduler == "constant" and config.lr_warmup_steps:
@@ -386,6 +389,7 @@ def collect_warnings(config) -> list[str]:
     warnings.extend(memory_warnings(config))
     warnings.extend(sdxl_warnings(config))
     warnings.extend(checkpoint_warnings(config))
+    warnings.extend(validation_option_warnings(config))
     return warnings
 
 
@@ -395,7 +399,7 @@ RULES: tuple[Callable, ...] = (
     check_loss_settings, check_ema_settings, check_optimizer_settings,
     check_timestep_settings, check_flow_options, *TRAINING_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, check_sdxl,
     *QUANTIZATION_RULES, *MEMORY_RULES, *CHECKPOINT_RULES,
-    check_validation_settings, check_paths,
+    check_validation_settings, *VALIDATION_RULES, check_paths,
 )
 
 

@@ -202,6 +202,9 @@ class Trainer:
             benchmark_enabled=not config.disable_benchmark and not config.validation_disable,
             device=self.accelerator.device,
             disabled=config.validation_disable,
+            epoch_interval_steps=(config.validation_epoch_interval * self.steps_per_epoch
+                                  if config.validation_epoch_interval and not config.validation_disable else None),
+            on_startup=bool(config.validation_on_startup),
         )
 
     def _build_checkpointing(self) -> None:
@@ -319,6 +322,10 @@ class Trainer:
     def fit(self) -> LoopState:
         if self.state.global_step == 0 and self.is_main:
             self.validator.run_benchmark(self.model)
+        if self.validator.on_startup and self.state.global_step < self.max_steps:
+            with optimizer_mode(self.optimizer, "eval"):  # on every process, so their weights stay equal
+                if self.is_main:
+                    self.validator.run_startup(self.model, self.state.global_step)
         progress = self.progress_bar()
         while self.state.global_step < self.max_steps:
             self.run_one_step(progress)

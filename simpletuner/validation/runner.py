@@ -42,11 +42,21 @@ class ValidationSettings:
     guidance: float
     seed: int
     resolutions: list[tuple[int, int]]
+    #: per prompt: its library shortname (used in file names), or None for ``--validation_prompt``
+    names: list[str | None] | None = None
+    randomize: bool = False
+    #: ``--validation_seed_source``: "gpu" puts the generators on the accelerator, anything else on the CPU
+    seed_source: str | None = None
+    guidance_rescale: float | None = None
+    scheduler: str | None = None
 
     @classmethod
     def from_config(cls, config, fallback_edge: int, family_defaults: dict | None = None) -> "ValidationSettings":
         """``family_defaults`` (from :meth:`ModelFamily.validation_defaults`) replace the table's
         defaults for options the user did not set, e.g. Flux's embedded guidance of 3.5."""
+        from simpletuner.options.validation_rules import EMBEDDED_GUIDANCE_FAMILIES
+        from simpletuner.validation.prompt_library import library_prompts
+
         explicit = getattr(config, "explicit", frozenset())
 
         def value(name: str):
@@ -54,27 +64,79 @@ class ValidationSettings:
                 return family_defaults[name]
             return getattr(config, name)
 
+        prompts = [config.validation_prompt] if config.validation_prompt else []
+        names: list[str | None] = [None] * len(prompts)
+        for shortname, prompt in library_prompts(config).items():
+            prompts.append(prompt)
+            names.append(shortname)
+        guidance = value("validation_guidance")
+        # guidance 1.0 is the pipelines' switch for "no unconditional pass"; an embedded guidance
+        # value (Flux) is not classifier-free guidance and stays as it is
+        if getattr(config, "validation_disable_unconditional", False) \
+                and config.model_family not in EMBEDDED_GUIDANCE_FAMILIES:
+            guidance = 1.0
         return cls(
-            prompts=[config.validation_prompt] if config.validation_prompt else [],
+            prompts=prompts,
             negative_prompt=value("validation_negative_prompt") or None,
             num_images=config.num_validation_images or 1,
             num_inference_steps=value("validation_num_inference_steps"),
-            guidance=value("validation_guidance"),
+            guidance=guidance,
             seed=config.validation_seed if config.validation_seed is not None else (config.seed or 0),
             resolutions=parse_resolutions(config.validation_resolution, fallback_edge),
+            names=names,
+            randomize=bool(getattr(config, "validation_randomize", False)),
+            seed_source=getattr(config, "validation_seed_source", None),
+            guidance_rescale=getattr(config, "validation_guidance_rescale", None),
+            scheduler=getattr(config, "validation_noise_scheduler", None),
         )
+
+    def call_arguments(self) -> dict:
+        """Pipeline keyword arguments that only some options add."""
+        return {} if self.guidance_rescale is None else {"guidance_rescale": float(self.guidance_rescale)}
+
+
+def generator_device(settings: ValidationSettings, device):
+    """Where the per-image generators live: the accelerator with ``--validation_seed_source gpu``,
+    else the CPU (the same seed then gives the same image on any machine)."""
+    import torch
+
+    return torch.device(device) if settings.seed_source == "gpu" else torch.device("cpu")
+
+
+def fresh_seed() -> int:
+    """A random seed from the OS, leaving every global random state untouched (exact resume)."""
+    import secrets
+
+    return secrets.randbelow(2**31 - 1)
+
+
+def validation_scheduler(name: str, current, flow_matching: bool):
+    """``--validation_noise_scheduler``: the named diffusers scheduler built from the pipeline's own
+    scheduler config (so prediction type, betas and timestep spacing carry over)."""
+    import diffusers
+
+    from simpletuner.options.validation_rules import scheduler_class_name
+
+    class_name = scheduler_class_name(name, flow_matching)
+    if class_name is None:  # the config rules refuse these before a model loads
+        raise ValueError(f"--validation_noise_scheduler {name} cannot sample this model")
+    return getattr(diffusers, class_name).from_config(current.config)
 
 
 def generate_images(pipeline, prompts: list[str], settings: ValidationSettings, device,
-                    size: tuple[int, int], batch_size: int = 16, extra_arguments: dict | None = None) -> list:
-    """One image per prompt, each with its own seeded generator so results do not depend on batching
-    and never touch the global random state (which would break exact resume)."""
+                    size: tuple[int, int], batch_size: int = 16, extra_arguments: dict | None = None,
+                    seed: int | None = None) -> list:
+    """One image per prompt, each with its own seeded generator (image ``i`` uses ``seed + i``;
+    ``seed`` defaults to ``settings.seed``) so results do not depend on batching and never touch the
+    global random state (which would break exact resume)."""
     import torch
 
+    base_seed = settings.seed if seed is None else seed
+    where = generator_device(settings, device)
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        generators = [torch.Generator(device="cpu").manual_seed(settings.seed + start + i) for i in range(len(chunk))]
+        generators = [torch.Generator(device=where).manual_seed(base_seed + start + i) for i in range(len(chunk))]
         result = pipeline(
             prompt=chunk,
             negative_prompt=[settings.negative_prompt] * len(chunk) if settings.negative_prompt else None,
@@ -100,13 +162,31 @@ class Validator:
     device: object
     disabled: bool = False
     benchmark: dict[tuple[int, int], list] = field(default_factory=dict)
+    #: ``--validation_epoch_interval`` in optimizer steps (epochs x steps per epoch)
+    epoch_interval_steps: int | None = None
+    on_startup: bool = False
+    #: the seed of the latest run (``--validation_randomize`` draws a new one each time)
+    last_seed: int | None = None
 
     @property
     def enabled(self) -> bool:
         return bool(self.settings.prompts) and not self.disabled
 
     def due(self, step: int) -> bool:
-        return self.enabled and bool(self.interval) and step > 0 and step % self.interval == 0
+        """At the step interval or at the end of every Nth epoch; once, when both fall on one step."""
+        if not self.enabled or step <= 0:
+            return False
+        return any(interval and step % interval == 0 for interval in (self.interval, self.epoch_interval_steps))
+
+    def run_startup(self, model, step: int) -> None:
+        """``--validation_on_startup``: sample before the first step of this process's training. At
+        step 0 the benchmark images are those samples already, so they are not made twice."""
+        if not (self.enabled and self.on_startup):
+            return
+        if step == 0 and self.benchmark:
+            logger.info("validation on startup: the step-0 base model images serve as the startup samples")
+            return
+        self.run(model, step, label="step_0_base_model" if step == 0 else f"step_{step}_startup")
 
     def run(self, model, step: int, label: str | None = None) -> dict[tuple[int, int], list]:
         """Sample every prompt x image index x resolution; write PNGs and a grid per resolution."""
@@ -122,9 +202,18 @@ class Validator:
             network.eval()
         pipeline = model.build_pipeline(denoiser)
         pipeline.set_progress_bar_config(disable=True)
+        if self.settings.scheduler:
+            pipeline.scheduler = validation_scheduler(self.settings.scheduler, pipeline.scheduler,
+                                                      model.prediction_type == "flow_matching")
         prompts = [p for p in self.settings.prompts for _ in range(self.settings.num_images)]
+        names = self._file_names(step)
         folder = self.output_dir / "validation" / (label or f"step_{step}")
         folder.mkdir(parents=True, exist_ok=True)
+        seed = fresh_seed() if self.settings.randomize else self.settings.seed
+        self.last_seed = seed
+        logger.info("validation %s: seed %d (image i uses seed %d + i, generators on %s)", folder.name, seed, seed,
+                    generator_device(self.settings, self.device).type)
+        arguments = {**model.pipeline_call_arguments(), **self.settings.call_arguments()}
         results = {}
         from simpletuner.training.adapter import validation_strength
 
@@ -132,13 +221,36 @@ class Validator:
         with torch.no_grad(), self._autocast(model), validation_strength(model):
             for size in self.settings.resolutions:
                 images = generate_images(pipeline, prompts, self.settings, self.device, size,
-                                         extra_arguments=model.pipeline_call_arguments())
+                                         extra_arguments=arguments, seed=seed)
                 results[size] = images
-                self._write(folder, size, prompts, images, step)
+                self._write(folder, size, names, images, step)
+        self._write_record(folder, step, seed, prompts, names)
         for network, was_training in zip(networks, training_modes):
             network.train(was_training)
         logger.info("validation images for step %d written to %s", step, folder)
         return results
+
+    def _file_names(self, step: int) -> list[str]:
+        """Per image, the file name stem after the size tag: the running index for
+        ``--validation_prompt``, ``<shortname>_<n>`` for library prompts."""
+        shortnames = self.settings.names or [None] * len(self.settings.prompts)
+        stems = []
+        for shortname in shortnames:
+            for n in range(self.settings.num_images):
+                stems.append(f"{len(stems):02d}" if shortname is None else f"{shortname}_{n:02d}")
+        return stems
+
+    def _write_record(self, folder: Path, step: int, seed: int, prompts: list[str], names: list[str]) -> None:
+        """``validation.json``: the seed and prompt of every image, enough to reproduce any of them."""
+        import json
+
+        record = {
+            "step": step, "seed": seed, "seed_source": self.settings.seed_source or "cpu",
+            "randomized": self.settings.randomize,
+            "images": {stem: {"prompt": prompt, "seed": seed + index}
+                       for index, (stem, prompt) in enumerate(zip(names, prompts))},
+        }
+        (folder / "validation.json").write_text(json.dumps(record, indent=2))
 
     def _autocast(self, model):
         """Half-precision models mix dtypes inside the pipeline (the scheduler works in fp32);
@@ -156,12 +268,12 @@ class Validator:
         if self.enabled and self.benchmark_enabled:
             self.benchmark = self.run(model, 0, label="step_0_base_model")
 
-    def _write(self, folder: Path, size: tuple[int, int], prompts: list[str], images: list, step: int) -> None:
+    def _write(self, folder: Path, size: tuple[int, int], names: list[str], images: list, step: int) -> None:
         tag = f"{size[0]}x{size[1]}"
         base = self.benchmark.get(size)
         shown = []
         for index, image in enumerate(images):
-            image.save(folder / f"{tag}_{index:02d}.png")
+            image.save(folder / f"{tag}_{names[index]}.png")
             shown.append(stitch_left(base[index], image) if base and step > 0 else image)
         grid = make_grid(shown, columns=min(len(shown), 4))
         grid.save(folder / f"grid_{tag}.png")

@@ -23,6 +23,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="Generate validation samples after every N epochs.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_disable",
@@ -38,6 +39,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Also sample once from the untouched base model before the first training step.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="disable_benchmark",
@@ -93,6 +95,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Add the trainer's bundled set of test prompts to validation.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="user_prompt_library",
@@ -100,6 +103,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="JSON file of your own named validation prompts.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="num_validation_images",
@@ -140,8 +144,10 @@ OPTIONS: list[Option] = [
         name="validation_guidance_rescale",
         kind="float",
         default=None,
-        help="Guidance rescale factor for validation, reducing over-saturation at high CFG.",
+        help="Guidance rescale factor (0 to 1) for validation, reducing over-saturation at high CFG; "
+        "sd1x, sd2x and sdxl only.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_no_cfg_until_timestep",
@@ -156,8 +162,10 @@ OPTIONS: list[Option] = [
         name="validation_disable_unconditional",
         kind="bool",
         default=False,
-        help="Do not produce the extra unconditional (empty prompt) sample during validation.",
+        help="Sample validation images without the unconditional (negative prompt) pass, i.e. classifier-free "
+        "guidance off (guidance 1.0); Flux's embedded guidance is unchanged.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_guidance_skip_layers",
@@ -194,6 +202,7 @@ OPTIONS: list[Option] = [
         help="Sampler used for validation images; unset keeps the model's own scheduler.",
         group=_G,
         choices=("ddim", "ddpm", "euler", "euler-a", "unipc", "dpm++", "perflow"),
+        implemented=True,
     ),
     Option(
         name="validation_seed",
@@ -209,6 +218,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Use a new random seed at every validation instead of a fixed one.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_seed_source",
@@ -217,6 +227,7 @@ OPTIONS: list[Option] = [
         help="Device on which the validation random generator is created.",
         group=_G,
         choices=("cpu", "gpu"),
+        implemented=True,
     ),
     Option(
         name="validation_resolution",
