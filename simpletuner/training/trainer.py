@@ -56,6 +56,10 @@ class Trainer:
         self._last_step_end: float | None = None
         self.text_encoders = None  # TextEncoderTraining with --train_text_encoder
         self.grad_accumulator: Fp32GradientAccumulator | None = None
+        from simpletuner.tracking.webhooks import NullNotifier
+
+        self.webhooks = NullNotifier()  # --webhook_config, built in setup() once the main process is known
+        self.batch_inspector = None  # --debug_dataset_loader / --print_sampler_statistics
 
     # --- setup ---------------------------------------------------------------------------------------
 
@@ -74,6 +78,9 @@ class Trainer:
         )
         distributed.check_engine(self.accelerator)
         self.is_main = self.accelerator.is_main_process
+        from simpletuner.tracking.webhooks import build_notifier
+
+        self.webhooks = build_notifier(config, self.is_main)
         if config.seed is not None:
             # --seed_for_each_device: rank r uses seed + r (different noise per process, still reproducible)
             set_seed(config.seed, device_specific=bool(config.seed_for_each_device))
@@ -87,6 +94,7 @@ class Trainer:
         self.memory = MemorySavers(config, self.accelerator.device, self.accelerator.local_process_index)
         self.model = self._load_model()
         self.data = self._build_data()
+        self._build_data_debugging()
         self.trainable = self._prepare_trainable()
         self.memory.before_optimization(self.model)  # unsloth checkpointing, block swap, RamTorch (training/offload.py)
         distributed.compile_denoiser(self.model.denoiser, getattr(self.launcher, "dynamo_backend", None), config)
@@ -96,6 +104,7 @@ class Trainer:
         self._maybe_resume()
         if self.is_main:
             logger.info("\n%s", self.startup_summary())
+            self._notify_started()
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -129,6 +138,28 @@ class Trainer:
         plan = load_dataset_plan(self.config.data_backend_config)
         with self.accelerator.main_process_first(), self.memory.startup(self.model):  # --offload_during_startup
             return build_training_data(self.config, self.model, plan, show_progress=self.show_progress and self.is_main)
+
+    def _build_data_debugging(self) -> None:
+        """--debug_aspect_buckets (once, now), --debug_dataset_loader and --print_sampler_statistics (per batch)."""
+        from simpletuner.data.debug import BatchInspector, log_aspect_buckets
+
+        config = self.config
+        if config.debug_aspect_buckets and self.is_main:
+            log_aspect_buckets(self.data)
+        inspector = BatchInspector(self.data, bool(config.debug_dataset_loader), bool(config.print_sampler_statistics))
+        self.batch_inspector = inspector if inspector.active else None
+
+    def _notify_started(self) -> None:
+        config = self.config
+        self.webhooks.send(
+            "run_started",
+            f"training started: {config.model_family} {config.model_type}, {self.max_steps} steps",
+            model_family=config.model_family, model_flavour=config.model_flavour, model_type=config.model_type,
+            model=str(self.model.model_path), max_steps=self.max_steps, steps_per_epoch=self.steps_per_epoch,
+            start_step=self.state.global_step,
+            batch_size=config.train_batch_size * config.gradient_accumulation_steps * self.accelerator.num_processes,
+            learning_rate=config.learning_rate, output_dir=str(self.output_dir),
+        )
 
     def _prepare_trainable(self) -> list[torch.nn.Parameter]:
         from simpletuner.training.adapter import attach_adapter
@@ -235,6 +266,9 @@ class Trainer:
             folder = ckpt.write_checkpoint(self.output_dir, step, self._checkpoint_writers(),
                                            self._checkpoint_state(rolling), staging_root=staging)
         logger.info("saved %scheckpoint %s", "rolling " if rolling else "", folder)
+        if folder is not None:
+            self.webhooks.send("checkpoint", f"saved {'rolling ' if rolling else ''}checkpoint {Path(folder).name}",
+                               step=step, path=str(folder), rolling=rolling)
         ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
         ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_rolling_total_limit, rolling=True)
         if self.post_checkpoint is not None:
@@ -394,6 +428,8 @@ class Trainer:
                 # the batch's randomness depends on its index in the global order, not on the process
                 distributed.seed_batch(self.batch_seed_base, self.data.state_dict()["draws"])
                 batch = self.data.next_batch(step)
+                if self.batch_inspector is not None:
+                    self.batch_inspector.observe(batch, step + 1)
             else:
                 self.data.skip_batch(step)
         return batch
@@ -413,6 +449,10 @@ class Trainer:
         if grad_norm is not None:
             scalars["grad_norm"] = grad_norm
         self.tracker.log_scalars(scalars, state.global_step)
+        if self.webhooks.progress_due(state.global_step):
+            self._notify_progress(loss, lr)
+        if self.batch_inspector is not None and state.global_step % self.steps_per_epoch == 0:
+            self.batch_inspector.end_epoch(state.global_step // self.steps_per_epoch)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
         interval = self.config.accelerator_cache_clear_interval
@@ -428,14 +468,35 @@ class Trainer:
                 if self.is_main:
                     self.validate(state.global_step)
 
+    def _notify_progress(self, loss: float, lr: float) -> None:
+        state = self.state
+        recent = state.step_seconds[-self.webhooks.interval:]
+        recent_losses = state.losses[-self.webhooks.interval:]
+        self.webhooks.send(
+            "progress", f"step {state.global_step}/{self.max_steps}, loss {loss:.4f}",
+            step=state.global_step, max_steps=self.max_steps,
+            epoch=(state.global_step - 1) // self.steps_per_epoch + 1, loss=loss,
+            mean_loss=sum(recent_losses) / len(recent_losses), lr=lr, num_images_seen=state.num_images_seen,
+            seconds_per_step=sum(recent) / len(recent),
+        )
+
     def validate(self, step: int) -> None:
         """Validation images from the live weights, the EMA weights, or both (``--ema_validation``)."""
         mode = (self.config.ema_validation or "comparison") if self.ema is not None else "none"
         if mode in ("none", "comparison"):
             self.validator.run(self.model, step)
+            self._notify_validation(step, f"step_{step}")
         if mode in ("ema_only", "comparison"):
             with self.ema.applied():
                 self.validator.run(self.model, step, label=f"step_{step}_ema")
+            self._notify_validation(step, f"step_{step}_ema")
+
+    def _notify_validation(self, step: int, label: str) -> None:
+        folder = self.output_dir / "validation" / label
+        grids = sorted(str(path) for path in folder.glob("grid_*.png"))
+        images = sorted(str(path) for path in folder.glob("*.png") if not path.name.startswith("grid_"))
+        self.webhooks.send("validation", f"validation images for step {step} written to {folder}",
+                           step=step, folder=str(folder), grids=grids, images=images)
 
     # --- outputs -------------------------------------------------------------------------------------
 
@@ -483,6 +544,12 @@ class Trainer:
         if self.validator.enabled and not self.validator.due(self.state.global_step):
             self.validate(self.state.global_step)
         self.tracker.close()
+        if self.batch_inspector is not None:
+            self.batch_inspector.end_run()
+        self.webhooks.send("run_finished", f"training finished at step {self.state.global_step}: {result}",
+                           step=self.state.global_step, num_images_seen=self.state.num_images_seen,
+                           output=str(result), final_loss=self.state.losses[-1] if self.state.losses else None,
+                           seconds_per_step=self.step_time_median())
         return result
 
     def _unfused_layout(self):
@@ -547,11 +614,19 @@ def planned_max_steps(config, steps_per_epoch: int) -> int:
 def train(config, launcher=None, config_file: Path | None = None, show_progress: bool = True) -> Trainer:
     """Run a whole training job; returns the finished trainer (tests read its state)."""
     trainer = Trainer(config, launcher=launcher, config_file=config_file, show_progress=show_progress)
-    trainer.setup()
     try:
-        trainer.fit()
-        trainer.save_final()
+        trainer.setup()
+        try:
+            trainer.fit()
+            trainer.save_final()
+        finally:
+            trainer.data.close()  # stops the prefetch thread, also when training fails
+            trainer.wait_for_post_checkpoint_scripts()
+    except BaseException as error:
+        trainer.webhooks.send("run_failed", f"training failed at step {trainer.state.global_step}: "
+                              f"{type(error).__name__}: {error}", step=trainer.state.global_step,
+                              error_type=type(error).__name__, error=str(error)[:1500])
+        raise
     finally:
-        trainer.data.close()  # stops the prefetch thread, also when training fails
-        trainer.wait_for_post_checkpoint_scripts()
+        trainer.webhooks.close()  # delivers what is queued, waiting a few seconds at most
     return trainer

@@ -61,30 +61,35 @@ OPTIONS: list[Option] = [
         name="webhook_config",
         kind="json",
         default=None,
-        help="Webhook targets (Discord or custom endpoints), inline or as a file, that receive live training events. "
-        "SIMPLETUNER_JOB_ID in the environment fills the job_id field.",
+        help="Webhook targets (Discord or custom endpoints), inline or as a file, that receive live training events: "
+        "one object or a list, each with webhook_type (raw or discord), callback_url, and optionally message_prefix "
+        "and log_level. SIMPLETUNER_JOB_ID in the environment fills the job_id field.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="webhook_reporting_interval",
         kind="int",
         default=None,
-        help="Seconds between periodic progress messages sent to webhooks.",
+        help="Optimizer steps between periodic progress messages sent to webhooks (unset: no progress messages).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="debug_aspect_buckets",
         kind="bool",
         default=False,
-        help="Log very detailed information about aspect bucketing.",
+        help="After the datasets are built, log every aspect bucket with its image count and a few file names.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="debug_dataset_loader",
         kind="bool",
         default=False,
-        help="Log very detailed information from the dataset loader.",
+        help="Log every batch as it is drawn: its dataset, bucket and file names.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="print_filenames",
@@ -98,7 +103,8 @@ OPTIONS: list[Option] = [
         name="print_sampler_statistics",
         kind="bool",
         default=False,
-        help="Log statistics from the dataset sampler, for debugging.",
+        help="Log how many samples each dataset and bucket contributed, at the end of every epoch and of the run.",
         group=_G,
+        implemented=True,
     ),
 ]
