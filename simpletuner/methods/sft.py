@@ -74,8 +74,11 @@ class FlowNoising:
         seq_len = (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)
         return self.sampler(batch, latents.device, seq_len=seq_len).float()
 
-    def __call__(self, latents: torch.Tensor, noise: torch.Tensor, input_noise: torch.Tensor) -> NoisedBatch:
-        sigmas = self.sigmas(latents)
+    def __call__(self, latents: torch.Tensor, noise: torch.Tensor, input_noise: torch.Tensor,
+                 sigmas: torch.Tensor | None = None) -> NoisedBatch:
+        """``sigmas``: given (the evaluation loss's fixed ones) instead of drawn from the sampler."""
+        if sigmas is None:
+            sigmas = self.sigmas(latents)
         timesteps = sigmas * self.num_train_timesteps
         weights = None
         if self.weighting != "none":
@@ -153,8 +156,11 @@ class SupervisedFineTuning:
 
     # --- noising -----------------------------------------------------------------------------------
 
-    def ddpm_noising(self, latents: torch.Tensor, noise: torch.Tensor, input_noise: torch.Tensor) -> NoisedBatch:
-        timesteps = self.sample_timesteps(latents.shape[0], latents.device)
+    def ddpm_noising(self, latents: torch.Tensor, noise: torch.Tensor, input_noise: torch.Tensor,
+                     timesteps: torch.Tensor | None = None) -> NoisedBatch:
+        """``timesteps``: given (the evaluation loss's fixed ones) instead of drawn from the sampler."""
+        if timesteps is None:
+            timesteps = self.sample_timesteps(latents.shape[0], latents.device)
         noisy = add_noise(self.scheduler, latents, input_noise, timesteps)
         prediction_type = self.model.prediction_type
         if self.diff2flow:
@@ -180,11 +186,18 @@ class SupervisedFineTuning:
         gamma = perturbation_strength(self.noise_settings, step)
         input_noise = noise + gamma * torch.randn_like(noise) if gamma > 0 else noise
         noised = (self.flow_noising if self.flow else self.ddpm_noising)(latents, noise, input_noise)
+        return LossOutput(self.denoising_loss(noised, text, batch, lambda: self.loss_mask(batch, device)), {})
+
+    def denoising_loss(self, noised: NoisedBatch, text: dict[str, torch.Tensor], batch: dict,
+                       mask_of: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+        """The denoiser's prediction for ``noised`` and its loss: the one quantity training and the
+        evaluation loss share. ``mask_of`` is called after the prediction (it may draw a random number)."""
+        model = self.model
         dtype = model.weight_dtype
         raw = model.predict(noised.noisy.to(dtype), noised.timesteps, {k: v.to(dtype) for k, v in text.items()},
                             batch=batch)
         prediction, target = noised.target_of(raw)
-        mask = self.loss_mask(batch, device)
+        mask = mask_of()
         if self.flow:
             per_sample = masked_mean(elementwise_loss(prediction, target, "l2"), mask)
             if noised.loss_weights is not None:
@@ -193,4 +206,44 @@ class SupervisedFineTuning:
         else:
             loss = diffusion_loss(self.loss_settings, self.scheduler, prediction, target, noised.timesteps,
                                   model.prediction_type, mask=mask)
-        return LossOutput(loss, {})
+        return loss
+
+    # --- the evaluation loss -------------------------------------------------------------------------
+
+    def eval_positions(self, count: int) -> list[float]:
+        """``count`` evenly spaced points in (0, 1): the middles of ``count`` equal slices of the
+        noise range (one point: the middle). Timestep ``p * num_train_timesteps`` or flow sigma ``p``."""
+        return [(index + 0.5) / count for index in range(count)]
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict, device: torch.device, positions: list[float],
+                  generator: torch.Generator) -> torch.Tensor:
+        """The training loss of one eval batch, averaged over fixed noise levels ``positions``.
+
+        Everything random comes from ``generator`` (latent sample, noise), so the same weights and
+        generator seed give the same number and the global random state is untouched. Captions are
+        never dropped, and offset noise / input perturbation (training-time regularisers) are left
+        out; the noising, target, loss type, weighting and mask are the training ones.
+        """
+        model = self.model
+        cached = {"latent_mean": batch["latent_mean"].to(device), "latent_std": batch["latent_std"].to(device)}
+        latents = model.latents_from_cache(cached, generator=generator)
+        if self.encode_text_live:
+            text = model.text_conditioning(list(batch["captions"]))
+        else:
+            text = {key: batch[key].to(device) for key in batch["empty_prompt"]}
+        mask = batch.get("mask")
+        mask = mask.to(device) if mask is not None and self.masked_loss_probability > 0 else None
+        size = latents.shape[0]
+        total = torch.zeros((), device=device, dtype=torch.float32)
+        for position in positions:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+            if self.flow:
+                sigmas = torch.full((size,), float(position), device=latents.device, dtype=torch.float32)
+                noised = self.flow_noising(latents, noise, noise, sigmas=sigmas)
+            else:
+                step = min(int(position * self.num_train_timesteps), self.num_train_timesteps - 1)
+                timesteps = torch.full((size,), step, device=latents.device, dtype=torch.long)
+                noised = self.ddpm_noising(latents, noise, noise, timesteps=timesteps)
+            total += self.denoising_loss(noised, text, batch, lambda: mask).float()
+        return total / len(positions)

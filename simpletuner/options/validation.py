@@ -15,6 +15,7 @@ from simpletuner.options import ConfigError, all_options
 from simpletuner.options.adapter_rules import ADAPTER_RULES
 from simpletuner.options.checkpoint_rules import CHECKPOINT_RULES, checkpoint_warnings
 from simpletuner.options.deepfloyd_rules import check_deepfloyd, deepfloyd_warnings
+from simpletuner.options.eval_rules import EVAL_RULES, eval_warnings
 from simpletuner.options.flux_rules import check_flux, flux_warnings
 from simpletuner.options.memory_rules import MEMORY_RULES, memory_warnings
 from simpletuner.options.quantization_rules import QUANTIZATION_RULES, quantization_warnings
@@ -383,6 +384,7 @@ def collect_warnings(config) -> list[str]:
         warnings.append(f"`--lr_warmup_steps {config.lr_warmup_steps}` has no effect with `--lr_scheduler constant`; "
                         "use `constant_with_warmup` to ramp the learning rate up")
     warnings.extend(timestep_warnings(config))
+    warnings.extend(eval_warnings(config))
     warnings.extend(optimizer_warnings(config))
     warnings.extend(deepfloyd_warnings(config))
     warnings.extend(flux_warnings(config))
@@ -400,7 +402,7 @@ RULES: tuple[Callable, ...] = (
     check_loss_settings, check_ema_settings, check_optimizer_settings,
     check_timestep_settings, check_flow_options, *TRAINING_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, check_sdxl,
     *QUANTIZATION_RULES, *MEMORY_RULES, *CHECKPOINT_RULES,
-    check_validation_settings, *VALIDATION_RULES, *REPORTING_RULES, check_paths,
+    check_validation_settings, *VALIDATION_RULES, *EVAL_RULES, *REPORTING_RULES, check_paths,
 )
 
 

@@ -237,6 +237,11 @@ class Trainer:
                                   if config.validation_epoch_interval and not config.validation_disable else None),
             on_startup=bool(config.validation_on_startup),
         )
+        from simpletuner.training.evaluation import EvalLoss, EvalSchedule
+
+        # --eval_*: the loss on held-out eval datasets (training/evaluation.py)
+        self.eval_loss = EvalLoss.from_config(config, self.method, self.data, self.accelerator)
+        self.eval_schedule = EvalSchedule(config.eval_steps_interval, config.eval_epoch_interval, self.steps_per_epoch)
 
     def _build_checkpointing(self) -> None:
         """When checkpoints are due (needs ``steps_per_epoch``), and the free-space check and user script
@@ -467,6 +472,19 @@ class Trainer:
             with optimizer_mode(self.optimizer, "eval"):  # on every process, so their weights stay equal
                 if self.is_main:
                     self.validate(state.global_step)
+        if self.eval_loss is not None and self.eval_schedule.due(state.global_step):
+            self.evaluate(state.global_step)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The eval loss of the live weights (schedule-free: the averaged ones), on every process;
+        the main process logs it and sends it to the tracker."""
+        encoders = list(self.text_encoders.encoders.values()) if self.text_encoders is not None else []
+        with optimizer_mode(self.optimizer, "eval"):
+            scalars = self.eval_loss.run(self.model.denoiser, *encoders)
+        if self.is_main and scalars:
+            self.tracker.log_scalars(scalars, step)
+            logger.info("step %d: %s", step, ", ".join(f"{key} {value:.6f}" for key, value in scalars.items()))
+        return scalars
 
     def _notify_progress(self, loss: float, lr: float) -> None:
         state = self.state

@@ -217,6 +217,7 @@ def fake_trainer(rank: int, processes: int, records, batch_size: int = 2):
     trainer.state = LoopState()
     trainer.data = Data()
     trainer.batch_seed_base = 7
+    trainer.batch_inspector = None  # no --debug_dataset_loader / --print_sampler_statistics
     return trainer, seeds
 
 
