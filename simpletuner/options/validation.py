@@ -18,6 +18,7 @@ from simpletuner.options.deepfloyd_rules import check_deepfloyd, deepfloyd_warni
 from simpletuner.options.eval_rules import EVAL_RULES, eval_warnings
 from simpletuner.options.flux_rules import check_flux, flux_warnings
 from simpletuner.options.memory_rules import MEMORY_RULES, memory_warnings
+from simpletuner.options.publishing_rules import PUBLISHING_RULES
 from simpletuner.options.quantization_rules import QUANTIZATION_RULES, quantization_warnings
 from simpletuner.options.reporting_rules import REPORTING_RULES
 from simpletuner.options.sdxl_rules import check_sdxl, sdxl_warnings
@@ -402,7 +403,7 @@ RULES: tuple[Callable, ...] = (
     check_loss_settings, check_ema_settings, check_optimizer_settings,
     check_timestep_settings, check_flow_options, *TRAINING_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, check_sdxl,
     *QUANTIZATION_RULES, *MEMORY_RULES, *CHECKPOINT_RULES,
-    check_validation_settings, *VALIDATION_RULES, *EVAL_RULES, *REPORTING_RULES, check_paths,
+    check_validation_settings, *VALIDATION_RULES, *EVAL_RULES, *REPORTING_RULES, *PUBLISHING_RULES, check_paths,
 )
 
 

@@ -15,6 +15,8 @@ from simpletuner.options.spec import Option
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+#: String options a config file may also give as a list of lines (joined with newlines).
+LINE_LIST_OPTIONS = ("modelspec_comment",)
 _KIND_WORDS = {
     "str": "a string",
     "int": "an integer",
@@ -60,6 +62,8 @@ def _coerce_kind(option: Option, value: Any) -> Any:
             raise ValueError(value)
         return float(value)
     if kind == "str":
+        if isinstance(value, list) and option.name in LINE_LIST_OPTIONS and all(isinstance(v, str) for v in value):
+            return "\n".join(value)
         if isinstance(value, (dict, list, bool)):
             raise ValueError(value)
         return str(value)

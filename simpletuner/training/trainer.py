@@ -251,6 +251,9 @@ class Trainer:
         self.checkpoint_schedule = CheckpointSchedule.from_config(self.config, self.steps_per_epoch)
         self.disk_guard = DiskGuard.from_config(self.config, self.output_dir) if self.is_main else None
         self.post_checkpoint = PostCheckpointScripts.from_config(self.config) if self.is_main else None
+        from simpletuner.publishing.hub import HubPublisher
+
+        self.hub = HubPublisher.from_config(self.config) if self.is_main else None  # --push_to_hub
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
@@ -278,6 +281,8 @@ class Trainer:
         ckpt.prune_checkpoints(self.output_dir, self.config.checkpoints_rolling_total_limit, rolling=True)
         if self.post_checkpoint is not None:
             self.post_checkpoint.launch(folder, step)
+        if self.hub is not None:
+            self.hub.push_checkpoint(folder, step)  # --push_checkpoints_to_hub
         return folder
 
     def _checkpoint_writers(self) -> dict:
@@ -313,6 +318,8 @@ class Trainer:
         """The end of a run waits for ``--post_checkpoint_script`` runs still going, so none is orphaned."""
         if getattr(self, "post_checkpoint", None) is not None:
             self.post_checkpoint.wait()
+        if getattr(self, "hub", None) is not None:
+            self.hub.close()  # --push_to_hub_background: pending uploads finish before the run ends
 
     def _maybe_resume(self) -> None:
         from safetensors.torch import load_model
@@ -520,6 +527,7 @@ class Trainer:
 
     def _provenance(self) -> dict[str, str]:
         from simpletuner import __version__
+        from simpletuner.publishing.model_card import modelspec_metadata
 
         return {
             "simpletuner_version": __version__,
@@ -527,6 +535,7 @@ class Trainer:
             "model_family": self.config.model_family,
             "global_step": str(self.state.global_step),
             "num_images_seen": str(self.state.num_images_seen),
+            **modelspec_metadata(self.config),  # --modelspec_comment
         }
 
     def _save_lora(self, folder: Path) -> Path:
@@ -564,11 +573,20 @@ class Trainer:
         self.tracker.close()
         if self.batch_inspector is not None:
             self.batch_inspector.end_run()
+        self._publish(result)
         self.webhooks.send("run_finished", f"training finished at step {self.state.global_step}: {result}",
                            step=self.state.global_step, num_images_seen=self.state.num_images_seen,
                            output=str(result), final_loss=self.state.losses[-1] if self.state.losses else None,
                            seconds_per_step=self.step_time_median())
         return result
+
+    def _publish(self, result: Path) -> None:
+        """The model card (README.md) beside the product, then the final --push_to_hub upload."""
+        from simpletuner.publishing.model_card import write_model_card
+
+        write_model_card(self, result)
+        if self.hub is not None:
+            self.hub.push_final(self.output_dir, result, self.state.global_step)
 
     def _unfused_layout(self):
         """While a full model is written: the separate q/k/v projections every loader expects."""

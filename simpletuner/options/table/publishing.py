@@ -9,20 +9,25 @@ _G = "publishing"
 OPTIONS: list[Option] = [
     Option(
         name="push_to_hub",
+        implemented=True,
         kind="bool",
         default=False,
-        help="Upload the finished model to a Hugging Face Hub repository.",
+        help="Upload the finished model, its model card and final validation images to the Hugging Face Hub "
+        "repository --hub_model_id; needs the network and a huggingface_hub login.",
         group=_G,
     ),
     Option(
         name="push_checkpoints_to_hub",
+        implemented=True,
         kind="bool",
         default=False,
-        help="Also upload every intermediate checkpoint to that repository.",
+        help="Also upload every checkpoint folder, as it is saved, to checkpoints/<folder> in that repository; "
+        "a failed checkpoint upload only warns.",
         group=_G,
     ),
     Option(
         name="push_to_hub_background",
+        implemented=True,
         kind="bool",
         default=False,
         help="Do Hub uploads on a separate thread so training is not paused by them; pending uploads finish before the run exits.",
@@ -30,13 +35,16 @@ OPTIONS: list[Option] = [
     ),
     Option(
         name="hub_model_id",
+        implemented=True,
         kind="str",
         default=None,
-        help="Hub repository name, also used as the results folder name inside output_dir; derived from the project when empty.",
+        help="Hub repository (`owner/name`) that --push_to_hub uploads to; required with it. "
+        "Results stay directly in output_dir.",
         group=_G,
     ),
     Option(
         name="model_card_private",
+        implemented=True,
         kind="bool",
         default=False,
         help="Make the created Hub repository private.",
@@ -44,6 +52,7 @@ OPTIONS: list[Option] = [
     ),
     Option(
         name="model_card_safe_for_work",
+        implemented=True,
         kind="bool",
         default=False,
         help="Omit the NSFW warning that model cards carry by default.",
@@ -51,13 +60,15 @@ OPTIONS: list[Option] = [
     ),
     Option(
         name="model_card_note",
+        implemented=True,
         kind="str",
         default=None,
-        help="Short free-form text shown first on the model card.",
+        help="Short free-form text shown first on the model card (README.md in output_dir, written after every run).",
         group=_G,
     ),
     Option(
         name="modelspec_comment",
+        implemented=True,
         kind="str",
         default=None,
         help="Comment stored as modelspec.comment in saved safetensors metadata; {env:NAME} placeholders are expanded. "
