@@ -135,7 +135,7 @@ def render_model_card(facts: CardFacts) -> str:
     if facts.note:
         parts += [facts.note.strip(), ""]
     parts += [f"This is {what} for the **{facts.family}** model family, trained from `{facts.base_model}` "
-              "with [SimpleTuner](https://github.com/bghira/SimpleTuner).", ""]
+              "with simpletuner.", ""]
     if not facts.safe_for_work:
         parts += ["> The training data was not reviewed for this card; outputs may not be suitable for all "
                   "audiences.", ""]
