@@ -4,6 +4,9 @@ The eval loss runs on a schedule (``--eval_steps_interval`` and/or ``--eval_epoc
 options that shape it mean nothing without one, so setting them alone is an error rather than a
 silent no-op. Whether the dataset list has an eval dataset (and ``--eval_dataset_id`` names one) is
 checked once the datasets are built.
+
+``--evaluation_type clip`` adds a CLIP score of images sampled from the validation prompts at the same
+schedule; it needs a CLIP model (``--pretrained_evaluation_model_name_or_path``) and at least one prompt.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from simpletuner.options import ConfigError
 
 #: Options that only shape an evaluation, with the value that means "not set".
 _NEEDS_SCHEDULE = (("eval_timesteps", None), ("eval_dataset_id", None), ("eval_dataset_pooling", False),
-                   ("eval_loss_disable", False))
+                   ("eval_loss_disable", False), ("evaluation_type", "none"),
+                   ("pretrained_evaluation_model_name_or_path", None), ("num_eval_images", None))
+#: Options that only shape the CLIP score (``--evaluation_type clip``).
+_NEEDS_CLIP = ("pretrained_evaluation_model_name_or_path", "num_eval_images")
 
 
 def _scheduled(config) -> bool:
@@ -48,6 +54,42 @@ def check_eval_needs_schedule(config) -> None:
                               "`--eval_steps_interval` or `--eval_epoch_interval`, or remove it")
 
 
+def _clip(config) -> bool:
+    return config.evaluation_type == "clip"
+
+
+def _has_prompt(config) -> bool:
+    from simpletuner.validation.prompt_library import library_prompts
+
+    if config.validation_prompt:
+        return True
+    try:
+        return bool(library_prompts(config))
+    except ValueError:  # a broken --user_prompt_library: the validation rules report it
+        return True
+
+
+def check_clip_evaluation(config) -> None:
+    count = config.num_eval_images
+    if count is not None and count < 1:
+        raise ConfigError(f"`--num_eval_images` = {count} must be at least 1 (the images sampled for each "
+                          "evaluation metric)")
+    if not _clip(config):
+        for name in _NEEDS_CLIP:
+            value = getattr(config, name)
+            if value not in (None, ""):
+                raise ConfigError(f"`--{name}` = {value!r} has no effect without `--evaluation_type clip`; "
+                                  "set it, or remove the option")
+        return
+    if not config.pretrained_evaluation_model_name_or_path:
+        raise ConfigError("`--evaluation_type clip` needs `--pretrained_evaluation_model_name_or_path`: a CLIP "
+                          "model folder or hub id, e.g. openai/clip-vit-large-patch14")
+    if not _has_prompt(config):
+        raise ConfigError("`--evaluation_type clip` scores images sampled from the validation prompts, but there "
+                          "is none; set `--validation_prompt`, `--validation_prompt_library` or "
+                          "`--user_prompt_library`")
+
+
 def eval_warnings(config) -> list[str]:
     warnings = []
     if config.eval_steps_interval and config.eval_epoch_interval:
@@ -59,4 +101,5 @@ def eval_warnings(config) -> list[str]:
     return warnings
 
 
-EVAL_RULES: tuple[Callable, ...] = (check_eval_intervals, check_eval_timesteps, check_eval_needs_schedule)
+EVAL_RULES: tuple[Callable, ...] = (check_eval_intervals, check_eval_timesteps, check_eval_needs_schedule,
+                                    check_clip_evaluation)

@@ -97,6 +97,9 @@ class EvalLoss:
         if config.eval_loss_disable or not (config.eval_steps_interval or config.eval_epoch_interval):
             return None
         eval_ids = list(data.eval_datasets)
+        if not eval_ids and config.evaluation_type == "clip":
+            logger.info("no eval dataset in the dataset list: the evaluation computes the CLIP score only")
+            return None
         if not eval_ids:
             raise DatasetConfigError("`--eval_steps_interval` / `--eval_epoch_interval` are set but the dataset list "
                                      "has no eval dataset; add an entry with \"dataset_type\": \"eval\" or unset them")

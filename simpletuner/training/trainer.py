@@ -237,10 +237,13 @@ class Trainer:
                                   if config.validation_epoch_interval and not config.validation_disable else None),
             on_startup=bool(config.validation_on_startup),
         )
+        from simpletuner.training.clip_eval import ClipEvaluation
         from simpletuner.training.evaluation import EvalLoss, EvalSchedule
 
         # --eval_*: the loss on held-out eval datasets (training/evaluation.py)
         self.eval_loss = EvalLoss.from_config(config, self.method, self.data, self.accelerator)
+        # --evaluation_type clip: a CLIP score of images sampled from the validation prompts (clip_eval.py)
+        self.clip_eval = ClipEvaluation.from_config(config, self.validator.settings, self.accelerator.device)
         self.eval_schedule = EvalSchedule(config.eval_steps_interval, config.eval_epoch_interval, self.steps_per_epoch)
 
     def _build_checkpointing(self) -> None:
@@ -479,15 +482,21 @@ class Trainer:
             with optimizer_mode(self.optimizer, "eval"):  # on every process, so their weights stay equal
                 if self.is_main:
                     self.validate(state.global_step)
-        if self.eval_loss is not None and self.eval_schedule.due(state.global_step):
+        evaluating = self.eval_loss is not None or self.clip_eval is not None
+        if evaluating and self.eval_schedule.due(state.global_step):
             self.evaluate(state.global_step)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """The eval loss of the live weights (schedule-free: the averaged ones), on every process;
-        the main process logs it and sends it to the tracker."""
+        """The eval loss of the live weights (schedule-free: the averaged ones), on every process, and
+        the CLIP score, on the main process only; the main process logs both and sends them to the
+        tracker in one call."""
         encoders = list(self.text_encoders.encoders.values()) if self.text_encoders is not None else []
+        scalars: dict[str, float] = {}
         with optimizer_mode(self.optimizer, "eval"):
-            scalars = self.eval_loss.run(self.model.denoiser, *encoders)
+            if self.eval_loss is not None:
+                scalars.update(self.eval_loss.run(self.model.denoiser, *encoders))
+            if self.clip_eval is not None and self.is_main:
+                scalars.update(self.clip_eval.run(self.model))
         if self.is_main and scalars:
             self.tracker.log_scalars(scalars, step)
             logger.info("step %d: %s", step, ", ".join(f"{key} {value:.6f}" for key, value in scalars.items()))

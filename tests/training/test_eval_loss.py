@@ -123,7 +123,7 @@ def test_fractional_epoch_schedule():
     ({"eval_timesteps": 4}, "without an evaluation schedule"),
     ({"eval_dataset_id": "held_a"}, "--eval_dataset_id"),
     ({"eval_dataset_pooling": "true"}, "--eval_dataset_pooling"),
-    ({"evaluation_type": "clip", "eval_steps_interval": 2}, "not supported yet"),
+    ({"evaluation_type": "clip", "eval_steps_interval": 2}, "--pretrained_evaluation_model_name_or_path"),
 ])
 def test_eval_rules(eval_project, flags, message):
     from simpletuner.options import ConfigError

@@ -345,6 +345,7 @@ OPTIONS: list[Option] = [
         help="Score validation images automatically; clip measures how well they match their prompts.",
         group=_G,
         choices=("none", "clip"),
+        implemented=True,
     ),
     Option(
         name="pretrained_evaluation_model_name_or_path",
@@ -352,13 +353,15 @@ OPTIONS: list[Option] = [
         default=None,
         help="Model used to compute evaluation scores, e.g. a CLIP checkpoint.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="num_eval_images",
         kind="int",
         default=None,
-        help="Images generated to compute evaluation metrics.",
+        help="Images generated to compute evaluation metrics (default 4), cycling through the validation prompts.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="eval_steps_interval",
