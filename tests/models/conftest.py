@@ -34,3 +34,18 @@ def family_args(root: Path, family: str, output: str, **overrides) -> list[str]:
     }
     values.update(overrides)
     return [token for key, value in values.items() if value is not None for token in (f"--{key}", str(value))]
+
+
+def keep_trainer(monkeypatch) -> dict:
+    """Runs through the CLI create their own trainer; this keeps it as ``seen["trainer"]`` once set up."""
+    from simpletuner.training.trainer import Trainer
+
+    seen = {}
+    original_setup = Trainer.setup
+
+    def setup_and_keep(self):
+        original_setup(self)
+        seen["trainer"] = self
+
+    monkeypatch.setattr(Trainer, "setup", setup_and_keep)
+    return seen

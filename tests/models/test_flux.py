@@ -20,7 +20,7 @@ from simpletuner.cli import main  # noqa: E402
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.options.resolve import resolve_run  # noqa: E402
 from simpletuner.training.trainer import Trainer  # noqa: E402
-from tests.models.conftest import family_args, make_family_project  # noqa: E402
+from tests.models.conftest import family_args, keep_trainer, make_family_project  # noqa: E402
 
 PROMPT = "a red circle on a white background"
 #: Short T5 prompts keep the tiny model's steps cheap; the default (512) is tested on its own.
@@ -416,18 +416,6 @@ def test_flux_warnings(project):
 # --- real runs -----------------------------------------------------------------------------------------
 
 slow = pytest.mark.slow
-
-
-def keep_trainer(monkeypatch) -> dict:
-    seen = {}
-    original_setup = Trainer.setup
-
-    def setup_and_keep(self):
-        original_setup(self)
-        seen["trainer"] = self
-
-    monkeypatch.setattr(Trainer, "setup", setup_and_keep)
-    return seen
 
 
 @slow

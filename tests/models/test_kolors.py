@@ -17,8 +17,7 @@ pytest.importorskip("sentencepiece")
 from simpletuner.cli import main  # noqa: E402
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.options.resolve import resolve_run  # noqa: E402
-from simpletuner.training.trainer import Trainer  # noqa: E402
-from tests.models.conftest import family_args, make_family_project  # noqa: E402
+from tests.models.conftest import family_args, keep_trainer, make_family_project  # noqa: E402
 
 PROMPT = "a red circle on a white background"
 #: Short ChatGLM prompts keep the tiny model's steps cheap; the default (256) is tested on its own.
@@ -158,18 +157,6 @@ def test_single_file_is_refused_with_the_fix(tmp_path):
 # --- real runs -------------------------------------------------------------------------------------
 
 slow = pytest.mark.slow
-
-
-def keep_trainer(monkeypatch) -> dict:
-    seen = {}
-    original_setup = Trainer.setup
-
-    def setup_and_keep(self):
-        original_setup(self)
-        seen["trainer"] = self
-
-    monkeypatch.setattr(Trainer, "setup", setup_and_keep)
-    return seen
 
 
 @slow

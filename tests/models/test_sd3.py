@@ -17,7 +17,7 @@ from simpletuner.cli import main  # noqa: E402
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.options.resolve import resolve_run  # noqa: E402
 from simpletuner.training.trainer import Trainer, train  # noqa: E402
-from tests.models.conftest import family_args, make_family_project  # noqa: E402
+from tests.models.conftest import family_args, keep_trainer, make_family_project  # noqa: E402
 
 PROMPT = "a red circle on a white background"
 #: 88 px wide images: with --aspect_bucket_alignment 8 they would get 11 latent cells, which SD3's 2x2
@@ -268,14 +268,7 @@ def test_lora_run_loads_in_diffusers(project, monkeypatch):
     from PIL import Image
     from safetensors import safe_open
 
-    seen = {}
-    original_setup = Trainer.setup
-
-    def setup_and_keep(self):
-        original_setup(self)
-        seen["trainer"] = self
-
-    monkeypatch.setattr(Trainer, "setup", setup_and_keep)
+    seen = keep_trainer(monkeypatch)
     args = family_args(project, "sd3", "lora", validation_prompt=PROMPT, validation_num_inference_steps=2,
                        validation_step_interval=3, caption_dropout_probability=0.5, sd3_clip_uncond_behaviour="zero",
                        disable_benchmark=None)
@@ -324,14 +317,7 @@ def test_full_run_writes_a_pipeline_with_the_trained_transformer(project, monkey
     monkeypatch.setattr(StableDiffusion3, "encode_prompts", lambda self, prompts: encoded.append(prompts))
     caplog.set_level(logging.INFO, logger="simpletuner")
 
-    seen = {}
-    original_setup = Trainer.setup
-
-    def setup_and_keep(self):
-        original_setup(self)
-        seen["trainer"] = self
-
-    monkeypatch.setattr(Trainer, "setup", setup_and_keep)
+    seen = keep_trainer(monkeypatch)
     assert main(["train", *family_args(project, "sd3", "full", model_type="full")]) == 0
     assert encoded == [], "a second run must reuse the cached prompt embeds"
     assert any("text embeds:" in r.getMessage() and "0 built" in r.getMessage() for r in caplog.records)

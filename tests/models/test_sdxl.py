@@ -16,8 +16,7 @@ torch = pytest.importorskip("torch")
 from simpletuner.cli import main  # noqa: E402
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.options.resolve import resolve_run  # noqa: E402
-from simpletuner.training.trainer import Trainer  # noqa: E402
-from tests.models.conftest import family_args, make_family_project  # noqa: E402
+from tests.models.conftest import family_args, keep_trainer, make_family_project  # noqa: E402
 
 PROMPT = "a red circle on a white background"
 
@@ -243,18 +242,6 @@ def test_config_mistakes_for_sdxl_are_named(project, overrides, message):
 # --- real runs -------------------------------------------------------------------------------------
 
 slow = pytest.mark.slow
-
-
-def keep_trainer(monkeypatch) -> dict:
-    seen = {}
-    original_setup = Trainer.setup
-
-    def setup_and_keep(self):
-        original_setup(self)
-        seen["trainer"] = self
-
-    monkeypatch.setattr(Trainer, "setup", setup_and_keep)
-    return seen
 
 
 def latents_of(pipeline) -> torch.Tensor:
