@@ -111,13 +111,21 @@ class ModelFamily(ABC):
         names = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
         return {name: module for name in names if isinstance(module := getattr(self, name, None), torch.nn.Module)}
 
-    @abstractmethod
+    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Raw latent-encoder outputs for pixels in [-1, 1] (N, C, H, W)."""
+        """Raw latent-encoder outputs for pixels in [-1, 1] (N, C, H, W): the mean and spread of the
+        VAE's posterior, so every epoch can draw a fresh latent sample from the cache. A family
+        without a KL VAE (DeepFloyd works on pixels) overrides this and :meth:`latents_from_cache`."""
+        posterior = self.vae.encode(pixels.to(self.device, dtype=self.vae.dtype)).latent_dist
+        return {"latent_mean": posterior.mean.float(), "latent_std": posterior.std.float()}
 
-    @abstractmethod
     def latents_from_cache(self, cached: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training latents from cached encoder outputs (batched)."""
+        """Training latents from cached encoder outputs (batched): a posterior sample, shifted by the
+        VAE's ``shift_factor`` (SD3, Flux; none for the SD VAEs) and scaled by its ``scaling_factor``."""
+        mean, std = cached["latent_mean"], cached["latent_std"]
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        config = self.vae.config
+        return (mean + std * noise - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
 
     @abstractmethod
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],

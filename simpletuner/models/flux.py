@@ -357,17 +357,6 @@ class Flux(ModelFamily):
             embeds = embeds * mask.to(embeds.dtype).unsqueeze(-1)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled.to(embeds.dtype), "attention_mask": mask}
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        posterior = self.vae.encode(pixels.to(self.device, dtype=self.vae.dtype)).latent_dist
-        return {"latent_mean": posterior.mean.float(), "latent_std": posterior.std.float()}
-
-    def latents_from_cache(self, cached: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        mean, std = cached["latent_mean"], cached["latent_std"]
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        config = self.vae.config
-        return (mean + std * noise - config.shift_factor) * config.scaling_factor
-
     def training_guidance(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
         """The guidance embedding input for a batch; None for transformers without one."""
         if not self.has_guidance_embedding:

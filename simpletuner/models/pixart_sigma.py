@@ -171,16 +171,6 @@ class PixArtSigma(ModelFamily):
             embeds = embeds * mask.to(embeds.dtype).unsqueeze(-1)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        posterior = self.vae.encode(pixels.to(self.device, dtype=self.vae.dtype)).latent_dist
-        return {"latent_mean": posterior.mean.float(), "latent_std": posterior.std.float()}
-
-    def latents_from_cache(self, cached: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        mean, std = cached["latent_mean"], cached["latent_std"]
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        return (mean + std * noise) * self.vae.config.scaling_factor
-
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
                 batch: dict | None = None) -> torch.Tensor:
         """The noise prediction: the first half of the output channels (the second half is the

@@ -96,16 +96,6 @@ class StableDiffusion1x(ModelFamily):
     def trainable_text_encoders(self) -> dict[str, torch.nn.Module]:
         return {"text_encoder": self.text_encoder}
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        posterior = self.vae.encode(pixels.to(self.device, dtype=self.vae.dtype)).latent_dist
-        return {"latent_mean": posterior.mean.float(), "latent_std": posterior.std.float()}
-
-    def latents_from_cache(self, cached: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        mean, std = cached["latent_mean"], cached["latent_std"]
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        return (mean + std * noise) * self.vae.config.scaling_factor
-
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
                 batch: dict | None = None) -> torch.Tensor:
         return self.denoiser(noisy_latents, timesteps, encoder_hidden_states=text["prompt_embeds"], return_dict=False)[0]

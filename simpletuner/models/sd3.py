@@ -167,17 +167,6 @@ class StableDiffusion3(ModelFamily):
             "pooled_prompt_embeds": torch.zeros_like(pooled) if zero_clip else pooled,
         }
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        posterior = self.vae.encode(pixels.to(self.device, dtype=self.vae.dtype)).latent_dist
-        return {"latent_mean": posterior.mean.float(), "latent_std": posterior.std.float()}
-
-    def latents_from_cache(self, cached: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        mean, std = cached["latent_mean"], cached["latent_std"]
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        config = self.vae.config
-        return (mean + std * noise - (config.shift_factor or 0.0)) * config.scaling_factor
-
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
                 batch: dict | None = None) -> torch.Tensor:
         return self.denoiser(

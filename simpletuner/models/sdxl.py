@@ -271,16 +271,6 @@ class StableDiffusionXL(ModelFamily):
             return {key: torch.zeros_like(value) for key, value in empty_prompt.items()}
         return empty_prompt
 
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        posterior = self.vae.encode(pixels.to(self.device, dtype=self.vae.dtype)).latent_dist
-        return {"latent_mean": posterior.mean.float(), "latent_std": posterior.std.float()}
-
-    def latents_from_cache(self, cached: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        mean, std = cached["latent_mean"], cached["latent_std"]
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        return (mean + std * noise) * self.vae.config.scaling_factor
-
     def add_time_ids(self, latents: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
         """The micro-conditioning numbers per sample, (B, 6) or the refiner's (B, 5).
 
