@@ -34,6 +34,9 @@ def check_webhook_interval(config) -> None:
     if interval < 1:
         raise ConfigError(f"`--webhook_reporting_interval` = {interval} must be at least 1 optimizer step "
                           "(leave it unset for no progress messages)")
+    if not config.webhook_config:
+        raise ConfigError(f"`--webhook_reporting_interval` {interval} has no effect without `--webhook_config` (the "
+                          "progress messages go to its webhooks); add a webhook or remove the interval")
 
 
 REPORTING_RULES: tuple[Callable, ...] = (check_webhook_config, check_webhook_interval)

@@ -77,3 +77,8 @@ def test_rules_run_in_validation(tmp_path):
 def test_inline_json_that_does_not_parse_names_the_flag():
     with pytest.raises(ConfigError, match="webhook_config"):
         resolve_run([*BASE, "--webhook_config", "{broken"])
+
+
+def test_interval_without_a_webhook_is_refused():
+    with pytest.raises(ConfigError, match="no effect without `--webhook_config`"):
+        check(webhook_reporting_interval=5)
