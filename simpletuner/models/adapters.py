@@ -34,11 +34,14 @@ def add_lora(denoiser: torch.nn.Module, target_modules: list[str], rank: int, al
     if custom_modules:
         config._register_custom_module(custom_modules)
     denoiser.requires_grad_(False)
-    if hasattr(denoiser, "add_adapter"):
+    if _has_diffusers_peft_mixin(denoiser):
         denoiser.add_adapter(config)
     else:
-        # Models without diffusers' PEFT mixin (PixArt's transformer): PEFT injects the same layers
-        # and records ``peft_config`` on the model, so lora_state_dict / load_lora_weights_into work.
+        # Everything else (text encoders, PixArt's transformer) gets PEFT's own injection. It builds the
+        # same layers and records ``peft_config`` on the model, so lora_state_dict / load_lora_weights_into
+        # work. transformers' ``add_adapter`` is avoided on purpose: it refuses to run unless the installed
+        # peft is at least the version that transformers release names, which breaks training whenever
+        # the two packages move at different speeds (transformers 5.24 demanded peft 0.22 before it was released).
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(config, denoiser, adapter_name="default")
@@ -50,6 +53,14 @@ def add_lora(denoiser: torch.nn.Module, target_modules: list[str], rank: int, al
     return {"r": rank, "lora_alpha": config.lora_alpha, "lora_dropout": 0.0,
             "target_modules": sorted(target_modules), "init_lora_weights": init_lora_weights,
             **({"use_dora": True} if use_dora else {})}
+
+
+def _has_diffusers_peft_mixin(module: torch.nn.Module) -> bool:
+    """diffusers models carry ``add_adapter`` from diffusers' PEFT mixin, whose version gate is diffusers'
+    own; transformers models carry a method of the same name with a stricter gate (see :func:`add_lora`)."""
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    return isinstance(module, PeftAdapterMixin)
 
 
 def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
