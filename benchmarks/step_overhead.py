@@ -7,7 +7,16 @@ what a real run does every step: batch assembly from the sampler, accelerate's a
 the LR schedule, tensorboard scalars and the progress bar. Rounds alternate between the two so
 background load affects both equally. Prints the ratio of median step times (target: <= 1.10).
 
+``--load`` measures instead how the trainer's step holds up on a busy CPU: the median trainer step,
+quiet and while ``--load-processes`` other torch jobs compete for the cores, once with the OpenMP
+settings torch gets by default ("before") and once with simpletuner's CPU runtime defaults
+(simpletuner/training/cpu_runtime.py, "after"). Each cell runs in a fresh process, because the
+OpenMP runtime reads its settings when torch is imported. Targets: the loaded step far below
+before, and the quiet step no slower than before (within noise); with N competing jobs that each want
+every core, (N + 1) x the quiet step is the fair share of the CPU, the floor for loaded / quiet.
+
     python benchmarks/step_overhead.py [--steps 10] [--rounds 20]
+    python benchmarks/step_overhead.py --load [--load-steps 40] [--load-processes 2]
 """
 
 from __future__ import annotations
@@ -79,12 +88,96 @@ def bare_loop_factory(trainer):
     return step
 
 
+# --- the loaded-machine comparison (--load) ------------------------------------------------------------
+
+#: A competing job: another process doing torch matmuls on every core, as a second training run would.
+COMPETING_JOB = """
+import torch
+a = torch.randn(384, 384)
+while True:
+    a = torch.tanh(a @ a) * 0.5
+"""
+
+
+def trainer_step_median(batch_size: int, steps: int) -> float:
+    """The median trainer step (seconds) over ``steps`` steps after 5 warm-up steps, in this process."""
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = build_trainer(Path(folder), batch_size)
+        progress = trainer.progress_bar()
+        for _ in range(5):
+            trainer.run_one_step(progress)
+        start = len(trainer.state.step_seconds)
+        for _ in range(steps):
+            trainer.run_one_step(progress)
+        progress.close()
+        return statistics.median(trainer.state.step_seconds[start:])
+
+
+def child_environment(after: bool) -> dict[str, str]:
+    """"before": torch's own OpenMP defaults; "after": simpletuner's (what `simpletuner train` sets)."""
+    from simpletuner.training.cpu_runtime import USER_CHOICES, apply_cpu_runtime_defaults
+
+    env = {name: value for name, value in os.environ.items() if name not in USER_CHOICES}
+    if after:
+        apply_cpu_runtime_defaults(env)
+    return env
+
+
+def measure_cell(after: bool, loaded: bool, args) -> float:
+    """One cell of the table in a fresh process (optionally beside competing jobs)."""
+    import subprocess
+
+    competitors = [subprocess.Popen([sys.executable, "-c", COMPETING_JOB]) for _ in range(args.load_processes if loaded else 0)]
+    try:
+        time.sleep(2.0 if loaded else 0.0)  # let the competing jobs reach full speed
+        result = subprocess.run([sys.executable, __file__, "--one-cell", "--load-steps", str(args.load_steps),
+                                 "--batch-size", str(args.batch_size)], env=child_environment(after),
+                                capture_output=True, text=True, check=True)
+    finally:
+        for process in competitors:
+            process.kill()
+            process.wait()
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["median_step"])
+
+
+def compare_under_load(args) -> int:
+    print(f"load average before: {open('/proc/loadavg').read().split()[:3]}")
+    cells = {}
+    for after in (False, True):
+        for loaded in (False, True):
+            cells[after, loaded] = measure_cell(after, loaded, args)
+            print(f"{'after ' if after else 'before'} {'loaded' if loaded else 'quiet '}: "
+                  f"median step {cells[after, loaded] * 1000:.1f} ms", flush=True)
+    print(f"\n| settings | quiet | loaded ({args.load_processes} competing torch jobs) | loaded / quiet |")
+    print("| --- | ---: | ---: | ---: |")
+    for after in (False, True):
+        quiet, loaded = cells[after, False], cells[after, True]
+        label = "after (simpletuner defaults)" if after else "before (torch defaults)"
+        print(f"| {label} | {quiet * 1000:.1f} ms | {loaded * 1000:.1f} ms | {loaded / quiet:.2f} |")
+    ratio_after = cells[True, True] / cells[True, False]
+    quiet_change = cells[True, False] / cells[False, False]
+    fair_share = args.load_processes + 1
+    print(f"\nafter: loaded / quiet {ratio_after:.2f} (fair share of the CPU: {fair_share}x); loaded after / loaded "
+          f"before {cells[True, True] / cells[False, True]:.2f}; quiet after / quiet before {quiet_change:.2f}")
+    print(f"load average after: {open('/proc/loadavg').read().split()[:3]}")
+    return 0 if cells[True, True] < cells[False, True] and quiet_change <= 1.15 else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="steps per round and side")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--load", action="store_true", help="quiet vs loaded CPU, before vs after the defaults")
+    parser.add_argument("--load-steps", type=int, default=40, help="measured trainer steps per --load cell")
+    parser.add_argument("--load-processes", type=int, default=2, help="competing torch jobs in the loaded cells")
+    parser.add_argument("--one-cell", action="store_true", help=argparse.SUPPRESS)  # a child of --load
     args = parser.parse_args()
+    if args.load:
+        return compare_under_load(args)
+    if args.one_cell:
+        print(json.dumps({"median_step": trainer_step_median(args.batch_size, args.load_steps)}))
+        return 0
     import torch
 
     with tempfile.TemporaryDirectory() as folder:
