@@ -23,7 +23,7 @@ SUBCOMMANDS = {
     "train": "fine-tune a model (all training options: `simpletuner train --help`)",
     "configure": "write or edit config.json, multidatabackend.json and config.env (a wizard, or --non-interactive)",
     "plan-memory": "estimate accelerator memory for a config; with --memory_budget, the cheapest options that fit",
-    "options": "list every option (`--json` for machine-readable, `--write-docs` to regenerate OPTIONS.md)",
+    "options": "list every option (`--json` for machine-readable, `--write-docs` to regenerate the docs tables)",
     "make-tiny-model": "write a tiny offline model folder built from the real diffusers classes",
     "make-demo-dataset": "write the procedural coloured-shapes dataset (PNG + caption .txt)",
     "demo": "build the tiny model and dataset, train, and score prompt-matching before and after",
@@ -32,10 +32,16 @@ SUBCOMMANDS = {
 }
 
 
+#: Libraries that speak only at WARNING (INFO with ``--log_level DEBUG``). botocore's DEBUG lines quote
+#: request headers, the S3 access key id among them, so they never reach the log.
+QUIET_LIBRARIES = ("diffusers", "transformers", "torchao", "accelerate", "bitsandbytes", "PIL",
+                   "botocore", "boto3", "s3transfer", "urllib3")
+
+
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("diffusers", "transformers", "torchao", "accelerate", "bitsandbytes", "PIL"):
+    for noisy in QUIET_LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.WARNING if level.upper() != "DEBUG" else logging.INFO)
 
 
@@ -75,7 +81,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     from simpletuner.training.trainer import train
 
     try:
-        train(run.config, launcher=run.launcher, config_file=run.config_file)
+        train(run.config, launcher=run.launcher, config_file=run.config_file, dataset_plan=run.dataset_plan)
     except KeyboardInterrupt:
         print(f"\ninterrupted. Checkpoints in {run.config.output_dir} are intact; continue with "
               "`--resume_from_checkpoint latest`.", file=sys.stderr)
@@ -108,7 +114,7 @@ def cmd_plan_memory(argv: Sequence[str]) -> int:
     run = resolve_run(argv)
     from simpletuner.memory.planner import describe
 
-    print(describe(run.config))
+    print(describe(run.config, dataset_plan=run.dataset_plan))
     return 0
 
 
@@ -117,14 +123,17 @@ def cmd_plan_memory(argv: Sequence[str]) -> int:
 def cmd_options(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="simpletuner options", description="List every option of the table.")
     parser.add_argument("--json", action="store_true", help="print every option as JSON")
-    parser.add_argument("--write-docs", action="store_true", help="regenerate documentation/OPTIONS.md")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="regenerate documentation/OPTIONS.md and the key tables of documentation/DATASETS.md")
     args = parser.parse_args(argv)
     from simpletuner.options import all_options
 
     if args.write_docs:
+        from simpletuner.data.schema_docs import write_datasets_markdown
         from simpletuner.options.docs import write_options_markdown
 
         print(f"wrote {write_options_markdown()}")
+        print(f"wrote {write_datasets_markdown()}")
         return 0
     if args.json:
         rows = [
@@ -272,10 +281,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         top_level_parser().parse_args([command])  # prints the choices and exits 2
+    from simpletuner.training.cpu_runtime import apply_cpu_runtime_defaults
+
+    apply_cpu_runtime_defaults()  # before anything imports torch: idle CPU threads spin only briefly
     try:
         return COMMANDS[command](rest)
     except ConfigError as error:
-        print(f"simpletuner {command}: configuration error: {error}", file=sys.stderr)
+        from simpletuner.options.messages import one_line
+        from simpletuner.options.secrets import redact_urls_in_text
+
+        # one line, however long or multi-line the value a message echoes: the user reads it at a glance;
+        # URLs in it cut to their host, as a webhook URL echoed with a bad value holds its token
+        print(f"simpletuner {command}: configuration error: {one_line(redact_urls_in_text(str(error)))}",
+              file=sys.stderr)
         return 2
 
 

@@ -198,17 +198,19 @@ def test_edit_changes_one_answer_and_preserves_the_rest(tmp_path: Path) -> None:
 
 
 def test_an_invalid_setup_is_not_written_and_can_be_corrected(tmp_path: Path, tiny_image_folder: Path) -> None:
-    """lora_rank 0 passes the type check but not validation: the wizard says why, writes nothing,
-    and asks again with the previous answers as defaults."""
+    """An output_dir naming an existing file passes the question's type check but not validation: the
+    wizard says why, writes nothing, and asks again with the previous answers as defaults."""
     child = spawn_wizard(tmp_path)
-    asked = drive(child, {"output_dir": ["out" + ENTER, ENTER], "dataset.instance_data_dir": "images" + ENTER,
-                          "lora_rank": [CLEAR + "0" + ENTER, CLEAR + "4" + ENTER],
+    asked = drive(child, {"output_dir": ["images/img0.png" + ENTER, CLEAR + "out" + ENTER],
+                          "dataset.instance_data_dir": "images" + ENTER,
+                          "lora_rank": [CLEAR + "4" + ENTER, ENTER],
                           "retry": ENTER})
     child.close()
     assert child.exitstatus == 0, child.before
     assert asked.count("lora_rank") == 2 and asked.count("retry") == 1 and asked.count("dataset.id") == 1
     screen = child.logfile_read.getvalue()
-    assert "this setup does not validate yet:" in screen and "`--lora_rank` = 0 must be at least 1" in screen
+    assert "this setup does not validate yet:" in screen
+    assert "`--output_dir` 'images/img0.png' exists and is not a folder" in screen
     assert json.loads((tmp_path / FILES[0]).read_text())["lora_rank"] == 4
     assert sorted(snapshot(tmp_path)) == sorted(FILES)
 

@@ -2,7 +2,7 @@
 
 The wizard owns no option knowledge of its own. Every question about an option takes its choices,
 default and help from the options table (:mod:`simpletuner.options`), every dataset question from
-the dataset schema (:mod:`simpletuner.data.config`), and the finished files are checked by the same
+the dataset key table (:mod:`simpletuner.data.schema`), and the finished files are checked by the same
 validation that ``simpletuner train`` runs. That way a new option or a new rule reaches the wizard
 without anyone editing it.
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from simpletuner.options import ConfigError, alias_targets, options_by_name
 from simpletuner.options.files import load_json_file, substitute_env
+from simpletuner.options.messages import show_value
 from simpletuner.options.validation import LORA_ONLY_OPTIONS
 from simpletuner.options.values import coerce_value
 
@@ -201,10 +202,9 @@ class Draft:
 def record_entry_value(entry: dict[str, Any], key: str, value: Any, dataset_type: str = "image") -> None:
     """Take an answer for a dataset key, by the same rules as :meth:`Draft.record`: an unchanged value
     stays as written, a schema default is not added, and None removes the key."""
-    from simpletuner.data.config import dataset_key_schema
+    from simpletuner.data.schema import defaults
 
-    schema = dataset_key_schema(dataset_type)
-    default = schema[key][1] if key in schema else None
+    default = defaults(dataset_type).get(key)
     if key in entry and value == entry[key]:
         return
     if value is None or (key not in entry and value == default):
@@ -224,6 +224,19 @@ def display_path(path: Path, cwd: Path) -> str:
         return absolute.relative_to(Path(os.path.abspath(cwd))).as_posix()
     except ValueError:
         return str(absolute)
+
+
+def _named_dataset_list(text: str, config_path: Path) -> Path:
+    """The dataset list that config.json's ``data_backend_config`` names; a name no file can have (too
+    long for the OS, a NUL byte, ``~user`` of an unknown user) is a ConfigError naming the file."""
+    try:
+        path = Path(text).expanduser()
+        path.is_file()  # raises for a name the OS cannot look up at all
+    except (OSError, ValueError, RuntimeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ConfigError(f"{config_path}: `data_backend_config` {show_value(text)} cannot name a file ({reason}); "
+                          "fix it or remove it to use multidatabackend.json beside the config") from None
+    return path
 
 
 def load_draft(config_arg: str | None) -> Draft:
@@ -250,7 +263,7 @@ def load_draft(config_arg: str | None) -> Draft:
                   env_path=config_path.parent / ENV_FILE_NAME, config=config, originals=originals)
     named = draft.get("data_backend_config")
     if isinstance(named, str) and named:
-        draft.dataset_path = Path(substitute_env(named, "data_backend_config", config_path)).expanduser()
+        draft.dataset_path = _named_dataset_list(substitute_env(named, "data_backend_config", config_path), config_path)
     if draft.dataset_path.is_file():
         entries = load_json_file(draft.dataset_path)
         if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):

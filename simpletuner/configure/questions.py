@@ -4,20 +4,17 @@ A :class:`Question` is one answer to collect: the key it sets (an option name, `
 ``env.<NAME>``, the same names ``--set`` takes), its help, how to ask (pick one, yes/no, or text),
 the default, and how to turn the answer into the value stored. Choices, defaults and help come from
 :func:`simpletuner.options.options_by_name`, the validation module's list of values the trainer
-supports so far, and :mod:`simpletuner.data.config`; nothing is restated here, so the wizard never
-disagrees with ``simpletuner train``.
+supports so far, and the dataset key table (:mod:`simpletuner.data.schema`); nothing is restated
+here, so the wizard never disagrees with ``simpletuner train``.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Callable
 
-from simpletuner.data import config as dataset_schema
+from simpletuner.data import schema as dataset_schema
 from simpletuner.options import ConfigError, options_by_name
 from simpletuner.options.spec import Option
 from simpletuner.options.values import coerce_value, parse_bool
@@ -128,71 +125,52 @@ def option_question(name: str, current: Any, choices: tuple[str, ...] | None = N
 
 
 def dataset_choices(key: str) -> tuple[str, ...]:
-    """The values offered for a dataset key, taken from the schema's own constants."""
+    """The values offered for a dataset key: the table's choices, less those the wizard cannot set up."""
     if key == "type":
         return tuple(t for t in WIZARD_STORAGE_TYPES if t in dataset_schema.SUPPORTED_BACKEND_TYPES)
+    choices = dataset_schema.key_named(key).choices
     if key == "caption_strategy":  # the table strategies need a table, which the wizard does not set up
-        return tuple(s for s in dataset_schema.CAPTION_STRATEGIES if s not in dataset_schema.METADATA_BACKENDS)
-    return {"resolution_type": dataset_schema.RESOLUTION_TYPES, "crop_style": dataset_schema.CROP_STYLES,
-            "crop_aspect": dataset_schema.CROP_ASPECTS}.get(key, ())
+        return tuple(s for s in choices if s not in dataset_schema.METADATA_BACKENDS)
+    return choices
 
 
-def _attribute_docs(doc: str | None) -> dict[str, str]:
-    """``name: text`` entries of a docstring's Attributes section; ``a / b: text`` documents both."""
-    lines = inspect.cleandoc(doc or "").splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("Attributes")), None)
-    docs: dict[str, str] = {}
-    if start is None:
-        return docs
-    names: list[str] = []
-    for line in lines[start + 1:]:
-        if line and not line.startswith(" "):
-            break
-        entry = re.match(r"^ {4}([\w /]+?):\s+(.*)$", line)
-        if entry:
-            names = [name.strip() for name in entry.group(1).split("/")]
-            for name in names:
-                docs[name] = entry.group(2).strip()
-        elif line.strip():
-            for name in names:
-                docs[name] += " " + line.strip()
-    return {name: text.replace("``", "`") for name, text in docs.items()}
-
-
-@lru_cache(maxsize=1)
 def dataset_key_help() -> dict[str, str]:
-    """Help for every key of an image entry, from the schema's dataclass docstrings."""
-    docs = _attribute_docs(dataset_schema.ImageDatasetConfig.__doc__)
-    docs.update({f"aws_{name}": text for name, text in _attribute_docs(dataset_schema.AwsSettings.__doc__).items()})
-    docs.update({f"text_embeds.{name}": text
-                 for name, text in _attribute_docs(dataset_schema.TextEmbedDatasetConfig.__doc__).items()})
+    """Help for every key of an image entry, and of the text-embedding entry as ``text_embeds.<key>``."""
+    docs = {name: key.help for name, key in dataset_schema.keys_for("image").items()}
+    docs.update({f"text_embeds.{name}": key.help for name, key in dataset_schema.keys_for("text_embeds").items()})
     return docs
 
 
 def coerce_dataset_value(key: str, raw: Any, source: str, dataset_type: str = "image") -> Any:
     """``raw`` (typed text, or a ``--set`` value) as the JSON value the schema expects for ``key``.
 
-    Empty text and ``null`` unset an optional key (None); the schema itself checks ranges and
-    cross-key rules when the whole list is validated. Unknown keys are returned unchanged so that
-    the schema's own "did you mean" message reports them.
+    Empty text and ``null`` unset an optional key (its default). The value is then checked against
+    the key's declaration (type, choices, range), so the wizard asks again at once; the rules that
+    span several keys are checked when the whole list is validated. Unknown keys are returned
+    unchanged so that the schema's own "did you mean" message reports them.
     """
-    schema = dataset_schema.dataset_key_schema(dataset_type)
-    if key not in schema or not isinstance(raw, str):
+    declared = dataset_schema.keys_for(dataset_type).get(key)
+    if declared is None or not isinstance(raw, str):
         return raw
-    kind, default, required = schema[key]
     text = raw.strip()
-    if not text and required:
+    if not text and declared.required:
         raise ConfigError(f"{source}: dataset key `{key}` is required; type a value")
-    if not text or (text.lower() in ("null", "none") and kind != "str"):
-        return default
+    if not text or (text.lower() in ("null", "none") and declared.kind != "str"):
+        return None if declared.required else declared.default
+    value = _typed_text(declared, raw, source)
+    declared.parse(value, source)  # DatasetConfigError (a ConfigError) naming the key, value and range
+    return value
+
+
+def _typed_text(declared: dataset_schema.DatasetKey, raw: str, source: str) -> Any:
+    """The JSON value typed text stands for, by the key's kind (lists of words and ids stay text)."""
+    kind, text = declared.kind, raw.strip()
     try:
-        if kind in ("str", "optional_str"):
-            return raw
-        if kind == "bool":
+        if kind in ("bool", "optional_bool"):
             return parse_bool(text)
         if kind in ("int", "optional_int"):
             return int(text)
-        if kind == "number":
+        if kind in ("float", "number"):
             number = json.loads(text)
             if isinstance(number, bool) or not isinstance(number, (int, float)):
                 raise ValueError(text)
@@ -207,19 +185,22 @@ def coerce_dataset_value(key: str, raw: Any, source: str, dataset_type: str = "i
             if not isinstance(value, dict):
                 raise ValueError(text)
             return value
-    except ValueError:  # json.JSONDecodeError is a ValueError
-        pass
-    words = {"bool": "true or false", "int": "an integer", "optional_int": "an integer", "number": "a number",
-             "number_list": "a list of numbers (1.0,1.5 or [1.0, 1.5])", "object": "a JSON object"}
-    raise ConfigError(f"{source}: dataset key `{key}` = {raw!r} is not {words.get(kind, kind)}")
+        return raw
+    except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
+        words = {"bool": "true or false", "optional_bool": "true or false", "int": "an integer",
+                 "optional_int": "an integer", "float": "a number", "number": "a number",
+                 "number_list": "a list of numbers (1.0,1.5 or [1.0, 1.5])", "object": "a JSON object"}
+        raise ConfigError(f"{source}: dataset key `{declared.name}` = {dataset_schema.shown(raw)} is not "
+                          f"{words[kind]}") from None
 
 
 def dataset_question(key: str, entry: dict[str, Any], check: Callable[[Any], None] | None = None) -> Question:
     """The question for ``key`` of the image dataset ``entry``; ``check`` adds a rule for the
     converted value (e.g. "the folder exists") that raises :class:`ConfigError`."""
-    kind, default, required = dataset_schema.dataset_key_schema()[key]
+    declared = dataset_schema.key_named(key)
+    default, required = (None if declared.required else declared.default), declared.required
     current = entry.get(key, default)
-    help_text = dataset_key_help().get(key, "")
+    help_text = declared.help
     choices = dataset_choices(key)
 
     def convert(answer: Any) -> Any:
@@ -228,7 +209,7 @@ def dataset_question(key: str, entry: dict[str, Any], check: Callable[[Any], Non
             check(value)
         return value
 
-    if kind == "bool":
+    if declared.kind in ("bool", "optional_bool"):
         return Question(f"dataset.{key}", help_text, "confirm", bool(current), convert=convert)
     if choices:
         offered = choices if required or default is not None else (*choices, UNSET)

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 from simpletuner.configure.draft import Draft, display_path
 from simpletuner.options import ConfigError, alias_targets, options_by_name
+from simpletuner.options.messages import show_value
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -58,20 +59,17 @@ def render(draft: Draft) -> dict[Path, bytes]:
 def validate_staged(draft: Draft, staged: dict[Path, Path]) -> list[str]:
     """Check the staged files with ``simpletuner train``'s own resolution; return its warnings.
 
-    ``staged`` maps each target to its temporary file. The dataset list is checked by the schema
-    under its real name first, then :func:`~simpletuner.options.resolve.resolve_run` (what ``train
-    --dry-run`` runs) reads the staged config.json, with ``--data_backend_config`` pointing at the
-    staged list and a scratch root whose ``config/config.env`` is the staged config.env. Launcher
-    variables of the calling shell are left out, so the files are judged on their own. Messages
-    name the targets, not the temporary files.
+    ``staged`` maps each target to its temporary file. :func:`~simpletuner.options.resolve.resolve_run`
+    (what ``train --dry-run`` runs) reads the staged config.json, with ``--data_backend_config``
+    pointing at the staged list (which its validation parses, once) and a scratch root whose
+    ``config/config.env`` is the staged config.env. Launcher variables of the calling shell are left
+    out, so the files are judged on their own. Messages name the targets, not the temporary files.
     """
-    from simpletuner.data.config import parse_dataset_plan
     from simpletuner.options.files import LAUNCHER_VARIABLES
     from simpletuner.options.resolve import resolve_run
 
     renames = {str(temporary): str(target) for target, temporary in staged.items()}
     try:
-        parse_dataset_plan(draft.datasets, source=str(draft.dataset_path))
         with tempfile.TemporaryDirectory(prefix="simpletuner-configure-") as scratch:
             env_file = Path(scratch) / "config" / "config.env"
             env_file.parent.mkdir()
@@ -123,9 +121,15 @@ def staged(draft: Draft, cwd: Path) -> Iterator[Staging]:
     created: list[Path] = []
     staging = Staging(draft, contents, temporaries)
     try:
+        for path in contents:
+            _check_replaceable(path)
         for path, data in contents.items():
-            created.extend(_make_folders(path.parent))
-            temporaries[path] = _write_temporary(path, data)
+            try:
+                created.extend(_make_folders(path.parent))
+                temporaries[path] = _write_temporary(path, data)
+            except OSError as error:  # a parent that is a file, no permission, a name too long, a full disk
+                raise ConfigError(f"cannot write {show_value(str(path))}: {error.strerror or error}; nothing was "
+                                  "changed") from None
         staging.warnings = validate_staged(draft, temporaries)
         yield staging
     finally:
@@ -139,15 +143,37 @@ def staged(draft: Draft, cwd: Path) -> Iterator[Staging]:
                     pass
 
 
+def _check_replaceable(path: Path) -> None:
+    """Only a regular file (or nothing) may be replaced: renaming over ``/dev/null``, a folder or a pipe
+    that a config happens to name would destroy it (as root, ``/dev/null`` itself)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise ConfigError(f"cannot write {show_value(str(path))}: {error.strerror or error}; nothing was "
+                          "changed") from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{show_value(str(path))} exists and is not a regular file; the setup files must be "
+                          "plain files, so give another path (nothing was changed)")
+
+
 def _make_folders(folder: Path) -> list[Path]:
     """Create ``folder`` and missing parents; return the ones created, outermost first."""
     missing = []
     while not folder.exists():
         missing.append(folder)
         folder = folder.parent
-    for path in reversed(missing):
-        path.mkdir()
-    return list(reversed(missing))
+    made: list[Path] = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            made.append(path)
+    except OSError:  # leave no half-made chain of folders behind
+        for path in reversed(made):
+            path.rmdir()
+        raise
+    return made
 
 
 def _write_temporary(path: Path, data: bytes) -> Path:
@@ -188,7 +214,13 @@ def _sigint_ignored() -> Iterator[None]:
 
 
 def describe_changes(draft: Draft) -> list[str]:
-    """One line per changed config key, plus one per other file: what writing will do."""
+    """One line per changed config key, plus one per other file: what writing will do. Values are
+    shown redacted (tokens, keys, webhook URLs: simpletuner/options/secrets.py); the files get them whole."""
+    from simpletuner.options.secrets import redact_value
+
+    def shown(key: str, value) -> str:
+        return json.dumps(redact_value(key, value))
+
     lines = []
     if draft.config_path not in draft.originals:
         lines.append(f"{draft.config_path} (new): " + ", ".join(draft.config))
@@ -196,9 +228,9 @@ def describe_changes(draft: Draft) -> list[str]:
         old, new = draft.original_config, draft.config
         for key in new:
             if key not in old:
-                lines.append(f"{draft.config_path}: add {key} = {json.dumps(new[key])}")
+                lines.append(f"{draft.config_path}: add {key} = {shown(key, new[key])}")
             elif old[key] != new[key]:
-                lines.append(f"{draft.config_path}: {key} {json.dumps(old[key])} -> {json.dumps(new[key])}")
+                lines.append(f"{draft.config_path}: {key} {shown(key, old[key])} -> {shown(key, new[key])}")
         lines.extend(f"{draft.config_path}: remove {key}" for key in old if key not in new)
     for path, new_value, old_value in ((draft.dataset_path, draft.datasets, draft.original_datasets),
                                        (draft.env_path, draft.env_lines, draft.original_env_lines)):

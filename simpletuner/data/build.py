@@ -69,18 +69,19 @@ class PreparedDataset:
 
 
 def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = True,
-                        num_processes: int | None = None) -> TrainingData:
+                        num_processes: int = 1, rank: int = 0) -> TrainingData:
     """Scan, bucket and cache every enabled dataset, cache all captions, build the sampler.
 
-    ``num_processes`` defaults to accelerate's ``WORLD_SIZE`` (1 outside a launch); each dataset
-    must fill at least one batch per process.
+    ``num_processes`` and ``rank`` come from the caller's accelerator (the defaults are one process):
+    each dataset must fill at least one batch per process, and only rank 0 writes the shared scan and
+    content-index files. The data layer never reads them from the environment.
 
     Raises:
         NoTrainingDataError: no usable image is left, or a dataset cannot fill a batch per process.
         CacheWriteError: a cache entry could not be written (e.g. full disk).
         DatasetConfigError: a global option makes a dataset entry invalid.
     """
-    settings = DataSettings.from_config(config, num_processes)
+    settings = DataSettings.from_config(config, num_processes=num_processes, rank=rank)
     _check_video_support(plan, model, config)
     memory = TensorMemory()
     conditioning = _open_conditioning(plan, config, settings, memory)
@@ -134,7 +135,7 @@ def _check_video_support(plan: DatasetPlan, model, config) -> None:
     if videos and not getattr(model, "encodes_video", False):
         raise DatasetConfigError(
             f"dataset {videos[0]!r} has \"dataset_type\": \"video\", but model family "
-            f"{getattr(config, 'model_family', None)!r} encodes images only; train it with a video model family, "
+            f"{config.model_family!r} encodes images only; train it with a video model family, "
             "or disable the dataset")
 
 
@@ -151,7 +152,7 @@ def _cache_captions(plan: DatasetPlan, datasets: list[PreparedDataset], config, 
         entries[entry.id] = entry
         captions.setdefault(entry.id, []).extend(caption for records in dataset.buckets.values()
                                                  for record in records for caption in record.caption_variants)
-    skip_text = "text" in discovery_stages(getattr(config, "skip_file_discovery", None))
+    skip_text = "text" in discovery_stages(config.skip_file_discovery)
     caches: dict[str, TextEmbedCache] = {}
     total = CacheReport()
     for entry_id, wanted in captions.items():
@@ -181,7 +182,8 @@ def _prepare_dataset(cfg: ImageDatasetConfig, settings: DataSettings, model, mem
     backend = source.images
     rules = CaptionRules.for_dataset(cfg, shared_filters)
     entries = _entries_for(cfg.cache_dir_vae, cfg, settings.compress)
-    scan_cache = ScanCache(entries, cfg.id, scan_settings_fingerprint(cfg, rules), settings.metadata_update_interval)
+    scan_cache = ScanCache(entries, cfg.id, scan_settings_fingerprint(cfg, rules), settings.metadata_update_interval,
+                           is_main_process=settings.is_main_process)
     scan = scan_with_cache(cfg, source, rules, scan_cache, override=settings.override_dataset_config,
                            ignore_missing=settings.ignore_missing_files, workers=settings.scan_workers,
                            log_each=settings.print_filenames)
@@ -251,7 +253,8 @@ def _latent_cache_type(cfg: ImageDatasetConfig, settings: DataSettings):
 def _vae_options(settings: DataSettings) -> VaeCacheOptions:
     return VaeCacheOptions(mode=settings.vae_mode, scan_behaviour=settings.scan_behaviour, workers=settings.workers,
                            read_ahead=settings.read_ahead, process_ahead=settings.process_ahead,
-                           write_batch_size=settings.write_batch_size, log_each=settings.print_filenames)
+                           write_batch_size=settings.write_batch_size, log_each=settings.print_filenames,
+                           is_main_process=settings.is_main_process)
 
 
 def _cache_conditioning(conditioning: list[ConditioningSet], buckets: dict[Size, list[ImageRecord]], cache: VaeCache,
@@ -280,7 +283,8 @@ def _open_conditioning(plan: DatasetPlan, config, settings: DataSettings, memory
         images = storage_backend(cfg)
         sets[name] = ConditioningSet(cfg, images, list_conditioning_files(images),
                                      _entries_for(cfg.cache_dir_vae, cfg, settings.compress), memory,
-                                     workers=settings.workers, write=settings.vae_mode != "disable")
+                                     workers=settings.workers, write=settings.vae_mode != "disable",
+                                     is_main_process=settings.is_main_process)
     check_conditioning_sampling(plan, settings.conditioning_sampling)
     return sets
 
@@ -346,10 +350,31 @@ def _batches_with(buckets: dict[Size, list[ImageRecord]], repeats: int, batch: i
 
 def minimum_repeats(buckets: dict[Size, list[ImageRecord]], repeats: int, batch: int, needed: int,
                     keep_small: bool = False) -> int:
-    """The smallest repeats >= ``repeats`` giving at least ``needed`` batches per epoch."""
-    while _batches_with(buckets, repeats, batch, keep_small) < needed:
-        repeats += 1
-    return repeats
+    """The smallest repeats >= ``repeats`` giving at least ``needed`` batches per epoch.
+
+    Computed by bisection between ``repeats`` and a count that surely suffices (the largest bucket
+    alone fills ``needed`` batches), so it takes a few dozen evaluations even for an absurd
+    ``--train_batch_size`` such as 10**40, where adding one repeat at a time would never finish.
+    The batch count only grows with the repeats, which is what makes bisection exact.
+
+    Raises:
+        ValueError: ``buckets`` holds no image, so no number of repeats gives a batch.
+    """
+    if _batches_with(buckets, repeats, batch, keep_small) >= needed:
+        return repeats
+    largest = max((len(records) for records in buckets.values()), default=0)
+    if largest == 0:
+        raise ValueError("no image in any bucket: no number of repeats gives a batch")
+    # largest * (1 + enough) >= needed * batch: the largest bucket alone gives the batches needed
+    enough = max(repeats + 1, -(-needed * batch // largest) - 1)
+    too_few = repeats
+    while enough - too_few > 1:
+        middle = (too_few + enough) // 2
+        if _batches_with(buckets, middle, batch, keep_small) >= needed:
+            enough = middle
+        else:
+            too_few = middle
+    return enough
 
 
 def _build_mixer(prepared: dict[str, PreparedDataset], settings: DataSettings) -> DatasetMixer:

@@ -71,6 +71,7 @@ class ConditioningSet:
         images: where its files are.
         keys: its image files.
         pairs: paired training image path -> conditioning key.
+        is_main_process: this process writes the shared content index (rank 0 under a launcher).
     """
 
     cfg: ImageDatasetConfig
@@ -81,9 +82,10 @@ class ConditioningSet:
     workers: int = 1
     write: bool = True
     pairs: dict = field(default_factory=dict)
+    is_main_process: bool = True
 
     def __post_init__(self) -> None:
-        self.index = ContentIndex(self.entries, self.images)
+        self.index = ContentIndex(self.entries, self.images, writes=self.is_main_process)
         self._content: dict[str, str] = {}
         self._bad: set = set()
 

@@ -383,7 +383,7 @@ class TrainingData:
         return lines
 
 
-def build_training_data(config, model, plan, show_progress: bool = True, num_processes: int | None = None
+def build_training_data(config, model, plan, show_progress: bool = True, num_processes: int = 1, rank: int = 0
                         ) -> TrainingData:
     """Scan, bucket and cache every enabled dataset, cache all captions, build the sampler.
 
@@ -391,4 +391,4 @@ def build_training_data(config, model, plan, show_progress: bool = True, num_pro
     """
     from simpletuner.data.build import build_training_data as build
 
-    return build(config, model, plan, show_progress=show_progress, num_processes=num_processes)
+    return build(config, model, plan, show_progress=show_progress, num_processes=num_processes, rank=rank)

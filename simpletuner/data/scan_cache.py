@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -75,11 +74,16 @@ class StoredScan:
 
 
 class ScanCache:
-    """Reads and writes one dataset's stored scan through its cache entries' text files."""
+    """Reads and writes one dataset's stored scan through its cache entries' text files.
+
+    ``is_main_process``: under a launcher only the main process (rank 0) writes the shared file; the
+    others scan after it and read what it stored. The caller knows the rank, this class does not look.
+    """
 
     def __init__(self, entries, dataset_id: str, settings: str, update_interval: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, is_main_process: bool = True) -> None:
         self.entries = entries
+        self.is_main_process = is_main_process
         self.dataset_id = dataset_id
         self.settings = settings
         self.update_interval = update_interval
@@ -178,7 +182,7 @@ class ScanCache:
         self.stored = stored
 
     def _write(self, stored: StoredScan) -> None:
-        if os.environ.get("RANK", "0") != "0":  # under a launcher only the main process writes shared files
+        if not self.is_main_process:  # under a launcher only the main process writes shared files
             return
         payload = {"version": _VERSION, **dataclasses.asdict(stored)}
         try:

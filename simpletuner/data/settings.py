@@ -5,8 +5,10 @@ Several ``--flags`` are defaults for keys a ``multidatabackend.json`` entry may 
 when it sets the key itself (``ImageDatasetConfig.explicit_keys``). :func:`resolve_dataset` applies
 them, then re-checks the rules that span both sources, so a global that breaks a dataset fails with
 a message naming the flag and the dataset. :class:`DataSettings` gathers the flags that act on the
-whole data path (caches, threads, prefetch), read with ``getattr`` defaults so callers with a
-partial config (tests, tools) still work. This module imports without torch.
+whole data path (caches, threads, prefetch) from a TrainConfig (tests build one with
+:func:`simpletuner.testing.config.make_config`), so the options table alone gives the defaults; the
+process count and rank come from the caller, never from the environment. This module imports without
+torch.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ DEFAULT_FRAMERATE = 30
 
 def default_num_frames(config) -> int:
     """``num_frames`` of a video dataset that leaves it out: :data:`DEFAULT_CLIP_SECONDS` at ``--framerate``."""
-    return DEFAULT_CLIP_SECONDS * int(_flag(config, "framerate", DEFAULT_FRAMERATE))
+    return DEFAULT_CLIP_SECONDS * int(_unset_or(config.framerate, DEFAULT_FRAMERATE))
 
 #: Global flags that default a dataset key of the same name when the entry leaves it out.
 _INHERITED_KEYS = ("instance_prompt", "prepend_instance_prompt", "only_instance_prompt", "minimum_image_size",
@@ -46,10 +48,10 @@ _PARQUET_COLUMN_OPTIONS = {"parquet_caption_column": "caption_column", "parquet_
 _GLOBAL_CAPTION_STRATEGY = {"instance_prompt": "instanceprompt"}
 
 
-def _flag(config, name: str, default=None):
-    """``config.name``, or ``default`` for configs built without that option."""
-    value = getattr(config, name, default)
-    return default if value is None else value
+def _unset_or(value, fallback):
+    """``value``, or ``fallback`` when the option is unset (None): for options the table leaves unset,
+    what "unset" means for the data path is decided here (e.g. ``--framerate`` -> 30)."""
+    return fallback if value is None else value
 
 
 def discovery_stages(value) -> tuple[str, ...]:
@@ -81,24 +83,24 @@ def resolve_dataset(cfg: ImageDatasetConfig, config) -> ImageDatasetConfig:
     """
     changes: dict = {}
     explicit = cfg.explicit_keys
-    global_vae_dir = _flag(config, "cache_dir_vae", "")
+    global_vae_dir = config.cache_dir_vae
     if cfg.cache_dir_vae is None and global_vae_dir:
         changes["cache_dir_vae"] = os.path.join(global_vae_dir, cfg.id)
     for key in _INHERITED_KEYS:
-        value = getattr(config, key, None)
+        value = getattr(config, key)
         if key not in explicit and value is not None and getattr(cfg, key) is None:
             changes[key] = value
-    strategy = getattr(config, "caption_strategy", None)
+    strategy = config.caption_strategy
     if strategy and "caption_strategy" not in explicit and cfg.metadata_backend == "discovery":
         changes["caption_strategy"] = _GLOBAL_CAPTION_STRATEGY.get(strategy, strategy)
     if cfg.skip_file_discovery is None:
-        changes["skip_file_discovery"] = discovery_stages(getattr(config, "skip_file_discovery", None))
-    pool = getattr(config, "aws_max_pool_connections", None)
+        changes["skip_file_discovery"] = discovery_stages(config.skip_file_discovery)
+    pool = config.aws_max_pool_connections
     if pool and cfg.aws is not None:
         changes["aws"] = dataclasses.replace(cfg.aws, max_pool_connections=int(pool))
     if cfg.parquet is not None:
         columns = {column: getattr(config, option) for option, column in _PARQUET_COLUMN_OPTIONS.items()
-                   if getattr(config, option, None) and f"parquet.{column}" not in explicit}
+                   if getattr(config, option) and f"parquet.{column}" not in explicit}
         if columns:
             changes["parquet"] = dataclasses.replace(cfg.parquet, **columns)
     if cfg.dataset_type == "video" and (cfg.video is None or cfg.video.num_frames is None):
@@ -135,9 +137,9 @@ def text_cache_dir(entry: TextEmbedDatasetConfig, config) -> Path:
     ``<--cache_dir>/text``."""
     if entry.cache_dir:
         return Path(entry.cache_dir)
-    if _flag(config, "cache_dir_text", ""):
+    if config.cache_dir_text:
         return Path(config.cache_dir_text)
-    return Path(_flag(config, "cache_dir", "cache")) / "text"
+    return Path(config.cache_dir) / "text"
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class DataSettings:
     Attributes:
         seed: shuffles, subsets, caption variants and crops (``--seed``, 0 when unset).
         batch_size / num_processes: a dataset must fill ``batch_size x num_processes`` samples.
+        rank: this process's index among ``num_processes`` (rank 0 writes the shared files).
         vae_batch_size: images per VAE call while caching.
         compress: gzip cache entries (``--compress_disk_cache``).
         scan_behaviour: ``recreate`` or ``sync`` for latents cached at another bucket size.
@@ -190,41 +193,47 @@ class DataSettings:
     aspect_bucket_alignment: int = 64
     framerate: float | None = None
 
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0 writes the files every process shares (stored scans, content indexes)."""
+        return self.rank == 0
+
     @classmethod
-    def from_config(cls, config, num_processes: int | None = None, rank: int | None = None) -> "DataSettings":
-        """The settings of ``config``; the process count and rank default to accelerate's
-        ``WORLD_SIZE`` / ``RANK`` environment (1 and 0 outside a launch)."""
-        vae_batch = int(_flag(config, "vae_batch_size", 4))
-        workers = _flag(config, "max_workers", None) or min(4, os.cpu_count() or 1)
-        mode = "disable" if _flag(config, "vae_cache_disable", False) else (
-            "ondemand" if _flag(config, "vae_cache_ondemand", False) else "upfront")
+    def from_config(cls, config, num_processes: int = 1, rank: int = 0) -> "DataSettings":
+        """The settings of ``config`` for process ``rank`` of ``num_processes``.
+
+        The caller (the trainer, from its accelerator) passes the process count and rank; the defaults
+        are a single process, so tools and tests need not know about launchers.
+        """
+        vae_batch = int(config.vae_batch_size)
+        workers = config.max_workers or min(4, os.cpu_count() or 1)
+        mode = "disable" if config.vae_cache_disable else ("ondemand" if config.vae_cache_ondemand else "upfront")
         return cls(
-            seed=int(_flag(config, "seed", 0)),
-            batch_size=int(_flag(config, "train_batch_size", 1)),
-            num_processes=num_processes or int(os.environ.get("WORLD_SIZE", "1")),
-            rank=rank if rank is not None else int(os.environ.get("RANK", "0")),
+            seed=int(_unset_or(config.seed, 0)),
+            batch_size=int(config.train_batch_size),
+            num_processes=num_processes,
+            rank=rank,
             vae_batch_size=vae_batch,
-            compress=bool(_flag(config, "compress_disk_cache", False)),
-            scan_behaviour=_flag(config, "vae_cache_scan_behaviour", "recreate"),
+            compress=bool(config.compress_disk_cache),
+            scan_behaviour=config.vae_cache_scan_behaviour,
             vae_mode=mode,
-            prefetch_batches=int(_flag(config, "dataloader_prefetch_qlen", 10)) if _flag(
-                config, "dataloader_prefetch", False) else 0,
-            print_filenames=bool(_flag(config, "print_filenames", False)),
-            read_ahead=int(_flag(config, "read_batch_size", 2 * vae_batch)),
-            process_ahead=int(_flag(config, "image_processing_batch_size", 2 * vae_batch)),
+            prefetch_batches=int(config.dataloader_prefetch_qlen) if config.dataloader_prefetch else 0,
+            print_filenames=bool(config.print_filenames),
+            read_ahead=int(_unset_or(config.read_batch_size, 2 * vae_batch)),
+            process_ahead=int(_unset_or(config.image_processing_batch_size, 2 * vae_batch)),
             workers=int(workers),
-            write_batch_size=int(_flag(config, "write_batch_size", 64)),
-            scan_workers=int(_flag(config, "aspect_bucket_worker_count", 12)),
-            metadata_update_interval=_flag(config, "metadata_update_interval", None),
-            override_dataset_config=bool(_flag(config, "override_dataset_config", False)),
-            ignore_missing_files=bool(_flag(config, "ignore_missing_files", False)),
-            aspect_bucket_rounding=_flag(config, "aspect_bucket_rounding", None),
-            keep_small_buckets=bool(_flag(config, "disable_bucket_pruning", False)),
-            allow_oversubscription=bool(_flag(config, "allow_dataset_oversubscription", False)),
-            conditioning_sampling=_flag(config, "conditioning_multidataset_sampling", "combined"),
-            data_backend_sampling=_flag(config, "data_backend_sampling", "auto-weighting"),
-            aspect_bucket_alignment=int(_flag(config, "aspect_bucket_alignment", 64)),
-            framerate=_flag(config, "framerate", None),
+            write_batch_size=int(config.write_batch_size),
+            scan_workers=int(config.aspect_bucket_worker_count),
+            metadata_update_interval=config.metadata_update_interval,
+            override_dataset_config=bool(config.override_dataset_config),
+            ignore_missing_files=bool(config.ignore_missing_files),
+            aspect_bucket_rounding=config.aspect_bucket_rounding,
+            keep_small_buckets=bool(config.disable_bucket_pruning),
+            allow_oversubscription=bool(config.allow_dataset_oversubscription),
+            conditioning_sampling=_unset_or(config.conditioning_multidataset_sampling, "combined"),
+            data_backend_sampling=config.data_backend_sampling,
+            aspect_bucket_alignment=int(config.aspect_bucket_alignment),
+            framerate=config.framerate,
         )
 
 
@@ -241,19 +250,19 @@ def check_global_data_options(config, plan=None) -> None:
         DatasetConfigError: names the option (and the dataset) and the fix.
     """
     for name in _POSITIVE_OPTIONS:
-        value = getattr(config, name, None)
+        value = getattr(config, name)
         if value is not None and value < 1:
             raise DatasetConfigError(f"`--{name}` = {value} must be at least 1")
     for name in ("metadata_update_interval", "minimum_image_size", "max_upscale_threshold"):
-        value = getattr(config, name, None)
+        value = getattr(config, name)
         if value is not None and value < 0:
             raise DatasetConfigError(f"`--{name}` = {value} must not be negative")
-    discovery_stages(getattr(config, "skip_file_discovery", None))
+    discovery_stages(config.skip_file_discovery)
     if plan is not None:
         for cfg in plan.images:
             if not cfg.disabled:
                 resolve_dataset(cfg, config)
-        check_conditioning_sampling(plan, getattr(config, "conditioning_multidataset_sampling", None))
+        check_conditioning_sampling(plan, config.conditioning_multidataset_sampling)
 
 
 def check_conditioning_sampling(plan, sampling: str | None) -> None:

@@ -231,7 +231,7 @@ class PlanSettings:
     ema_on_cpu: bool
 
     @classmethod
-    def from_config(cls, config) -> "PlanSettings":
+    def from_config(cls, config, dataset_plan=None) -> "PlanSettings":
         from simpletuner.options.adapter_rules import parse_target_modules
 
         targets = DEFAULT_LORA_TARGETS
@@ -240,12 +240,12 @@ class PlanSettings:
                 targets = tuple(parse_target_modules(config.peft_lora_target_modules))
             except Exception:  # validation reports a bad value; the planner keeps the default
                 targets = DEFAULT_LORA_TARGETS
-        edge = training_edge(config)
-        encoder_precisions = tuple(getattr(config, f"text_encoder_{n}_precision", None) or "no_change"
+        edge = training_edge(config, dataset_plan)
+        encoder_precisions = tuple(getattr(config, f"text_encoder_{n}_precision") or "no_change"
                                    for n in range(1, 5))
         return cls(
             model_type=config.model_type, mixed_precision=config.mixed_precision or "no",
-            base_model_precision=getattr(config, "base_model_precision", None) or "no_change",
+            base_model_precision=config.base_model_precision or "no_change",
             text_encoder_precisions=encoder_precisions, lora_rank=int(config.lora_rank or 16), lora_targets=targets,
             batch_size=int(config.train_batch_size or 1), gradient_accumulation=int(config.gradient_accumulation_steps or 1),
             width=edge, height=edge, gradient_checkpointing=bool(config.gradient_checkpointing),
@@ -253,27 +253,32 @@ class PlanSettings:
             offload_frozen=bool(config.enable_model_cpu_offload or config.enable_group_offload),
             offload_during_startup=bool(config.offload_during_startup), optimizer=config.optimizer or "adamw_bf16",
             set_grads_to_none=bool(config.set_grads_to_none), train_text_encoder=bool(config.train_text_encoder),
-            vae_batch_size=int(getattr(config, "vae_batch_size", None) or 4),
+            vae_batch_size=int(config.vae_batch_size or 4),
             text_tokens=text_tokens(config),
-            use_ema=bool(config.use_ema), ema_on_cpu=bool(getattr(config, "ema_cpu_only", False)
-                                                          or getattr(config, "ema_device", "cpu") == "cpu"),
+            use_ema=bool(config.use_ema), ema_on_cpu=bool(config.ema_cpu_only or config.ema_device == "cpu"),
         )
 
 
-def training_edge(config) -> int:
-    """The largest square edge (px) any enabled dataset trains at (its own resolution or the global one)."""
+def training_edge(config, dataset_plan=None) -> int:
+    """The largest square edge (px) any enabled dataset trains at (its own resolution or the global one).
+
+    ``dataset_plan`` is the run's checked dataset list; without one (a library caller) the list is read
+    here, and a list that cannot be read leaves the global resolution.
+    """
     from simpletuner.data.buckets import pixel_edge
+    from simpletuner.data.config import load_dataset_plan
+    from simpletuner.data.settings import resolve_dataset
+    from simpletuner.options import ConfigError
 
     edges = []
-    try:
-        from simpletuner.data.config import load_dataset_plan
-        from simpletuner.data.settings import resolve_dataset
-
-        for dataset in load_dataset_plan(config.data_backend_config).enabled_images:
-            dataset = resolve_dataset(dataset, config)
-            edges.append(pixel_edge(dataset.resolution, dataset.resolution_type))
-    except Exception:  # no readable dataset list: the global resolution
-        pass
+    if dataset_plan is None and config.data_backend_config:
+        try:
+            dataset_plan = load_dataset_plan(config.data_backend_config)
+        except (ConfigError, OSError, ValueError):  # no readable dataset list: the global resolution
+            dataset_plan = None
+    for dataset in dataset_plan.enabled_images if dataset_plan is not None else ():
+        dataset = resolve_dataset(dataset, config)
+        edges.append(pixel_edge(dataset.resolution, dataset.resolution_type))
     if not edges and config.resolution:
         edges.append(pixel_edge(config.resolution, config.resolution_type or "pixel"))
     return int(max(edges, default=1024))
@@ -282,7 +287,7 @@ def training_edge(config) -> int:
 def text_tokens(config) -> int:
     """Text tokens per cached prompt: ``--tokenizer_max_length`` or the family's default (SD3 joins
     77 CLIP tokens and its T5 tokens)."""
-    length = getattr(config, "tokenizer_max_length", None)
+    length = config.tokenizer_max_length
     if config.model_family == "sd3":
         return 77 + int(length or 154)
     return int(length or TEXT_TOKENS.get(config.model_family, 77))
@@ -591,13 +596,13 @@ def propose(inventory: ModelInventory, base: PlanSettings, budget: int, config=N
 # --- the report ----------------------------------------------------------------------------------
 
 
-def describe(config, budget: str | None = None) -> str:
-    """The text ``simpletuner plan-memory`` and ``--dry-run`` print."""
+def describe(config, budget: str | None = None, dataset_plan=None) -> str:
+    """The text ``simpletuner plan-memory`` and ``--dry-run`` print (``dataset_plan``: the run's checked list)."""
     try:
         inventory = read_inventory(config)
     except (FileNotFoundError, OSError, ValueError) as error:
         return f"memory plan: not available ({error})"
-    settings = PlanSettings.from_config(config)
+    settings = PlanSettings.from_config(config, dataset_plan)
     result = estimate(inventory, settings)
     sizes = ", ".join(f"{name} {c.parameters / 1e6:,.{1 if c.parameters >= 10**6 else 3}f}M"
                       for name, c in inventory.components.items())

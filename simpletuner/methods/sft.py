@@ -56,16 +56,16 @@ class FlowNoising:
         default_shift = getattr(model, "default_flow_shift", None)
         self.sampler = FlowSigmaSampler.from_config(config, default_shift=default_shift)
         self.patch_size = getattr(model, "flow_patch_size", 2)
-        self.weighting = getattr(config, "flow_loss_weighting", None) or "none"
+        self.weighting = config.flow_loss_weighting or "none"
         self.table = None
-        if getattr(config, "flow_use_discrete_schedule", False) or self.weighting == "gaussian":
-            shift = getattr(config, "flow_schedule_shift", None) or default_shift or 1.0
+        if config.flow_use_discrete_schedule or self.weighting == "gaussian":
+            shift = config.flow_schedule_shift or default_shift or 1.0
             self.table = ShiftedDiscreteSchedule(
                 shift=shift, num_train_timesteps=num_train_timesteps,
-                min_timestep_boundary=getattr(config, "flow_min_timestep_boundary", None) or 0.0,
-                max_timestep_boundary=getattr(config, "flow_max_timestep_boundary", None) or 1.0,
+                min_timestep_boundary=config.flow_min_timestep_boundary or 0.0,
+                max_timestep_boundary=config.flow_max_timestep_boundary or 1.0,
             )
-        self.discrete = bool(getattr(config, "flow_use_discrete_schedule", False))
+        self.discrete = bool(config.flow_use_discrete_schedule)
 
     def sigmas(self, latents: torch.Tensor) -> torch.Tensor:
         batch = latents.shape[0]
@@ -91,7 +91,7 @@ class FlowNoising:
 class SupervisedFineTuning:
     """The default method; one instance per run."""
 
-    def __init__(self, model, caption_dropout_probability: float, config=None):
+    def __init__(self, model, caption_dropout_probability: float, config):
         self.model = model
         self.caption_dropout_probability = caption_dropout_probability
         self.scheduler = model.noise_scheduler()
@@ -103,12 +103,12 @@ class SupervisedFineTuning:
             window = getattr(model, "training_timestep_window", lambda: None)()  # e.g. one expert's slice
             self.sample_timesteps = build_timestep_sampler(config, self.scheduler, window=window)
         # --diff2flow_loss: regress the flow velocity (noise - latents) that the model's output implies.
-        self.diff2flow = bool(getattr(config, "diff2flow_enabled", False) and getattr(config, "diff2flow_loss", False))
+        self.diff2flow = bool(config.diff2flow_enabled and config.diff2flow_loss)
         if self.diff2flow:
             check_diff2flow_schedule(self.scheduler, model.prediction_type)
         self.loss_settings = LossSettings.from_config(config)
         self.noise_settings = NoiseSettings.from_config(config)
-        probability = getattr(config, "masked_loss_probability", None)
+        probability = config.masked_loss_probability
         self.masked_loss_probability = 1.0 if probability is None else float(probability)
         #: set by the trainer while ``--train_text_encoder`` is active (until ``--text_encoder_limit``)
         self.encode_text_live = False

@@ -194,7 +194,7 @@ class ModelFamily(ABC):
     def latent_fingerprint_parts(self) -> dict[str, str]:
         """What identifies the latent encoder (the VAE), for the latent cache's keys."""
         parts = self._encoder_identity()
-        if getattr(self.config, "vae_enable_tiling", False):
+        if self.config.vae_enable_tiling:
             parts["vae_tiling"] = "on"  # blended tile seams change the latents (slicing does not)
         return parts
 

@@ -134,10 +134,10 @@ class GuidanceSettings:
 
     @classmethod
     def from_config(cls, config) -> "GuidanceSettings":
-        value = getattr(config, "flux_guidance_value", None)
-        return cls(mode=getattr(config, "flux_guidance_mode", None) or "constant",
+        value = config.flux_guidance_value
+        return cls(mode=config.flux_guidance_mode or "constant",
                    value=DEFAULT_GUIDANCE if value is None else float(value),
-                   low=getattr(config, "flux_guidance_min", None), high=getattr(config, "flux_guidance_max", None))
+                   low=config.flux_guidance_min, high=config.flux_guidance_max)
 
     def sample(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """One guidance value per sample (float32). The random draw uses the global generator, which
@@ -153,8 +153,8 @@ def flux_text_settings(config, has_guidance_embedding: bool = True) -> dict[str,
     """The text settings a run uses, with FLUX.1's defaults filled in for unset options."""
     default = DEFAULT_T5_TOKENS if has_guidance_embedding else GUIDANCE_FREE_T5_TOKENS
     return {
-        "t5_tokens": int(getattr(config, "tokenizer_max_length", None) or default),
-        "t5_padding": getattr(config, "t5_padding", None) or "unmodified",
+        "t5_tokens": int(config.tokenizer_max_length or default),
+        "t5_padding": config.t5_padding or "unmodified",
     }
 
 
@@ -192,7 +192,7 @@ class Flux(ModelFamily):
     def __init__(self, config, device: torch.device, weight_dtype: torch.dtype):
         super().__init__(config, device, weight_dtype)
         self.guidance = GuidanceSettings.from_config(config)
-        self.masked_training = bool(getattr(config, "flux_attention_masked_training", False))
+        self.masked_training = bool(config.flux_attention_masked_training)
         self._validation_prompts: dict[str, dict[str, torch.Tensor]] = {}
 
     # --- loading -----------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ class Flux(ModelFamily):
         return bool(self.transformer.config.guidance_embeds)
 
     def _guidance_options_set(self) -> bool:
-        return any(getattr(self.config, name, None) is not None for name in
+        return any(getattr(self.config, name) is not None for name in
                    ("flux_guidance_mode", "flux_guidance_value", "flux_guidance_min", "flux_guidance_max"))
 
     def _resolution_shift(self) -> float:
@@ -317,12 +317,12 @@ class Flux(ModelFamily):
         from simpletuner.training.flow import auto_shift
 
         scheduler = self._scheduler.config
-        resolution = getattr(self.config, "resolution", None)
+        resolution = self.config.resolution
         if not scheduler.get("use_dynamic_shifting") or not resolution:
             return float(scheduler.get("shift", 1.0))
         from simpletuner.data.buckets import pixel_edge
 
-        edge = pixel_edge(float(resolution), getattr(self.config, "resolution_type", None) or "pixel")
+        edge = pixel_edge(float(resolution), self.config.resolution_type or "pixel")
         tokens = (edge / self.pixels_per_token()) ** 2
         return float(auto_shift(tokens, base_seq_len=scheduler.get("base_image_seq_len", 256),
                                 max_seq_len=scheduler.get("max_image_seq_len", 4096),
@@ -410,7 +410,7 @@ class Flux(ModelFamily):
         return {"validation_guidance": DEFAULT_VALIDATION_GUIDANCE, "validation_negative_prompt": ""}
 
     def pipeline_call_arguments(self) -> dict[str, Any]:
-        real = getattr(self.config, "validation_guidance_real", None)
+        real = self.config.validation_guidance_real
         return {} if real is None else {"true_cfg_scale": float(real)}
 
     def validation_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -425,7 +425,7 @@ class Flux(ModelFamily):
                 for key in ("prompt_embeds", "pooled_prompt_embeds", "attention_mask")}
 
     def lora_target_modules(self) -> list[str]:
-        preset = getattr(self.config, "flux_lora_target", None) or "mmdit"
+        preset = self.config.flux_lora_target or "mmdit"
         return lora_target_preset(preset, len(self.transformer.single_transformer_blocks))
 
     def save_lora(self, folder: Path, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any],
@@ -483,7 +483,7 @@ class FluxValidationPipeline(FluxPipeline):
             prompt = kwargs.get("prompt", args[0] if args else None)
             kwargs["negative_prompt"] = "" if isinstance(prompt, str) else [""] * len(prompt)
         self._encoded = []
-        no_cfg_steps = int(getattr(self.family.config, "validation_no_cfg_until_timestep", None) or 0) \
+        no_cfg_steps = int(self.family.config.validation_no_cfg_until_timestep or 0) \
             if self.family is not None else 0
         with self._routed(no_cfg_steps):
             return super().__call__(*args, **kwargs)

@@ -38,7 +38,7 @@ class Kolors(StableDiffusionXL):
 
     @property
     def max_tokens(self) -> int:
-        return int(getattr(self.config, "tokenizer_max_length", None) or DEFAULT_CHATGLM_TOKENS)
+        return int(self.config.tokenizer_max_length or DEFAULT_CHATGLM_TOKENS)
 
     # --- loading -----------------------------------------------------------------------------------
 

@@ -50,8 +50,8 @@ LORA_PREFIX = "transformer"
 def pixart_text_settings(config) -> dict[str, Any]:
     """The text settings a run uses, with PixArt's defaults filled in for unset options."""
     return {
-        "max_tokens": int(getattr(config, "tokenizer_max_length", None) or DEFAULT_MAX_TOKENS),
-        "t5_padding": getattr(config, "t5_padding", None) or "unmodified",
+        "max_tokens": int(config.tokenizer_max_length or DEFAULT_MAX_TOKENS),
+        "t5_padding": config.t5_padding or "unmodified",
     }
 
 

@@ -88,7 +88,7 @@ def load_model(model, config) -> dict[str, str]:
     hooks = LoaderHooks(model, config, wanted, settings)
     with hooks.installed():
         model.load()
-    if getattr(config, "fuse_qkv_projections", False):
+    if config.fuse_qkv_projections:
         # between loading and quantizing: quantized weights cannot be concatenated (models/qkv_fusion.py)
         from simpletuner.models.qkv_fusion import QkvFusion, describe
 
@@ -134,7 +134,7 @@ def convolution_settings(config) -> dict[str, Any]:
     break them), in the module's own type without mixed precision. Under fp16 / fp8 mixed precision
     the model is held in fp32 while autocast computes in another type and validation runs without
     autocast, which no fixed quanto type survives: the convolutions are left unquantized."""
-    precision = getattr(config, "mixed_precision", None) or "no"
+    precision = config.mixed_precision or "no"
     if precision == "bf16":
         return {"convolutions": True, "conv_dtype": torch.bfloat16}
     return {"convolutions": precision == "no", "conv_dtype": None}

@@ -46,12 +46,12 @@ TRANSFORMER_ATTENTION_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 def sd3_text_settings(config) -> dict[str, Any]:
     """The text settings a run uses, with SD3's defaults filled in for unset options."""
-    clip_uncond = getattr(config, "sd3_clip_uncond_behaviour", None) or "empty_string"
+    clip_uncond = config.sd3_clip_uncond_behaviour or "empty_string"
     return {
-        "t5_tokens": int(getattr(config, "tokenizer_max_length", None) or DEFAULT_T5_TOKENS),
-        "t5_padding": getattr(config, "t5_padding", None) or "unmodified",
+        "t5_tokens": int(config.tokenizer_max_length or DEFAULT_T5_TOKENS),
+        "t5_padding": config.t5_padding or "unmodified",
         "clip_uncond": clip_uncond,
-        "t5_uncond": getattr(config, "sd3_t5_uncond_behaviour", None) or clip_uncond,
+        "t5_uncond": config.sd3_t5_uncond_behaviour or clip_uncond,
     }
 
 

@@ -131,10 +131,10 @@ class StableDiffusionXL(ModelFamily):
                 module.to(dtype=self.weight_dtype)  # the VAE stays fp32 below bf16: fp16 VAEs overflow
         self.denoiser = self.unet
         self.is_refiner = self._takes_aesthetic_score()
-        if getattr(self.config, "unet_attention_slice", False):
+        if self.config.unet_attention_slice:
             self.unet.set_attention_slice("auto")  # half the heads at a time: lower peak memory, same result
         self.freeze_encoders()
-        if not self.is_refiner and getattr(self.config, "data_aesthetic_score", None) is not None:
+        if not self.is_refiner and self.config.data_aesthetic_score is not None:
             logger.warning("--data_aesthetic_score only conditions the SDXL refiner; this UNet has no aesthetic-score "
                            "input, so it is ignored")
         window = self.training_timestep_window()
@@ -166,9 +166,9 @@ class StableDiffusionXL(ModelFamily):
         from diffusers import UNet2DConditionModel
 
         config = self.config
-        override = getattr(config, "pretrained_unet_model_name_or_path", None)
+        override = config.pretrained_unet_model_name_or_path
         unet_path, extra = component_source(override, "unet", path, config.revision,
-                                            getattr(config, "pretrained_unet_subfolder", None))
+                                            config.pretrained_unet_subfolder)
         if config.variant and not override:
             extra["variant"] = config.variant
         return UNet2DConditionModel.from_pretrained(unet_path, **extra)
@@ -204,7 +204,7 @@ class StableDiffusionXL(ModelFamily):
         for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
             setattr(self, name, getattr(pipeline, name, None))
         self.force_zeros = bool(pipeline.config.get("force_zeros_for_empty_prompt", False))
-        self.unet = pipeline.unet if not getattr(self.config, "pretrained_unet_model_name_or_path", None) \
+        self.unet = pipeline.unet if not self.config.pretrained_unet_model_name_or_path \
             else self._load_unet(self.model_path)
         self.vae = self._load_vae(self.model_path) if self.config.pretrained_vae_model_name_or_path else pipeline.vae
         self._scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -232,14 +232,14 @@ class StableDiffusionXL(ModelFamily):
     def training_timestep_window(self) -> tuple[int, int] | None:
         config = self.config
         return refiner_timestep_window(
-            self._scheduler.config.num_train_timesteps, bool(getattr(config, "refiner_training", False)),
-            getattr(config, "refiner_training_strength", None),
-            bool(getattr(config, "refiner_training_invert_schedule", False)), self.is_refiner,
-            bool(getattr(config, "sdxl_refiner_uses_full_range", False)),
+            self._scheduler.config.num_train_timesteps, bool(config.refiner_training),
+            config.refiner_training_strength,
+            bool(config.refiner_training_invert_schedule), self.is_refiner,
+            bool(config.sdxl_refiner_uses_full_range),
         )
 
     def aesthetic_score(self) -> float:
-        score = getattr(self.config, "data_aesthetic_score", None)
+        score = self.config.data_aesthetic_score
         return DEFAULT_AESTHETIC_SCORE if score is None else float(score)
 
     # --- conditioning and latents ----------------------------------------------------------------------

@@ -45,9 +45,11 @@ def closest_name(name: str) -> str | None:
 
 def unknown_option_message(name: str, source: str) -> str:
     """The error text for a key that no option declares."""
+    from simpletuner.options.messages import shorten
+
     suggestion = closest_name(name)
     hint = f"; did you mean `{suggestion}`?" if suggestion else "; run `simpletuner options` to list every option"
-    return f"{source}: unknown option `{name}`{hint}"
+    return f"{source}: unknown option `{shorten(name)}`{hint}"
 
 
 __all__ = ["ConfigError", "Option", "all_options", "options_by_name", "alias_targets", "closest_name", "unknown_option_message"]

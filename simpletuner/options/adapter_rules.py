@@ -43,7 +43,7 @@ def _explicit(config, name: str) -> bool:
 
 
 def _quantized(config) -> str | None:
-    precision = getattr(config, "base_model_precision", None)
+    precision = config.base_model_precision
     return precision if precision not in (None, "no_change") else None
 
 

@@ -21,6 +21,11 @@ or `config/config.toml` (with or without the leading `--`). Command-line flags w
 file, which wins over the defaults below. Boolean options accept `true`/`false`; a bare `--flag` means
 `true`.
 
+The **allowed** column lists an option's choices, or the range its number must lie in: `>= 1` means
+1 or more, `> 0` above zero, `[0, 1]` from 0 to 1 with both ends allowed, `(0, 1]` above 0 up to and
+including 1. A value outside the range, and `nan` or `inf` for any number, stops the run before
+anything loads, with a message naming the option, the value and the range.
+
 Options marked **not yet** are declared so that configs written for other trainers are understood,
 but the trainer does not act on them yet: setting one to anything but its default stops the run at
 validation with a message saying so.
@@ -41,6 +46,8 @@ def option_row(option: Option) -> str:
     name = f"`--{option.name}`" + "".join(f"<br>(alias `--{a}`, deprecated)" for a in option.aliases)
     kind = option.kind + (" (required)" if option.required else "")
     choices = ", ".join(f"`{c}`" for c in option.choices) if option.choices else ""
+    if option.range_text():
+        choices = f"`{option.range_text()}`"
     status = "yes" if option.implemented else "not yet"
     return f"| {name} | {kind} | {_default_text(option)} | {_cell(choices)} | {status} | {_cell(option.help)} |"
 
@@ -56,7 +63,7 @@ def render_options_markdown() -> str:
     lines.append("Groups: " + ", ".join(f"[{g}](#{g})" for g in groups) + "\n")
     for group, options in groups.items():
         lines.append(f"## {group}\n")
-        lines.append("| option | type | default | choices | implemented | what it does |")
+        lines.append("| option | type | default | allowed | implemented | what it does |")
         lines.append("| --- | --- | --- | --- | --- | --- |")
         lines.extend(option_row(o) for o in options)
         lines.append("")

@@ -18,50 +18,131 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from simpletuner.options import ConfigError
+from simpletuner.options.messages import shorten, show_value
+from simpletuner.options.spec import MAX_PROCESSES
 
 _ENV_PLACEHOLDER = re.compile(r"\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 
+#: The deepest nesting of lists/objects a config value may have. Real settings (a LyCORIS preset, a
+#: quantization config) nest three or four levels; the limit keeps every later recursive walk of the
+#: value (env substitution, printing, comparing) far from Python's recursion limit.
+MAX_NESTING = 64
 
-def load_json_file(path: str | Path) -> Any:
-    """Parse a JSON file; a syntax error names the file, line and column."""
-    path = Path(path)
+
+def nesting_error(where: str) -> ConfigError:
+    return ConfigError(f"{where}: lists/objects are nested more than {MAX_NESTING} levels deep; no setting needs "
+                       "that, so the file is probably generated wrongly")
+
+
+def check_nesting(value: Any, where: str) -> None:
+    """Raise :func:`nesting_error` when ``value`` nests lists/dicts deeper than :data:`MAX_NESTING`.
+
+    Walks with an explicit stack, so the check itself cannot hit the recursion limit.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (list, dict)):
+            continue
+        if depth > MAX_NESTING:
+            raise nesting_error(where)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
+
+
+class _DuplicateKey(Exception):
+    """Raised while decoding when one JSON object spells the same key twice."""
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: a key given twice is a mistake (json alone keeps the last silently)."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; unreadable or undecodable bytes become a ConfigError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as error:
         raise ConfigError(f"{path}: cannot read file ({error.strerror or error})") from None
     try:
-        return json.loads(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start} is 0x{data[error.start]:02x}); save the "
+                          f"{what} as UTF-8") from None
+
+
+def load_json_file(path: str | Path) -> Any:
+    """Parse a JSON file; a syntax error names the file, line and column.
+
+    Bytes that are not UTF-8, a key repeated in one object, numbers Python refuses to read (more than
+    4300 digits) and runaway nesting are all reported as :class:`ConfigError` naming the file.
+    """
+    path = Path(path)
+    text = _read_text(path, "JSON file")
+    try:
+        data = json.loads(text, object_pairs_hook=_object_without_duplicates)
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    except _DuplicateKey as duplicate:
+        raise ConfigError(f"{path}: the key {show_value(duplicate.args[0])} appears twice in one object; JSON keeps "
+                          "only the last, so remove the one you do not mean") from None
+    except RecursionError:
+        raise nesting_error(str(path)) from None
+    except ValueError as error:  # an integer with more digits than Python converts (4300)
+        raise ConfigError(f"{path}: cannot read the JSON: a number has more digits than any setting can use "
+                          f"({str(error).split(';')[0]})") from None
+    check_nesting(data, str(path))
+    return data
 
 
 def load_toml_file(path: Path) -> dict:
     """Parse a TOML file; a syntax error names the file and position."""
     import tomllib
 
+    text = _read_text(path, "TOML file")
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: malformed TOML: {error}") from None
+    except RecursionError:
+        raise nesting_error(str(path)) from None
+    except ValueError as error:
+        raise ConfigError(f"{path}: cannot read the TOML: {error}") from None
+    check_nesting(data, str(path))
+    return data
 
 
 def find_config_file(explicit: str | None, env_name: str | None, root: Path) -> Path | None:
     """The config file to use, or None when there is none (flags only)."""
     if explicit:
         path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"--config: file {str(path)!r} does not exist")
+        if not names_a_file(path):
+                raise ConfigError(f"--config: file {show_value(str(path))} does not exist")
         return path
     folders = [root / "config" / env_name] if env_name else []
     folders.append(root / "config")
     for folder in folders:
         for name in ("config.json", "config.toml"):
-            if (folder / name).is_file():
+            if names_a_file(folder / name):
                 return folder / name
         if env_name and folder == root / "config" / env_name:
             raise ConfigError(f"ENV={env_name}: no config.json or config.toml in {folder}")
     return None
+
+
+def names_a_file(path: str | Path) -> bool:
+    """Whether ``path`` (``~`` expanded) is an existing file. A name the OS cannot even look up (too
+    long, a NUL byte) is simply not one, instead of an OSError/ValueError escaping to the user."""
+    try:
+        return Path(path).expanduser().is_file()
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: ~user that does not exist
+        return False
 
 
 def read_config_file(path: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -69,7 +150,23 @@ def read_config_file(path: Path, environ: Mapping[str, str] | None = None) -> di
     data = load_toml_file(path) if path.suffix == ".toml" else load_json_file(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be an object of option names to values, not {type(data).__name__}")
+    reject_duplicate_spellings(data, path)
     return {key.lstrip("-"): substitute_env(value, key.lstrip("-"), path, environ) for key, value in data.items()}
+
+
+def reject_duplicate_spellings(data: Mapping[str, Any], source: Path | str) -> None:
+    """Two keys of one file that set the same option (``--model_family`` and ``model_family``, or a
+    deprecated alias and its option) are an error naming both: silently keeping one hides a mistake."""
+    from simpletuner.options import alias_targets
+    aliases = alias_targets()
+    first_spelling: dict[str, str] = {}
+    for key in data:
+        bare = key.lstrip("-")
+        name = aliases.get(bare, bare)
+        if name in first_spelling:
+            raise ConfigError(f"{source}: {show_value(first_spelling[name])} and {show_value(key)} both set the "
+                              f"option `{name}`; keep one of them")
+        first_spelling[name] = key
 
 
 def substitute_env(value: Any, key: str, source: Path | str, environ: Mapping[str, str] | None = None) -> Any:
@@ -79,7 +176,9 @@ def substitute_env(value: Any, key: str, source: Path | str, environ: Mapping[st
         def replace(match: re.Match) -> str:
             name = match.group(1)
             if name not in environ:
-                raise ConfigError(f"{source}: `{key}` uses {{env:{name}}} but the environment variable {name} is not set")
+                shown = shorten(name)
+                raise ConfigError(f"{source}: `{shorten(key)}` uses {{env:{shown}}} but the environment variable "
+                                  f"{shown} is not set")
             return environ[name]
 
         return _ENV_PLACEHOLDER.sub(replace, value)
@@ -148,30 +247,40 @@ class LauncherSettings:
 def parse_env_file(path: Path) -> dict[str, str]:
     """KEY=VALUE lines; ``export`` prefixes, quotes and ``#`` comments are allowed."""
     values: dict[str, str] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(_read_text(path, "config.env").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("export "):
             line = line[len("export "):].strip()
         if "=" not in line:
-            raise ConfigError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE, got {show_value(raw)}")
         key, value = line.split("=", 1)
-        parts = shlex.split(value, comments=True)
+        try:
+            parts = shlex.split(value, comments=True)
+        except ValueError as error:  # an unclosed quote
+            raise ConfigError(f"{path}:{number}: cannot read the value of {key.strip()}: {error}") from None
         values[key.strip()] = " ".join(parts)
     return values
 
 
-def _int_variable(merged: Mapping[str, str], key: str, default: int | None, minimum: int) -> int | None:
+#: The highest TCP port number.
+MAX_PORT = 65535
+
+
+def _int_variable(merged: Mapping[str, str], key: str, default: int | None, minimum: int,
+                  maximum: int = MAX_PROCESSES) -> int | None:
     raw = merged.get(key, "")
     if raw == "":
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{key}={raw!r} is not an integer") from None
+        raise ConfigError(f"{key}={show_value(raw)} is not an integer") from None
     if value < minimum:
         raise ConfigError(f"{key}={value} must be at least {minimum}")
+    if value > maximum:
+        raise ConfigError(f"{key}={show_value(value)} must be at most {maximum}")
     return value
 
 
@@ -203,12 +312,12 @@ def load_launcher_settings(root: Path, env_name: str | None, environ: Mapping[st
     merged: dict[str, str] = {}
     sources = []
     for path in [root / "config" / "config.env"] + ([root / "config" / env_name / "config.env"] if env_name else []):
-        if path.is_file():
+        if names_a_file(path):
             values = parse_env_file(path)
             for key in values:
                 if key.startswith(("TRAINING_", "SIMPLETUNER_")) and key not in LAUNCHER_VARIABLES:
                     close = difflib.get_close_matches(key, LAUNCHER_VARIABLES, n=1)
-                    raise ConfigError(f"{path}: unknown variable {key}"
+                    raise ConfigError(f"{path}: unknown variable {shorten(key)}"
                                       + (f"; did you mean {close[0]}?" if close else
                                          f"; known: {', '.join(LAUNCHER_VARIABLES)}"))
             merged.update(values)
@@ -223,7 +332,7 @@ def load_launcher_settings(root: Path, env_name: str | None, environ: Mapping[st
     processes = _int_variable(merged, "TRAINING_NUM_PROCESSES", 1, 1)
     machines = _int_variable(merged, "TRAINING_NUM_MACHINES", 1, 1)
     machine_rank = _int_variable(merged, "TRAINING_MACHINE_RANK", None, 0)
-    port = _int_variable(merged, "TRAINING_MAIN_PROCESS_PORT", None, 1)
+    port = _int_variable(merged, "TRAINING_MAIN_PROCESS_PORT", None, 1, MAX_PORT)
     address = merged.get("TRAINING_MAIN_PROCESS_IP") or None
     if machines > 1:
         missing = [key for key, value in (("TRAINING_MACHINE_RANK", machine_rank), ("TRAINING_MAIN_PROCESS_IP", address),
@@ -238,18 +347,18 @@ def load_launcher_settings(root: Path, env_name: str | None, environ: Mapping[st
                               f"with TRAINING_NUM_MACHINES={machines} it must be at least {machines}")
     level = (merged.get("SIMPLETUNER_LOG_LEVEL") or "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(f"SIMPLETUNER_LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        raise ConfigError(f"SIMPLETUNER_LOG_LEVEL={show_value(level)}: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
     backend = (merged.get("TRAINING_DYNAMO_BACKEND") or "no").lower()
     if backend not in DYNAMO_BACKENDS:
-        raise ConfigError(f"TRAINING_DYNAMO_BACKEND={backend!r}: use one of {', '.join(DYNAMO_BACKENDS)}")
+        raise ConfigError(f"TRAINING_DYNAMO_BACKEND={show_value(backend)}: use one of {', '.join(DYNAMO_BACKENDS)}")
     precision = (merged.get("MIXED_PRECISION") or "").lower() or None
     if precision is not None and precision not in MIXED_PRECISIONS:
-        raise ConfigError(f"MIXED_PRECISION={precision!r}: use one of {', '.join(MIXED_PRECISIONS)}")
+        raise ConfigError(f"MIXED_PRECISION={show_value(precision)}: use one of {', '.join(MIXED_PRECISIONS)}")
     extra = tuple(shlex.split(merged.get("ACCELERATE_EXTRA_ARGS", "")))
     _check_extra_args(extra)
     sync_check = (merged.get("SIMPLETUNER_CHECK_RANK_SYNC") or "0").strip().lower()
     if sync_check not in ("0", "1", "true", "false", "yes", "no"):
-        raise ConfigError(f"SIMPLETUNER_CHECK_RANK_SYNC={sync_check!r}: use 1 or 0")
+        raise ConfigError(f"SIMPLETUNER_CHECK_RANK_SYNC={show_value(sync_check)}: use 1 or 0")
     return LauncherSettings(
         num_processes=processes,
         dynamo_backend=None if backend == "no" else backend,

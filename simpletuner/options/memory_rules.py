@@ -125,7 +125,7 @@ def _check_single_process(name: str, config) -> None:
 
 
 def _check_unquantized(name: str, config) -> None:
-    precision = getattr(config, "base_model_precision", None)
+    precision = config.base_model_precision
     if precision not in (None, "no_change"):
         raise ConfigError(f"`--{name}` and `--base_model_precision {precision}` cannot be combined yet: swapping "
                           "quantized tensor subclasses between devices is not supported. Remove one of them")
@@ -194,7 +194,7 @@ def check_qkv_fusion(config) -> None:
     if config.model_type == "lora" and config.peft_lora_mode == "singlora":
         raise ConfigError("`--fuse_qkv_projections` with `--peft_lora_mode singlora`: a SingLoRA of the fused matrix "
                           "has no exact per-projection form to save; remove one of them")
-    if getattr(config, "unet_attention_slice", False):
+    if config.unet_attention_slice:
         raise ConfigError("`--fuse_qkv_projections` and `--unet_attention_slice` cannot be combined: sliced attention "
                           "projects query, key and value separately; remove one of them")
     from simpletuner.options.quantization_rules import gguf_sources, preset_of

@@ -110,11 +110,10 @@ def text_encoder_fingerprint(config) -> dict[str, str]:
     Empty when none is quantized, so caches of unquantized runs keep their keys."""
     parts = {}
     for index in TEXT_ENCODER_SLOTS:
-        value = getattr(config, f"text_encoder_{index}_precision", None)
+        value = getattr(config, f"text_encoder_{index}_precision")
         if preset_of(value):
             parts[f"text_encoder_{index}_precision"] = value
-            via = getattr(config, "quantize_via", None)
-            if via == "pipeline" and getattr(config, "quantization_config", None) is not None:
+            if config.quantize_via == "pipeline" and config.quantization_config is not None:
                 parts["quantization_config"] = str(config.quantization_config)
     return parts
 
@@ -381,7 +380,7 @@ def gguf_sources(config) -> list[str]:
     """Where this run's denoiser comes from, when that is a GGUF file."""
     found = []
     for name in DENOISER_SOURCE_OPTIONS:
-        value = getattr(config, name, None)
+        value = getattr(config, name)
         if value and str(value).endswith(".gguf"):
             found.append(f"`--{name}` {value}")
     model = config.pretrained_model_name_or_path

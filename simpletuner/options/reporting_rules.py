@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from simpletuner.options import ConfigError
+from simpletuner.options.secrets import looks_like_url, redact_url
 from simpletuner.tracking.webhooks import WEBHOOK_TYPES, WebhookConfigError, load_targets
 
 
@@ -16,6 +17,9 @@ def check_webhook_config(config) -> None:
     value = config.webhook_config
     if value in (None, "", [], {}):
         return
+    if looks_like_url(value):  # a bare URL: show it redacted, never echo the token it holds
+        raise ConfigError(f"`--webhook_config` {redact_url(value)} is a URL, not a webhook object; give JSON such as "
+                          '{"webhook_type": "discord", "callback_url": "<the URL>"} inline or in a file')
     shown = value if isinstance(value, str) else "(inline JSON)"
     try:
         load_targets(value)

@@ -16,7 +16,8 @@ from typing import Any, Mapping, Sequence
 from simpletuner.options import ConfigError, alias_targets, all_options, options_by_name, unknown_option_message
 from simpletuner.options.files import LauncherSettings, find_config_file, load_launcher_settings, read_config_file
 from simpletuner.options.spec import Option
-from simpletuner.options.values import coerce_value
+from simpletuner.options.values import coerce_value, read_json_option
+from simpletuner.options.files import names_a_file
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class ResolvedRun:
     config: TrainConfig
     config_file: Path | None
     launcher: LauncherSettings
+    #: the checked dataset list (simpletuner.data.config.DatasetPlan), read once here and passed down
+    dataset_plan: Any = None
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
 
@@ -84,6 +87,8 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
         group = groups.get(option.group) or groups.setdefault(option.group, parser.add_argument_group(option.group))
         names = [f"--{option.name}"] + [f"--{alias}" for alias in option.aliases]
         help_text = option.help + ("" if option.implemented else " [not supported yet]")
+        if option.range_text():
+            help_text += f" (range: {option.range_text()})"
         if option.default is not None and option.default != "":
             help_text += f" (default: {option.default})"
         kwargs: dict[str, Any] = dict(dest=option.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
@@ -149,6 +154,15 @@ def merge_sources(file_values: Mapping[str, Any], cli_values: Mapping[str, Any],
     return TrainConfig(values, frozenset(explicit))
 
 
+def read_json_option_files(config: TrainConfig) -> TrainConfig:
+    """Read every JSON option given as a file path, once, at start-up: validation, the trainer and its
+    components then all see the same parsed content, and a file edited mid-run changes nothing."""
+    table = options_by_name()
+    contents = {name: read_json_option(name, value) for name, value in config.as_dict().items()
+                if table[name].kind == "json" and isinstance(value, str) and names_a_file(value)}
+    return config.replace(**contents) if contents else config
+
+
 def reconcile_launcher(config: TrainConfig, launcher: LauncherSettings, warnings: list[str]) -> TrainConfig:
     """Make config.env and the config agree: MIXED_PRECISION fills ``--mixed_precision`` unless the
     config sets it differently (an error: the launcher and the trainer would disagree)."""
@@ -188,6 +202,8 @@ def resolve_run(argv: Sequence[str], environ: Mapping[str, str] | None = None, r
     config = merge_sources(file_values, cli_values, str(config_file) if config_file else "config", warnings)
     launcher = load_launcher_settings(root, env_name, environ, config_num_processes=config.num_processes,
                                       cli_num_processes=cli_values.get("num_processes"))
-    config = reconcile_launcher(config, launcher, warnings)
-    warnings.extend(validate_config(config))
-    return ResolvedRun(config=config, config_file=config_file, launcher=launcher, dry_run=namespace.dry_run, warnings=warnings)
+    config = read_json_option_files(reconcile_launcher(config, launcher, warnings))
+    rule_warnings, dataset_plan = validate_config(config)
+    warnings.extend(rule_warnings)
+    return ResolvedRun(config=config, config_file=config_file, launcher=launcher, dataset_plan=dataset_plan,
+                       dry_run=namespace.dry_run, warnings=warnings)

@@ -22,10 +22,10 @@ def check_sdxl(config) -> None:
     if config.refiner_training_invert_schedule and not config.refiner_training:
         raise ConfigError("`--refiner_training_invert_schedule` picks the base stage of `--refiner_training`; add "
                           "`--refiner_training` or remove it")
-    if config.refiner_training and getattr(config, "sdxl_refiner_uses_full_range", False):
+    if config.refiner_training and config.sdxl_refiner_uses_full_range:
         raise ConfigError("`--refiner_training` trains one slice of the schedule and `--sdxl_refiner_uses_full_range` "
                           "all of it; remove one of them")
-    score = getattr(config, "data_aesthetic_score", None)
+    score = config.data_aesthetic_score
     if score is not None and not AESTHETIC_RANGE[0] <= score <= AESTHETIC_RANGE[1]:
         raise ConfigError(f"`--data_aesthetic_score` = {score} must be between {AESTHETIC_RANGE[0]:g} and "
                           f"{AESTHETIC_RANGE[1]:g} (the aesthetic-score scale the SDXL refiner was trained on)")
@@ -38,6 +38,6 @@ def sdxl_warnings(config) -> list[str]:
     if (config.model_flavour or "base-1.0") == "refiner-1.0":
         return []
     named = [name for name in ("sdxl_refiner_uses_full_range", "data_aesthetic_score")
-             if getattr(config, name, None) not in (None, False)]
+             if getattr(config, name) not in (None, False)]
     return [f"`--{name}` only affects the SDXL refiner; `--model_flavour {config.model_flavour or 'base-1.0'}` "
             "ignores it" for name in named]

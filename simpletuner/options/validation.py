@@ -13,6 +13,9 @@ from typing import Callable
 from simpletuner.models.registry import FAMILIES, family_info
 from simpletuner.options import ConfigError, all_options
 from simpletuner.options.adapter_rules import ADAPTER_RULES
+from simpletuner.options.files import load_json_file, names_a_file
+from simpletuner.options.messages import show_value
+from simpletuner.options.spec import MAX_PROCESSES, MAX_SEED
 from simpletuner.options.checkpoint_rules import CHECKPOINT_RULES, checkpoint_warnings
 from simpletuner.options.deepfloyd_rules import check_deepfloyd, deepfloyd_warnings
 from simpletuner.options.eval_rules import EVAL_RULES, eval_warnings
@@ -118,32 +121,20 @@ def check_conflicts(config) -> None:
 
 
 def check_loss_settings(config) -> None:
-    """Loss and noise options: ranges, and options that only act together with another one."""
+    """Loss and noise options that only act together with another one (their ranges are in the table)."""
     if config.loss_type == "l2":
         for name in ("huber_schedule", "huber_c"):
             if name in config.explicit:
                 raise ConfigError(f"`--{name}` only applies to `--loss_type huber` or `smooth_l1`, but "
                                   "`--loss_type l2` is set; remove one of them")
-    if config.huber_c is not None and not 0 < config.huber_c <= 1:
-        raise ConfigError(f"`--huber_c` = {config.huber_c} must be in (0, 1]")
     if config.use_soft_min_snr and config.snr_gamma:
         raise ConfigError("`--use_soft_min_snr` and `--snr_gamma` conflict: soft Min-SNR replaces the hard clamp "
                           "(its strength comes from `--soft_min_snr_sigma_data`); remove one of them")
-    if config.snr_gamma is not None and config.snr_gamma < 0:
-        raise ConfigError(f"`--snr_gamma` = {config.snr_gamma} must be positive (or 0 to disable)")
-    if config.soft_min_snr_sigma_data is not None and config.soft_min_snr_sigma_data <= 0:
-        raise ConfigError(f"`--soft_min_snr_sigma_data` = {config.soft_min_snr_sigma_data} must be positive")
     if not config.offset_noise:
         for name in ("noise_offset", "noise_offset_probability"):
             if name in config.explicit:
                 raise ConfigError(f"`--{name}` has no effect without `--offset_noise true`; add it or remove "
                                   f"`--{name}`")
-    if config.noise_offset_probability is not None and not 0 <= config.noise_offset_probability <= 1:
-        raise ConfigError(f"`--noise_offset_probability` = {config.noise_offset_probability} must be between 0 and 1")
-    for name in ("noise_offset", "input_perturbation", "input_perturbation_steps"):
-        value = getattr(config, name)
-        if value is not None and value < 0:
-            raise ConfigError(f"`--{name}` = {value} must not be negative")
     if config.input_perturbation_steps and not config.input_perturbation:
         raise ConfigError("`--input_perturbation_steps` needs `--input_perturbation` > 0")
 
@@ -156,10 +147,6 @@ def check_ema_settings(config) -> None:
         changed = [name for name in EMA_OPTIONS if name in config.explicit]
         if changed:
             raise ConfigError(f"`--{changed[0]}` only applies with `--use_ema true`; add it or remove `--{changed[0]}`")
-    if not 0 < config.ema_decay < 1:
-        raise ConfigError(f"`--ema_decay` = {config.ema_decay} must be between 0 and 1 (e.g. 0.995)")
-    if config.ema_update_interval is not None and config.ema_update_interval < 1:
-        raise ConfigError(f"`--ema_update_interval` = {config.ema_update_interval} must be at least 1")
 
 
 BIAS_PORTION_STRATEGIES = ("earlier", "later")
@@ -194,14 +181,7 @@ def check_timestep_settings(config) -> None:
     if config.timestep_bias_portion is not None and strategy not in BIAS_PORTION_STRATEGIES:
         raise ConfigError(f"`--timestep_bias_portion` only applies to `--timestep_bias_strategy earlier` or `later` "
                           f"(got {strategy!r}); the range strategy uses `--timestep_bias_begin`/`--timestep_bias_end`")
-    if config.timestep_bias_multiplier is not None and config.timestep_bias_multiplier <= 0:
-        raise ConfigError(f"`--timestep_bias_multiplier` = {config.timestep_bias_multiplier} must be greater than 0; "
-                          "to sample timesteps evenly use `--timestep_bias_strategy none`")
-    if config.timestep_bias_portion is not None and not 0 < config.timestep_bias_portion <= 1:
-        raise ConfigError(f"`--timestep_bias_portion` = {config.timestep_bias_portion} must be in (0, 1]")
     begin = config.timestep_bias_begin if config.timestep_bias_begin is not None else 0
-    if begin < 0:
-        raise ConfigError(f"`--timestep_bias_begin` = {begin} must not be negative")
     if config.timestep_bias_end is not None and begin >= config.timestep_bias_end:
         raise ConfigError(f"`--timestep_bias_begin` = {begin} must be smaller than `--timestep_bias_end` = "
                           f"{config.timestep_bias_end} (the range is begin <= t < end)")
@@ -242,10 +222,6 @@ def check_flow_options(config) -> None:
     if config.flow_schedule_auto_shift and config.flow_schedule_shift is not None:
         raise ConfigError("`--flow_schedule_shift` and `--flow_schedule_auto_shift` conflict: the automatic shift "
                           "replaces the fixed one; remove one of them")
-    for name in ("flow_sigmoid_scale", "flow_schedule_shift", "flow_beta_schedule_alpha", "flow_beta_schedule_beta"):
-        value = getattr(config, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"`--{name}` = {value} must be positive")
     low, high = config.flow_min_timestep_boundary, config.flow_max_timestep_boundary
     if (low is not None or high is not None) and not config.flow_use_discrete_schedule:
         raise ConfigError("`--flow_min_timestep_boundary` / `--flow_max_timestep_boundary` select part of the "
@@ -286,13 +262,6 @@ def check_optimizer_settings(config) -> None:
     """
     parse_optimizer_config(config.optimizer_config)
     entry = OPTIMIZERS.get(config.optimizer)
-    for name in ("adam_beta1", "adam_beta2", "optimizer_beta1", "optimizer_beta2"):
-        value = getattr(config, name)
-        if value is not None and not 0 <= value < 1:
-            raise ConfigError(f"`--{name}` = {value} must be at least 0 and below 1")
-    for name in ("adam_weight_decay", "adam_epsilon"):
-        if getattr(config, name) is not None and getattr(config, name) < 0:
-            raise ConfigError(f"`--{name}` = {getattr(config, name)} must not be negative")
     if entry is not None and not entry.has_betas:
         for name in ("optimizer_beta1", "optimizer_beta2"):
             if getattr(config, name) is not None:
@@ -302,14 +271,9 @@ def check_optimizer_settings(config) -> None:
         if config.optimizer != "prodigy":
             raise ConfigError(f"`--prodigy_steps` only applies to `--optimizer prodigy`, but `--optimizer "
                               f"{config.optimizer}` is set; remove one of them")
-        if config.prodigy_steps < 1:
-            raise ConfigError(f"`--prodigy_steps` = {config.prodigy_steps} must be at least 1 (leave it unset to "
-                              "adapt throughout)")
     if config.lr_scale_sqrt and not config.lr_scale:
         raise ConfigError("`--lr_scale_sqrt` only changes how `--lr_scale` scales the learning rate; add "
                           "`--lr_scale true` or remove `--lr_scale_sqrt`")
-    if config.max_grad_norm is not None and config.max_grad_norm < 0:
-        raise ConfigError(f"`--max_grad_norm` = {config.max_grad_norm} must not be negative (0 turns clipping off)")
     if config.grad_clip_method is not None and not config.max_grad_norm:
         raise ConfigError(f"`--grad_clip_method {config.grad_clip_method}` has no effect while `--max_grad_norm` "
                           "is 0; set a limit or remove `--grad_clip_method`")
@@ -328,41 +292,70 @@ def optimizer_warnings(config) -> list[str]:
     return warnings
 
 
-def check_ranges(config) -> None:
-    positive = ("train_batch_size", "gradient_accumulation_steps", "lora_rank", "vae_batch_size")
-    for name in positive:
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise ConfigError(f"`--{name}` = {getattr(config, name)} must be at least 1")
-    non_negative = ("max_train_steps", "num_train_epochs", "lr_warmup_steps", "caption_dropout_probability")
-    for name in non_negative:
-        if getattr(config, name) is not None and getattr(config, name) < 0:
-            raise ConfigError(f"`--{name}` = {getattr(config, name)} must not be negative")
+def check_run_length(config) -> None:
+    """Each option's own range is declared in the table and checked when the value is parsed
+    (:func:`simpletuner.options.values.check_number`); what is left is how options combine."""
     if not (config.max_train_steps or config.num_train_epochs):
         raise ConfigError("set `--max_train_steps` or `--num_train_epochs` to a positive number; both are 0")
-    if config.caption_dropout_probability > 1:
-        raise ConfigError(f"`--caption_dropout_probability` = {config.caption_dropout_probability} must be between 0 and 1")
-    if config.resolution is None or config.resolution <= 0:
-        raise ConfigError(f"`--resolution` = {config.resolution} must be positive")
-    if config.learning_rate is None or config.learning_rate <= 0:
-        raise ConfigError(f"`--learning_rate` = {config.learning_rate} must be positive")
-    if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:
-        raise ConfigError(f"`--checkpoints_total_limit` = {config.checkpoints_total_limit} must be at least 1")
-    for name in ("checkpoint_step_interval", "validation_step_interval"):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"`--{name}` = {value} must be at least 1 (leave it unset to disable)")
+    if config.resolution is None:
+        raise ConfigError("`--resolution` is unset; give the training size (e.g. 1024, or 1.0 with "
+                          "`--resolution_type area`)")
+    if config.learning_rate is None:
+        raise ConfigError("`--learning_rate` is unset; give the peak learning rate (e.g. 1e-4)")
 
 
-def check_paths(config) -> None:
+def check_device_seeds(config) -> None:
+    """``--seed_for_each_device`` gives process r the seed ``seed + r``; even the last of the most
+    processes a launch may have must get a seed numpy accepts (at most MAX_SEED)."""
+    highest = MAX_SEED - (MAX_PROCESSES - 1)
+    if config.seed_for_each_device and config.seed is not None and config.seed > highest:
+        raise ConfigError(f"`--seed` = {config.seed} must be at most {highest} with `--seed_for_each_device`: "
+                          f"process r uses seed + r, and seeds end at {MAX_SEED}")
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why ``folder`` cannot be created or written into, or None when it can (or already is a folder).
+
+    Checked before anything loads so that a path like ``/dev/null`` or an existing file fails here with
+    one line, not as a FileExistsError traceback when the first checkpoint or log is written.
+    """
+    try:
+        path = Path(folder).expanduser()
+        if path.exists():
+            return None if path.is_dir() else "exists and is not a folder"
+        parent = next((p for p in path.parents if p.exists()), None)
+    except (OSError, ValueError, RuntimeError) as error:  # too long for the OS, a NUL byte, an unknown ~user
+        return f"cannot be used as a path ({getattr(error, 'strerror', None) or error})"
+    if parent is not None and not parent.is_dir():
+        return f"cannot be created: {parent} is a file, not a folder"
+    return None
+
+
+def check_output_dir(config) -> None:
+    if config.output_dir in (None, ""):
+        return  # check_required names it
+    problem = folder_problem(config.output_dir)
+    if problem:
+        raise ConfigError(f"`--output_dir` {show_value(config.output_dir)} {problem}; give a folder (it is created "
+                          "when missing)")
+
+
+def load_checked_dataset_plan(config):
+    """The dataset list, read and checked once at start-up; the run passes this plan down (dry-run,
+    trainer, memory planner) instead of each reading the file again."""
     if not config.data_backend_config:
         raise ConfigError("`--data_backend_config` is required: point it at your multidatabackend.json")
-    if not Path(config.data_backend_config).is_file():
-        raise ConfigError(f"`--data_backend_config`: file {config.data_backend_config!r} does not exist")
-    from simpletuner.data.config import load_dataset_plan
+    if not names_a_file(config.data_backend_config):
+        raise ConfigError(f"`--data_backend_config`: file {show_value(config.data_backend_config)} does not exist")
+    from simpletuner.data.config import parse_dataset_plan
     from simpletuner.data.settings import check_global_data_options
 
-    plan = load_dataset_plan(config.data_backend_config)  # every dataset mistake surfaces before a model loads
+    # load_json_file turns bytes that are not UTF-8, a repeated key and runaway nesting into one line
+    # naming the file; then every dataset mistake surfaces before a model loads
+    entries = load_json_file(config.data_backend_config)
+    plan = parse_dataset_plan(entries, source=config.data_backend_config)
     check_global_data_options(config, plan)  # and every mistake the global data options make in it
+    return plan
 
 
 def check_validation_settings(config) -> None:
@@ -399,16 +392,37 @@ def collect_warnings(config) -> list[str]:
 
 RULES: tuple[Callable, ...] = (
     check_required, check_unimplemented, check_family, check_family_options, check_supported_values, check_conflicts,
-    check_ranges,
+    check_run_length, check_output_dir, check_device_seeds,
     check_loss_settings, check_ema_settings, check_optimizer_settings,
     check_timestep_settings, check_flow_options, *TRAINING_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, check_sdxl,
     *QUANTIZATION_RULES, *MEMORY_RULES, *CHECKPOINT_RULES,
-    check_validation_settings, *VALIDATION_RULES, *EVAL_RULES, *REPORTING_RULES, *PUBLISHING_RULES, check_paths,
+    check_validation_settings, *VALIDATION_RULES, *EVAL_RULES, *REPORTING_RULES, *PUBLISHING_RULES,
 )
 
 
-def validate_config(config) -> list[str]:
-    """Run every rule; raise on the first error, return the warnings."""
-    for rule in RULES:
-        rule(config)
-    return collect_warnings(config)
+def validate_config(config):
+    """Run every rule, then read and check the dataset list; raise on the first error.
+
+    Returns ``(warnings, dataset plan)``.
+    """
+    for rule in (*RULES, load_checked_dataset_plan):
+        try:
+            plan = rule(config)
+        except OSError as error:  # a rule looked up a path the OS refuses (a name too long, a loop of links)
+            raise unusable_path_error(config, error) from None
+    return collect_warnings(config), plan
+
+
+def unusable_path_error(config, error: OSError) -> ConfigError:
+    """The ConfigError for a path option whose value the operating system cannot even look up.
+
+    Rules check many paths (models, caches, scripts, JSON files); rather than each guarding its own
+    ``is_file()``, the failure is turned into one message here, naming the option whose value holds
+    the path.
+    """
+    culprit = str(error.filename or "")
+    names = sorted((name for name, value in config.as_dict().items()
+                    if culprit and isinstance(value, str) and value and culprit.startswith(value.rstrip("/"))),
+                   key=lambda name: -len(getattr(config, name)))  # the longest value that holds the path
+    where = f"`--{names[0]}` {show_value(getattr(config, names[0]))}" if names else f"the path {show_value(culprit)}"
+    return ConfigError(f"{where} cannot be used as a path ({error.strerror or error}); give a shorter or existing path")

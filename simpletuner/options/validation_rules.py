@@ -71,7 +71,7 @@ def check_validation_guidance(config) -> None:
         raise ConfigError(f"`--validation_guidance_rescale {rescale}` rescales classifier-free guidance, which "
                           "`--validation_disable_unconditional` turns off; remove one of them")
     if family in EMBEDDED_GUIDANCE_FAMILIES:
-        if getattr(config, "validation_guidance_real", None) is not None:
+        if config.validation_guidance_real is not None:
             raise ConfigError(f"`--validation_guidance_real {config.validation_guidance_real}` needs the unconditional "
                               "pass that `--validation_disable_unconditional` turns off; remove one of them")
     elif _set(config, "validation_guidance") and config.validation_guidance != 1.0:

@@ -4,6 +4,10 @@ The YAML front matter uses the keys the Hugging Face Hub reads (``base_model``, 
 ``library_name``, ``pipeline_tag``, ``inference``); the body says what was trained and how, shows the
 final validation grids and how to load the result with diffusers. Also here: the
 ``modelspec.comment`` entry ``--modelspec_comment`` adds to saved LoRA files.
+
+Both are published with the weights, so neither may carry a secret: a token or password of the config,
+or the value of a secret-named environment variable (``HF_TOKEN``...) that reached a note or comment
+through ``{env:NAME}``, is replaced by ``<redacted>`` (simpletuner/options/secrets.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from simpletuner.options.secrets import environment_secrets, mask_url_credentials, scrub_text, secret_values
+
 logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
@@ -24,16 +30,24 @@ _ENV = re.compile(r"\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def known_secrets(config) -> set[str]:
+    """The secrets of a config (webhook URLs, keys, tokens) and of the environment, to scrub from text
+    that is published."""
+    values = config.as_dict() if hasattr(config, "as_dict") else vars(config)
+    return secret_values(values) | environment_secrets()
+
+
 def modelspec_comment(config) -> str | None:
     """``--modelspec_comment`` as stored in the file: lines joined, ``{env:NAME}`` filled in from the
-    environment (a placeholder whose variable is unset stays as written). Read at every save, so each
-    checkpoint carries the value the config has then."""
+    environment (a placeholder whose variable is unset stays as written), known secrets redacted. Read
+    at every save, so each checkpoint carries the value the config has then."""
     value = getattr(config, "modelspec_comment", None)
     if value in (None, "", []):
         return None
     if isinstance(value, (list, tuple)):
         value = "\n".join(str(line) for line in value)
-    return _ENV.sub(lambda match: os.environ.get(match.group(1), match.group(0)), str(value))
+    text = _ENV.sub(lambda match: os.environ.get(match.group(1), match.group(0)), str(value))
+    return scrub_text(text, known_secrets(config))
 
 
 def modelspec_metadata(config) -> dict[str, str]:
@@ -179,7 +193,8 @@ def facts_from_trainer(trainer, result) -> CardFacts:
         weights = Path(str(result)).name
     processes = trainer.accelerator.num_processes if hasattr(trainer, "accelerator") else 1
     return CardFacts(
-        family=config.model_family, base_model=str(trainer.model.model_path), model_type=config.model_type,
+        family=config.model_family, base_model=mask_url_credentials(str(trainer.model.model_path)),
+        model_type=config.model_type,
         weights=weights, steps=step, images_seen=trainer.state.num_images_seen,
         resolution=f"{config.resolution:g} ({config.resolution_type})", optimizer=config.optimizer,
         learning_rate=float(config.learning_rate), mixed_precision=config.mixed_precision,
@@ -192,8 +207,9 @@ def facts_from_trainer(trainer, result) -> CardFacts:
 
 
 def write_model_card(trainer, result) -> Path:
-    """Write ``README.md`` into the output dir; returns its path."""
+    """Write ``README.md`` into the output dir, with any known secret redacted; returns its path."""
     path = Path(trainer.output_dir) / CARD_FILE
-    path.write_text(render_model_card(facts_from_trainer(trainer, result)), encoding="utf-8")
+    text = render_model_card(facts_from_trainer(trainer, result))
+    path.write_text(scrub_text(text, known_secrets(trainer.config)), encoding="utf-8")
     logger.info("wrote the model card %s", path)
     return path

@@ -9,12 +9,16 @@ when validation images or a checkpoint are written, and when it finishes or fail
 
 Posting happens on one daemon thread fed by a bounded queue, with a short timeout per request, so a slow
 or dead endpoint never holds up training. A failure is logged once per target and kind of failure; the
-target URL is never logged in full (it usually embeds a secret token). Only the standard library is used.
-Parsing and checking the configuration is torch-free so the option rules can share it.
+target URL is never logged in full (it usually embeds a secret token): log lines show scheme and host,
+and error texts are scrubbed of every part of the URL (simpletuner/options/secrets.py). A URL with
+``user:password@`` is posted to without the user info, which goes in an HTTP basic ``Authorization``
+header instead. Only the standard library is used. Parsing and checking the configuration is torch-free
+so the option rules can share it.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import json
 import logging
@@ -24,9 +28,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from simpletuner.options.secrets import redact_url, scrub_text, split_userinfo, url_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +58,7 @@ class WebhookConfigError(ValueError):
 @dataclass(frozen=True)
 class WebhookTarget:
     webhook_type: str
-    callback_url: str
+    callback_url: str = field(repr=False)  # holds the secret; ``safe_url`` is what may be shown
     message_prefix: str | None = None
     log_level: str = "info"
     timeout_s: float = DEFAULT_TIMEOUT_S
@@ -64,19 +70,31 @@ class WebhookTarget:
     def accepts(self, level: str) -> bool:
         return LEVELS[level] >= LEVELS[self.log_level]
 
+    def request_url_and_headers(self) -> tuple[str, dict[str, str]]:
+        """The URL to post to (without user info) and the headers, with HTTP basic auth when the
+        configured URL has ``user:password@``: urllib would otherwise take the user info for part of
+        the host name and never deliver."""
+        url, user, password = split_userinfo(self.callback_url)
+        headers = {"Content-Type": "application/json", "User-Agent": "simpletuner-webhook"}
+        if user is not None:
+            pair = f"{user}:{password or ''}".encode("utf-8")
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+        return url, headers
 
-def redact_url(url: str) -> str:
-    """Scheme and host only: webhook paths and queries usually carry the secret."""
+
+def _check_url(where: str, url: str) -> None:
+    """An http(s) URL with a host and, if given, a numeric port; the message shows it redacted."""
     try:
-        parts = urlsplit(str(url))
+        parts = urlsplit(url)
+        host, _port = parts.hostname, parts.port
     except ValueError:
-        return "<invalid url>"
-    if not parts.scheme or not parts.netloc:
-        return "<url hidden>"
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}/…"
+        raise WebhookConfigError(f"{where}: callback_url {redact_url(url)} is not a valid URL (a bad port or "
+                                 "bracketed host); percent-encode special characters in a user name or "
+                                 "password") from None
+    if parts.scheme not in ("http", "https") or not host:
+        scheme = parts.scheme or "no scheme"
+        raise WebhookConfigError(f"{where}: callback_url must be an http:// or https:// URL (got {scheme}, "
+                                 f"{redact_url(url)})")
 
 
 def parse_targets(raw: Any) -> list[WebhookTarget]:
@@ -97,11 +115,7 @@ def parse_targets(raw: Any) -> list[WebhookTarget]:
         url = entry.get("callback_url")
         if not isinstance(url, str) or not url:
             raise WebhookConfigError(f"{where}: callback_url is missing; give the http(s) URL to post to")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            scheme = parts.scheme or "no scheme"
-            raise WebhookConfigError(f"{where}: callback_url must be an http:// or https:// URL (got {scheme}, "
-                                     f"{redact_url(url)})")
+        _check_url(where, url)
         level = str(entry.get("log_level", "info")).lower()
         if level not in LEVELS:
             raise WebhookConfigError(f"{where}: log_level {entry.get('log_level')!r} is unknown; "
@@ -239,10 +253,8 @@ class WebhookNotifier(NullNotifier):
     def _post(self, index: int, target: WebhookTarget, payload: dict) -> None:
         try:
             body = json.dumps(BODIES[target.webhook_type](payload, target), default=str).encode("utf-8")
-            request = urllib.request.Request(
-                target.callback_url, data=body, method="POST",
-                headers={"Content-Type": "application/json", "User-Agent": "simpletuner-webhook"},
-            )
+            url, headers = target.request_url_and_headers()
+            request = urllib.request.Request(url, data=body, method="POST", headers=headers)
             started = time.monotonic()
             with urllib.request.urlopen(request, timeout=target.timeout_s) as response:  # noqa: S310 (checked)
                 response.read(1024)
@@ -266,9 +278,14 @@ class WebhookNotifier(NullNotifier):
         logger.warning(message, *args)
 
 
+#: Parts of a URL shorter than this stay in an error text (scrubbing "a" would garble the line).
+_SCRUB_MIN_LENGTH = 3
+
+
 def _scrub(text: str, url: str) -> str:
-    """An error text with the full URL (if it quotes it) replaced by the redacted form."""
-    return text.replace(url, redact_url(url)) if url else text
+    """An error text without any part of the URL that may be secret (the URL, its user name and
+    password, path and query, in plain or percent-encoded form)."""
+    return scrub_text(text, url_secrets(url), min_length=_SCRUB_MIN_LENGTH) if url else text
 
 
 def build_notifier(config, is_main_process: bool) -> NullNotifier:

@@ -144,19 +144,19 @@ class FlowSigmaSampler:
 
     @classmethod
     def from_config(cls, config, default_shift: float | None = None) -> "FlowSigmaSampler":
-        uniform = bool(getattr(config, "flow_use_uniform_schedule", False))
-        beta = bool(getattr(config, "flow_use_beta_schedule", False))
+        uniform = bool(config.flow_use_uniform_schedule)
+        beta = bool(config.flow_use_beta_schedule)
         if uniform and beta:
             raise ValueError("flow_use_uniform_schedule and flow_use_beta_schedule cannot both be set")
-        shift = getattr(config, "flow_schedule_shift", None)
-        few_step = bool(getattr(config, "flux_fast_schedule", False))
+        shift = config.flow_schedule_shift
+        few_step = bool(config.flux_fast_schedule)
         return cls(
             kind="few_step" if few_step else "uniform" if uniform else "beta" if beta else "sigmoid",
-            scale=getattr(config, "flow_sigmoid_scale", None) or 1.0,
-            alpha=getattr(config, "flow_beta_schedule_alpha", None) or 2.0,
-            beta=getattr(config, "flow_beta_schedule_beta", None) or 2.0,
+            scale=config.flow_sigmoid_scale or 1.0,
+            alpha=config.flow_beta_schedule_alpha or 2.0,
+            beta=config.flow_beta_schedule_beta or 2.0,
             shift=default_shift if shift is None else shift,
-            auto=bool(getattr(config, "flow_schedule_auto_shift", False)),
+            auto=bool(config.flow_schedule_auto_shift),
         )
 
     def raw(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -69,7 +69,7 @@ def accelerate_command(launcher, argv: Sequence[str], has_gpu: bool, config=None
     if machines > 1:
         command += ["--machine_rank", str(launcher.machine_rank), "--main_process_ip", str(launcher.main_process_ip)]
     command += ["--main_process_port", str(getattr(launcher, "main_process_port", None) or _free_port())]
-    precision = getattr(config, "mixed_precision", None) or "no"
+    precision = (config.mixed_precision if config is not None else None) or "no"  # no config: full precision
     command += ["--mixed_precision", precision]
     command += ["--dynamo_backend", launcher.dynamo_backend or "no"]
     if launcher.dynamo_backend and config is not None:
@@ -99,8 +99,12 @@ def accelerate_command(launcher, argv: Sequence[str], has_gpu: bool, config=None
 
 
 def printable_command(command: Sequence[str], env: dict[str, str]) -> str:
-    """The command as one shell line, environment assignments first (what a user can paste)."""
-    return " ".join(f"{key}={shlex.quote(value)}" for key, value in env.items()) + " " + shlex.join(command)
+    """The command as one shell line, environment assignments first (what a user can paste), with
+    secret option values and webhook URLs redacted: the line is printed, the real command is not."""
+    from simpletuner.options.secrets import redacted_argv
+
+    return (" ".join(f"{key}={shlex.quote(value)}" for key, value in env.items()) + " "
+            + shlex.join(redacted_argv(command)))
 
 
 def relaunch_under_accelerate(launcher, argv: Sequence[str], config=None) -> int:

@@ -43,10 +43,10 @@ def configure_training_scheduler(scheduler, config):
     the whole ``[0, T)`` range either way.
     """
     overrides = {}
-    spacing = getattr(config, "training_scheduler_timestep_spacing", None)
+    spacing = config.training_scheduler_timestep_spacing
     if spacing:
         overrides["timestep_spacing"] = spacing
-    if getattr(config, "rescale_betas_zero_snr", False):
+    if config.rescale_betas_zero_snr:
         overrides["rescale_betas_zero_snr"] = True
     if not overrides:
         return scheduler
@@ -55,7 +55,7 @@ def configure_training_scheduler(scheduler, config):
 
 def inference_scheduler_overrides(config) -> dict:
     """Config overrides for the scheduler of validation pipelines (``--inference_scheduler_timestep_spacing``)."""
-    spacing = getattr(config, "inference_scheduler_timestep_spacing", None)
+    spacing = config.inference_scheduler_timestep_spacing
     return {"timestep_spacing": spacing} if spacing else {}
 
 

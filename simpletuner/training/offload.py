@@ -271,8 +271,9 @@ class MemorySavers:
     #: CPU-only test can see (by storage identity) where each weight is. Never set in a real run.
     copy_on_same_device = False
 
-    def __init__(self, config, compute_device: torch.device, local_rank: int = 0):
+    def __init__(self, config, compute_device: torch.device, local_rank: int = 0, dataset_plan=None):
         self.config = config
+        self.dataset_plan = dataset_plan  # the run's checked dataset list, for --memory_budget's estimate
         self.compute_device = torch.device(compute_device)
         self.local_rank = local_rank
         self.placement = Placement(self.compute_device)
@@ -325,7 +326,7 @@ class MemorySavers:
         except (FileNotFoundError, OSError, ValueError) as error:
             logger.info("--memory_budget: no estimate (%s)", error)
             return
-        settings = planner.PlanSettings.from_config(self.config)
+        settings = planner.PlanSettings.from_config(self.config, self.dataset_plan)
         estimate, budget = planner.estimate(inventory, settings), parse_size(self.config.memory_budget)
         if estimate.peak <= budget:
             self.notes.append(f"estimated peak {format_size(estimate.peak)} within --memory_budget {format_size(budget)}")

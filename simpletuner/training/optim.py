@@ -228,11 +228,11 @@ def parse_optimizer_config(text: str | dict | None) -> dict[str, Any]:
 def effective_learning_rate(config, num_processes: int = 1) -> tuple[float, str | None]:
     """``--learning_rate``, scaled by ``--lr_scale`` / ``--lr_scale_sqrt``, and a line saying how."""
     lr = config.learning_rate
-    if not getattr(config, "lr_scale", False):
+    if not config.lr_scale:
         return lr, None
     batch, accumulation = config.train_batch_size, config.gradient_accumulation_steps
     product = batch * accumulation * num_processes
-    sqrt = bool(getattr(config, "lr_scale_sqrt", False))
+    sqrt = bool(config.lr_scale_sqrt)
     factor = math.sqrt(product) if sqrt else product
     how = (f"lr_scale{'_sqrt' if sqrt else ''}: learning rate {lr:g} x {'sqrt' if sqrt else ''}({batch} batch x "
            f"{accumulation} accumulation x {num_processes} processes) = {lr * factor:g}")
@@ -260,7 +260,7 @@ def optimizer_kwargs(config, name: str, cls) -> dict[str, Any]:
     """Keyword arguments for ``cls`` (everything but ``params`` and ``lr``), in the documented order."""
     entry = OPTIMIZERS[name]
     accepted = _accepted_keywords(cls)
-    explicit = getattr(config, "explicit", frozenset())
+    explicit = config.explicit
     kwargs: dict[str, Any] = {}
     for key, option in _SHARED_OPTION.items():
         if key in entry.shared and key in accepted:
@@ -272,7 +272,7 @@ def optimizer_kwargs(config, name: str, cls) -> dict[str, Any]:
     for key, value in entry.presets.items():
         if _SHARED_OPTION.get(key) not in explicit:
             kwargs[key] = value
-    extra = parse_optimizer_config(getattr(config, "optimizer_config", None))
+    extra = parse_optimizer_config(config.optimizer_config)
     unknown = [key for key in extra if key not in accepted]
     if unknown:
         raise ConfigError(
@@ -280,7 +280,7 @@ def optimizer_kwargs(config, name: str, cls) -> dict[str, Any]:
             f"it takes: {', '.join(k for k in accepted if k != 'lr')}"
         )
     kwargs.update(extra)
-    overrides = {index: getattr(config, f"optimizer_beta{index + 1}", None) for index in (0, 1)}
+    overrides = {0: config.optimizer_beta1, 1: config.optimizer_beta2}
     overrides = {index: value for index, value in overrides.items() if value is not None}
     if overrides:
         if "betas" not in accepted:
@@ -331,7 +331,8 @@ def build_optimizer(config, parameters: Iterable[torch.nn.Parameter], num_proces
     """The optimizer named by ``--optimizer`` over ``parameters``, ready to step (schedule-free ones in train mode).
 
     ``extra_groups`` are further (parameters, learning rate) groups, e.g. the text encoders with
-    ``--text_encoder_lr``; they share every other setting.
+    ``--text_encoder_lr``; they share every other setting. This is the one place ``--lr_scale`` acts:
+    every group's rate, the extra ones included, is scaled by the same factor.
 
     Raises:
         ConfigError: unknown name, missing package, an ``--optimizer_config`` key the optimizer does
@@ -346,7 +347,8 @@ def build_optimizer(config, parameters: Iterable[torch.nn.Parameter], num_proces
     lr, how = effective_learning_rate(config, num_processes)
     if how:
         logger.info(how)
-    extra = [(list(group), group_lr) for group, group_lr in extra_groups if group]
+    scale = lr / config.learning_rate
+    extra = [(list(group), group_lr * scale) for group, group_lr in extra_groups if group]
     _check_parameters(name, entry, [p for group, _ in extra for p in group])
     if extra:
         groups = [{"params": params, "lr": lr}] + [{"params": group, "lr": group_lr} for group, group_lr in extra]
@@ -357,7 +359,7 @@ def build_optimizer(config, parameters: Iterable[torch.nn.Parameter], num_proces
                 ", ".join(f"{k}={v}" for k, v in kwargs.items()))
     if entry.schedule_free:
         optimizer.train()
-    prodigy_steps = getattr(config, "prodigy_steps", None)
+    prodigy_steps = config.prodigy_steps
     if prodigy_steps:
         if name != "prodigy":
             raise ConfigError(f"`--prodigy_steps` only applies to `--optimizer prodigy` (got {name}); remove it")
@@ -406,7 +408,7 @@ def clip_gradients(accelerator, parameters, config) -> float | None:
     limit = config.max_grad_norm
     if not limit:
         return None
-    if getattr(config, "grad_clip_method", None) == "value":
+    if config.grad_clip_method == "value":
         accelerator.clip_grad_value_(parameters, limit)
         return None
     return accelerator.clip_grad_norm_(parameters, limit)

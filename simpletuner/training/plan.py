@@ -30,8 +30,9 @@ def vae_scale_factor_of(model_path: str | None) -> int:
     return 8
 
 
-def describe_datasets(config) -> list[str]:
-    plan = load_dataset_plan(config.data_backend_config)
+def describe_datasets(config, plan=None) -> list[str]:
+    """The datasets' buckets as training will make them (``plan``: the run's checked list, else read here)."""
+    plan = plan if plan is not None else load_dataset_plan(config.data_backend_config)
     info = family_info(config.model_family)
     cell = 1 if info.pixel_space else vae_scale_factor_of(config.pretrained_model_name_or_path)
     scale = cell * info.latent_patch_size
@@ -67,16 +68,18 @@ def describe_launcher(launcher) -> str:
 
 
 def describe_plan(run) -> str:
-    """The text ``--dry-run`` prints."""
+    """The text ``--dry-run`` prints; secret values are redacted (simpletuner/options/secrets.py)."""
+    from simpletuner.options.secrets import redacted_config
+
     config = run.config
     lines = [
         "=== resolved config (values that differ from the defaults) ===",
-        json.dumps(config.non_default(), indent=2, default=str),
+        json.dumps(redacted_config(config.non_default()), indent=2, default=str),
         f"config file: {run.config_file or 'none (flags only)'}",
         describe_launcher(run.launcher),
     ]
-    lines += describe_datasets(config)
+    lines += describe_datasets(config, run.dataset_plan)
     from simpletuner.memory.planner import describe as describe_memory
 
-    lines.append(describe_memory(config))  # weights, optimizer, activations; a proposal with --memory_budget
+    lines.append(describe_memory(config, dataset_plan=run.dataset_plan))  # weights, optimizer, activations; a proposal with --memory_budget
     return "\n".join(lines)

@@ -55,11 +55,12 @@ class TextEncoderTraining:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for encoder in self.encoders.values() for p in encoder.parameters() if p.requires_grad]
 
-    def learning_rate(self, denoiser_lr: float) -> float:
-        """``--text_encoder_lr`` scaled like the denoiser's rate (``--lr_scale``), else the denoiser's rate."""
+    def learning_rate(self) -> float:
+        """``--text_encoder_lr``, else the denoiser's ``--learning_rate``, as the user wrote it: the
+        optimizer builder scales it with the denoiser's rate (``--lr_scale``)."""
         if self.config.text_encoder_lr is None:
-            return denoiser_lr
-        return self.config.text_encoder_lr * denoiser_lr / self.config.learning_rate
+            return self.config.learning_rate
+        return self.config.text_encoder_lr
 
     def maybe_freeze(self, step: int, optimizer, lr_scheduler=None) -> bool:
         """At ``--text_encoder_limit`` steps: stop updating the encoders. Their gradients go to None

@@ -136,19 +136,23 @@ def build_timestep_sampler(config, scheduler, window: tuple[int, int] | None = N
     num_train_timesteps = scheduler.config.num_train_timesteps
     if config is None and window is None:
         return uniform_sampler(num_train_timesteps)
-    weights = timestep_bias_weights(
-        num_train_timesteps,
-        getattr(config, "timestep_bias_strategy", None),
-        multiplier=getattr(config, "timestep_bias_multiplier", None),
-        portion=getattr(config, "timestep_bias_portion", None),
-        begin=getattr(config, "timestep_bias_begin", None),
-        end=getattr(config, "timestep_bias_end", None),
-    )
+    if config is None:  # a window alone: no bias inside it, batches stratified over it
+        weights = timestep_bias_weights(num_train_timesteps, None)
+        stratified = True
+    else:
+        weights = timestep_bias_weights(
+            num_train_timesteps,
+            config.timestep_bias_strategy,
+            multiplier=config.timestep_bias_multiplier,
+            portion=config.timestep_bias_portion,
+            begin=config.timestep_bias_begin,
+            end=config.timestep_bias_end,
+        )
+        stratified = not config.disable_segmented_timestep_sampling
     if window is not None:
         begin, end = window
         if not 0 <= begin < end <= num_train_timesteps:
             raise ValueError(f"timestep window [{begin}, {end}) must lie inside [0, {num_train_timesteps})")
         weights[:begin] = 0
         weights[end:] = 0
-    stratified = not getattr(config, "disable_segmented_timestep_sampling", False)
     return WeightedTimestepSampler(weights, stratified=stratified)

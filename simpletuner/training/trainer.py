@@ -23,6 +23,7 @@ from simpletuner.training import checkpoint as ckpt
 from simpletuner.training import distributed
 from simpletuner.training.checkpoint_schedule import ROLLING, CheckpointSchedule
 from simpletuner.training.memory import clear_accelerator_cache
+from simpletuner.training.nan_guard import NanGuard, first_nonfinite, loss_spike
 from simpletuner.training.optim import clip_gradients, optimizer_mode, set_optimizer_mode
 from simpletuner.training.precision import Fp32GradientAccumulator, configure_tf32
 
@@ -46,10 +47,12 @@ class LoopState:
 class Trainer:
     """One training run. ``setup()`` builds everything, ``fit()`` trains, ``save_final()`` writes outputs."""
 
-    def __init__(self, config, launcher=None, config_file: Path | None = None, show_progress: bool = True):
+    def __init__(self, config, launcher=None, config_file: Path | None = None, show_progress: bool = True,
+                 dataset_plan=None):
         self.config = config
         self.launcher = launcher
         self.config_file = config_file
+        self.dataset_plan = dataset_plan  # checked at start-up (ResolvedRun); read in setup() when not given
         self.show_progress = show_progress
         self.output_dir = Path(config.output_dir)
         self.state = LoopState()
@@ -60,6 +63,7 @@ class Trainer:
 
         self.webhooks = NullNotifier()  # --webhook_config, built in setup() once the main process is known
         self.batch_inspector = None  # --debug_dataset_loader / --print_sampler_statistics
+        self.nan_guard = NanGuard.from_config(config)  # --nan_action (training/nan_guard.py)
 
     # --- setup ---------------------------------------------------------------------------------------
 
@@ -91,7 +95,12 @@ class Trainer:
             self._write_resolved_config()
         from simpletuner.training.offload import MemorySavers
 
-        self.memory = MemorySavers(config, self.accelerator.device, self.accelerator.local_process_index)
+        if self.dataset_plan is None:
+            from simpletuner.data.config import load_dataset_plan
+
+            self.dataset_plan = load_dataset_plan(config.data_backend_config)
+        self.memory = MemorySavers(config, self.accelerator.device, self.accelerator.local_process_index,
+                                   dataset_plan=self.dataset_plan)
         self.model = self._load_model()
         self.data = self._build_data()
         self._build_data_debugging()
@@ -111,8 +120,11 @@ class Trainer:
         return torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float32
 
     def _write_resolved_config(self) -> None:
+        """training_config.json: every resolved option, secrets redacted (options/secrets.py), owner-only."""
+        from simpletuner.options.secrets import redacted_config, write_private_json
+
         resolved = {"config_file": str(self.config_file) if self.config_file else None, **self.config.as_dict()}
-        (self.output_dir / "training_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n", encoding="utf-8")
+        write_private_json(self.output_dir / "training_config.json", redacted_config(resolved))
 
     def _load_model(self):
         from simpletuner.models.registry import load_family_class
@@ -132,12 +144,12 @@ class Trainer:
         return model
 
     def _build_data(self):
-        from simpletuner.data.config import load_dataset_plan
         from simpletuner.data.dataset import build_training_data
 
-        plan = load_dataset_plan(self.config.data_backend_config)
         with self.accelerator.main_process_first(), self.memory.startup(self.model):  # --offload_during_startup
-            return build_training_data(self.config, self.model, plan, show_progress=self.show_progress and self.is_main)
+            return build_training_data(self.config, self.model, self.dataset_plan,
+                                       show_progress=self.show_progress and self.is_main,
+                                       num_processes=self.accelerator.num_processes, rank=self.accelerator.process_index)
 
     def _build_data_debugging(self) -> None:
         """--debug_aspect_buckets (once, now), --debug_dataset_loader and --print_sampler_statistics (per batch)."""
@@ -192,18 +204,18 @@ class Trainer:
         from simpletuner.methods.sft import SupervisedFineTuning
         from simpletuner.training.ema import EmaSettings, EmaWeights
         from simpletuner.training.lr import build_lr_scheduler
-        from simpletuner.training.optim import build_optimizer, effective_learning_rate
+        from simpletuner.training.optim import build_optimizer
 
         config = self.config
         batches_per_process = self.data.sampler.batches_per_epoch() // self.accelerator.num_processes
         self.steps_per_epoch = max(1, batches_per_process // config.gradient_accumulation_steps)
         self.max_steps = planned_max_steps(config, self.steps_per_epoch)
-        self.learning_rate, _ = effective_learning_rate(config, self.accelerator.num_processes)
         extra_groups = []
         if self.text_encoders is not None:
-            extra_groups.append((self.text_encoders.parameters(), self.text_encoders.learning_rate(self.learning_rate)))
+            extra_groups.append((self.text_encoders.parameters(), self.text_encoders.learning_rate()))
         optimizer = build_optimizer(config, self.denoiser_parameters, num_processes=self.accelerator.num_processes,
                                     extra_groups=extra_groups)
+        self.learning_rate = float(optimizer.param_groups[0]["lr"])  # after --lr_scale, which only build_optimizer applies
         # The LR schedule is stepped once per optimizer step, on every process, so it is not prepared.
         self.lr_scheduler = build_lr_scheduler(config, optimizer, self.max_steps)
         self.model.denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
@@ -270,12 +282,14 @@ class Trainer:
         if not self.is_main:
             return None
         step = self.state.global_step
+        self._refuse_nonfinite_weights(step)
         if self.disk_guard is not None:
             self.disk_guard.ensure_space(step)
         staging = Path(tempfile.gettempdir()) if self.config.checkpointing_use_tempdir else None
+        state = {**self._checkpoint_state(rolling), **self._suspect_mark(step)}
         with self.memory.saving(self.model, getattr(self.text_encoders, "encoders", None)):  # --offload_during_save
-            folder = ckpt.write_checkpoint(self.output_dir, step, self._checkpoint_writers(),
-                                           self._checkpoint_state(rolling), staging_root=staging)
+            folder = ckpt.write_checkpoint(self.output_dir, step, self._checkpoint_writers(), state,
+                                           staging_root=staging)
         logger.info("saved %scheckpoint %s", "rolling " if rolling else "", folder)
         if folder is not None:
             self.webhooks.send("checkpoint", f"saved {'rolling ' if rolling else ''}checkpoint {Path(folder).name}",
@@ -287,6 +301,29 @@ class Trainer:
         if self.hub is not None:
             self.hub.push_checkpoint(folder, step)  # --push_checkpoints_to_hub
         return folder
+
+    def _refuse_nonfinite_weights(self, step: int) -> None:
+        """No checkpoint is ever written from weights holding NaN or inf: resuming it could only fail."""
+        found = first_nonfinite(self.trainable)
+        if found is None:
+            return
+        index, count = found
+        names = {id(p): n for n, p in self._unwrapped_denoiser().named_parameters()}
+        name = names.get(id(self.trainable[index]), f"trained tensor #{index}")
+        raise ckpt.CheckpointError(
+            f"refusing to write checkpoint-{step}: {count} of the {len(self.trainable)} trained tensors hold NaN or "
+            f"inf values (the first is {name}). {ckpt.newest_checkpoint_note(self.output_dir)}. Lower --learning_rate or "
+            "set --max_grad_norm before resuming")
+
+    def _suspect_mark(self, step: int) -> dict:
+        """``"suspect": true`` for a checkpoint saved during a loss spike (nan_guard.loss_spike), which
+        ``--resume_from_checkpoint latest`` then passes over."""
+        reason = loss_spike(self.state.losses)
+        if reason is None:
+            return {}
+        logger.warning("checkpoint-%d is marked suspect: %s; --resume_from_checkpoint latest will skip it", step,
+                       reason)
+        return {"suspect": True, "suspect_reason": reason}
 
     def _checkpoint_writers(self) -> dict:
         """File name -> function writing it: everything an exact resume needs."""
@@ -351,13 +388,14 @@ class Trainer:
             load_model(denoiser, str(folder / FULL_WEIGHTS_FILE))
         if self.text_encoders is not None:
             self.text_encoders.load_checkpoint(folder, folder / WEIGHTS_FILE)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        # ckpt.load_state never unpickles code: a crafted .pt file is refused, not run
+        self.optimizer.load_state_dict(ckpt.load_state(folder / "optimizer.pt"))
         set_optimizer_mode(self.optimizer, "train")  # schedule-free optimizers are saved in eval mode
-        self.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=False))
+        self.lr_scheduler.load_state_dict(ckpt.load_state(folder / "lr_scheduler.pt"))
         if self.ema is not None and (folder / "ema.pt").exists():
-            self.ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
+            self.ema.load_state_dict(ckpt.load_state(folder / "ema.pt"))
         self.data.load_state_dict(json.loads((folder / "sampler.json").read_text()))
-        ckpt.restore_rng_state(torch.load(folder / "random_states.pt", weights_only=False))
+        ckpt.restore_rng_state(ckpt.load_state(folder / "random_states.pt"))
         self.state.global_step = state["global_step"]
         self.state.micro_step = state["micro_step"]
         self.state.num_images_seen = state["num_images_seen"]
@@ -402,31 +440,37 @@ class Trainer:
         self._after_step(loss, grad_norm, seconds, progress)
 
     def optimization_step(self) -> tuple[float, float | None]:
-        """``gradient_accumulation_steps`` micro-batches, then one optimizer step."""
+        """``gradient_accumulation_steps`` micro-batches, then one optimizer step. A batch with a NaN or
+        infinite loss never updates the weights, the LR schedule or the EMA (``_after_step`` then stops
+        the run or, with ``--nan_action skip_batch``, goes on without counting the step)."""
         accelerator = self.accelerator
         denoiser = self.model.denoiser
-        total = 0.0
+        micro_losses: list[float] = []
         grad_norm = None
+        update = True
         for _ in range(self.config.gradient_accumulation_steps):
             batch = self._next_local_batch()
             with accelerator.accumulate(denoiser):
                 output = self.method.compute_loss(batch, accelerator.device, step=self.state.global_step)
                 accelerator.backward(output.loss)
+                micro_losses.append(output.loss.detach().item())  # read before the update it may have to stop
                 if accelerator.sync_gradients:
                     if self.grad_accumulator is not None:
                         self.grad_accumulator.write_back()
                     grad_norm = clip_gradients(accelerator, self.trainable, self.config)
-                self.optimizer.step()
+                    update = self.nan_guard.update_allowed(accelerator, micro_losses)
+                if update or accelerator.scaler is not None:  # fp16's loss scaler drops non-finite steps itself
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=bool(self.config.set_grads_to_none))
-            total += output.loss.detach().item()
             self.state.micro_step += 1
             self.state.num_images_seen += batch["latent_mean"].shape[0] * accelerator.num_processes
-        self.lr_scheduler.step()
-        if self.ema is not None:
-            self.ema.update()
-        if self.text_encoders is not None:
-            self.text_encoders.maybe_freeze(self.state.global_step + 1, self.optimizer, self.lr_scheduler)
-        local_loss = total / self.config.gradient_accumulation_steps
+        if update:
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update()
+            if self.text_encoders is not None:
+                self.text_encoders.maybe_freeze(self.state.global_step + 1, self.optimizer, self.lr_scheduler)
+        local_loss = sum(micro_losses) / self.config.gradient_accumulation_steps
         if getattr(self.launcher, "check_rank_sync", False):
             distributed.check_rank_sync(accelerator, self.state.global_step + 1, local_loss, self.trainable)
         loss = distributed.mean_over_processes(accelerator, local_loss)  # the loss of the whole global batch
@@ -451,14 +495,11 @@ class Trainer:
 
     def _after_step(self, loss: float, grad_norm: float | None, seconds: float, progress) -> None:
         state = self.state
+        if not self._loss_is_finite(loss):
+            return  # --nan_action skip_batch: the batch's update was dropped and the step does not count
         state.global_step += 1
         state.losses.append(loss)
         state.step_seconds.append(seconds)
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss} at step {state.global_step}; lower --learning_rate or set --max_grad_norm "
-                "(the last checkpoint is intact)"
-            )
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
         scalars = {"loss/train": loss, "lr": lr, "timing/sec_per_step": seconds}
         if grad_norm is not None:
@@ -485,6 +526,17 @@ class Trainer:
         evaluating = self.eval_loss is not None or self.clip_eval is not None
         if evaluating and self.eval_schedule.due(state.global_step):
             self.evaluate(state.global_step)
+
+    def _loss_is_finite(self, loss: float) -> bool:
+        """False for a batch dropped by ``--nan_action skip_batch``; a non-finite loss under ``stop`` (or
+        too many skipped in a row) raises FloatingPointError saying which checkpoint is usable."""
+        if math.isfinite(loss):
+            self.nan_guard.finite_step()
+            return True
+        lr = float(self.lr_scheduler.get_last_lr()[0])  # not stepped for this batch: the rate it trained with
+        self.nan_guard.nonfinite_step(self.state.global_step + 1, loss, lr,
+                                      ckpt.newest_checkpoint_note(self.output_dir))
+        return False
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The eval loss of the live weights (schedule-free: the averaged ones), on every process, and
@@ -656,9 +708,14 @@ def planned_max_steps(config, steps_per_epoch: int) -> int:
     return min(config.max_train_steps, by_epochs)
 
 
-def train(config, launcher=None, config_file: Path | None = None, show_progress: bool = True) -> Trainer:
-    """Run a whole training job; returns the finished trainer (tests read its state)."""
-    trainer = Trainer(config, launcher=launcher, config_file=config_file, show_progress=show_progress)
+def train(config, launcher=None, config_file: Path | None = None, show_progress: bool = True,
+          dataset_plan=None) -> Trainer:
+    """Run a whole training job; returns the finished trainer (tests read its state).
+
+    ``dataset_plan`` is the dataset list checked at start-up (``ResolvedRun.dataset_plan``).
+    """
+    trainer = Trainer(config, launcher=launcher, config_file=config_file, show_progress=show_progress,
+                      dataset_plan=dataset_plan)
     try:
         trainer.setup()
         try:

@@ -30,7 +30,7 @@ def load_user_prompt_library(path: str | Path) -> dict[str, str]:
         raise ValueError(f"file {str(path)!r} does not exist")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: runaway nesting
         raise ValueError(f"{str(path)!r} is not valid JSON ({error})") from None
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{str(path)!r} must hold a non-empty JSON object of {{\"shortname\": \"prompt\"}} pairs")
@@ -47,8 +47,8 @@ def library_prompts(config) -> dict[str, str]:
     """The named prompts a run validates besides ``--validation_prompt``: the bundled ones first,
     then the user's (whose entries replace bundled ones of the same shortname)."""
     prompts: dict[str, str] = {}
-    if getattr(config, "validation_prompt_library", False):
+    if config.validation_prompt_library:
         prompts.update(BUILTIN_PROMPTS)
-    if getattr(config, "user_prompt_library", None):
+    if config.user_prompt_library:
         prompts.update(load_user_prompt_library(config.user_prompt_library))
     return prompts

@@ -57,7 +57,7 @@ class ValidationSettings:
         from simpletuner.options.validation_rules import EMBEDDED_GUIDANCE_FAMILIES
         from simpletuner.validation.prompt_library import library_prompts
 
-        explicit = getattr(config, "explicit", frozenset())
+        explicit = config.explicit
 
         def value(name: str):
             if name not in explicit and family_defaults and name in family_defaults:
@@ -72,7 +72,7 @@ class ValidationSettings:
         guidance = value("validation_guidance")
         # guidance 1.0 is the pipelines' switch for "no unconditional pass"; an embedded guidance
         # value (Flux) is not classifier-free guidance and stays as it is
-        if getattr(config, "validation_disable_unconditional", False) \
+        if config.validation_disable_unconditional \
                 and config.model_family not in EMBEDDED_GUIDANCE_FAMILIES:
             guidance = 1.0
         return cls(
@@ -84,10 +84,10 @@ class ValidationSettings:
             seed=config.validation_seed if config.validation_seed is not None else (config.seed or 0),
             resolutions=parse_resolutions(config.validation_resolution, fallback_edge),
             names=names,
-            randomize=bool(getattr(config, "validation_randomize", False)),
-            seed_source=getattr(config, "validation_seed_source", None),
-            guidance_rescale=getattr(config, "validation_guidance_rescale", None),
-            scheduler=getattr(config, "validation_noise_scheduler", None),
+            randomize=bool(config.validation_randomize),
+            seed_source=config.validation_seed_source,
+            guidance_rescale=config.validation_guidance_rescale,
+            scheduler=config.validation_noise_scheduler,
         )
 
     def call_arguments(self) -> dict:

@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from simpletuner.options import all_options  # noqa: E402
+from simpletuner.testing.config import make_config  # noqa: E402
 from simpletuner.training import offload  # noqa: E402
 from simpletuner.training.offload import MemorySavers, delete_hub_files  # noqa: E402
-
-
-def settings(**overrides) -> SimpleNamespace:
-    """Every option at its default, with ``overrides``."""
-    return SimpleNamespace(**{**{option.name: option.default for option in all_options()}, **overrides})
 
 
 class StubFamily:
@@ -65,7 +59,7 @@ class StubFamily:
 
 def test_offload_during_startup_parks_whatever_the_cache_step_does_not_use():
     model = StubFamily()
-    savers = MemorySavers(settings(offload_during_startup=True), torch.device("cpu"))
+    savers = MemorySavers(make_config(offload_during_startup=True), torch.device("cpu"))
     model.savers = savers
     with savers.startup(model):
         model.encode_images(torch.zeros(1, 4))
@@ -82,7 +76,7 @@ def test_offload_during_startup_parks_whatever_the_cache_step_does_not_use():
 
 def test_without_the_option_startup_moves_nothing():
     model = StubFamily()
-    savers = MemorySavers(settings(), torch.device("cpu"))
+    savers = MemorySavers(make_config(), torch.device("cpu"))
     model.savers = savers
     with savers.startup(model):
         model.encode_images(torch.zeros(1, 4))
@@ -91,13 +85,13 @@ def test_without_the_option_startup_moves_nothing():
 
 def test_offload_during_save_parks_what_is_written():
     model = StubFamily()
-    savers = MemorySavers(settings(offload_during_save=True), torch.device("cpu"))
+    savers = MemorySavers(make_config(offload_during_save=True), torch.device("cpu"))
     roles_during = {}
     with savers.saving(model, {"text_encoder": model.text_encoder}):
         roles_during.update({c: r for c, r, _ in savers.placement.history})
     assert roles_during == {"unet": "offload", "text_encoder": "offload"}
     assert {c: r for c, r, _ in savers.placement.history} == {"unet": "compute", "text_encoder": "compute"}
-    quiet = MemorySavers(settings(), torch.device("cpu"))
+    quiet = MemorySavers(make_config(), torch.device("cpu"))
     with quiet.saving(model):
         pass
     assert quiet.placement.history == []
@@ -108,7 +102,7 @@ def test_model_cpu_offload_moves_frozen_components_only_while_they_run(tiny):
 
     vae = AutoencoderKL.from_pretrained(tiny.path("sd1x") / "vae")
     model = StubFamily(vae=vae)
-    savers = MemorySavers(settings(enable_model_cpu_offload=True, train_text_encoder=True), torch.device("cpu"))
+    savers = MemorySavers(make_config(enable_model_cpu_offload=True, train_text_encoder=True), torch.device("cpu"))
     assert savers.load_device() == torch.device("cpu")
     savers.after_load(model)
     pixels = torch.rand(1, 3, 64, 64) * 2 - 1
@@ -131,7 +125,7 @@ def test_group_offload_writes_frozen_components_to_disk_and_keeps_outputs(tiny, 
     encoder = CLIPTextModel.from_pretrained(tiny.path("sd1x") / "text_encoder")
     reference = CLIPTextModel.from_pretrained(tiny.path("sd1x") / "text_encoder")
     model = StubFamily(text_encoder=encoder)
-    savers = MemorySavers(settings(enable_group_offload=True, group_offload_to_disk_path=str(tmp_path / "groups")),
+    savers = MemorySavers(make_config(enable_group_offload=True, group_offload_to_disk_path=str(tmp_path / "groups")),
                           torch.device("cpu"))
     savers.after_load(model)
     tokens = torch.tensor([[1, 5, 9, 2]])
@@ -184,13 +178,13 @@ def test_vae_slicing_and_tiling_change_how_the_vae_is_called(tiny, memory_config
     calls = []
     vae.encoder.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
     model = StubFamily(vae=vae)
-    MemorySavers(settings(vae_enable_slicing=True), torch.device("cpu")).after_load(model)
+    MemorySavers(make_config(vae_enable_slicing=True), torch.device("cpu")).after_load(model)
     with torch.no_grad():
         vae.encode(torch.zeros(2, 3, 64, 64))
     assert calls == [(1, 3, 64, 64), (1, 3, 64, 64)]  # one image at a time
     vae.use_slicing = False
     calls.clear()
-    MemorySavers(settings(vae_enable_tiling=True), torch.device("cpu")).after_load(model)
+    MemorySavers(make_config(vae_enable_tiling=True), torch.device("cpu")).after_load(model)
     with torch.no_grad():
         vae.encode(torch.zeros(1, 3, 128, 128))
     assert len(calls) > 1 and all(shape[-1] <= 64 for shape in calls)  # tiles of at most 64 px
@@ -256,12 +250,12 @@ def test_only_local_rank_zero_deletes_and_the_vae_stays_for_validation(tmp_path,
     monkeypatch.setattr(offload, "delete_hub_files", lambda repo, folders, cache_dir=None: calls.append((repo, folders)))
     model = StubFamily()
     model.model_path = "org/tiny"
-    MemorySavers(settings(delete_model_after_load=True), torch.device("cpu"), local_rank=1).after_load(model)
+    MemorySavers(make_config(delete_model_after_load=True), torch.device("cpu"), local_rank=1).after_load(model)
     assert calls == []
-    MemorySavers(settings(delete_model_after_load=True), torch.device("cpu"), local_rank=0).after_load(model)
+    MemorySavers(make_config(delete_model_after_load=True), torch.device("cpu"), local_rank=0).after_load(model)
     assert calls == [("org/tiny", ["unet"])]  # validation is on: the VAE is kept
     calls.clear()
-    savers = MemorySavers(settings(delete_model_after_load=True, validation_disable=True), torch.device("cpu"))
+    savers = MemorySavers(make_config(delete_model_after_load=True, validation_disable=True), torch.device("cpu"))
     savers.after_load(model)
     with savers.startup(model):
         pass

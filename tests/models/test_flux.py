@@ -10,7 +10,6 @@ import json
 import math
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +18,7 @@ torch = pytest.importorskip("torch")
 from simpletuner.cli import main  # noqa: E402
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.options.resolve import resolve_run  # noqa: E402
+from simpletuner.testing.config import make_config  # noqa: E402
 from simpletuner.training.trainer import Trainer  # noqa: E402
 from tests.models.conftest import family_args, keep_trainer, make_family_project  # noqa: E402
 
@@ -35,12 +35,9 @@ def project(tmp_path_factory) -> Path:
 def flux_model(project: Path, **options):
     from simpletuner.models.flux import Flux
 
-    values = dict(pretrained_model_name_or_path=str(project / "model"), model_flavour=None, revision=None,
-                  variant=None, pretrained_vae_model_name_or_path=None, prediction_type=None,
-                  pretrained_t5_model_name_or_path=None, pretrained_transformer_model_name_or_path=None,
-                  pretrained_transformer_subfolder=None, resolution=64, resolution_type="pixel")
-    values.update(options)
-    model = Flux(SimpleNamespace(**values), torch.device("cpu"), torch.float32)
+    values = dict(model_family="flux", pretrained_model_name_or_path=str(project / "model"), resolution=64,
+                  resolution_type="pixel")
+    model = Flux(make_config(**{**values, **options}), torch.device("cpu"), torch.float32)
     model.load()
     return model
 
@@ -97,7 +94,7 @@ def test_t5_length_and_padding_shape_the_cached_embeds(project, model, short_mod
     fingerprints = {tuple(sorted(m.fingerprint_parts().items())) for m in (model, short_model, zeroed)}
     assert len(fingerprints) == 3  # the text cache is keyed on length and padding
     # models without a guidance embedding ([schnell]) default to 256 T5 tokens
-    assert flux_text_settings(SimpleNamespace(), has_guidance_embedding=False)["t5_tokens"] == 256
+    assert flux_text_settings(make_config(), has_guidance_embedding=False)["t5_tokens"] == 256
 
 
 # --- latents, packing and the model call -------------------------------------------------------------
@@ -155,7 +152,7 @@ def test_guidance_values_reach_the_transformer(project, short_model):
     ):
         short_model.guidance = settings
         assert check(capture_guidance(short_model, text))
-    short_model.guidance = GuidanceSettings.from_config(SimpleNamespace(flux_guidance_value=3.5))
+    short_model.guidance = GuidanceSettings.from_config(make_config(flux_guidance_value=3.5))
     assert short_model.guidance.value == 3.5
     short_model.guidance = GuidanceSettings()
     # and the transformer uses it: another guidance gives another prediction
@@ -208,7 +205,7 @@ def test_every_lora_preset_names_existing_modules(short_model, preset, full_size
     from simpletuner.models.adapters import add_lora
     from simpletuner.models.flux import lora_target_preset
 
-    monkeypatch.setattr(short_model.config, "flux_lora_target", preset, raising=False)
+    monkeypatch.setattr(short_model, "config", short_model.config.replace(flux_lora_target=preset))
     tiny = copy.deepcopy(short_model.transformer)
     for transformer in (tiny, full_size_transformer):
         names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -263,10 +260,9 @@ def test_gradient_checkpointing_every_nth_block_keeps_the_gradients(short_model)
 def test_default_shift_follows_the_checkpoint_sampler_at_the_training_resolution(model, monkeypatch):
     # 64 px = 16 tokens: mu = 0.5 + 0.65 * (16 - 256) / 3840; 1024 px = 4096 tokens: mu = 1.15
     assert math.isclose(model.default_flow_shift, math.exp(0.5 + 0.65 * (16 - 256) / 3840), rel_tol=1e-9)
-    monkeypatch.setattr(model.config, "resolution", 1024)
+    monkeypatch.setattr(model, "config", model.config.replace(resolution=1024))
     assert math.isclose(model._resolution_shift(), math.exp(1.15), rel_tol=1e-9)
-    monkeypatch.setattr(model.config, "resolution", 1.048576)  # megapixels
-    monkeypatch.setattr(model.config, "resolution_type", "area")
+    monkeypatch.setattr(model, "config", model.config.replace(resolution=1.048576, resolution_type="area"))  # megapixels
     assert math.isclose(model._resolution_shift(), math.exp(1.15), rel_tol=1e-9)
     # a fixed-shift scheduler ([schnell]: shift 1, no dynamic shifting) keeps its own shift
     monkeypatch.setattr(model, "_scheduler", model._scheduler.__class__(shift=1.0, use_dynamic_shifting=False))
@@ -320,11 +316,12 @@ def test_validation_real_cfg_and_its_delay(project, monkeypatch):
     torch.testing.assert_close(real, sample(pipeline, true_cfg_scale=4.0, negative_prompt=[""]))
     assert encoded == [[PROMPT], [""]]  # each validation prompt encoded once, then reused
 
-    model.config.validation_no_cfg_until_timestep = 2  # no CFG in either step: the negative pass is skipped
+    # no CFG in either step: the negative pass is skipped
+    model.config = model.config.replace(validation_no_cfg_until_timestep=2)
     passes.clear()
     torch.testing.assert_close(sample(pipeline, true_cfg_scale=4.0), plain, rtol=0, atol=0)
     assert len(passes) == 2
-    model.config.validation_no_cfg_until_timestep = 1  # CFG from the second step on
+    model.config = model.config.replace(validation_no_cfg_until_timestep=1)  # CFG from the second step on
     delayed = sample(pipeline, true_cfg_scale=4.0)
     assert len(passes) == 5 and (delayed - plain).abs().max() > 1e-5 and (delayed - real).abs().max() > 1e-5
     hook.remove()

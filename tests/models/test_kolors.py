@@ -7,7 +7,6 @@ full, text embeds reused)."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -17,6 +16,7 @@ pytest.importorskip("sentencepiece")
 from simpletuner.cli import main  # noqa: E402
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.options.resolve import resolve_run  # noqa: E402
+from simpletuner.testing.config import make_config  # noqa: E402
 from tests.models.conftest import family_args, keep_trainer, make_family_project  # noqa: E402
 
 PROMPT = "a red circle on a white background"
@@ -42,10 +42,9 @@ def project(tmp_path_factory) -> Path:
 def kolors_model(project: Path, **options):
     from simpletuner.models.kolors import Kolors
 
-    values = dict(pretrained_model_name_or_path=str(project / "model"), model_flavour=None, revision=None,
-                  variant=None, pretrained_vae_model_name_or_path=None, prediction_type=None)
-    values.update(options)
-    model = Kolors(SimpleNamespace(**values), torch.device("cpu"), torch.float32)
+    config = make_config(**{"model_family": "kolors", "pretrained_model_name_or_path": str(project / "model"),
+                            **options})
+    model = Kolors(config, torch.device("cpu"), torch.float32)
     model.load()
     return model
 
@@ -148,8 +147,7 @@ def test_single_file_is_refused_with_the_fix(tmp_path):
 
     file = tmp_path / "kolors.safetensors"
     file.write_bytes(b"")
-    config = SimpleNamespace(pretrained_model_name_or_path=str(file), model_flavour=None, revision=None, variant=None,
-                             pretrained_vae_model_name_or_path=None, prediction_type=None)
+    config = make_config(model_family="kolors", pretrained_model_name_or_path=str(file))
     with pytest.raises(RuntimeError, match="cannot load Kolors from a single file"):
         Kolors(config, torch.device("cpu"), torch.float32).load()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +15,7 @@ torch = pytest.importorskip("torch")
 from simpletuner.cli import main  # noqa: E402
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.options.resolve import resolve_run  # noqa: E402
+from simpletuner.testing.config import make_config  # noqa: E402
 from simpletuner.training.trainer import Trainer, train  # noqa: E402
 from tests.models.conftest import family_args, keep_trainer, make_family_project  # noqa: E402
 
@@ -39,9 +39,8 @@ def project(tmp_path_factory) -> Path:
 def sd3_model(project: Path, **options):
     from simpletuner.models.sd3 import StableDiffusion3
 
-    values = dict(pretrained_model_name_or_path=str(project / "model"), model_flavour=None, revision=None,
-                  variant=None, pretrained_vae_model_name_or_path=None, prediction_type=None)
-    model = StableDiffusion3(SimpleNamespace(**{**values, **options}), torch.device("cpu"), torch.float32)
+    config = make_config(**{"model_family": "sd3", "pretrained_model_name_or_path": str(project / "model"), **options})
+    model = StableDiffusion3(config, torch.device("cpu"), torch.float32)
     model.load()
     return model
 
@@ -207,8 +206,7 @@ def test_single_file_without_its_flavours_configs_names_the_flavour(tmp_path):
 
     file = tmp_path / "sd3.5_medium.safetensors"
     save_file({"model.diffusion_model.pos_embed": torch.zeros(1, 4, 8)}, str(file))
-    config = SimpleNamespace(pretrained_model_name_or_path=str(file), model_flavour="large", revision=None,
-                             variant=None, pretrained_vae_model_name_or_path=None, prediction_type=None)
+    config = make_config(model_family="sd3", pretrained_model_name_or_path=str(file), model_flavour="large")
     model = StableDiffusion3(config, torch.device("cpu"), torch.float32)
     assert model.is_single_file()
     with pytest.raises(RuntimeError, match="stabilityai/stable-diffusion-3.5-large .pick another with --model_flavour"):

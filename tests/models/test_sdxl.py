@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 from simpletuner.cli import main  # noqa: E402
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.options.resolve import resolve_run  # noqa: E402
+from simpletuner.testing.config import make_config  # noqa: E402
 from tests.models.conftest import family_args, keep_trainer, make_family_project  # noqa: E402
 
 PROMPT = "a red circle on a white background"
@@ -43,10 +44,8 @@ def project(tmp_path_factory) -> Path:
 def sdxl_model(path: Path, **options):
     from simpletuner.models.sdxl import StableDiffusionXL
 
-    values = dict(pretrained_model_name_or_path=str(path), model_flavour=None, revision=None, variant=None,
-                  pretrained_vae_model_name_or_path=None, prediction_type=None)
-    values.update(options)
-    model = StableDiffusionXL(SimpleNamespace(**values), torch.device("cpu"), torch.float32)
+    config = make_config(**{"model_family": "sdxl", "pretrained_model_name_or_path": str(path), **options})
+    model = StableDiffusionXL(config, torch.device("cpu"), torch.float32)
     model.load()
     return model
 
@@ -208,8 +207,7 @@ def test_single_file_without_its_flavours_configs_names_the_flavour(tmp_path):
 
     file = tmp_path / "sdxl.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(file))
-    config = SimpleNamespace(pretrained_model_name_or_path=str(file), model_flavour="refiner-1.0", revision=None,
-                             variant=None, pretrained_vae_model_name_or_path=None, prediction_type=None)
+    config = make_config(model_family="sdxl", pretrained_model_name_or_path=str(file), model_flavour="refiner-1.0")
     model = StableDiffusionXL(config, torch.device("cpu"), torch.float32)
     with pytest.raises(RuntimeError, match="stabilityai/stable-diffusion-xl-refiner-1.0 .pick another"):
         model.load()

@@ -129,7 +129,7 @@ def test_global_data_options_are_checked_against_every_dataset(tmp_path: Path, b
     message = error_of(tmp_path, base_argv(base) + ["--skip_file_discovery", "vae,bogus"])
     assert message.startswith("`--skip_file_discovery` has stage 'bogus'")
     assert error_of(tmp_path, base_argv(base) + ["--dataloader_prefetch_qlen", "0"]) == (
-        "`--dataloader_prefetch_qlen` = 0 must be at least 1")
+        "`--dataloader_prefetch_qlen` = 0 must be at least 1 (command line)")
     message = error_of(tmp_path, base_argv(base) + ["--maximum_image_size", "2048"])
     assert "maximum_image_size and target_downsample_size must be set together" in message
     message = error_of(tmp_path, base_argv(base) + ["--only_instance_prompt", "true"])

@@ -75,15 +75,14 @@ def test_hub_base_model_and_full_model_usage() -> None:
 
 
 def test_modelspec_comment_lines_and_environment(monkeypatch) -> None:
-    from types import SimpleNamespace
-
     from simpletuner.options.table.publishing import OPTIONS
     from simpletuner.options.values import _coerce_kind
+    from simpletuner.testing.config import make_config
 
     option = next(o for o in OPTIONS if o.name == "modelspec_comment")
     assert _coerce_kind(option, ["line one", "line {env:MS_TEST}"]) == "line one\nline {env:MS_TEST}"
     monkeypatch.setenv("MS_TEST", "two")
-    assert modelspec_comment(SimpleNamespace(modelspec_comment="line one\nline {env:MS_TEST}")) == "line one\nline two"
+    assert modelspec_comment(make_config(modelspec_comment="line one\nline {env:MS_TEST}")) == "line one\nline two"
     monkeypatch.delenv("MS_TEST")
-    assert modelspec_comment(SimpleNamespace(modelspec_comment="{env:MS_TEST}")) == "{env:MS_TEST}"
-    assert modelspec_comment(SimpleNamespace(modelspec_comment=None)) is None
+    assert modelspec_comment(make_config(modelspec_comment="{env:MS_TEST}")) == "{env:MS_TEST}"
+    assert modelspec_comment(make_config(modelspec_comment=None)) is None

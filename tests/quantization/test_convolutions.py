@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +18,7 @@ from simpletuner.models.quantize import (  # noqa: E402
     quantized_layers,
     weight_bytes,
 )
+from simpletuner.testing.config import make_config  # noqa: E402
 
 #: preset -> (quanto weight type of its convolutions, type of its linears' weights, largest relative error)
 CONV_PRESETS = {
@@ -114,15 +114,15 @@ def test_skip_listed_convolutions_stay_plain(unetish):
 def test_convolutions_follow_the_autocast_type(unetish, sample):
     """--base_model_default_dtype fp32 with --mixed_precision bf16: quanto's weights cannot be cast by
     autocast, so the convolutions are held in bf16 while the rest of the unquantized weights stay fp32."""
-    config = SimpleNamespace(mixed_precision="bf16")
+    config = make_config(mixed_precision="bf16")
     model = copy.deepcopy(unetish)
     quantize_module(model, "int8-torchao", dtype=torch.float32, **convolution_settings(config))
     assert model.conv1.weight.dtype == torch.bfloat16 and model.norm.weight.dtype == torch.float32
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(model(sample).float()).all()
-    assert convolution_settings(SimpleNamespace(mixed_precision="no")) == {"convolutions": True, "conv_dtype": None}
+    assert convolution_settings(make_config(mixed_precision="no")) == {"convolutions": True, "conv_dtype": None}
     # fp16 keeps fp32 weights under fp16 autocast and validates without autocast: no quanto type fits both
-    assert convolution_settings(SimpleNamespace(mixed_precision="fp16"))["convolutions"] is False
+    assert convolution_settings(make_config(mixed_precision="fp16"))["convolutions"] is False
 
 
 @pytest.mark.parametrize("preset", ["int8-torchao", "nf4-bnb", "int8-quanto"])

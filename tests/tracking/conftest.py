@@ -1,5 +1,5 @@
 """The tiny sd1x project and the per-test accelerate reset of the training tests, plus a local webhook
-receiver: an ``http.server`` on 127.0.0.1 that records every POST body."""
+receiver: an ``http.server`` on 127.0.0.1 that records every POST body, path and header set."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class Receiver:
         self.status = status
         self.bodies: list[dict] = []
         self.paths: list[str] = []
+        self.headers: list[dict[str, str]] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -26,6 +27,7 @@ class Receiver:
                 length = int(self.headers.get("Content-Length", 0))
                 raw = self.rfile.read(length)
                 receiver.paths.append(self.path)
+                receiver.headers.append(dict(self.headers))
                 receiver.bodies.append(json.loads(raw))
                 self.send_response(receiver.status)
                 self.end_headers()

@@ -8,6 +8,7 @@ import pytest
 
 from simpletuner.options import ConfigError
 from simpletuner.options.resolve import resolve_run
+from simpletuner.testing.config import make_config
 
 BASE = ["--model_family", "sd1x", "--pretrained_model_name_or_path", "m", "--output_dir", "out",
         "--data_backend_config", "d.json", "--model_type", "lora"]
@@ -16,13 +17,7 @@ BASE = ["--model_family", "sd1x", "--pretrained_model_name_or_path", "m", "--out
 def check(**flags):
     from simpletuner.options.reporting_rules import REPORTING_RULES
 
-    class Config:
-        webhook_config = None
-        webhook_reporting_interval = None
-
-    config = Config()
-    for name, value in flags.items():
-        setattr(config, name, value)
+    config = make_config(**flags)
     for rule in REPORTING_RULES:
         rule(config)
 

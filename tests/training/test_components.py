@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from simpletuner.methods.sft import SupervisedFineTuning  # noqa: E402
+from simpletuner.testing.config import make_config  # noqa: E402
 from simpletuner.training.ema import EmaSettings, EmaWeights  # noqa: E402
 from simpletuner.training.lr import build_lr_scheduler  # noqa: E402
 from simpletuner.training.objectives import training_target  # noqa: E402
@@ -17,11 +18,8 @@ from simpletuner.training.optim import build_optimizer  # noqa: E402
 
 
 def optimizer_config(**overrides):
-    values = dict(optimizer="optimi-adamw", learning_rate=0.1, adam_beta1=0.9, adam_beta2=0.999,
-                  adam_weight_decay=0.0, adam_epsilon=1e-8, lr_scheduler="constant", lr_warmup_steps=0,
-                  lr_end=0.01, lr_power=2.0, lr_num_cycles=1)
-    values.update(overrides)
-    return SimpleNamespace(**values)
+    return make_config(**{"optimizer": "optimi-adamw", "learning_rate": 0.1, "adam_weight_decay": 0.0,
+                          "lr_end": 0.01, "lr_power": 2.0, **overrides})
 
 
 def lr_curve(config, steps: int) -> list[float]:
@@ -87,12 +85,13 @@ def test_caption_dropout_swaps_in_the_empty_prompt():
     model = SimpleNamespace(noise_scheduler=lambda: SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000)),
                             prediction_type="epsilon", unconditional_text=lambda empty: empty)
     batch = {"prompt_embeds": torch.ones(8, 3, 2), "empty_prompt": {"prompt_embeds": torch.zeros(8, 3, 2)}}
-    always = SupervisedFineTuning(model, caption_dropout_probability=1.0).text_conditioning(batch, torch.device("cpu"))
-    never = SupervisedFineTuning(model, caption_dropout_probability=0.0).text_conditioning(batch, torch.device("cpu"))
+    config = make_config()
+    always = SupervisedFineTuning(model, 1.0, config).text_conditioning(batch, torch.device("cpu"))
+    never = SupervisedFineTuning(model, 0.0, config).text_conditioning(batch, torch.device("cpu"))
     assert torch.equal(always["prompt_embeds"], torch.zeros(8, 3, 2))
     assert torch.equal(never["prompt_embeds"], torch.ones(8, 3, 2))
     torch.manual_seed(0)
-    half = SupervisedFineTuning(model, caption_dropout_probability=0.5).text_conditioning(
+    half = SupervisedFineTuning(model, 0.5, config).text_conditioning(
         {"prompt_embeds": torch.ones(4000, 1, 1), "empty_prompt": {"prompt_embeds": torch.zeros(4000, 1, 1)}},
         torch.device("cpu"))
     assert 0.45 < 1 - float(half["prompt_embeds"].mean()) < 0.55

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +14,7 @@ torch = pytest.importorskip("torch")
 stats = pytest.importorskip("scipy.stats")
 import numpy as np  # noqa: E402
 
+from simpletuner.testing.config import make_config  # noqa: E402
 from simpletuner.training import flow  # noqa: E402
 from simpletuner.training.objectives import (  # noqa: E402
     alpha_from_flow_sigma, check_diff2flow_schedule, configure_training_scheduler, ddpm_to_flow_point,
@@ -107,29 +107,22 @@ def test_auto_shift_interpolates_mu_linearly():
 
 
 def test_sampler_from_config_picks_distribution_and_shift():
-    def config(**values):
-        base = dict(flow_sigmoid_scale=None, flow_use_uniform_schedule=False, flow_use_beta_schedule=False,
-                    flow_beta_schedule_alpha=2.0, flow_beta_schedule_beta=2.0, flow_schedule_shift=None,
-                    flow_schedule_auto_shift=False)
-        base.update(values)
-        return SimpleNamespace(**base)
-
     torch.manual_seed(6)
-    beta = flow.FlowSigmaSampler.from_config(config(flow_use_beta_schedule=True, flow_beta_schedule_alpha=3.0))
+    beta = flow.FlowSigmaSampler.from_config(make_config(flow_use_beta_schedule=True, flow_beta_schedule_alpha=3.0))
     assert ks(beta(N), stats.beta(3.0, 2.0).cdf) > P_MIN
-    shifted = flow.FlowSigmaSampler.from_config(config(flow_use_uniform_schedule=True), default_shift=2.0)
+    shifted = flow.FlowSigmaSampler.from_config(make_config(flow_use_uniform_schedule=True), default_shift=2.0)
     assert ks(shifted(N), lambda x: x / (2 - x)) > P_MIN
-    explicit = flow.FlowSigmaSampler.from_config(config(flow_schedule_shift=1.0), default_shift=3.0)
+    explicit = flow.FlowSigmaSampler.from_config(make_config(flow_schedule_shift=1.0), default_shift=3.0)
     assert explicit.shift == 1.0
-    auto = flow.FlowSigmaSampler.from_config(config(flow_use_uniform_schedule=True, flow_schedule_auto_shift=True))
+    auto = flow.FlowSigmaSampler.from_config(make_config(flow_use_uniform_schedule=True, flow_schedule_auto_shift=True))
     k = flow.auto_shift(1024)
     assert ks(auto(N, seq_len=1024), lambda x: x / (k - (k - 1) * x)) > P_MIN
     with pytest.raises(ValueError, match="sequence length"):
         auto(4)
     with pytest.raises(ValueError, match="cannot both"):
-        flow.FlowSigmaSampler.from_config(config(flow_use_uniform_schedule=True, flow_use_beta_schedule=True))
+        flow.FlowSigmaSampler.from_config(make_config(flow_use_uniform_schedule=True, flow_use_beta_schedule=True))
     torch.manual_seed(7)
-    sigmoid = flow.FlowSigmaSampler.from_config(config(flow_sigmoid_scale=0.8))
+    sigmoid = flow.FlowSigmaSampler.from_config(make_config(flow_sigmoid_scale=0.8))
     assert ks(sigmoid(N), lambda s: stats.norm.cdf(logit(s) / 0.8)) > P_MIN
 
 
@@ -273,30 +266,23 @@ def test_ddpm_flow_conversions_round_trip_in_float64(prediction_type):
 # --- DDPM noise schedule options ---------------------------------------------------------------------
 
 
-def schedule_config(**values):
-    base = dict(training_scheduler_timestep_spacing=None, rescale_betas_zero_snr=False,
-                inference_scheduler_timestep_spacing=None)
-    base.update(values)
-    return SimpleNamespace(**base)
-
-
 def test_zero_terminal_snr_and_spacing_reach_the_training_scheduler():
     from diffusers import DDIMScheduler, DDPMScheduler
 
     base = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    assert configure_training_scheduler(base, schedule_config()) is base
+    assert configure_training_scheduler(base, make_config()) is base
     assert float(base.alphas_cumprod[-1]) > 1e-3
-    zero = configure_training_scheduler(base, schedule_config(rescale_betas_zero_snr=True,
-                                                              training_scheduler_timestep_spacing="trailing"))
+    zero = configure_training_scheduler(base, make_config(rescale_betas_zero_snr=True,
+                                                          training_scheduler_timestep_spacing="trailing"))
     assert isinstance(zero, DDPMScheduler) and zero.config.rescale_betas_zero_snr
     assert float(zero.alphas_cumprod[-1]) == pytest.approx(0, abs=1e-9)
     assert float(zero.alphas_cumprod[0]) == pytest.approx(float(base.alphas_cumprod[0]), rel=1e-6)  # first kept
     assert torch.all(zero.alphas_cumprod.diff() < 0)
     zero.set_timesteps(4)
     assert zero.timesteps.tolist() == [999, 749, 499, 249]  # trailing spacing starts at the last timestep
-    assert inference_scheduler_overrides(schedule_config()) == {}
+    assert inference_scheduler_overrides(make_config()) == {}
     inference = DDIMScheduler.from_config(
-        zero.config, **inference_scheduler_overrides(schedule_config(inference_scheduler_timestep_spacing="linspace")))
+        zero.config, **inference_scheduler_overrides(make_config(inference_scheduler_timestep_spacing="linspace")))
     assert inference.config.timestep_spacing == "linspace" and inference.config.rescale_betas_zero_snr
     with pytest.raises(ValueError, match="zero SNR"):
         check_diff2flow_schedule(zero, "epsilon")
@@ -310,7 +296,6 @@ def test_zero_terminal_snr_and_spacing_reach_the_training_scheduler():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_diff2flow_loss_equals_its_formula_on_a_fixed_batch(prediction_type, monkeypatch):
     from simpletuner.methods.sft import SupervisedFineTuning
-    from simpletuner.options import all_options
 
     scheduler = float64_scheduler(prediction_type=prediction_type)
     generator = torch.Generator().manual_seed(1)
@@ -333,8 +318,7 @@ def test_diff2flow_loss_equals_its_formula_on_a_fixed_batch(prediction_type, mon
         def predict(self, noisy, timesteps, text, batch=None):
             return 0.3 * noisy + 0.05 * text["prompt_embeds"].mean()
 
-    defaults = {o.name: o.default for o in all_options()}
-    config = SimpleNamespace(**{**defaults, "diff2flow_enabled": True, "diff2flow_loss": True})
+    config = make_config(diff2flow_enabled=True, diff2flow_loss=True)
     method = SupervisedFineTuning(FixedModel(), caption_dropout_probability=0.0, config=config)
     method.sample_timesteps = lambda batch_size, device: t
     monkeypatch.setattr(torch, "randn_like", lambda like: eps.clone())
@@ -354,7 +338,7 @@ def test_diff2flow_loss_equals_its_formula_on_a_fixed_batch(prediction_type, mon
     expected = ((eps_hat - x0_hat) - (epsd - x0d)).pow(2).mean()
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     # without diff2flow the same batch regresses the native target instead
-    native = SupervisedFineTuning(FixedModel(), 0.0, config=SimpleNamespace(**defaults))
+    native = SupervisedFineTuning(FixedModel(), 0.0, config=make_config())
     native.sample_timesteps = method.sample_timesteps
     assert float(native.compute_loss(batch, torch.device("cpu")).loss) != pytest.approx(float(loss), rel=1e-3)
 

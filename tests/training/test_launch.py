@@ -18,6 +18,7 @@ import pytest
 from simpletuner.options import ConfigError
 from simpletuner.options.files import LauncherSettings, load_launcher_settings
 from simpletuner.options.resolve import resolve_run
+from simpletuner.testing.config import make_config
 from simpletuner.training.launch import (LAUNCHED_MARKER, accelerate_command, needs_relaunch, printable_command,
                                          usable_cpus)
 
@@ -262,7 +263,7 @@ def test_one_process_with_accumulation_walks_the_same_batches_as_two_processes()
 
 
 def settings(processes=2, batch=2, accumulation=1):
-    return SimpleNamespace(train_batch_size=batch, gradient_accumulation_steps=accumulation), processes
+    return make_config(train_batch_size=batch, gradient_accumulation_steps=accumulation), processes
 
 
 def test_resume_with_another_process_count_keeps_or_names_the_global_batch(tmp_path):
@@ -315,8 +316,7 @@ def test_regional_compilation_compiles_repeated_blocks_in_place_and_keeps_weight
     net = Net()
     assert repeated_blocks(net) == list(net.blocks)  # the mixed list is not a repeated block
     names = list(net.state_dict())
-    options = SimpleNamespace(dynamo_mode=None, dynamo_fullgraph=False, dynamo_dynamic=None,
-                              dynamo_use_regional_compilation=True)
+    options = make_config(dynamo_use_regional_compilation=True)
     assert compile_denoiser(net, None, options) == 0
     assert compile_denoiser(net, "eager", options) == 3
     assert all(block._compiled_call_impl is not None for block in net.blocks)
@@ -326,7 +326,7 @@ def test_regional_compilation_compiles_repeated_blocks_in_place_and_keeps_weight
     net(x).sum().backward()
     assert net.blocks[0].linear.weight.grad is not None
     whole = Net()
-    assert compile_denoiser(whole, "eager", SimpleNamespace(**{**vars(options), "dynamo_use_regional_compilation": False})) == 1
+    assert compile_denoiser(whole, "eager", options.replace(dynamo_use_regional_compilation=False)) == 1
     assert whole._compiled_call_impl is not None and list(whole.state_dict()) == names
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +13,7 @@ torch = pytest.importorskip("torch")
 from simpletuner.cli import main  # noqa: E402
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.options.resolve import resolve_run  # noqa: E402
+from simpletuner.testing.config import make_config  # noqa: E402
 from simpletuner.training.optim import (  # noqa: E402
     OPTIMIZERS, build_optimizer, clip_gradients, effective_learning_rate, optimizer_mode, parse_optimizer_config,
 )
@@ -23,13 +23,9 @@ from tests.training.conftest import Interrupted, crash_after_step, run_args  # n
 
 
 def settings(**overrides):
-    values = dict(optimizer="optimi-adamw", learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999,
-                  adam_weight_decay=1e-2, adam_epsilon=1e-8, optimizer_config=None, optimizer_beta1=None,
-                  optimizer_beta2=None, prodigy_steps=None, lr_scale=False, lr_scale_sqrt=False,
-                  train_batch_size=4, gradient_accumulation_steps=2, max_grad_norm=1.0, grad_clip_method=None,
-                  explicit=frozenset())
-    values.update(overrides)
-    return SimpleNamespace(**values)
+    """A TrainConfig for optimizer tests; ``overrides`` are what the "user" set (``explicit``)."""
+    return make_config(**{"optimizer": "optimi-adamw", "learning_rate": 1e-3, "train_batch_size": 4,
+                          "gradient_accumulation_steps": 2, "max_grad_norm": 1.0, **overrides})
 
 
 def group_of(optimizer) -> dict:
@@ -123,8 +119,7 @@ def test_schedulefree_presets_yield_to_explicit_options():
     aggressive = group_of(build_optimizer(settings(optimizer="adamw_schedulefree+aggressive"), p))
     assert (base["weight_decay"], base["eps"]) == (1e-2, 1e-8)
     assert (aggressive["weight_decay"], aggressive["eps"]) == (1e-3, 1e-6)
-    chosen = group_of(build_optimizer(settings(optimizer="adamw_schedulefree+aggressive", adam_weight_decay=0.2,
-                                               explicit=frozenset({"adam_weight_decay"})), p))
+    chosen = group_of(build_optimizer(settings(optimizer="adamw_schedulefree+aggressive", adam_weight_decay=0.2), p))
     assert (chosen["weight_decay"], chosen["eps"]) == (0.2, 1e-6)
 
 

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from simpletuner.methods.sft import FlowNoising, SupervisedFineTuning  # noqa: E402
+from simpletuner.testing.config import make_config  # noqa: E402
 from simpletuner.training.flow import ShiftedDiscreteSchedule  # noqa: E402
 from simpletuner.training.freezing import apply_bitfit, freeze_encoder_layers, frozen_layer_indices  # noqa: E402
 from simpletuner.training.losses import LossSettings, diffusion_loss, masked_mean, snr_loss_weights  # noqa: E402
@@ -67,11 +68,7 @@ def test_diffusion_loss_with_a_mask_ignores_errors_outside_it():
 def test_masked_loss_probability_applies_the_mask_on_that_share_of_steps():
     model = SimpleNamespace(noise_scheduler=lambda: SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000)),
                             prediction_type="epsilon")
-    config = SimpleNamespace(masked_loss_probability=0.3, diff2flow_enabled=False, diff2flow_loss=False,
-                             loss_type="l2", huber_schedule=None, huber_c=None, snr_gamma=None, use_soft_min_snr=False,
-                             soft_min_snr_sigma_data=None, snr_weight=None, offset_noise=False, noise_offset=None,
-                             noise_offset_probability=None, input_perturbation=None, input_perturbation_steps=None,
-                             timestep_bias_strategy=None, disable_segmented_timestep_sampling=True)
+    config = make_config(masked_loss_probability=0.3, disable_segmented_timestep_sampling=True)
     method = SupervisedFineTuning(model, 0.0, config=config)
     batch = {"mask": torch.ones(1, 1, 8, 8)}
     torch.manual_seed(0)
@@ -127,18 +124,19 @@ def test_seed_for_each_device_offsets_the_seed_by_the_process_index(monkeypatch)
 # --- run length -----------------------------------------------------------------------------------------
 
 
-def run_length(max_train_steps, num_train_epochs, explicit=(), ignore=False):
-    config = SimpleNamespace(max_train_steps=max_train_steps, num_train_epochs=num_train_epochs,
-                             ignore_final_epochs=ignore, explicit=frozenset(explicit))
+def run_length(max_train_steps, num_train_epochs=None, ignore=False):
+    """Steps of a run with 4 batches per epoch; ``num_train_epochs=None``: the user left it at its default."""
+    epochs = {} if num_train_epochs is None else {"num_train_epochs": num_train_epochs}
+    config = make_config(max_train_steps=max_train_steps, ignore_final_epochs=ignore, **epochs)
     return planned_max_steps(config, steps_per_epoch=4)
 
 
 def test_run_length_from_steps_epochs_and_ignore_final_epochs():
     assert run_length(0, 3) == 12  # epochs alone
-    assert run_length(10, 1) == 10  # steps alone (epochs at their default)
-    assert run_length(10, 2, explicit={"num_train_epochs"}) == 8  # both set: the first to come
-    assert run_length(10, 2, explicit={"num_train_epochs"}, ignore=True) == 10  # the step count wins
-    assert run_length(6, 2, explicit={"num_train_epochs"}) == 6
+    assert run_length(10) == 10  # steps alone (epochs at their default)
+    assert run_length(10, 2) == 8  # both set: the first to come
+    assert run_length(10, 2, ignore=True) == 10  # the step count wins
+    assert run_length(6, 2) == 6
 
 
 # --- which weights train --------------------------------------------------------------------------------
@@ -198,19 +196,6 @@ def test_gradient_checkpointing_interval_selects_blocks_and_keeps_gradients_exac
 # --- the flow-matching branch of the SFT loss -----------------------------------------------------------
 
 
-def flow_config(**overrides):
-    values = dict(flow_use_uniform_schedule=False, flow_use_beta_schedule=False, flow_schedule_shift=None,
-                  flow_sigmoid_scale=None, flow_beta_schedule_alpha=None, flow_beta_schedule_beta=None,
-                  flow_schedule_auto_shift=False, flow_use_discrete_schedule=False, flow_min_timestep_boundary=None,
-                  flow_max_timestep_boundary=None, flow_loss_weighting="none", masked_loss_probability=None,
-                  diff2flow_enabled=False, diff2flow_loss=False, loss_type="l2", huber_schedule=None, huber_c=None,
-                  snr_gamma=None, use_soft_min_snr=False, soft_min_snr_sigma_data=None, snr_weight=None,
-                  offset_noise=False, noise_offset=None, noise_offset_probability=None, input_perturbation=None,
-                  input_perturbation_steps=None)
-    values.update(overrides)
-    return SimpleNamespace(**values)
-
-
 class ZeroFlowModel:
     """A flow-matching "family" whose denoiser outputs zeros and records what it was given."""
 
@@ -237,7 +222,7 @@ def flow_batch():
 
 def test_flow_loss_regresses_the_velocity_on_the_straight_path():
     model = ZeroFlowModel()
-    method = SupervisedFineTuning(model, 0.0, config=flow_config())
+    method = SupervisedFineTuning(model, 0.0, config=make_config())
     batch = flow_batch()
     torch.manual_seed(5)
     loss = method.compute_loss(batch, torch.device("cpu")).loss
@@ -250,7 +235,7 @@ def test_flow_loss_regresses_the_velocity_on_the_straight_path():
 
 
 def test_flow_default_shift_comes_from_the_family():
-    noising = FlowNoising(ZeroFlowModel(), flow_config(flow_use_uniform_schedule=True), 1000)
+    noising = FlowNoising(ZeroFlowModel(), make_config(flow_use_uniform_schedule=True), 1000)
     torch.manual_seed(0)
     sigmas = torch.cat([noising.sigmas(torch.zeros(1000, 4, 8, 8)) for _ in range(10)])
     # uniform sigmas shifted by k = 3: P(sigma < 0.5) = P(u < 1/(1 + k)) = 0.25
@@ -258,7 +243,7 @@ def test_flow_default_shift_comes_from_the_family():
 
 
 def test_discrete_schedule_draws_table_entries_inside_the_boundaries_with_gaussian_weights():
-    config = flow_config(flow_use_discrete_schedule=True, flow_schedule_shift=5.0, flow_max_timestep_boundary=0.4,
+    config = make_config(flow_use_discrete_schedule=True, flow_schedule_shift=5.0, flow_max_timestep_boundary=0.4,
                          flow_loss_weighting="gaussian")
     model = ZeroFlowModel()
     noising = FlowNoising(model, config, 1000)

@@ -9,19 +9,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from simpletuner.testing.config import make_config  # noqa: E402
 from simpletuner.training.timesteps import (  # noqa: E402
     WeightedTimestepSampler, build_timestep_sampler, timestep_bias_weights, uniform_sampler,
 )
 
 T = 1000
 SCHEDULER = SimpleNamespace(config=SimpleNamespace(num_train_timesteps=T))
-
-
-def sampler_config(**overrides):
-    values = dict(timestep_bias_strategy=None, timestep_bias_multiplier=None, timestep_bias_portion=None,
-                  timestep_bias_begin=None, timestep_bias_end=None, disable_segmented_timestep_sampling=False)
-    values.update(overrides)
-    return SimpleNamespace(**values)
 
 
 def draw(sampler, batch_size: int, batches: int, seed: int = 0) -> torch.Tensor:
@@ -89,7 +83,7 @@ def test_bad_bias_settings_are_clear_errors(kwargs, message):
 ])
 @pytest.mark.parametrize("segmented", [True, False])
 def test_draws_follow_the_weighted_distribution(strategy, extra, segmented):
-    config = sampler_config(timestep_bias_strategy=strategy, disable_segmented_timestep_sampling=not segmented, **extra)
+    config = make_config(timestep_bias_strategy=strategy, disable_segmented_timestep_sampling=not segmented, **extra)
     weights = timestep_bias_weights(T, strategy, multiplier=extra.get("timestep_bias_multiplier"),
                                     portion=extra.get("timestep_bias_portion"),
                                     begin=extra.get("timestep_bias_begin"), end=extra.get("timestep_bias_end"))
@@ -107,7 +101,7 @@ def test_uniform_sampler_is_uniform():
 
 @pytest.mark.parametrize("batch_size", [2, 3, 4, 7])
 def test_segmented_batch_takes_one_timestep_from_each_equal_slice(batch_size):
-    sampler = build_timestep_sampler(sampler_config(), SCHEDULER)
+    sampler = build_timestep_sampler(make_config(), SCHEDULER)
     samples = draw(sampler, batch_size, 2_000)
     ordered = samples.sort(dim=1).values
     for i in range(batch_size):
@@ -118,7 +112,7 @@ def test_segmented_batch_takes_one_timestep_from_each_equal_slice(batch_size):
 
 
 def test_independent_draws_are_not_stratified():
-    samples = draw(build_timestep_sampler(sampler_config(disable_segmented_timestep_sampling=True), SCHEDULER), 4, 2_000)
+    samples = draw(build_timestep_sampler(make_config(disable_segmented_timestep_sampling=True), SCHEDULER), 4, 2_000)
     quarters = samples // 250
     all_distinct = torch.tensor([len(set(row.tolist())) == 4 for row in quarters])
     # P(4 distinct quarters) = 4!/4^4 ~ 0.094 for independent draws
@@ -155,7 +149,7 @@ def test_no_config_means_independent_uniform_draws_from_the_global_generator():
 
 
 def test_draws_are_reproducible_from_the_global_seed_and_device_independent():
-    sampler = build_timestep_sampler(sampler_config(timestep_bias_strategy="later", timestep_bias_multiplier=2.0),
+    sampler = build_timestep_sampler(make_config(timestep_bias_strategy="later", timestep_bias_multiplier=2.0),
                                      SCHEDULER)
     assert torch.equal(draw(sampler, 4, 3, seed=11), draw(sampler, 4, 3, seed=11))
     assert not torch.equal(draw(sampler, 4, 3, seed=11), draw(sampler, 4, 3, seed=12))

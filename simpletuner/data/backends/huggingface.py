@@ -36,8 +36,8 @@ def open_huggingface(cfg: "ImageDatasetConfig") -> DatasetSource:
     """
     from simpletuner.data.config import TableSettings
 
-    settings = cfg.huggingface or TableSettings(image_column="image")
-    image_column = settings.image_column or "image"
+    settings = cfg.huggingface or TableSettings.defaults_for("huggingface")
+    image_column = settings.image_column
     dataset = load_local_dataset(cfg.id, cfg.dataset_name, settings.split)
     captions = cfg.caption_strategy == "huggingface"  # else instanceprompt: no caption column needed
     wanted = [image_column, settings.caption_column if captions else None,

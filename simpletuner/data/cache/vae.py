@@ -82,12 +82,14 @@ class ContentIndex:
     """Content hashes by image key, trusted while the backend's ``stat`` of the file is unchanged
     (size and mtime_ns on disk, size and ETag in a bucket).
 
-    A missing or unreadable index is treated as empty: it is only an accelerator.
+    A missing or unreadable index is treated as empty: it is only an accelerator. ``writes`` is False on
+    every process but the main one: they run after it and share its file, so they only read it.
     """
 
-    def __init__(self, entries: LocalEntries | BackendEntries, images: Backend) -> None:
+    def __init__(self, entries: LocalEntries | BackendEntries, images: Backend, writes: bool = True) -> None:
         self.entries = entries
         self.images = images
+        self.writes = writes
         self._entries = self._read()
         self._dirty = False
 
@@ -128,8 +130,8 @@ class ContentIndex:
 
     def save(self) -> None:
         """Write the index atomically, only when something changed, and only from the main process
-        (RANK 0, or no launcher): the others run after it and share its file."""
-        if not self._dirty or os.environ.get("RANK", "0") != "0":
+        (``writes``): the others run after it and share its file."""
+        if not self._dirty or not self.writes:
             return
         payload = {"version": _CONTENT_INDEX_VERSION, "files": self._entries}
         self.entries.write_text(CONTENT_INDEX_NAME, json.dumps(payload, sort_keys=True, indent=0) + "\n")
@@ -168,6 +170,8 @@ class VaeCacheOptions:
         process_ahead: images decoded and resized ahead of the encoder.
         write_batch_size: entries written together (in parallel to a bucket).
         log_each: log every file as it is encoded (``--print_filenames``).
+        is_main_process: this process writes the shared content index; under a launcher the caller
+            passes ``rank == 0`` (the other processes run after the main one and read its file).
     """
 
     mode: str = "upfront"
@@ -177,6 +181,7 @@ class VaeCacheOptions:
     process_ahead: int = 8
     write_batch_size: int = 64
     log_each: bool = False
+    is_main_process: bool = True
 
 
 class VaeCache:
@@ -217,7 +222,7 @@ class VaeCache:
         if self.options.scan_behaviour not in (None, *SCAN_BEHAVIOURS):
             raise ValueError(f"unknown vae_cache_scan_behaviour {self.options.scan_behaviour!r}; "
                              f"use one of {SCAN_BEHAVIOURS}")
-        self.index = ContentIndex(self.entries, self.images)
+        self.index = ContentIndex(self.entries, self.images, writes=self.options.is_main_process)
         self.model = None
         #: Called with (record, reason) when an image cannot be decoded (``delete_problematic_images``).
         self.on_problem: Callable[[ImageRecord, str], None] | None = None

@@ -71,6 +71,7 @@ OPTIONS: list[Option] = [
         name="webhook_reporting_interval",
         kind="int",
         default=None,
+        minimum=1,
         help="Optimizer steps between periodic progress messages sent to webhooks (unset: no progress messages).",
         group=_G,
         implemented=True,

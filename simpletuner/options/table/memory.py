@@ -19,6 +19,7 @@ OPTIONS: list[Option] = [
         name="gradient_checkpointing_interval",
         kind="int",
         default=None,
+        minimum=1,
         help="Only checkpoint one block in every N; 1 checkpoints all of them. Currently honoured by SDXL and Flux.",
         group=_G,
         implemented=True,
@@ -56,6 +57,7 @@ OPTIONS: list[Option] = [
         name="group_offload_blocks_per_group",
         kind="int",
         default=1,
+        minimum=1,
         help="With block_level offloading, how many blocks move together; bigger groups mean fewer transfers but more VRAM.",
         group=_G,
         implemented=True,
@@ -89,6 +91,7 @@ OPTIONS: list[Option] = [
         name="musubi_blocks_to_swap",
         kind="int",
         default=0,
+        minimum=0,
         help="Keep the frozen weights of the last N transformer blocks on musubi_block_swap_device and copy each block to the "
         "accelerator only while it runs, forward and backward; adapters stay on the accelerator. LoRA training of "
         "transformer families only; 0 turns it off.",
@@ -148,6 +151,7 @@ OPTIONS: list[Option] = [
         name="ramtorch_transformer_percent",
         kind="int",
         default=100,
+        minimum=0, maximum=100,
         help="Share (0-100) of eligible transformer layers converted by RamTorch, counted from the start of the model; "
         "lower keeps more on the GPU and runs faster.",
         group=_G,
@@ -157,6 +161,7 @@ OPTIONS: list[Option] = [
         name="ramtorch_text_encoder_percent",
         kind="int",
         default=100,
+        minimum=0, maximum=100,
         help="Share (0-100) of text encoder layers converted when ramtorch_text_encoder is on.",
         group=_G,
         implemented=True,

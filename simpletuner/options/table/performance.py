@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from simpletuner.options.spec import Option
+from simpletuner.options.spec import MAX_PROCESSES, Option
 
 _G = "performance"
 
@@ -48,6 +48,7 @@ OPTIONS: list[Option] = [
         name="num_processes",
         kind="int",
         default=None,
+        minimum=1, maximum=MAX_PROCESSES,
         help="Training processes on all machines together (one per GPU); more than 1 starts them with accelerate. "
         "TRAINING_NUM_PROCESSES in config.env or the environment overrides a config-file value; the command-line "
         "flag overrides both.",
@@ -58,6 +59,7 @@ OPTIONS: list[Option] = [
         name="torch_num_threads",
         kind="int",
         default=None,
+        minimum=1,
         help="CPU threads PyTorch may use for its own operations (separate from data workers); unset keeps the PyTorch default.",
         group=_G,
         implemented=True,
@@ -73,6 +75,7 @@ OPTIONS: list[Option] = [
         name="accelerator_cache_clear_interval",
         kind="int",
         default=None,
+        minimum=1,
         help="Empty the accelerator's memory cache every N steps to fight slow memory growth.",
         group=_G,
         implemented=True,
@@ -81,6 +84,7 @@ OPTIONS: list[Option] = [
         name="local_rank",
         kind="int",
         default=None,
+        minimum=0,
         help="Process rank on this machine, normally set by the distributed launcher.",
         group=_G,
     ),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from simpletuner.options.spec import Option
+from simpletuner.options.spec import MAX_SEED, Option
 
 _G = "validation"
 
@@ -12,6 +12,7 @@ OPTIONS: list[Option] = [
         name="validation_step_interval",
         kind="int",
         default=None,
+        minimum=1,
         help="Generate validation samples every N optimizer steps.",
         group=_G,
         aliases=("validation_steps",),
@@ -21,6 +22,7 @@ OPTIONS: list[Option] = [
         name="validation_epoch_interval",
         kind="int",
         default=None,
+        minimum=1,
         help="Generate validation samples after every N epochs.",
         group=_G,
         implemented=True,
@@ -109,6 +111,7 @@ OPTIONS: list[Option] = [
         name="num_validation_images",
         kind="int",
         default=1,
+        minimum=1,
         help="Samples generated for each validation prompt.",
         group=_G,
         implemented=True,
@@ -117,6 +120,7 @@ OPTIONS: list[Option] = [
         name="validation_num_inference_steps",
         kind="int",
         default=30,
+        minimum=1,
         help="Denoising steps per validation sample.",
         group=_G,
         implemented=True,
@@ -125,6 +129,7 @@ OPTIONS: list[Option] = [
         name="validation_guidance",
         kind="float",
         default=7.5,
+        minimum=0,
         help="Classifier-free guidance scale used for validation samples.",
         group=_G,
         implemented=True,
@@ -133,6 +138,7 @@ OPTIONS: list[Option] = [
         name="validation_guidance_real",
         kind="float",
         default=None,
+        minimum=1.0,
         help="Flux: real classifier-free guidance scale at validation (the pipeline's true_cfg_scale): above 1.0 "
         "every step also runs the negative prompt (--validation_negative_prompt; set it to \"\" to use the empty prompt "
         "caption dropout trained), twice the cost. Unset or 1.0 leaves it off; --validation_guidance stays the "
@@ -144,6 +150,7 @@ OPTIONS: list[Option] = [
         name="validation_guidance_rescale",
         kind="float",
         default=None,
+        minimum=0, maximum=1,
         help="Guidance rescale factor (0 to 1) for validation, reducing over-saturation at high CFG; "
         "sd1x, sd2x and sdxl only.",
         group=_G,
@@ -153,6 +160,7 @@ OPTIONS: list[Option] = [
         name="validation_no_cfg_until_timestep",
         kind="int",
         default=None,
+        minimum=0,
         help="Flux only: run the first N validation denoising steps without real CFG (N counts steps, not "
         "timestep values), turning it on from step N; needs --validation_guidance_real above 1.",
         group=_G,
@@ -178,6 +186,7 @@ OPTIONS: list[Option] = [
         name="validation_guidance_skip_layers_start",
         kind="float",
         default=None,
+        minimum=0, maximum=1,
         help="Point in sampling where skip-layer guidance begins.",
         group=_G,
     ),
@@ -185,6 +194,7 @@ OPTIONS: list[Option] = [
         name="validation_guidance_skip_layers_stop",
         kind="float",
         default=None,
+        minimum=0, maximum=1,
         help="Point in sampling where skip-layer guidance ends.",
         group=_G,
     ),
@@ -192,6 +202,7 @@ OPTIONS: list[Option] = [
         name="validation_guidance_skip_scale",
         kind="float",
         default=None,
+        minimum=0,
         help="Strength of the skip-layer guidance term.",
         group=_G,
     ),
@@ -208,6 +219,7 @@ OPTIONS: list[Option] = [
         name="validation_seed",
         kind="int",
         default=None,
+        minimum=0, maximum=MAX_SEED,
         help="Fixed seed for validation so samples can be compared across steps.",
         group=_G,
         implemented=True,
@@ -242,6 +254,7 @@ OPTIONS: list[Option] = [
         name="validation_num_video_frames",
         kind="int",
         default=None,
+        minimum=1,
         help="Frame count of validation videos for video models.",
         group=_G,
     ),
@@ -263,6 +276,7 @@ OPTIONS: list[Option] = [
         name="validation_lycoris_strength",
         kind="float",
         default=None,
+        minimum=0,
         help="Multiplier applied to LyCORIS adapter weights while sampling (the training multiplier is restored after).",
         group=_G,
         implemented=True,
@@ -303,6 +317,7 @@ OPTIONS: list[Option] = [
         name="validation_adapter_strength",
         kind="float",
         default=1.0,
+        minimum=0, exclusive_minimum=True,
         help="Scale of the validation-only adapter; any positive number.",
         group=_G,
     ),
@@ -334,6 +349,7 @@ OPTIONS: list[Option] = [
         name="validation_preview_steps",
         kind="int",
         default=1,
+        minimum=1,
         help="Decode a preview every N sampling steps; larger values cost less.",
         group=_G,
     ),
@@ -359,6 +375,7 @@ OPTIONS: list[Option] = [
         name="num_eval_images",
         kind="int",
         default=None,
+        minimum=1,
         help="Images generated to compute evaluation metrics (default 4), cycling through the validation prompts.",
         group=_G,
         implemented=True,
@@ -367,6 +384,7 @@ OPTIONS: list[Option] = [
         name="eval_steps_interval",
         kind="int",
         default=None,
+        minimum=1,
         help="Compute evaluation metrics every N steps.",
         group=_G,
         implemented=True,
@@ -375,6 +393,7 @@ OPTIONS: list[Option] = [
         name="eval_epoch_interval",
         kind="float",
         default=None,
+        minimum=0, exclusive_minimum=True,
         help="Compute evaluation metrics every N epochs; fractions such as 0.5 evaluate several times per epoch.",
         group=_G,
         implemented=True,
@@ -383,6 +402,7 @@ OPTIONS: list[Option] = [
         name="eval_timesteps",
         kind="int",
         default=None,
+        minimum=1,
         help="Fixed, evenly spaced noise levels (timesteps or flow sigmas) each eval image is scored at; default 4.",
         group=_G,
         implemented=True,
