@@ -33,15 +33,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def known_secrets(config) -> set[str]:
     """The secrets of a config (webhook URLs, keys, tokens) and of the environment, to scrub from text
     that is published."""
-    values = config.as_dict() if hasattr(config, "as_dict") else vars(config)
-    return secret_values(values) | environment_secrets()
+    return secret_values(config.as_dict()) | environment_secrets()
 
 
 def modelspec_comment(config) -> str | None:
     """``--modelspec_comment`` as stored in the file: lines joined, ``{env:NAME}`` filled in from the
     environment (a placeholder whose variable is unset stays as written), known secrets redacted. Read
     at every save, so each checkpoint carries the value the config has then."""
-    value = getattr(config, "modelspec_comment", None)
+    value = config.modelspec_comment
     if value in (None, "", []):
         return None
     if isinstance(value, (list, tuple)):

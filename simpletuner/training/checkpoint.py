@@ -406,12 +406,20 @@ def prune_checkpoints(output_dir: Path, keep: int | None, rolling: bool = False)
 
     Regular checkpoints answer to ``--checkpoints_total_limit`` and rolling ones to
     ``--checkpoints_rolling_total_limit``; neither limit ever deletes a checkpoint of the other kind.
-    Each folder is renamed to a trash name before it is deleted (see the module docstring).
+    Each folder is renamed to a trash name before it is deleted (see the module docstring). The newest
+    checkpoint not marked suspect is never deleted, even when suspect ones after it fill the limit: it
+    may be the only one ``latest`` can still resume from.
     """
     if not keep:
         return []
     checkpoints = [info for info in list_checkpoints(output_dir) if info.rolling == rolling]
-    removed = checkpoints[: max(0, len(checkpoints) - keep)]
+    trusted = [info for info in checkpoints if not info.suspect]
+    last_trusted = trusted[-1] if trusted else None
+    beyond_limit = checkpoints[: max(0, len(checkpoints) - keep)]
+    removed = [info for info in beyond_limit if info != last_trusted]
+    if len(removed) < len(beyond_limit):
+        logger.warning("keeping %s beyond --%s: every newer checkpoint is marked suspect", last_trusted.path.name,
+                       "checkpoints_rolling_total_limit" if rolling else "checkpoints_total_limit")
     limit = "checkpoints_rolling_total_limit" if rolling else "checkpoints_total_limit"
     for info in removed:
         trash = _move_to_trash(info.path)

@@ -166,3 +166,15 @@ def test_latest_refuses_to_guess_when_every_checkpoint_is_suspect(tmp_path):
                               {"global_step": step, "suspect": True})
     with pytest.raises(ckpt.CheckpointError, match="every checkpoint in .* is marked suspect.*checkpoint-2"):
         ckpt.resolve_resume_path(tmp_path, "latest")
+
+
+def test_retention_keeps_the_newest_trusted_checkpoint_when_suspect_ones_fill_the_limit(tmp_path, caplog):
+    for step, suspect in ((1, False), (2, False), (3, True), (4, True)):
+        ckpt.write_checkpoint(tmp_path, step, {"a.bin": lambda p: p.write_bytes(b"a")},
+                              {"global_step": step, "suspect": suspect})
+    with caplog.at_level(logging.WARNING, logger="simpletuner"):
+        removed = ckpt.prune_checkpoints(tmp_path, keep=2)
+    assert [path.name for path in removed] == ["checkpoint-1"]
+    assert sorted(info.step for info in ckpt.list_checkpoints(tmp_path)) == [2, 3, 4]
+    assert "keeping checkpoint-2 beyond --checkpoints_total_limit" in caplog.text
+    assert ckpt.resolve_resume_path(tmp_path, "latest") == tmp_path / "checkpoint-2"

@@ -33,6 +33,7 @@ OPTIONS: list[Option] = [
         kind="int",
         default=1,
         minimum=1,
+        maximum=65536,  # far beyond any accelerator; a larger value is a typo that would stall the sampler
         help="Samples per forward/backward pass on each device.",
         group=_G,
         implemented=True,
@@ -42,6 +43,7 @@ OPTIONS: list[Option] = [
         kind="int",
         default=1,
         minimum=1,
+        maximum=65536,  # far beyond any accelerator; a larger value is a typo that would stall the sampler
         help="Batches whose gradients are summed before each optimizer update; raises the effective batch without extra memory, "
         "but each update takes longer.",
         group=_G,
