@@ -20,22 +20,17 @@ text-embed cache (whose embeds would be stale as soon as the encoder moves).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from simpletuner.methods.base import LossOutput
 from simpletuner.training.flow import FlowSigmaSampler, ShiftedDiscreteSchedule, flow_loss_weights, flow_noisy_latents
 from simpletuner.training.losses import LossSettings, diffusion_loss, elementwise_loss, masked_mean
 from simpletuner.training.noise import NoiseSettings, apply_offset_noise, perturbation_strength
 from simpletuner.training.objectives import (add_noise, check_diff2flow_schedule, diff2flow_prediction_and_target,
                                               training_target)
 from simpletuner.training.timesteps import build_timestep_sampler
-
-
-@dataclass
-class LossOutput:
-    loss: torch.Tensor
-    logs: dict[str, float]
 
 
 @dataclass
@@ -88,8 +83,15 @@ class FlowNoising:
                            lambda prediction: (prediction, target), weights)
 
 
+def build(model, config) -> SupervisedFineTuning:
+    """``--training_method sft`` (the registry's builder)."""
+    return SupervisedFineTuning(model, config.caption_dropout_probability, config=config)
+
+
 class SupervisedFineTuning:
-    """The default method; one instance per run."""
+    """The default method; one instance per run. It trains nothing but the denoiser (and text encoders
+    the trainer hands it) and keeps no state of its own: every random draw comes from the RNGs the
+    checkpoint already restores."""
 
     def __init__(self, model, caption_dropout_probability: float, config):
         self.model = model
@@ -112,6 +114,15 @@ class SupervisedFineTuning:
         self.masked_loss_probability = 1.0 if probability is None else float(probability)
         #: set by the trainer while ``--train_text_encoder`` is active (until ``--text_encoder_limit``)
         self.encode_text_live = False
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     # --- conditioning ----------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ accumulation and the distributed plumbing.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import tempfile
@@ -200,8 +199,25 @@ class Trainer:
             return self.denoiser_parameters + self.text_encoders.prepare()
         return list(self.denoiser_parameters)
 
+    def _build_method(self) -> list[torch.nn.Parameter]:
+        """The ``--training_method`` (simpletuner/methods/registry.py) and the trainable parameters of
+        the modules it brings besides the model (none for SFT), which join the optimizer."""
+        from simpletuner.methods.registry import build_method
+
+        self.method = build_method(self.config.training_method, self.model, self.config)
+        self.method.encode_text_live = self.text_encoders is not None
+        modules = self.method.trainable_modules()
+        if modules and self.accelerator.num_processes > 1:
+            raise RuntimeError(f"--training_method {self.config.training_method} trains modules of its own "
+                               f"({', '.join(modules)}), which multi-process training does not synchronise yet; "
+                               "train it on one process")
+        parameters = []
+        for module in modules.values():
+            module.to(self.accelerator.device).train()
+            parameters += [p for p in module.parameters() if p.requires_grad]
+        return parameters
+
     def _build_optimization(self) -> None:
-        from simpletuner.methods.sft import SupervisedFineTuning
         from simpletuner.training.ema import EmaSettings, EmaWeights
         from simpletuner.training.lr import build_lr_scheduler
         from simpletuner.training.optim import build_optimizer
@@ -210,9 +226,12 @@ class Trainer:
         batches_per_process = self.data.sampler.batches_per_epoch() // self.accelerator.num_processes
         self.steps_per_epoch = max(1, batches_per_process // config.gradient_accumulation_steps)
         self.max_steps = planned_max_steps(config, self.steps_per_epoch)
+        method_parameters = self._build_method()
         extra_groups = []
         if self.text_encoders is not None:
             extra_groups.append((self.text_encoders.parameters(), self.text_encoders.learning_rate()))
+        if method_parameters:
+            extra_groups.append((method_parameters, config.learning_rate))
         optimizer = build_optimizer(config, self.denoiser_parameters, num_processes=self.accelerator.num_processes,
                                     extra_groups=extra_groups)
         self.learning_rate = float(optimizer.param_groups[0]["lr"])  # after --lr_scale, which only build_optimizer applies
@@ -227,8 +246,7 @@ class Trainer:
             if not self.grad_accumulator.active:
                 logger.info("--gradient_precision fp32: the trained weights are fp32 already, nothing to do")
         self.ema = EmaWeights(self.trainable, settings=EmaSettings.from_config(config)) if config.use_ema else None
-        self.method = SupervisedFineTuning(self.model, config.caption_dropout_probability, config=config)
-        self.method.encode_text_live = self.text_encoders is not None
+        self.trainable = self.trainable + method_parameters  # clipped and checked like the model's; not averaged
 
     def _build_observers(self) -> None:
         from simpletuner.tracking import build_tracker
@@ -269,6 +287,25 @@ class Trainer:
         from simpletuner.publishing.hub import HubPublisher
 
         self.hub = HubPublisher.from_config(self.config) if self.is_main else None  # --push_to_hub
+        self._register_state_parts()
+
+    def _register_state_parts(self) -> None:
+        """Every component's resumable state, one checkpoint file each (training/state_parts.py); the
+        RNGs come last, so nothing draws a random number after they are restored."""
+        from simpletuner.training.state_parts import StatePart, StateParts
+
+        parts = self.state_parts = StateParts()
+        parts.register(StatePart("optimizer.pt", self.optimizer.state_dict, self._restore_optimizer))
+        parts.register(StatePart("lr_scheduler.pt", self.lr_scheduler.state_dict, self.lr_scheduler.load_state_dict))
+        if self.ema is not None:  # a checkpoint from a run without EMA: the average starts from the weights
+            parts.register(StatePart("ema.pt", self.ema.state_dict, self.ema.load_state_dict, optional=True))
+        parts.register(StatePart("method.pt", self.method.state_dict, self.method.load_state_dict, skip_when_empty=True))
+        parts.register(StatePart("sampler.json", self.data.state_dict, self.data.load_state_dict))
+        parts.register(StatePart("random_states.pt", ckpt.rng_state, ckpt.restore_rng_state))
+
+    def _restore_optimizer(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+        set_optimizer_mode(self.optimizer, "train")  # schedule-free optimizers are saved in eval mode
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
@@ -329,20 +366,13 @@ class Trainer:
         """File name -> function writing it: everything an exact resume needs."""
         from safetensors.torch import save_model
 
-        writers = {
-            "optimizer.pt": lambda path: torch.save(self.optimizer.state_dict(), path),
-            "lr_scheduler.pt": lambda path: torch.save(self.lr_scheduler.state_dict(), path),
-            "random_states.pt": lambda path: torch.save(ckpt.rng_state(), path),
-            "sampler.json": lambda path: path.write_text(json.dumps(self.data.state_dict())),
-        }
+        writers = self.state_parts.writers()  # optimizer, schedule, EMA, method, sampler, RNGs
         if self.config.model_type == "lora":
             writers[WEIGHTS_FILE] = lambda path: self._save_lora(path.parent)
         else:
             writers[FULL_WEIGHTS_FILE] = lambda path: save_model(self._unwrapped_denoiser(), str(path))
             if self.text_encoders is not None:
                 writers.update(self.text_encoders.full_state_files())
-        if self.ema is not None:
-            writers["ema.pt"] = lambda path: torch.save(self.ema.state_dict(), path)
         return writers
 
     def _checkpoint_state(self, rolling: bool) -> dict:
@@ -388,14 +418,7 @@ class Trainer:
             load_model(denoiser, str(folder / FULL_WEIGHTS_FILE))
         if self.text_encoders is not None:
             self.text_encoders.load_checkpoint(folder, folder / WEIGHTS_FILE)
-        # ckpt.load_state never unpickles code: a crafted .pt file is refused, not run
-        self.optimizer.load_state_dict(ckpt.load_state(folder / "optimizer.pt"))
-        set_optimizer_mode(self.optimizer, "train")  # schedule-free optimizers are saved in eval mode
-        self.lr_scheduler.load_state_dict(ckpt.load_state(folder / "lr_scheduler.pt"))
-        if self.ema is not None and (folder / "ema.pt").exists():
-            self.ema.load_state_dict(ckpt.load_state(folder / "ema.pt"))
-        self.data.load_state_dict(json.loads((folder / "sampler.json").read_text()))
-        ckpt.restore_rng_state(ckpt.load_state(folder / "random_states.pt"))
+        self.state_parts.restore(folder)  # every registered component; .pt files never unpickle code
         self.state.global_step = state["global_step"]
         self.state.micro_step = state["micro_step"]
         self.state.num_images_seen = state["num_images_seen"]
@@ -433,19 +456,24 @@ class Trainer:
         """
         if self._last_step_end is None:
             self._last_step_end = time.perf_counter()
-        loss, grad_norm = self.optimization_step()
+        loss, grad_norm, terms = self.optimization_step()
         now = time.perf_counter()
         seconds = now - self._last_step_end
         self._last_step_end = now
+        counted_before = self.state.global_step
         self._after_step(loss, grad_norm, seconds, progress)
+        if terms and self.state.global_step > counted_before:  # not for a batch --nan_action skip_batch dropped
+            self.tracker.log_scalars({f"loss/{name}": value for name, value in terms.items()}, self.state.global_step)
 
-    def optimization_step(self) -> tuple[float, float | None]:
+    def optimization_step(self) -> tuple[float, float | None, dict[str, float]]:
         """``gradient_accumulation_steps`` micro-batches, then one optimizer step. A batch with a NaN or
         infinite loss never updates the weights, the LR schedule or the EMA (``_after_step`` then stops
-        the run or, with ``--nan_action skip_batch``, goes on without counting the step)."""
+        the run or, with ``--nan_action skip_batch``, goes on without counting the step). Returns the
+        loss, the gradient norm and the method's named terms (this process's mean over micro-batches)."""
         accelerator = self.accelerator
         denoiser = self.model.denoiser
         micro_losses: list[float] = []
+        terms: dict[str, float] = {}
         grad_norm = None
         update = True
         for _ in range(self.config.gradient_accumulation_steps):
@@ -454,6 +482,8 @@ class Trainer:
                 output = self.method.compute_loss(batch, accelerator.device, step=self.state.global_step)
                 accelerator.backward(output.loss)
                 micro_losses.append(output.loss.detach().item())  # read before the update it may have to stop
+                for name, value in output.logs.items():
+                    terms[name] = terms.get(name, 0.0) + float(value) / self.config.gradient_accumulation_steps
                 if accelerator.sync_gradients:
                     if self.grad_accumulator is not None:
                         self.grad_accumulator.write_back()
@@ -474,7 +504,7 @@ class Trainer:
         if getattr(self.launcher, "check_rank_sync", False):
             distributed.check_rank_sync(accelerator, self.state.global_step + 1, local_loss, self.trainable)
         loss = distributed.mean_over_processes(accelerator, local_loss)  # the loss of the whole global batch
-        return loss, None if grad_norm is None else float(grad_norm)
+        return loss, None if grad_norm is None else float(grad_norm), terms
 
     def _next_local_batch(self) -> dict:
         """Every process walks the same seeded batch order and keeps every N-th batch, so the

@@ -114,8 +114,10 @@ def test_ranges_are_shown_in_help_and_documentation() -> None:
     ("validation_num_inference_steps", 0, "`--validation_num_inference_steps` = 0 must be at least 1"),
     ("validation_num_inference_steps", -1, "`--validation_num_inference_steps` = -1 must be at least 1"),
     ("train_batch_size", 10**40, "`--train_batch_size` = 10000000000000000000000000000000000000000 must be between "
-                                 f"{-(2**63)} and {2**63 - 1} (a 64-bit integer)"),
-    ("train_batch_size", 1e40, "`--train_batch_size` = 1e+40 must be between"),
+                                 "1 and 65536"),
+    ("train_batch_size", 1e40, "`--train_batch_size` = 1e+40 must be between 1 and 65536"),
+    ("max_train_steps", 10**40, "`--max_train_steps` = 10000000000000000000000000000000000000000 must be between "
+                                f"{-(2**63)} and {2**63 - 1} (a 64-bit integer)"),
     ("ema_decay", 1, "`--ema_decay` = 1.0 must be between 0 and 1 (exclusive)"),
 ])
 def test_out_of_range_numbers_in_a_config_file(tmp_path: Path, base: dict, key: str, value, message: str) -> None:

@@ -203,7 +203,7 @@ def test_missing_dataset_list(tmp_path: Path, base: dict) -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--train_batch_size", "0"], "`--train_batch_size` = 0 must be at least 1"),
+        (["--train_batch_size", "0"], "`--train_batch_size` = 0 must be between 1 and 65536"),
         (["--lr_warmup_steps", "-1"], "`--lr_warmup_steps` = -1 must not be negative"),
         (["--num_train_epochs", "0"],
          "set `--max_train_steps` or `--num_train_epochs` to a positive number; both are 0"),

@@ -95,6 +95,16 @@ OPTIONS: list[Option] = [
         implemented=True,
     ),
     Option(
+        name="training_method",
+        kind="str",
+        default="sft",
+        help="How the loss of a batch is computed: sft is supervised fine-tuning, the denoising loss on your "
+        "dataset. Other methods plug in by name (simpletuner/methods/registry.py).",
+        group=_G,
+        choices=("sft",),  # the built-in names of simpletuner/methods/registry.py (a test keeps them equal)
+        implemented=True,
+    ),
+    Option(
         name="nan_action",
         kind="str",
         default="stop",

@@ -1,0 +1,45 @@
+"""Training methods by name: ``--training_method`` picks one, ``sft`` unless told otherwise.
+
+Built-in methods are listed as ``"module:function"`` strings, so reading the list imports nothing
+heavy; each builder takes ``(model, config)`` and returns a :class:`~simpletuner.methods.base.TrainingMethod`.
+:func:`register_method` adds one at run time (a plugin, or a test that brings its own method without
+editing the trainer). The options table declares the same built-in names as ``--training_method``'s
+choices; a test keeps the two lists equal.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+#: The methods simpletuner ships, name -> builder.
+BUILTIN_METHODS: dict[str, str] = {
+    "sft": "simpletuner.methods.sft:build",
+}
+
+_registered: dict[str, Callable[[Any, Any], Any]] = {}
+
+
+def register_method(name: str, builder: Callable[[Any, Any], Any]) -> None:
+    """Make ``builder(model, config)`` available as ``--training_method name``."""
+    if name in BUILTIN_METHODS:
+        raise ValueError(f"training method {name!r} is built in; register the new one under another name")
+    _registered[name] = builder
+
+
+def unregister_method(name: str) -> None:
+    _registered.pop(name, None)
+
+
+def method_names() -> list[str]:
+    return [*BUILTIN_METHODS, *_registered]
+
+
+def build_method(name: str, model, config):
+    """The method ``name`` for this run's model and config."""
+    if name in _registered:
+        return _registered[name](model, config)
+    if name not in BUILTIN_METHODS:
+        raise ValueError(f"unknown training method {name!r}; known: {', '.join(method_names())}")
+    module_name, function = BUILTIN_METHODS[name].split(":")
+    return getattr(importlib.import_module(module_name), function)(model, config)
