@@ -8,9 +8,9 @@ regress the family's prediction target with the configured loss and weighting.
 Two noise processes share this method:
 
 * DDPM-style families (epsilon / v_prediction / sample) noise with the scheduler's ``alphas_cumprod``
-  and draw integer timesteps from :mod:`simpletuner.training.timesteps`;
+  and draw integer timesteps from :mod:`simpletuner.objectives.timesteps`;
 * flow-matching families noise along the straight path ``(1 - sigma) x0 + sigma eps``, draw sigmas
-  from :mod:`simpletuner.training.flow` (the ``--flow_*`` options, optionally spec 004's discrete
+  from :mod:`simpletuner.objectives.flow` (the ``--flow_*`` options, optionally spec 004's discrete
   shifted table) and regress the velocity ``eps - x0``.
 
 With ``--train_text_encoder`` the prompts are encoded live, with gradients, instead of read from the
@@ -25,12 +25,12 @@ from typing import Any, Callable
 import torch
 
 from simpletuner.methods.base import LossOutput
-from simpletuner.training.flow import FlowSigmaSampler, ShiftedDiscreteSchedule, flow_loss_weights, flow_noisy_latents
-from simpletuner.training.losses import LossSettings, diffusion_loss, elementwise_loss, masked_mean
-from simpletuner.training.noise import NoiseSettings, apply_offset_noise, perturbation_strength
-from simpletuner.training.objectives import (add_noise, check_diff2flow_schedule, diff2flow_prediction_and_target,
+from simpletuner.objectives.flow import FlowSigmaSampler, ShiftedDiscreteSchedule, flow_loss_weights, flow_noisy_latents
+from simpletuner.objectives.losses import LossSettings, diffusion_loss, elementwise_loss, masked_mean
+from simpletuner.objectives.noise import NoiseSettings, apply_offset_noise, perturbation_strength
+from simpletuner.objectives.targets import (add_noise, check_diff2flow_schedule, diff2flow_prediction_and_target,
                                               training_target)
-from simpletuner.training.timesteps import build_timestep_sampler
+from simpletuner.objectives.timesteps import build_timestep_sampler
 
 
 @dataclass

@@ -20,7 +20,7 @@
   (0.5 at 256 tokens, 1.15 at 4096, i.e. about 3.2 for 1024 px and 1.9 for 512 px), computed once
   from ``--resolution``; [schnell]'s fixed-shift scheduler says 1.0. ``--flow_schedule_auto_shift``
   computes the same shift per batch instead (mixed resolutions). ``--flux_fast_schedule`` draws the
-  few noise levels a four-step sampler visits (:mod:`simpletuner.training.flow`).
+  few noise levels a four-step sampler visits (:mod:`simpletuner.objectives.flow`).
 * **Guidance.** Guidance-distilled checkpoints ([dev], Krea) embed a guidance number next to the
   timestep. Training feeds ``--flux_guidance_value`` (``constant`` mode, default 1.0) or a per-sample
   uniform draw from ``[--flux_guidance_min, --flux_guidance_max]`` (``random-range``). Models without
@@ -314,7 +314,7 @@ class Flux(ModelFamily):
     def _resolution_shift(self) -> float:
         """The shift the checkpoint's sampler uses for images of ``--resolution``: ``exp(mu)`` from
         the token count for dynamic-shift schedulers ([dev]), the fixed ``shift`` otherwise."""
-        from simpletuner.training.flow import auto_shift
+        from simpletuner.objectives.flow import auto_shift
 
         scheduler = self._scheduler.config
         resolution = self.config.resolution

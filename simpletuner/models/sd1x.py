@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from simpletuner.models.base import ModelFamily
-from simpletuner.training.objectives import configure_training_scheduler, inference_scheduler_overrides
+from simpletuner.objectives.targets import configure_training_scheduler, inference_scheduler_overrides
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import torch
 
 from simpletuner.models.base import ModelFamily
 from simpletuner.models.sd1x import UNET_ATTENTION_TARGETS
-from simpletuner.training.objectives import configure_training_scheduler, inference_scheduler_overrides
+from simpletuner.objectives.targets import configure_training_scheduler, inference_scheduler_overrides
 
 logger = logging.getLogger(__name__)
 

@@ -107,7 +107,7 @@ def test_predict_returns_the_noise_half_of_the_learned_variance_output(project):
 
 def test_soft_min_snr_weights_every_step_of_the_if_schedule(project):
     """The pixel-space loss: soft Min-SNR on IF's cosine schedule, whose last step has almost no signal."""
-    from simpletuner.training.losses import LossSettings, signal_to_noise, snr_loss_weights
+    from simpletuner.objectives.losses import LossSettings, signal_to_noise, snr_loss_weights
 
     model = family(project, use_soft_min_snr="true")
     settings = LossSettings.from_config(model.config)

@@ -158,7 +158,7 @@ def test_refiner_training_draws_timesteps_from_its_slice(project, model, monkeyp
 
 def test_refiner_window_rules_and_the_samplers_bounds_check():
     from simpletuner.models.sdxl import refiner_timestep_window
-    from simpletuner.training.timesteps import build_timestep_sampler
+    from simpletuner.objectives.timesteps import build_timestep_sampler
 
     assert refiner_timestep_window(1000, False, None, False, False, False) is None  # base model, plain run
     assert refiner_timestep_window(1000, True, 0.25, False, False, False) == (0, 250)

@@ -13,7 +13,7 @@ from simpletuner.methods.sft import SupervisedFineTuning  # noqa: E402
 from simpletuner.testing.config import make_config  # noqa: E402
 from simpletuner.training.ema import EmaSettings, EmaWeights  # noqa: E402
 from simpletuner.training.lr import build_lr_scheduler  # noqa: E402
-from simpletuner.training.objectives import training_target  # noqa: E402
+from simpletuner.objectives.targets import training_target  # noqa: E402
 from simpletuner.training.optim import build_optimizer  # noqa: E402
 
 

@@ -15,8 +15,8 @@ stats = pytest.importorskip("scipy.stats")
 import numpy as np  # noqa: E402
 
 from simpletuner.testing.config import make_config  # noqa: E402
-from simpletuner.training import flow  # noqa: E402
-from simpletuner.training.objectives import (  # noqa: E402
+from simpletuner.objectives import flow  # noqa: E402
+from simpletuner.objectives.targets import (  # noqa: E402
     alpha_from_flow_sigma, check_diff2flow_schedule, configure_training_scheduler, ddpm_to_flow_point,
     flow_sigma_from_alpha, flow_to_ddpm_point, flow_velocity_to_prediction, inference_scheduler_overrides,
     prediction_to_flow_velocity, prediction_to_x0_eps, x0_eps_to_prediction,

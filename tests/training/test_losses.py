@@ -10,10 +10,10 @@ torch = pytest.importorskip("torch")
 
 from diffusers import DDPMScheduler  # noqa: E402
 
-from simpletuner.training.losses import (  # noqa: E402
+from simpletuner.objectives.losses import (  # noqa: E402
     LossSettings, diffusion_loss, elementwise_loss, huber_threshold, signal_to_noise, snr_loss_weights,
 )
-from simpletuner.training.noise import NoiseSettings, apply_offset_noise, perturbation_strength  # noqa: E402
+from simpletuner.objectives.noise import NoiseSettings, apply_offset_noise, perturbation_strength  # noqa: E402
 
 
 @pytest.fixture(scope="module")

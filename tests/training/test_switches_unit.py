@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 
 from simpletuner.methods.sft import FlowNoising, SupervisedFineTuning  # noqa: E402
 from simpletuner.testing.config import make_config  # noqa: E402
-from simpletuner.training.flow import ShiftedDiscreteSchedule  # noqa: E402
+from simpletuner.objectives.flow import ShiftedDiscreteSchedule  # noqa: E402
 from simpletuner.training.freezing import apply_bitfit, freeze_encoder_layers, frozen_layer_indices  # noqa: E402
-from simpletuner.training.losses import LossSettings, diffusion_loss, masked_mean, snr_loss_weights  # noqa: E402
+from simpletuner.objectives.losses import LossSettings, diffusion_loss, masked_mean, snr_loss_weights  # noqa: E402
 from simpletuner.training.precision import Fp32GradientAccumulator, configure_tf32  # noqa: E402
 from simpletuner.training.trainer import planned_max_steps  # noqa: E402
 

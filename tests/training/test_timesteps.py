@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from simpletuner.testing.config import make_config  # noqa: E402
-from simpletuner.training.timesteps import (  # noqa: E402
+from simpletuner.objectives.timesteps import (  # noqa: E402
     WeightedTimestepSampler, build_timestep_sampler, timestep_bias_weights, uniform_sampler,
 )
 
