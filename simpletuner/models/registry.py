@@ -45,6 +45,11 @@ class FamilyInfo:
     notes: str = field(default="", compare=False)
 
 
+#: Options that act on a denoiser's repeated transformer blocks (``ModelFamily.transformer_blocks``),
+#: so only the families whose denoiser has them list these.
+TRANSFORMER_BLOCK_OPTIONS = ("layersync_enabled", "layersync_student_block", "layersync_teacher_block",
+                             "layersync_lambda")
+
 FAMILIES: dict[str, FamilyInfo] = {
     "sd1x": FamilyInfo(
         name="sd1x",
@@ -112,7 +117,8 @@ FAMILIES: dict[str, FamilyInfo] = {
         },
         default_flavour="medium",
         prediction_types=("flow_matching",),
-        options=("tokenizer_max_length", "t5_padding", "sd3_clip_uncond_behaviour", "sd3_t5_uncond_behaviour"),
+        options=("tokenizer_max_length", "t5_padding", "sd3_clip_uncond_behaviour", "sd3_t5_uncond_behaviour",
+                 *TRANSFORMER_BLOCK_OPTIONS),
         latent_patch_size=2,
     ),
     "deepfloyd": FamilyInfo(
@@ -145,7 +151,8 @@ FAMILIES: dict[str, FamilyInfo] = {
         default_flavour="900M-1024",
         prediction_types=("epsilon",),
         options=("tokenizer_max_length", "t5_padding", "pretrained_t5_model_name_or_path",
-                 "pretrained_transformer_model_name_or_path", "pretrained_transformer_subfolder"),
+                 "pretrained_transformer_model_name_or_path", "pretrained_transformer_subfolder",
+                 *TRANSFORMER_BLOCK_OPTIONS),
         latent_patch_size=2,
     ),
     "flux": FamilyInfo(
@@ -163,7 +170,7 @@ FAMILIES: dict[str, FamilyInfo] = {
                  "pretrained_transformer_model_name_or_path", "pretrained_transformer_subfolder",
                  "flux_lora_target", "flux_guidance_mode", "flux_guidance_value", "flux_guidance_min",
                  "flux_guidance_max", "flux_attention_masked_training", "flux_fast_schedule",
-                 "validation_guidance_real", "validation_no_cfg_until_timestep"),
+                 "validation_guidance_real", "validation_no_cfg_until_timestep", *TRANSFORMER_BLOCK_OPTIONS),
         latent_patch_size=2,
     ),
 }

@@ -100,6 +100,22 @@ def check_run_length_and_memory(config) -> None:
                           "at least 1 (leave it unset to disable)")
 
 
+def check_layersync(config) -> None:
+    """LayerSync needs its student block; its other options mean nothing without it switched on.
+    (Families without transformer blocks refuse every LayerSync option: FamilyInfo.options.)"""
+    tuning = [name for name in ("layersync_student_block", "layersync_teacher_block", "layersync_lambda")
+              if _set(config, name)]
+    if not config.layersync_enabled:
+        if tuning:
+            raise ConfigError(f"`--{tuning[0]}` has no effect without `--layersync_enabled true`; add it or remove "
+                              f"`--{tuning[0]}`")
+        return
+    if config.layersync_student_block is None:
+        raise ConfigError("`--layersync_enabled` needs `--layersync_student_block`: the block (1 = the first) whose "
+                          "tokens are pulled toward the teacher block's")
+
+
 TRAINING_RULES: tuple[Callable, ...] = (
     check_text_encoder_training, check_freezing_and_outputs, check_loss_extras, check_run_length_and_memory,
+    check_layersync,
 )

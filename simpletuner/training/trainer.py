@@ -200,17 +200,22 @@ class Trainer:
         return list(self.denoiser_parameters)
 
     def _build_method(self) -> list[torch.nn.Parameter]:
-        """The ``--training_method`` (simpletuner/methods/registry.py) and the trainable parameters of
-        the modules it brings besides the model (none for SFT), which join the optimizer."""
+        """The ``--training_method`` (simpletuner/methods/registry.py) and the regularizers the config
+        switches on (simpletuner/regularizers/registry.py), hooked into the model; returns the trainable
+        parameters of the modules they bring besides the model (none for SFT), which join the optimizer."""
         from simpletuner.methods.registry import build_method
+        from simpletuner.regularizers.base import Regularizers
+        from simpletuner.regularizers.registry import build_regularizers
 
         self.method = build_method(self.config.training_method, self.model, self.config)
         self.method.encode_text_live = self.text_encoders is not None
-        modules = self.method.trainable_modules()
+        self.regularizers = Regularizers(build_regularizers(self.model, self.config), self.model)
+        modules = {**self.method.trainable_modules(),
+                   **{f"{r.name}.{n}": m for r in self.regularizers.items for n, m in r.trainable_modules().items()}}
         if modules and self.accelerator.num_processes > 1:
-            raise RuntimeError(f"--training_method {self.config.training_method} trains modules of its own "
-                               f"({', '.join(modules)}), which multi-process training does not synchronise yet; "
-                               "train it on one process")
+            raise RuntimeError(f"--training_method {self.config.training_method} and its regularizers train "
+                               f"modules of their own ({', '.join(modules)}), which multi-process training does not "
+                               "synchronise yet; train on one process")
         parameters = []
         for module in modules.values():
             module.to(self.accelerator.device).train()
@@ -300,6 +305,9 @@ class Trainer:
         if self.ema is not None:  # a checkpoint from a run without EMA: the average starts from the weights
             parts.register(StatePart("ema.pt", self.ema.state_dict, self.ema.load_state_dict, optional=True))
         parts.register(StatePart("method.pt", self.method.state_dict, self.method.load_state_dict, skip_when_empty=True))
+        for regularizer in self.regularizers.items:  # projectors, schedule state (similarity EMA, cutoff)
+            parts.register(StatePart(f"regularizer-{regularizer.name}.pt", regularizer.state_dict,
+                                     regularizer.load_state_dict, skip_when_empty=True))
         parts.register(StatePart("sampler.json", self.data.state_dict, self.data.load_state_dict))
         parts.register(StatePart("random_states.pt", ckpt.rng_state, ckpt.restore_rng_state))
 
@@ -479,7 +487,7 @@ class Trainer:
         for _ in range(self.config.gradient_accumulation_steps):
             batch = self._next_local_batch()
             with accelerator.accumulate(denoiser):
-                output = self.method.compute_loss(batch, accelerator.device, step=self.state.global_step)
+                output = self._batch_loss(batch)
                 accelerator.backward(output.loss)
                 micro_losses.append(output.loss.detach().item())  # read before the update it may have to stop
                 for name, value in output.logs.items():
@@ -505,6 +513,13 @@ class Trainer:
             distributed.check_rank_sync(accelerator, self.state.global_step + 1, local_loss, self.trainable)
         loss = distributed.mean_over_processes(accelerator, local_loss)  # the loss of the whole global batch
         return loss, None if grad_norm is None else float(grad_norm), terms
+
+    def _batch_loss(self, batch: dict):
+        """The method's loss of ``batch`` plus each active regularizer's term (their hooks record only
+        during this forward), with every named term."""
+        with self.regularizers.capturing():
+            output = self.method.compute_loss(batch, self.accelerator.device, step=self.state.global_step)
+        return self.regularizers.add_terms(output, batch, self.state.global_step)
 
     def _next_local_batch(self) -> dict:
         """Every process walks the same seeded batch order and keeps every N-th batch, so the

@@ -315,6 +315,7 @@ OPTIONS: list[Option] = [
         help="Add the LayerSync loss, pulling one transformer block's hidden tokens toward those of a deeper block of the same model. "
         "Costs extra memory per step.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="layersync_student_block",
@@ -323,6 +324,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Block that is pulled toward the teacher; required with LayerSync. 1-based depths are tried first, then 0-based ids.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="layersync_teacher_block",
@@ -331,6 +333,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Block providing the (detached) target states; unset uses the student block itself.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="layersync_lambda",
@@ -339,5 +342,6 @@ OPTIONS: list[Option] = [
         minimum=0, exclusive_minimum=True,
         help="Weight of the LayerSync cosine loss; must be above 0 when enabled, and 0.2 is used if left unset.",
         group=_G,
+        implemented=True,
     ),
 ]

@@ -1,0 +1,106 @@
+"""What a regularizer is to the trainer, and the set of them one run uses.
+
+A regularizer adds a weighted term to the method's loss from what it sees inside the denoiser's
+forward pass: it attaches forward hooks to blocks the model family names (no model code is copied to
+make a capture point), and after the method's forward turns what the hooks captured into a term and
+named logs. It may bring trainable modules (a projector) and keeps its own schedule state, both saved
+in the checkpoint through ``state_dict``. Its hooks only record inside :meth:`Regularizers.capturing`,
+which the trainer opens around the training forward, so validation, evaluation and EMA sampling run
+the model untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import torch
+
+from simpletuner.methods.base import LossOutput
+
+
+@dataclass
+class RegularizerTerm:
+    """A regularizer's contribution to one batch's loss (already weighted) and its named logs."""
+
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Regularizer(Protocol):
+    #: Names its checkpoint file (``regularizer-<name>.pt``) and its log terms (``loss/<name>/...``).
+    name: str
+
+    def attach(self, model, capture: CaptureSwitch) -> None:
+        """Add forward hooks to the family's blocks; they record only while ``capture.on``."""
+        ...
+
+    def detach(self) -> None:
+        ...
+
+    def term(self, batch: dict, step: int) -> RegularizerTerm | None:
+        """The weighted term from what the hooks captured in this batch's forward (None while the
+        regularizer is switched off by its schedule)."""
+        ...
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
+
+class CaptureSwitch:
+    """Whether hooks record: on only during the training forward (see :meth:`Regularizers.capturing`)."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+class Regularizers:
+    """The regularizers of one run, attached to its model."""
+
+    def __init__(self, regularizers: list[Regularizer], model) -> None:
+        self.items = list(regularizers)
+        self.switch = CaptureSwitch()
+        names = [regularizer.name for regularizer in self.items]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two regularizers share a name: {names}")
+        for regularizer in self.items:
+            regularizer.attach(model, self.switch)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """Hooks record inside this block only: the training forward of one batch."""
+        self.switch.on = True
+        try:
+            yield
+        finally:
+            self.switch.on = False
+
+    def add_terms(self, output: LossOutput, batch: dict, step: int) -> LossOutput:
+        """The method's output plus every active regularizer's term, with their logs under their names."""
+        loss, logs = output.loss, dict(output.logs)
+        for regularizer in self.items:
+            term = regularizer.term(batch, step)
+            if term is None:
+                continue
+            loss = loss + term.loss
+            logs.update({f"{regularizer.name}/{key}": value for key, value in term.logs.items()})
+        return LossOutput(loss, logs)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for regularizer in self.items for module in regularizer.trainable_modules().values()
+                for p in module.parameters() if p.requires_grad]
+
+    def detach(self) -> None:
+        for regularizer in self.items:
+            regularizer.detach()

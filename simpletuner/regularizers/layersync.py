@@ -1,0 +1,94 @@
+"""LayerSync: pull one transformer block's image tokens toward those of another block of the same model.
+
+Spec 002's LayerSync options: ``--layersync_student_block`` names the block that learns,
+``--layersync_teacher_block`` the block whose tokens serve as the (detached) target, by default the
+student itself, and ``--layersync_lambda`` (0.2 when unset) weights the term
+
+    lambda * (1 - mean over tokens of cos(student token, teacher token))
+
+so the term is 0 when the two blocks agree and the teacher never receives a gradient through it.
+A block number from 1 to the number of blocks counts depth (1 = the first block); 0 names the first
+block as a 0-based index. Blocks come from the family (``ModelFamily.transformer_blocks``: diffusers'
+repeated transformer blocks in execution order), so every transformer family works without code of
+its own; UNet families have no such list and are refused at validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from simpletuner.regularizers.base import CaptureSwitch, RegularizerTerm
+
+#: ``--layersync_lambda`` when left unset.
+DEFAULT_LAMBDA = 0.2
+
+
+def build(model, config) -> LayerSync:
+    """``--layersync_enabled`` (the registry's builder)."""
+    weight = DEFAULT_LAMBDA if config.layersync_lambda is None else float(config.layersync_lambda)
+    teacher = config.layersync_teacher_block
+    return LayerSync(student_block=config.layersync_student_block,
+                     teacher_block=config.layersync_student_block if teacher is None else teacher, weight=weight)
+
+
+def block_index(number: int, count: int, option: str) -> int:
+    """The 0-based index of block ``number`` among ``count`` (1..count are depths, 0 is the first block)."""
+    if 1 <= number <= count:
+        return number - 1
+    if number == 0:
+        return 0
+    raise ValueError(f"`--{option}` {number} is past the denoiser's {count} transformer blocks; use 1 to {count}")
+
+
+def image_tokens(output: Any) -> torch.Tensor:
+    """The image tokens a block returned: the tensor itself, or the last element of the tuple that
+    diffusers' joint blocks return as ``(text tokens, image tokens)``."""
+    return output[-1] if isinstance(output, (tuple, list)) else output
+
+
+class LayerSync:
+    name = "layersync"
+
+    def __init__(self, student_block: int, teacher_block: int, weight: float):
+        self.student_block, self.teacher_block, self.weight = student_block, teacher_block, weight
+        self.captured: dict[str, torch.Tensor] = {}
+        self.handles: list = []
+
+    def attach(self, model, capture: CaptureSwitch) -> None:
+        blocks = model.transformer_blocks()
+        if not blocks:
+            raise ValueError(f"LayerSync needs a transformer denoiser; {model.config.model_family}'s has no "
+                             "transformer blocks")
+        roles = {"student": block_index(self.student_block, len(blocks), "layersync_student_block"),
+                 "teacher": block_index(self.teacher_block, len(blocks), "layersync_teacher_block")}
+        for role, index in roles.items():
+            def record(module, inputs, output, role=role):
+                if capture.on:
+                    self.captured[role] = image_tokens(output)
+            self.handles.append(blocks[index][1].register_forward_hook(record))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def term(self, batch: dict, step: int) -> RegularizerTerm | None:
+        student, teacher = self.captured.pop("student", None), self.captured.pop("teacher", None)
+        if student is None or teacher is None:
+            raise RuntimeError("LayerSync captured no block outputs in this forward pass; the denoiser did not "
+                               "run the hooked blocks (block swap or compilation replacing them?)")
+        similarity = F.cosine_similarity(student.float(), teacher.detach().float(), dim=-1).mean()
+        loss = self.weight * (1 - similarity)
+        return RegularizerTerm(loss, {"similarity": similarity.item(), "loss": loss.item()})
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
