@@ -19,12 +19,13 @@ text-embed cache (whose embeds would be stale as soon as the encoder moves).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from simpletuner.methods.base import LossOutput
+from simpletuner.methods.scheduled_sampling import build_scheduled_sampling
 from simpletuner.objectives.flow import FlowSigmaSampler, ShiftedDiscreteSchedule, flow_loss_weights, flow_noisy_latents
 from simpletuner.objectives.losses import LossSettings, diffusion_loss, elementwise_loss, masked_mean
 from simpletuner.objectives.noise import NoiseSettings, apply_offset_noise, perturbation_strength
@@ -41,6 +42,11 @@ class NoisedBatch:
     timesteps: torch.Tensor
     target_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # prediction -> (prediction, target): lets diff2flow convert both
     loss_weights: torch.Tensor | None = None
+    # Set by scheduled sampling's ReflexFlow (methods/scheduled_sampling.py): per-element loss weights,
+    # an extra term of the prediction, and the named terms to log.
+    element_weights: torch.Tensor | None = None
+    regularize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    logs: dict[str, float] = field(default_factory=dict)
 
 
 class FlowNoising:
@@ -112,6 +118,7 @@ class SupervisedFineTuning:
         self.noise_settings = NoiseSettings.from_config(config)
         probability = config.masked_loss_probability
         self.masked_loss_probability = 1.0 if probability is None else float(probability)
+        self.scheduled_sampling = build_scheduled_sampling(model, self.scheduler, config, self.flow)
         #: set by the trainer while ``--train_text_encoder`` is active (until ``--text_encoder_limit``)
         self.encode_text_live = False
 
@@ -197,7 +204,10 @@ class SupervisedFineTuning:
         gamma = perturbation_strength(self.noise_settings, step)
         input_noise = noise + gamma * torch.randn_like(noise) if gamma > 0 else noise
         noised = (self.flow_noising if self.flow else self.ddpm_noising)(latents, noise, input_noise)
-        return LossOutput(self.denoising_loss(noised, text, batch, lambda: self.loss_mask(batch, device)), {})
+        if self.scheduled_sampling is not None:  # the model's own rollout replaces part of the input
+            noised = self.scheduled_sampling.apply(noised, latents, input_noise, text, batch, step)
+        loss = self.denoising_loss(noised, text, batch, lambda: self.loss_mask(batch, device))
+        return LossOutput(loss, dict(noised.logs))
 
     def denoising_loss(self, noised: NoisedBatch, text: dict[str, torch.Tensor], batch: dict,
                        mask_of: Callable[[], torch.Tensor | None]) -> torch.Tensor:
@@ -210,13 +220,18 @@ class SupervisedFineTuning:
         prediction, target = noised.target_of(raw)
         mask = mask_of()
         if self.flow:
-            per_sample = masked_mean(elementwise_loss(prediction, target, "l2"), mask)
+            elementwise = elementwise_loss(prediction, target, "l2")
+            if noised.element_weights is not None:
+                elementwise = elementwise * noised.element_weights
+            per_sample = masked_mean(elementwise, mask)
             if noised.loss_weights is not None:
                 per_sample = per_sample * noised.loss_weights
             loss = per_sample.mean()
         else:
             loss = diffusion_loss(self.loss_settings, self.scheduler, prediction, target, noised.timesteps,
                                   model.prediction_type, mask=mask)
+        if noised.regularize is not None:
+            loss = loss + noised.regularize(prediction)
         return loss
 
     # --- the evaluation loss -------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from simpletuner.options.memory_rules import MEMORY_RULES, memory_warnings
 from simpletuner.options.publishing_rules import PUBLISHING_RULES
 from simpletuner.options.quantization_rules import QUANTIZATION_RULES, quantization_warnings
 from simpletuner.options.reporting_rules import REPORTING_RULES
+from simpletuner.options.scheduled_sampling_rules import SCHEDULED_SAMPLING_RULES
 from simpletuner.options.sdxl_rules import check_sdxl, sdxl_warnings
 from simpletuner.options.training_rules import TRAINING_RULES
 from simpletuner.options.validation_rules import VALIDATION_RULES, validation_option_warnings
@@ -394,7 +395,7 @@ RULES: tuple[Callable, ...] = (
     check_required, check_unimplemented, check_family, check_family_options, check_supported_values, check_conflicts,
     check_run_length, check_output_dir, check_device_seeds,
     check_loss_settings, check_ema_settings, check_optimizer_settings,
-    check_timestep_settings, check_flow_options, *TRAINING_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, check_sdxl,
+    check_timestep_settings, check_flow_options, *TRAINING_RULES, *SCHEDULED_SAMPLING_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, check_sdxl,
     *QUANTIZATION_RULES, *MEMORY_RULES, *CHECKPOINT_RULES,
     check_validation_settings, *VALIDATION_RULES, *EVAL_RULES, *REPORTING_RULES, *PUBLISHING_RULES,
 )

@@ -518,6 +518,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Longest rollout, in steps, in which the model produces its own input before the training step; 0 disables scheduled sampling.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_strategy",
@@ -526,6 +527,7 @@ OPTIONS: list[Option] = [
         help="Distribution of rollout lengths: uniform, or skewed toward short (biased_early) or long (biased_late) rollouts.",
         group=_G,
         choices=("uniform", "biased_early", "biased_late"),
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_probability",
@@ -534,6 +536,7 @@ OPTIONS: list[Option] = [
         minimum=0, maximum=1,
         help="Chance that a sample gets a non-zero rollout; 0 switches it off, 1 applies it everywhere.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_prob_start",
@@ -542,6 +545,7 @@ OPTIONS: list[Option] = [
         minimum=0, maximum=1,
         help="Rollout probability at the start of the ramp.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_prob_end",
@@ -550,6 +554,7 @@ OPTIONS: list[Option] = [
         minimum=0, maximum=1,
         help="Rollout probability once the ramp has finished.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_ramp_steps",
@@ -558,6 +563,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Steps taken to move from the start to the end probability; 0 means no ramp.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_start_step",
@@ -566,6 +572,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Global step at which the probability ramp begins.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_ramp_shape",
@@ -574,14 +581,16 @@ OPTIONS: list[Option] = [
         help="Curve followed by the probability ramp.",
         group=_G,
         choices=("linear", "cosine"),
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_sampler",
         kind="str",
         default="unipc",
-        help="Solver that generates the rollout steps.",
+        help="Solver that generates the rollout steps; only euler is implemented so far, the others are refused.",
         group=_G,
         choices=("unipc", "euler", "dpm", "rk4"),
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_order",
@@ -598,6 +607,7 @@ OPTIONS: list[Option] = [
         help="ReflexFlow anti-drift and frequency-compensated weighting during rollouts. Unset turns it on automatically "
         "for flow-matching models when rollouts are enabled; set false to opt out.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_reflexflow_alpha",
@@ -606,6 +616,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Scale of the ReflexFlow frequency-compensation weight derived from exposure bias.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_reflexflow_beta1",
@@ -614,6 +625,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Weight of the ReflexFlow directional (anti-drift) regulariser.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_reflexflow_beta2",
@@ -622,6 +634,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Weight of the ReflexFlow reweighted loss term.",
         group=_G,
+        implemented=True,
     ),
     # --- Flux ------------------------------------------------------------------------------
     Option(
