@@ -86,8 +86,8 @@ def test_train_help_lists_options_and_marks_unsupported(capsys: pytest.CaptureFi
     assert "--learning_rate LEARNING_RATE" in out
     assert "--checkpoint_step_interval CHECKPOINT_STEP_INTERVAL, --checkpointing_steps CHECKPOINT_STEP_INTERVAL" in out
     assert "--dry-run" in out
-    tread_help = out[out.index("\n  --tread_config"):]
-    assert "[not supported yet]" in tread_help[: tread_help.index("\n  --", 1)]
+    unsupported_help = out[out.index("\n  --distillation_config"):]
+    assert "[not supported yet]" in unsupported_help[: unsupported_help.index("\n  --", 1)]
 
 
 def test_config_validation_does_not_import_heavy_modules(tmp_path: Path, tiny_image_folder: Path) -> None:
@@ -130,7 +130,7 @@ def test_options_json_lists_every_option(capsys: pytest.CaptureFixture) -> None:
         "implemented": True, "required": False, "aliases": [], "help": None,
     }
     assert by_name["model_type"]["choices"] == ["full", "lora"]
-    assert by_name["tread_config"]["implemented"] is False
+    assert by_name["distillation_config"]["implemented"] is False
     assert by_name["checkpoint_step_interval"]["aliases"] == ["checkpointing_steps"]
 
 
@@ -138,7 +138,7 @@ def test_options_plain_listing_marks_unsupported(capsys: pytest.CaptureFixture) 
     assert main(["options"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("  --learning_rate ") and "default=0.0001" in line for line in lines)
-    assert any(line.startswith("- --tread_config ") for line in lines)
+    assert any(line.startswith("- --distillation_config ") for line in lines)
     assert lines[-1] == "('-' = declared but not supported yet)"
 
 

@@ -48,7 +48,16 @@ class FamilyInfo:
 #: Options that act on a denoiser's repeated transformer blocks (``ModelFamily.transformer_blocks``),
 #: so only the families whose denoiser has them list these.
 TRANSFORMER_BLOCK_OPTIONS = ("layersync_enabled", "layersync_student_block", "layersync_teacher_block",
-                             "layersync_lambda")
+                             "layersync_lambda", "tread_config")
+
+#: CREPA's options (simpletuner/regularizers/crepa.py): the DiT families whose blocks it hooks.
+CREPA_OPTIONS = ("crepa_enabled", "crepa_block_index", "crepa_lambda", "crepa_adjacent_distance", "crepa_adjacent_tau",
+                 "crepa_cumulative_neighbors", "crepa_normalize_neighbour_sum", "crepa_normalize_by_frames",
+                 "crepa_spatial_align", "crepa_model", "crepa_encoder_frames_batch_size",
+                 "crepa_use_backbone_features", "crepa_teacher_block_index", "crepa_encoder_image_size",
+                 "crepa_scheduler", "crepa_warmup_steps", "crepa_decay_steps", "crepa_lambda_end", "crepa_power",
+                 "crepa_cutoff_step", "crepa_similarity_threshold", "crepa_similarity_ema_decay",
+                 "crepa_threshold_mode")
 
 FAMILIES: dict[str, FamilyInfo] = {
     "sd1x": FamilyInfo(
@@ -118,7 +127,7 @@ FAMILIES: dict[str, FamilyInfo] = {
         default_flavour="medium",
         prediction_types=("flow_matching",),
         options=("tokenizer_max_length", "t5_padding", "sd3_clip_uncond_behaviour", "sd3_t5_uncond_behaviour",
-                 *TRANSFORMER_BLOCK_OPTIONS),
+                 *TRANSFORMER_BLOCK_OPTIONS, *CREPA_OPTIONS),
         latent_patch_size=2,
     ),
     "deepfloyd": FamilyInfo(
@@ -152,7 +161,7 @@ FAMILIES: dict[str, FamilyInfo] = {
         prediction_types=("epsilon",),
         options=("tokenizer_max_length", "t5_padding", "pretrained_t5_model_name_or_path",
                  "pretrained_transformer_model_name_or_path", "pretrained_transformer_subfolder",
-                 *TRANSFORMER_BLOCK_OPTIONS),
+                 *TRANSFORMER_BLOCK_OPTIONS, *CREPA_OPTIONS),
         latent_patch_size=2,
     ),
     "flux": FamilyInfo(
@@ -170,7 +179,8 @@ FAMILIES: dict[str, FamilyInfo] = {
                  "pretrained_transformer_model_name_or_path", "pretrained_transformer_subfolder",
                  "flux_lora_target", "flux_guidance_mode", "flux_guidance_value", "flux_guidance_min",
                  "flux_guidance_max", "flux_attention_masked_training", "flux_fast_schedule",
-                 "validation_guidance_real", "validation_no_cfg_until_timestep", *TRANSFORMER_BLOCK_OPTIONS),
+                 "validation_guidance_real", "validation_no_cfg_until_timestep", *TRANSFORMER_BLOCK_OPTIONS,
+                 *CREPA_OPTIONS),
         latent_patch_size=2,
     ),
 }

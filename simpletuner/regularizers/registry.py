@@ -28,6 +28,8 @@ class RegularizerEntry:
 #: The regularizers simpletuner ships, in the order their terms are added.
 BUILTIN_REGULARIZERS: tuple[RegularizerEntry, ...] = (
     RegularizerEntry("layersync", "simpletuner.regularizers.layersync:build", lambda config: bool(config.layersync_enabled)),
+    RegularizerEntry("crepa", "simpletuner.regularizers.crepa:build", lambda config: bool(config.crepa_enabled)),
+    RegularizerEntry("tread", "simpletuner.regularizers.tread:build", lambda config: bool(config.tread_config)),
 )
 
 _registered: dict[str, RegularizerEntry] = {}

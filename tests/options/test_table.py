@@ -102,5 +102,5 @@ def test_options_markdown_lists_every_option_and_marks_unimplemented() -> None:
     for option in all_options():
         assert f"| `--{option.name}`" in text
     assert "(alias `--checkpointing_steps`, deprecated)" in text
-    tread_row = next(line for line in text.splitlines() if line.startswith("| `--tread_config`"))
-    assert "| not yet |" in tread_row
+    controlnet_row = next(line for line in text.splitlines() if line.startswith("| `--controlnet`"))
+    assert "| not yet |" in controlnet_row

@@ -118,8 +118,8 @@ def test_config_file_must_hold_an_object(tmp_path: Path) -> None:
 
 
 def test_unimplemented_option_set_to_non_default(tmp_path: Path, base: dict) -> None:
-    message = error_of(tmp_path, base_argv(base) + ["--tread_config", '{"routes": []}'])
-    assert message.startswith("`--tread_config` is not supported yet (got {'routes': []})")
+    message = error_of(tmp_path, base_argv(base) + ["--distillation_config", '{"routes": []}'])
+    assert message.startswith("`--distillation_config` is not supported yet (got {'routes': []})")
     assert message.endswith("remove it from your config or command line")
 
 
@@ -137,8 +137,8 @@ def test_global_data_options_are_checked_against_every_dataset(tmp_path: Path, b
 
 
 def test_unimplemented_option_at_its_default_is_accepted(tmp_path: Path, base: dict) -> None:
-    write_config(tmp_path, {**base, "tread_config": None})
-    assert resolve(tmp_path).config.tread_config is None
+    write_config(tmp_path, {**base, "distillation_config": None})
+    assert resolve(tmp_path).config.distillation_config is None
 
 
 def test_unsupported_value_lists_supported_ones(tmp_path: Path, base: dict) -> None:

@@ -169,6 +169,7 @@ OPTIONS: list[Option] = [
         default=None,
         help="JSON settings (or a file) for TREAD token routing, which lets some tokens skip layers to speed up training.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="custom_text_encoder_intermediary_layers",

@@ -18,6 +18,7 @@ OPTIONS: list[Option] = [
         help="Add the CREPA loss, which aligns a DiT block's hidden states with image-encoder features of neighbouring frames "
         "to improve temporal consistency. Transformer models only.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_block_index",
@@ -26,6 +27,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Transformer block whose hidden states are aligned; must be set when CREPA is on. Early blocks tend to work best.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_lambda",
@@ -34,6 +36,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Weight of the CREPA loss relative to the main loss.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_adjacent_distance",
@@ -42,6 +45,7 @@ OPTIONS: list[Option] = [
         minimum=1,
         help="Frame distance d to the neighbours each frame is aligned with.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_adjacent_tau",
@@ -50,6 +54,7 @@ OPTIONS: list[Option] = [
         minimum=0, exclusive_minimum=True,
         help="Temperature of the exponential fall-off of neighbour weights with distance; smaller focuses on the closest frames.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_cumulative_neighbors",
@@ -57,6 +62,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Align with every frame from distance 1 up to d instead of only those exactly d away.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_normalize_neighbour_sum",
@@ -64,6 +70,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Experimental: divide the neighbour sum by its total weight so the alignment score stays within [-1, 1].",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_normalize_by_frames",
@@ -71,6 +78,7 @@ OPTIONS: list[Option] = [
         default=True,
         help="Average the CREPA loss over frames so its size does not grow with clip length.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_spatial_align",
@@ -78,14 +86,16 @@ OPTIONS: list[Option] = [
         default=True,
         help="Resize token grids by interpolation when model and encoder token counts differ; when off, features are pooled globally.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_model",
         kind="str",
         default="dinov2_vitg14",
-        help="Frozen DINOv2 encoder that supplies the target features; smaller variants need less memory.",
+        help="Frozen DINOv2 encoder that supplies the target features: dinov2_vitg14, dinov2_vitb14, dinov2_vits14 "
+        "(smaller variants need less memory) or a local folder holding a Dinov2Model.",
         group=_G,
-        choices=("dinov2_vitg14", "dinov2_vitb14", "dinov2_vits14"),
+        implemented=True,
     ),
     Option(
         name="crepa_encoder_frames_batch_size",
@@ -93,6 +103,7 @@ OPTIONS: list[Option] = [
         default=-1,
         help="Frames passed through the encoder at once; zero or negative sends all frames together. Smaller saves VRAM.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_use_backbone_features",
@@ -100,6 +111,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Skip the external encoder and align with a deeper block of the model itself instead.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_teacher_block_index",
@@ -108,6 +120,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Deeper block used as the target when backbone features are used; unset reuses crepa_block_index.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_encoder_image_size",
@@ -116,6 +129,7 @@ OPTIONS: list[Option] = [
         minimum=1,
         help="Input size of frames given to the encoder; keep it at the encoder's native resolution.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_scheduler",
@@ -123,6 +137,7 @@ OPTIONS: list[Option] = [
         default="constant",
         help="How the CREPA weight decays after warmup.",
         group=_G,
+        implemented=True,
         choices=_DECAY_SCHEDULES,
     ),
     Option(
@@ -132,6 +147,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Steps over which the CREPA weight climbs linearly from 0 to crepa_lambda.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_decay_steps",
@@ -140,6 +156,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Length of the decay phase after warmup; 0 spreads it over the whole run.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_lambda_end",
@@ -148,6 +165,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="CREPA weight reached when decay finishes.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_power",
@@ -156,6 +174,7 @@ OPTIONS: list[Option] = [
         minimum=0, exclusive_minimum=True,
         help="Exponent for polynomial decay; above 1 drops quickly at first and slowly later.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_cutoff_step",
@@ -164,6 +183,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Switch CREPA off for good after this step; 0 means never.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_similarity_threshold",
@@ -172,6 +192,7 @@ OPTIONS: list[Option] = [
         minimum=-1, maximum=1,
         help="Switch CREPA off once the moving average of its alignment score reaches this value; unset disables the check.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_similarity_ema_decay",
@@ -180,6 +201,7 @@ OPTIONS: list[Option] = [
         minimum=0, maximum=1, exclusive_maximum=True,
         help="Smoothing of the alignment score average used by the threshold; higher is smoother.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="crepa_threshold_mode",
@@ -187,6 +209,7 @@ OPTIONS: list[Option] = [
         default="permanent",
         help="After the threshold is hit, keep CREPA off (permanent) or allow it back if similarity falls (recoverable).",
         group=_G,
+        implemented=True,
         choices=_THRESHOLD_MODES,
     ),
     # --- U-REPA ------------------------------------------------------------------------------

@@ -1,0 +1,205 @@
+"""TREAD: during the training forward, a random share of the image tokens skips a range of blocks.
+
+``--tread_config`` lists routes, ``{"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2,
+"end_layer_idx": -2}]}``: at the route's start block a ``selection_ratio`` share of the image tokens is
+taken out of the sequence and set aside, the blocks from start to end (both included) run on the
+tokens that remain, and after the end block the set-aside tokens go back to their own positions with
+the values they had before the start block. Fewer tokens through those blocks make the step cheaper;
+every token still reaches the loss. Block indices count the family's transformer blocks
+(``ModelFamily.transformer_blocks``, execution order) from 0; negative ones count from the end (-1 is
+the last block).
+
+It adds no loss term (:meth:`Tread.term` is None); it exists as a regularizer because it fits the same
+seam: hooks on the family's blocks that act only while the trainer's capture switch is on, i.e. only
+in the training forward, so validation, evaluation and EMA sampling run the untouched model.
+
+One selection is drawn per forward and shared by the batch, from torch's global RNG (so a resumed run
+draws the same tokens). Sharing is deliberate: diffusers' Flux hands every block one rotary table
+``(cos, sin)`` of shape ``[text + image tokens, dim]`` for the whole batch, so every sample must keep
+the same token positions for each kept token to keep its own rotary embedding.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from simpletuner.regularizers.base import CaptureSwitch
+
+
+@dataclass(frozen=True)
+class Route:
+    """One routed block range, 0-based and inclusive (negative indices already resolved)."""
+
+    selection_ratio: float
+    start: int
+    end: int
+
+
+@dataclass
+class Routed:
+    """What the start block set aside until the end block restores it."""
+
+    full: torch.Tensor          # the image tokens as they entered the start block [B, N, D]
+    kept: torch.Tensor          # sorted positions (in 0..N-1) of the tokens that run the range
+
+
+def build(model, config) -> Tread:
+    """``--tread_config`` (the registry's builder)."""
+    return Tread(config.tread_config)
+
+
+def route_settings(tread_config: Any) -> list[dict]:
+    """The ``routes`` list of a parsed ``--tread_config``."""
+    if not isinstance(tread_config, dict) or not isinstance(tread_config.get("routes"), list):
+        raise ValueError('`--tread_config` must be a JSON object with a "routes" list, e.g. {"routes": '
+                         '[{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}')
+    return tread_config["routes"]
+
+
+def resolve_block(index: int, count: int) -> int | None:
+    """A 0-based block index from a possibly negative one; None when outside ``count`` blocks."""
+    resolved = index + count if index < 0 else index
+    return resolved if 0 <= resolved < count else None
+
+
+def resolve_routes(tread_config: Any, count: int) -> list[Route]:
+    routes = []
+    for number, settings in enumerate(route_settings(tread_config)):
+        start = resolve_block(settings["start_layer_idx"], count)
+        end = resolve_block(settings["end_layer_idx"], count)
+        if start is None or end is None or start > end:
+            raise ValueError(f"`--tread_config` route {number}: blocks {settings['start_layer_idx']}.."
+                             f"{settings['end_layer_idx']} do not name a range of the denoiser's {count} "
+                             f"transformer blocks (0..{count - 1}, or -{count}..-1 from the end; start <= end)")
+        routes.append(Route(float(settings["selection_ratio"]), start, end))
+    ordered = sorted(routes, key=lambda route: route.start)
+    if any(later.start <= earlier.end for earlier, later in zip(ordered, ordered[1:])):
+        raise ValueError("`--tread_config` routes overlap; give each route its own block range")
+    return routes
+
+
+def bound_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A block call's arguments by name, whether passed by keyword (the plain forward) or by position
+    (diffusers' gradient-checkpointing path)."""
+    return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+
+
+def draw_kept_positions(tokens: int, ratio: float, device: torch.device) -> torch.Tensor | None:
+    """Sorted positions of the tokens that stay, or None when no token is routed (ratio 0, tiny N)."""
+    routed = int(tokens * ratio)
+    if routed == 0:
+        return None
+    order = torch.randperm(tokens)  # global CPU RNG: same draw on every device, restored on resume
+    return order[routed:].sort().values.to(device)
+
+
+def slice_joint_kwargs(arguments: dict[str, Any], kept: torch.Tensor, tokens: int) -> None:
+    """Keep the per-token entries of the kept image tokens: Flux's rotary table and key mask cover the
+    text tokens first, then the image tokens."""
+    rotary = arguments.get("image_rotary_emb")
+    joint = arguments.get("joint_attention_kwargs") or {}
+    mask = joint.get("attention_mask")
+    if rotary is None and mask is None:
+        return
+    text = arguments["encoder_hidden_states"].shape[1]
+    positions = torch.cat([torch.arange(text, device=kept.device), text + kept])
+    if rotary is not None:
+        if isinstance(rotary, torch.Tensor) or rotary[0].shape[0] != text + tokens:
+            raise RuntimeError("TREAD expected the rotary table as (cos, sin) over text then image tokens")
+        arguments["image_rotary_emb"] = tuple(table[positions.to(table.device)] for table in rotary)
+    if mask is not None:
+        if mask.ndim != 2:
+            raise RuntimeError(f"TREAD can route a [batch, tokens] key mask only, not shape {tuple(mask.shape)}")
+        arguments["joint_attention_kwargs"] = {**joint, "attention_mask": mask[:, positions.to(mask.device)]}
+
+
+def with_image_tokens(output: Any, image_tokens: torch.Tensor) -> Any:
+    """A block's output with its image tokens replaced (joint blocks return ``(text, image)``)."""
+    if isinstance(output, tuple):
+        return (*output[:-1], image_tokens)
+    return image_tokens
+
+
+class Tread:
+    name = "tread"
+
+    def __init__(self, tread_config: Any):
+        self.tread_config = tread_config
+        self.routes: list[Route] = []
+        self.routed: dict[int, Routed] = {}
+        self.handles: list = []
+
+    def attach(self, model, capture: CaptureSwitch) -> None:
+        blocks = [block for _, block in model.transformer_blocks()]
+        if not blocks:
+            raise ValueError(f"TREAD needs a transformer denoiser; {model.config.model_family}'s has no transformer "
+                             "blocks")
+        self.routes = resolve_routes(self.tread_config, len(blocks))
+        for number, route in enumerate(self.routes):
+            self.handles.append(blocks[route.start].register_forward_pre_hook(
+                self._take_out(number, route, capture), with_kwargs=True))
+            for inside in blocks[route.start + 1:route.end + 1]:
+                self.handles.append(inside.register_forward_pre_hook(self._follow(number), with_kwargs=True))
+            self.handles.append(blocks[route.end].register_forward_hook(self._put_back(number)))
+
+    def _take_out(self, number: int, route: Route, capture: CaptureSwitch):
+        def hook(module, args, kwargs):
+            self.routed.pop(number, None)
+            if not capture.on:
+                return None
+            arguments = bound_arguments(module, args, kwargs)
+            if arguments.get("attention_mask") is not None:
+                raise RuntimeError("TREAD cannot route tokens of a block given a self-attention mask")
+            hidden = arguments["hidden_states"]
+            kept = draw_kept_positions(hidden.shape[1], route.selection_ratio, hidden.device)
+            if kept is None:
+                return None
+            self.routed[number] = Routed(full=hidden, kept=kept)
+            arguments["hidden_states"] = hidden[:, kept]
+            slice_joint_kwargs(arguments, kept, hidden.shape[1])
+            return (), arguments
+        return hook
+
+    def _follow(self, number: int):
+        """The blocks after the start one get the full per-token tables from the model again; they
+        need the same kept rows as the start block."""
+        def hook(module, args, kwargs):
+            routed = self.routed.get(number)
+            if routed is None:
+                return None
+            arguments = bound_arguments(module, args, kwargs)
+            slice_joint_kwargs(arguments, routed.kept, routed.full.shape[1])
+            return (), arguments
+        return hook
+
+    def _put_back(self, number: int):
+        def hook(module, inputs, output):
+            routed = self.routed.pop(number, None)
+            if routed is None:
+                return None
+            ran = output[-1] if isinstance(output, tuple) else output
+            restored = routed.full.to(ran.dtype).index_copy(1, routed.kept, ran)
+            return with_image_tokens(output, restored)
+        return hook
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.routed.clear()
+
+    def term(self, batch: dict, step: int) -> None:
+        return None  # routing saves compute; it adds nothing to the loss
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
