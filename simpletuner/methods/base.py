@@ -47,3 +47,17 @@ class TrainingMethod(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ...
+
+
+class Stateless:
+    """The three component methods for a method or regularizer that trains no module of its own and
+    keeps nothing between steps (its randomness comes from the RNGs the checkpoint restores)."""
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -20,11 +20,11 @@ text-embed cache (whose embeds would be stale as soon as the encoder moves).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from simpletuner.methods.base import LossOutput
+from simpletuner.methods.base import LossOutput, Stateless
 from simpletuner.methods.scheduled_sampling import build_scheduled_sampling
 from simpletuner.objectives.flow import FlowSigmaSampler, ShiftedDiscreteSchedule, flow_loss_weights, flow_noisy_latents
 from simpletuner.objectives.losses import LossSettings, diffusion_loss, elementwise_loss, masked_mean
@@ -94,7 +94,7 @@ def build(model, config) -> SupervisedFineTuning:
     return SupervisedFineTuning(model, config.caption_dropout_probability, config=config)
 
 
-class SupervisedFineTuning:
+class SupervisedFineTuning(Stateless):
     """The default method; one instance per run. It trains nothing but the denoiser (and text encoders
     the trainer hands it) and keeps no state of its own: every random draw comes from the RNGs the
     checkpoint already restores."""
@@ -121,15 +121,6 @@ class SupervisedFineTuning:
         self.scheduled_sampling = build_scheduled_sampling(model, self.scheduler, config, self.flow)
         #: set by the trainer while ``--train_text_encoder`` is active (until ``--text_encoder_limit``)
         self.encode_text_live = False
-
-    def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     # --- conditioning ----------------------------------------------------------------------------
 

@@ -62,6 +62,45 @@ class CaptureSwitch:
         self.on = False
 
 
+def image_tokens(output: Any) -> torch.Tensor:
+    """The image tokens a block returned: the tensor itself, or the last element of the tuple that
+    diffusers' joint blocks return as ``(text tokens, image tokens)``."""
+    return output[-1] if isinstance(output, (tuple, list)) else output
+
+
+def transformer_blocks_of(model, who: str) -> list[torch.nn.Module]:
+    """The family's repeated transformer blocks in execution order (``ModelFamily.transformer_blocks``);
+    ``who`` names the regularizer in the error for a denoiser without them (a UNet)."""
+    blocks = [block for _, block in model.transformer_blocks()]
+    if not blocks:
+        raise ValueError(f"{who} needs a transformer denoiser; {model.config.model_family}'s has no transformer blocks")
+    return blocks
+
+
+class BlockTokens:
+    """The image tokens chosen blocks output during the training forward, kept by role until taken."""
+
+    def __init__(self) -> None:
+        self.captured: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def hook(self, blocks: dict[str, torch.nn.Module], capture: CaptureSwitch) -> None:
+        for role, block in blocks.items():
+            def record(module, inputs, output, role=role):
+                if capture.on:
+                    self.captured[role] = image_tokens(output)
+            self._handles.append(block.register_forward_hook(record))
+
+    def take(self, role: str) -> torch.Tensor | None:
+        return self.captured.pop(role, None)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+
 class Regularizers:
     """The regularizers of one run, attached to its model."""
 

@@ -33,8 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from simpletuner.regularizers.base import CaptureSwitch, RegularizerTerm
-from simpletuner.regularizers.layersync import image_tokens
+from simpletuner.regularizers.base import BlockTokens, CaptureSwitch, RegularizerTerm, transformer_blocks_of
 from simpletuner.regularizers.schedule import SimilarityGate, WeightSchedule
 
 #: ``--crepa_model`` short names and the hub repositories of those DINOv2 checkpoints.
@@ -211,31 +210,22 @@ class Crepa:
         self.projector, self.schedule, self.gate, self.neighbours = projector, schedule, gate, neighbours
         self.spatial_align, self.encoder = spatial_align, encoder
         self.encoder_image_size, self.encoder_frames_batch_size = encoder_image_size, encoder_frames_batch_size
-        self.captured: dict[str, torch.Tensor] = {}
-        self.handles: list = []
+        self.tokens = BlockTokens()
         self.vae = None
 
     def attach(self, model, capture: CaptureSwitch) -> None:
-        blocks = model.transformer_blocks()
-        if not blocks:
-            raise ValueError(f"CREPA needs a transformer denoiser; {model.config.model_family}'s has no transformer blocks")
-        roles = {"student": block_position(self.block_index, len(blocks), "crepa_block_index")}
+        blocks = transformer_blocks_of(model, "CREPA")
+        roles = {"student": blocks[block_position(self.block_index, len(blocks), "crepa_block_index")]}
         if self.teacher_block_index is not None:
-            roles["teacher"] = block_position(self.teacher_block_index, len(blocks), "crepa_teacher_block_index")
-        for role, index in roles.items():
-            def record(module, inputs, output, role=role):
-                if capture.on:
-                    self.captured[role] = image_tokens(output)
-            self.handles.append(blocks[index][1].register_forward_hook(record))
+            roles["teacher"] = blocks[block_position(self.teacher_block_index, len(blocks), "crepa_teacher_block_index")]
+        self.tokens.hook(roles, capture)
         self.vae = getattr(model, "vae", None)
 
     def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        self.tokens.remove()
 
     def term(self, batch: dict, step: int) -> RegularizerTerm | None:
-        student, teacher = self.captured.pop("student", None), self.captured.pop("teacher", None)
+        student, teacher = self.tokens.take("student"), self.tokens.take("teacher")
         if student is None:
             raise RuntimeError("CREPA captured no block output in this forward pass; the denoiser did not run the "
                                "hooked block (block swap or compilation replacing it?)")

@@ -15,12 +15,10 @@ its own; UNet families have no such list and are refused at validation.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 import torch.nn.functional as F
 
-from simpletuner.regularizers.base import CaptureSwitch, RegularizerTerm
+from simpletuner.methods.base import Stateless
+from simpletuner.regularizers.base import BlockTokens, CaptureSwitch, RegularizerTerm, transformer_blocks_of
 
 #: ``--layersync_lambda`` when left unset.
 DEFAULT_LAMBDA = 0.2
@@ -43,52 +41,27 @@ def block_index(number: int, count: int, option: str) -> int:
     raise ValueError(f"`--{option}` {number} is past the denoiser's {count} transformer blocks; use 1 to {count}")
 
 
-def image_tokens(output: Any) -> torch.Tensor:
-    """The image tokens a block returned: the tensor itself, or the last element of the tuple that
-    diffusers' joint blocks return as ``(text tokens, image tokens)``."""
-    return output[-1] if isinstance(output, (tuple, list)) else output
-
-
-class LayerSync:
+class LayerSync(Stateless):
     name = "layersync"
 
     def __init__(self, student_block: int, teacher_block: int, weight: float):
         self.student_block, self.teacher_block, self.weight = student_block, teacher_block, weight
-        self.captured: dict[str, torch.Tensor] = {}
-        self.handles: list = []
+        self.tokens = BlockTokens()
 
     def attach(self, model, capture: CaptureSwitch) -> None:
-        blocks = model.transformer_blocks()
-        if not blocks:
-            raise ValueError(f"LayerSync needs a transformer denoiser; {model.config.model_family}'s has no "
-                             "transformer blocks")
-        roles = {"student": block_index(self.student_block, len(blocks), "layersync_student_block"),
-                 "teacher": block_index(self.teacher_block, len(blocks), "layersync_teacher_block")}
-        for role, index in roles.items():
-            def record(module, inputs, output, role=role):
-                if capture.on:
-                    self.captured[role] = image_tokens(output)
-            self.handles.append(blocks[index][1].register_forward_hook(record))
+        blocks = transformer_blocks_of(model, "LayerSync")
+        self.tokens.hook({"student": blocks[block_index(self.student_block, len(blocks), "layersync_student_block")],
+                          "teacher": blocks[block_index(self.teacher_block, len(blocks), "layersync_teacher_block")]},
+                         capture)
 
     def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        self.tokens.remove()
 
     def term(self, batch: dict, step: int) -> RegularizerTerm | None:
-        student, teacher = self.captured.pop("student", None), self.captured.pop("teacher", None)
+        student, teacher = self.tokens.take("student"), self.tokens.take("teacher")
         if student is None or teacher is None:
             raise RuntimeError("LayerSync captured no block outputs in this forward pass; the denoiser did not "
                                "run the hooked blocks (block swap or compilation replacing them?)")
         similarity = F.cosine_similarity(student.float(), teacher.detach().float(), dim=-1).mean()
         loss = self.weight * (1 - similarity)
         return RegularizerTerm(loss, {"similarity": similarity.item(), "loss": loss.item()})
-
-    def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

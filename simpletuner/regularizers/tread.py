@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from simpletuner.methods.base import Stateless
 from simpletuner.regularizers.base import CaptureSwitch
 
 
@@ -124,7 +125,7 @@ def with_image_tokens(output: Any, image_tokens: torch.Tensor) -> Any:
     return image_tokens
 
 
-class Tread:
+class Tread(Stateless):
     name = "tread"
 
     def __init__(self, tread_config: Any):
@@ -195,11 +196,3 @@ class Tread:
     def term(self, batch: dict, step: int) -> None:
         return None  # routing saves compute; it adds nothing to the loss
 
-    def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

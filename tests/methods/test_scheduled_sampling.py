@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from simpletuner.methods.scheduled_sampling import (ScheduledSampling, ScheduledSamplingSettings,  # noqa: E402
+from simpletuner.methods.scheduled_sampling import (ScheduledSamplingSettings,  # noqa: E402
                                                      anti_drift_term, draw_offsets, euler_ddpm_step, euler_flow_step,
                                                      noise_level_grid, reflexflow_weights, rollout_paths,
                                                      rollout_probability)

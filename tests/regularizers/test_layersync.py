@@ -69,7 +69,7 @@ def test_hooks_record_only_inside_the_training_forward_and_detach_cleanly():
     regularizers.detach()
     with regularizers.capturing():
         model.forward(torch.randn(1, 3, 4))
-    assert regularizers.items[0].captured == {}
+    assert regularizers.items[0].tokens.captured == {}
 
 
 def resolve(project: Path, family: str, **overrides):
