@@ -59,6 +59,12 @@ CREPA_OPTIONS = ("crepa_enabled", "crepa_block_index", "crepa_lambda", "crepa_ad
                  "crepa_cutoff_step", "crepa_similarity_threshold", "crepa_similarity_ema_decay",
                  "crepa_threshold_mode")
 
+#: U-REPA's options (simpletuner/regularizers/urepa.py): the UNet families whose mid block it hooks.
+UREPA_OPTIONS = ("urepa_enabled", "urepa_lambda", "urepa_manifold_weight", "urepa_model", "urepa_encoder_image_size",
+                 "urepa_use_tae", "urepa_scheduler", "urepa_warmup_steps", "urepa_decay_steps", "urepa_lambda_end",
+                 "urepa_power", "urepa_cutoff_step", "urepa_similarity_threshold", "urepa_similarity_ema_decay",
+                 "urepa_threshold_mode")
+
 FAMILIES: dict[str, FamilyInfo] = {
     "sd1x": FamilyInfo(
         name="sd1x",
@@ -73,6 +79,7 @@ FAMILIES: dict[str, FamilyInfo] = {
         default_flavour="1.5",
         prediction_types=("epsilon", "v_prediction", "sample"),
         text_encoders=("text_encoder",),
+        options=UREPA_OPTIONS,
     ),
     "sd2x": FamilyInfo(
         name="sd2x",
@@ -87,6 +94,7 @@ FAMILIES: dict[str, FamilyInfo] = {
         default_flavour="2.1",
         prediction_types=("v_prediction", "epsilon", "sample"),
         text_encoders=("text_encoder",),
+        options=UREPA_OPTIONS,
     ),
     "sdxl": FamilyInfo(
         name="sdxl",
@@ -101,7 +109,7 @@ FAMILIES: dict[str, FamilyInfo] = {
         text_encoders=("text_encoder", "text_encoder_2"),
         options=("pretrained_unet_model_name_or_path", "pretrained_unet_subfolder", "unet_attention_slice",
                  "refiner_training", "refiner_training_invert_schedule", "refiner_training_strength",
-                 "sdxl_refiner_uses_full_range", "data_aesthetic_score"),
+                 "sdxl_refiner_uses_full_range", "data_aesthetic_score", *UREPA_OPTIONS),
     ),
     "kolors": FamilyInfo(
         name="kolors",
@@ -112,7 +120,7 @@ FAMILIES: dict[str, FamilyInfo] = {
         prediction_types=("epsilon", "v_prediction", "sample"),
         options=("tokenizer_max_length", "pretrained_unet_model_name_or_path", "pretrained_unet_subfolder",
                  "unet_attention_slice", "refiner_training", "refiner_training_invert_schedule",
-                 "refiner_training_strength"),
+                 "refiner_training_strength", *UREPA_OPTIONS),
     ),
     "sd3": FamilyInfo(
         name="sd3",

@@ -25,7 +25,7 @@ def _set(config, name: str) -> bool:
     return name in config.explicit and getattr(config, name) is not None
 
 
-def _refuse_unless(config, names: tuple[str, ...], condition: bool, needs: str) -> None:
+def refuse_unless(config, names: tuple[str, ...], condition: bool, needs: str) -> None:
     if condition:
         return
     for name in names:
@@ -35,15 +35,15 @@ def _refuse_unless(config, names: tuple[str, ...], condition: bool, needs: str) 
 
 def check_crepa(config) -> None:
     tuning = tuple(name for name in CREPA_OPTIONS if name != "crepa_enabled")
-    _refuse_unless(config, tuning, bool(config.crepa_enabled), "`--crepa_enabled true`")
+    refuse_unless(config, tuning, bool(config.crepa_enabled), "`--crepa_enabled true`")
     if not config.crepa_enabled:
         return
     if config.crepa_block_index is None:
         raise ConfigError("`--crepa_enabled` needs `--crepa_block_index`: the 0-based index of the transformer block "
                           "whose image tokens are aligned (early blocks, e.g. 8, tend to work best)")
     backbone = bool(config.crepa_use_backbone_features)
-    _refuse_unless(config, ("crepa_teacher_block_index",), backbone, "`--crepa_use_backbone_features true`")
-    _refuse_unless(config, ENCODER_OPTIONS, not backbone,
+    refuse_unless(config, ("crepa_teacher_block_index",), backbone, "`--crepa_use_backbone_features true`")
+    refuse_unless(config, ENCODER_OPTIONS, not backbone,
                    "an image encoder (`--crepa_use_backbone_features true` aligns with the denoiser's own block)")
     if backbone and config.crepa_teacher_block_index is not None and config.crepa_teacher_block_index < config.crepa_block_index:
         raise ConfigError(f"`--crepa_teacher_block_index` {config.crepa_teacher_block_index} must name a block at or "
@@ -62,9 +62,9 @@ def check_encoder(config) -> None:
 
 def check_schedule(config) -> None:
     decaying = config.crepa_scheduler != "constant"
-    _refuse_unless(config, DECAY_OPTIONS, decaying, "a decaying `--crepa_scheduler` (linear, cosine or polynomial)")
-    _refuse_unless(config, ("crepa_power",), config.crepa_scheduler == "polynomial", "`--crepa_scheduler polynomial`")
-    _refuse_unless(config, THRESHOLD_OPTIONS, config.crepa_similarity_threshold is not None,
+    refuse_unless(config, DECAY_OPTIONS, decaying, "a decaying `--crepa_scheduler` (linear, cosine or polynomial)")
+    refuse_unless(config, ("crepa_power",), config.crepa_scheduler == "polynomial", "`--crepa_scheduler polynomial`")
+    refuse_unless(config, THRESHOLD_OPTIONS, config.crepa_similarity_threshold is not None,
                    "`--crepa_similarity_threshold`")
     if decaying and not config.crepa_decay_steps and not config.max_train_steps:
         raise ConfigError(f"`--crepa_scheduler {config.crepa_scheduler}` decays over `--crepa_decay_steps`, or over "

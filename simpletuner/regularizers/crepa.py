@@ -28,24 +28,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from simpletuner.regularizers.base import BlockTokens, CaptureSwitch, RegularizerTerm, transformer_blocks_of
 from simpletuner.regularizers.schedule import SimilarityGate, WeightSchedule
-
-#: ``--crepa_model`` short names and the hub repositories of those DINOv2 checkpoints.
-DINOV2_HUB_IDS = {
-    "dinov2_vits14": "facebook/dinov2-small",
-    "dinov2_vitb14": "facebook/dinov2-base",
-    "dinov2_vitg14": "facebook/dinov2-giant",
-}
-#: DINOv2 was trained on ImageNet-normalised inputs.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+from simpletuner.regularizers.vision_teacher import (ProjectorAndGate, encoder_grid, load_encoder, make_projector,
+                                                     teacher_tokens_for_latents)
 
 @dataclass(frozen=True)
 class NeighbourSettings:
@@ -54,45 +44,6 @@ class NeighbourSettings:
     cumulative: bool = False
     normalize_sum: bool = False
     normalize_by_frames: bool = True
-
-
-# --- the teacher encoder ---------------------------------------------------------------------------
-
-def load_encoder(name_or_path: str, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
-    """A frozen ``transformers.Dinov2Model`` from a short name, a hub id or a local folder."""
-    from transformers import Dinov2Model
-
-    encoder = Dinov2Model.from_pretrained(DINOV2_HUB_IDS.get(name_or_path, name_or_path))
-    encoder.requires_grad_(False)
-    return encoder.to(device=device, dtype=dtype).eval()
-
-
-def encoder_prefix_tokens(encoder: torch.nn.Module) -> int:
-    """Tokens the encoder puts before its patch tokens: the CLS token plus any register tokens."""
-    return 1 + int(getattr(encoder.config, "num_register_tokens", 0) or 0)
-
-
-@torch.no_grad()
-def encoder_patch_tokens(encoder: torch.nn.Module, pixels: torch.Tensor, image_size: int,
-                         frames_batch_size: int = -1) -> torch.Tensor:
-    """The encoder's patch tokens (N, patches, E) for images in [-1, 1] (N, 3, H, W), resized to
-    ``image_size`` square and ImageNet-normalised; images go through the encoder ``frames_batch_size``
-    at a time (all together when it is 0 or negative)."""
-    parameter = next(encoder.parameters())
-    images = F.interpolate(pixels.float(), size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = (images.clamp(-1, 1) + 1) / 2
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    images = ((images - mean) / std).to(device=parameter.device, dtype=parameter.dtype)
-    chunk = frames_batch_size if frames_batch_size > 0 else images.shape[0]
-    skip = encoder_prefix_tokens(encoder)
-    pieces = [encoder(pixel_values=part).last_hidden_state[:, skip:] for part in images.split(chunk)]
-    return torch.cat(pieces).float()
-
-
-def encoder_grid(encoder: torch.nn.Module, image_size: int) -> tuple[int, int]:
-    side = image_size // encoder.config.patch_size
-    return side, side
 
 
 # --- token grids and alignment ----------------------------------------------------------------------
@@ -145,13 +96,6 @@ def alignment_score(projected: torch.Tensor, target: torch.Tensor, settings: Nei
     return per_sample.mean()
 
 
-def make_projector(width: int, target_width: int) -> torch.nn.Module:
-    """The trainable MLP from the denoiser's token width to the target's."""
-    hidden = max(width, target_width)
-    return torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden),
-                               torch.nn.SiLU(), torch.nn.Linear(hidden, target_width))
-
-
 def denoiser_token_width(model) -> int:
     """The width of the denoiser's image tokens (heads x head size in the DiT families' configs)."""
     config = model.denoiser.config
@@ -166,13 +110,8 @@ def denoiser_token_width(model) -> int:
 
 def build(model, config) -> Crepa:
     """``--crepa_enabled`` (the registry's builder)."""
-    schedule = WeightSchedule(
-        base=float(config.crepa_lambda), scheduler=config.crepa_scheduler, warmup_steps=config.crepa_warmup_steps,
-        decay_steps=config.crepa_decay_steps, lambda_end=float(config.crepa_lambda_end),
-        power=float(config.crepa_power), cutoff_step=config.crepa_cutoff_step,
-        total_steps=config.max_train_steps or 0)
-    gate = SimilarityGate(config.crepa_similarity_threshold, config.crepa_similarity_ema_decay,
-                          config.crepa_threshold_mode)
+    schedule = WeightSchedule.from_options(config, "crepa")
+    gate = SimilarityGate.from_options(config, "crepa")
     neighbours = NeighbourSettings(config.crepa_adjacent_distance, config.crepa_adjacent_tau,
                                    config.crepa_cumulative_neighbors, config.crepa_normalize_neighbour_sum,
                                    config.crepa_normalize_by_frames)
@@ -197,7 +136,7 @@ def block_position(index: int, count: int, option: str) -> int:
     return index
 
 
-class Crepa:
+class Crepa(ProjectorAndGate):
     name = "crepa"
 
     def __init__(self, *, block_index: int, projector: torch.nn.Module, schedule: WeightSchedule,
@@ -257,21 +196,8 @@ class Crepa:
                                               target_grid, self.spatial_align)
         return alignment_score(projected, target, self.neighbours)
 
-    @torch.no_grad()
     def encoder_features(self, latent_mean: torch.Tensor) -> torch.Tensor:
-        """The teacher's patch tokens for the clean images behind the cached latents: the posterior
-        means decoded by the family's VAE, then encoded."""
-        if self.vae is None:
-            raise RuntimeError("CREPA needs the family's VAE to turn cached latents back into images")
-        pixels = self.vae.decode(latent_mean.to(self.vae.device, dtype=self.vae.dtype)).sample
-        return encoder_patch_tokens(self.encoder, pixels, self.encoder_image_size, self.encoder_frames_batch_size)
+        """The teacher's patch tokens for the clean images behind the cached latents."""
+        return teacher_tokens_for_latents(self.vae, self.encoder, latent_mean, self.encoder_image_size,
+                                          self.encoder_frames_batch_size, who="CREPA")
 
-    def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        return {"projector": self.projector}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"projector": self.projector.state_dict(), "gate": self.gate.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.projector.load_state_dict(state["projector"])
-        self.gate.load_state_dict(state["gate"])

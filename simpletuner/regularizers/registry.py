@@ -29,6 +29,7 @@ class RegularizerEntry:
 BUILTIN_REGULARIZERS: tuple[RegularizerEntry, ...] = (
     RegularizerEntry("layersync", "simpletuner.regularizers.layersync:build", lambda config: bool(config.layersync_enabled)),
     RegularizerEntry("crepa", "simpletuner.regularizers.crepa:build", lambda config: bool(config.crepa_enabled)),
+    RegularizerEntry("urepa", "simpletuner.regularizers.urepa:build", lambda config: bool(config.urepa_enabled)),
     RegularizerEntry("tread", "simpletuner.regularizers.tread:build", lambda config: bool(config.tread_config)),
 )
 

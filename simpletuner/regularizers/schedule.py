@@ -37,6 +37,18 @@ class WeightSchedule:
     cutoff_step: int = 0
     total_steps: int = 0
 
+    @classmethod
+    def from_options(cls, config, prefix: str) -> WeightSchedule:
+        """The ``--<prefix>_lambda`` / ``_scheduler`` / ``_warmup_steps`` / ... options: CREPA and U-REPA
+        declare the same schedule under their own prefix."""
+        def option(name: str):
+            return getattr(config, f"{prefix}_{name}")
+
+        return cls(base=float(option("lambda")), scheduler=option("scheduler"), warmup_steps=option("warmup_steps"),
+                   decay_steps=option("decay_steps"), lambda_end=float(option("lambda_end")),
+                   power=float(option("power")), cutoff_step=option("cutoff_step"),
+                   total_steps=config.max_train_steps or 0)
+
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULES:
             raise ValueError(f"unknown weight schedule {self.scheduler!r}; use one of {', '.join(SCHEDULES)}")
@@ -71,6 +83,12 @@ class SimilarityGate:
     """Switches a term off when the moving average of its alignment score reaches ``threshold``.
 
     ``threshold`` None keeps the gate open forever (the average is still tracked, for the logs)."""
+
+    @classmethod
+    def from_options(cls, config, prefix: str) -> SimilarityGate:
+        """``--<prefix>_similarity_threshold`` / ``_similarity_ema_decay`` / ``_threshold_mode``."""
+        return cls(getattr(config, f"{prefix}_similarity_threshold"), getattr(config, f"{prefix}_similarity_ema_decay"),
+                   getattr(config, f"{prefix}_threshold_mode"))
 
     def __init__(self, threshold: float | None, ema_decay: float = 0.99, mode: str = "permanent"):
         if mode not in THRESHOLD_MODES:

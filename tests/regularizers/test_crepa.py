@@ -20,8 +20,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.regularizers.base import Regularizers  # noqa: E402
-from simpletuner.regularizers.crepa import (Crepa, NeighbourSettings, alignment_score, encoder_patch_tokens,  # noqa: E402
-                                            load_encoder, make_projector, token_grid)
+from simpletuner.regularizers.crepa import Crepa, NeighbourSettings, alignment_score, token_grid  # noqa: E402
+from simpletuner.regularizers.vision_teacher import encoder_patch_tokens, load_encoder, make_projector  # noqa: E402
 from simpletuner.regularizers.schedule import SimilarityGate, WeightSchedule  # noqa: E402
 from simpletuner.testing.tiny_vision import make_tiny_dinov2  # noqa: E402
 

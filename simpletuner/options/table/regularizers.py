@@ -219,6 +219,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Add the U-REPA loss, aligning UNet mid-block features with a frozen vision encoder plus a manifold term. UNet models only.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_lambda",
@@ -227,6 +228,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Weight of the U-REPA loss relative to the main loss.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_manifold_weight",
@@ -235,13 +237,15 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Weight of the manifold (relative similarity) term compared with the alignment term.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_model",
         kind="str",
         default="dinov2_vitg14",
-        help="torch.hub name of the frozen vision encoder; small variants run faster.",
+        help="Frozen DINOv2 teacher: dinov2_vits14, dinov2_vitb14, dinov2_vitg14 or a folder holding a Dinov2Model; small variants run faster.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_encoder_image_size",
@@ -250,6 +254,7 @@ OPTIONS: list[Option] = [
         minimum=1,
         help="Input size for the vision encoder; match its native resolution (518 for ViT-G/14, 224 for ViT-S/14).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_use_tae",
@@ -264,6 +269,7 @@ OPTIONS: list[Option] = [
         default="constant",
         help="How the U-REPA weight decays after warmup.",
         group=_G,
+        implemented=True,
         choices=_DECAY_SCHEDULES,
     ),
     Option(
@@ -273,6 +279,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Steps over which the U-REPA weight climbs linearly from 0 to urepa_lambda.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_decay_steps",
@@ -281,6 +288,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Length of the decay phase after warmup; 0 spreads it over the whole run.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_lambda_end",
@@ -289,6 +297,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="U-REPA weight reached when decay finishes.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_power",
@@ -297,6 +306,7 @@ OPTIONS: list[Option] = [
         minimum=0, exclusive_minimum=True,
         help="Exponent for polynomial decay of the U-REPA weight.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_cutoff_step",
@@ -305,6 +315,7 @@ OPTIONS: list[Option] = [
         minimum=0,
         help="Switch U-REPA off for good after this step; 0 means never.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_similarity_threshold",
@@ -313,6 +324,7 @@ OPTIONS: list[Option] = [
         minimum=-1, maximum=1,
         help="Switch U-REPA off once the moving average of its similarity reaches this value; unset disables the check.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_similarity_ema_decay",
@@ -321,6 +333,7 @@ OPTIONS: list[Option] = [
         minimum=0, maximum=1, exclusive_maximum=True,
         help="Smoothing of the similarity average used by the threshold; higher is smoother.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_threshold_mode",
@@ -328,6 +341,7 @@ OPTIONS: list[Option] = [
         default="permanent",
         help="After the threshold is hit, keep U-REPA off (permanent) or allow it back if similarity falls (recoverable).",
         group=_G,
+        implemented=True,
         choices=_THRESHOLD_MODES,
     ),
     # --- LayerSync ---------------------------------------------------------------------------
