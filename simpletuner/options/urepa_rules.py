@@ -9,15 +9,10 @@ declared but not implemented, so it is refused by the table's not-supported-yet 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 from simpletuner.models.registry import UREPA_OPTIONS
-from simpletuner.options import ConfigError
-from simpletuner.options.crepa_rules import ENCODER_NAMES, refuse_unless
-
-DECAY_OPTIONS = ("urepa_decay_steps", "urepa_lambda_end")
-THRESHOLD_OPTIONS = ("urepa_similarity_ema_decay", "urepa_threshold_mode")
+from simpletuner.options.alignment_rules import check_encoder, check_schedule, refuse_unless
 
 
 def check_urepa(config) -> None:
@@ -25,18 +20,8 @@ def check_urepa(config) -> None:
     refuse_unless(config, tuning, bool(config.urepa_enabled), "`--urepa_enabled true`")
     if not config.urepa_enabled:
         return
-    model = config.urepa_model
-    if model not in ENCODER_NAMES and not Path(model).is_dir():
-        raise ConfigError(f"`--urepa_model` {model!r} is neither {', '.join(ENCODER_NAMES)} nor a folder holding a "
-                          "Dinov2Model (config.json and weights); fix the name or the path")
-    decaying = config.urepa_scheduler != "constant"
-    refuse_unless(config, DECAY_OPTIONS, decaying, "a decaying `--urepa_scheduler` (linear, cosine or polynomial)")
-    refuse_unless(config, ("urepa_power",), config.urepa_scheduler == "polynomial", "`--urepa_scheduler polynomial`")
-    refuse_unless(config, THRESHOLD_OPTIONS, config.urepa_similarity_threshold is not None,
-                   "`--urepa_similarity_threshold`")
-    if decaying and not config.urepa_decay_steps and not config.max_train_steps:
-        raise ConfigError(f"`--urepa_scheduler {config.urepa_scheduler}` decays over `--urepa_decay_steps`, or over "
-                          "the whole run when that is 0, which needs `--max_train_steps`; set one of them")
+    check_encoder(config, "urepa")
+    check_schedule(config, "urepa")
 
 
 UREPA_RULES: tuple[Callable, ...] = (check_urepa,)

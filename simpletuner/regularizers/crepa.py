@@ -168,13 +168,9 @@ class Crepa(ProjectorAndGate):
         if student is None:
             raise RuntimeError("CREPA captured no block output in this forward pass; the denoiser did not run the "
                                "hooked block (block swap or compilation replacing it?)")
-        if self.schedule.cut_off(step) or not self.gate.watching:
+        weight = self.active_weight(step, lambda: self.score(student, teacher, batch))
+        if weight is None:
             return None
-        if not self.gate.open:  # recoverable: keep measuring, without a term, until the score drops again
-            with torch.no_grad():
-                self.gate.observe(self.score(student, teacher, batch).item())
-            return None
-        weight = self.schedule.weight(step)
         score = self.score(student, teacher, batch)
         self.gate.observe(score.item())
         loss = -weight * score

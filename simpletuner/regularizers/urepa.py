@@ -110,13 +110,9 @@ class Urepa(ProjectorAndGate):
         if features is None:
             raise RuntimeError("U-REPA captured no mid-block output in this forward pass; the UNet did not run its "
                                "mid block (compilation or offloading replacing it?)")
-        if self.schedule.cut_off(step) or not self.gate.watching:
+        weight = self.active_weight(step, lambda: self.terms(features, batch)[0])
+        if weight is None:
             return None
-        if not self.gate.open:  # recoverable: keep measuring, without a term, until the score drops again
-            with torch.no_grad():
-                self.gate.observe(self.terms(features, batch)[0].item())
-            return None
-        weight = self.schedule.weight(step)
         similarity, manifold = self.terms(features, batch)
         self.gate.observe(similarity.item())
         loss = weight * (-similarity + self.manifold_weight * manifold)

@@ -9,7 +9,7 @@ per image patch (a pooled output would collapse the alignment onto a single vect
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,20 @@ def make_projector(width: int, target_width: int) -> torch.nn.Module:
 
 class ProjectorAndGate:
     """The component methods of an aligner (CREPA, U-REPA) that trains ``self.projector`` and keeps the
-    moving average and on/off state of ``self.gate`` (a schedule.SimilarityGate) between steps."""
+    moving average and on/off state of ``self.gate`` (a schedule.SimilarityGate) between steps, weighted
+    by ``self.schedule`` (a schedule.WeightSchedule)."""
+
+    def active_weight(self, step: int, similarity: Callable[[], torch.Tensor]) -> float | None:
+        """The schedule's weight at ``step``, or None while the term is off: past the cutoff, or with the
+        similarity gate closed. A closed recoverable gate keeps measuring ``similarity()`` without
+        gradients, so it can open again when the score drops."""
+        if self.schedule.cut_off(step) or not self.gate.watching:
+            return None
+        if not self.gate.open:
+            with torch.no_grad():
+                self.gate.observe(similarity().item())
+            return None
+        return self.schedule.weight(step)
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         return {"projector": self.projector}

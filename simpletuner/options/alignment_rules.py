@@ -1,0 +1,51 @@
+"""Validation rules CREPA and U-REPA share (they declare the same teacher and schedule options under
+their own prefix). Torch-free.
+
+A tuning option refines a switch; while that switch is off the option would be ignored, so it is
+refused instead (decay options need a decaying schedule, the power the polynomial one, the threshold's
+options a threshold).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from simpletuner.options import ConfigError
+
+#: ``--crepa_model`` / ``--urepa_model`` short names (regularizers/vision_teacher.py maps them to hub ids).
+ENCODER_NAMES = ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitg14")
+
+
+def _set(config, name: str) -> bool:
+    return name in config.explicit and getattr(config, name) is not None
+
+
+def refuse_unless(config, names: tuple[str, ...], condition: bool, needs: str) -> None:
+    """Refuse the first of ``names`` the user set while ``condition`` (described by ``needs``) is false."""
+    if condition:
+        return
+    for name in names:
+        if _set(config, name):
+            raise ConfigError(f"`--{name}` has no effect without {needs}; add it or remove `--{name}`")
+
+
+def check_encoder(config, prefix: str) -> None:
+    """``--<prefix>_model`` is a known DINOv2 name or a folder."""
+    model = getattr(config, f"{prefix}_model")
+    if model not in ENCODER_NAMES and not Path(model).is_dir():
+        raise ConfigError(f"`--{prefix}_model` {model!r} is neither {', '.join(ENCODER_NAMES)} nor a folder holding a "
+                          "Dinov2Model (config.json and weights); fix the name or the path")
+
+
+def check_schedule(config, prefix: str) -> None:
+    """The weight schedule's options agree with ``--<prefix>_scheduler`` and the similarity threshold."""
+    scheduler = getattr(config, f"{prefix}_scheduler")
+    decaying = scheduler != "constant"
+    refuse_unless(config, (f"{prefix}_decay_steps", f"{prefix}_lambda_end"), decaying,
+                  f"a decaying `--{prefix}_scheduler` (linear, cosine or polynomial)")
+    refuse_unless(config, (f"{prefix}_power",), scheduler == "polynomial", f"`--{prefix}_scheduler polynomial`")
+    refuse_unless(config, (f"{prefix}_similarity_ema_decay", f"{prefix}_threshold_mode"),
+                  getattr(config, f"{prefix}_similarity_threshold") is not None, f"`--{prefix}_similarity_threshold`")
+    if decaying and not getattr(config, f"{prefix}_decay_steps") and not config.max_train_steps:
+        raise ConfigError(f"`--{prefix}_scheduler {scheduler}` decays over `--{prefix}_decay_steps`, or over "
+                          "the whole run when that is 0, which needs `--max_train_steps`; set one of them")
