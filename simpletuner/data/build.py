@@ -69,12 +69,19 @@ class PreparedDataset:
 
 
 def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = True,
-                        num_processes: int = 1, rank: int = 0) -> TrainingData:
+                        num_processes: int = 1, rank: int = 0, feature_encoders: tuple | list = ()) -> TrainingData:
     """Scan, bucket and cache every enabled dataset, cache all captions, build the sampler.
 
     ``num_processes`` and ``rank`` come from the caller's accelerator (the defaults are one process):
     each dataset must fill at least one batch per process, and only rank 0 writes the shared scan and
     content-index files. The data layer never reads them from the environment.
+
+    ``feature_encoders`` are further per-image encoders (a regularizer's teacher, see
+    :class:`~simpletuner.regularizers.vision_teacher.TeacherFeatures`): each offers ``batch_key``,
+    ``cache_folder``, ``latent_fingerprint_parts()``, ``encode_images(pixels)`` returning
+    ``{"features": ...}`` and ``release()``. Every training image dataset caches their outputs beside
+    its latents, from the same crops, and its batches carry them under ``batch_key``. Video datasets
+    do not (their batches lack the key, and the reader computes what it needs itself).
 
     Raises:
         NoTrainingDataError: no usable image is left, or a dataset cannot fill a batch per process.
@@ -95,10 +102,13 @@ def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = 
             logger.warning("dataset %s: no num_frames in its \"video\" object; training clips of %d frames (5 seconds "
                            "at --framerate); set num_frames to use less memory", cfg.id, cfg.video.num_frames)
         dataset = _prepare_dataset(cfg, settings, model, memory, sets, shared_filters, show_progress,
-                                   role=cfg.dataset_type)
+                                   role=cfg.dataset_type,
+                                   feature_encoders=feature_encoders if cfg.dataset_type != "video" else ())
         summaries.append(dataset.summary)
         if any(dataset.buckets.values()):
             prepared[cfg.id] = dataset
+    for encoder in feature_encoders:
+        encoder.release()  # everything is cached; a later miss (on-demand caching) loads it again
     if not prepared:
         raise NoTrainingDataError(_nothing_left_message(summaries))
     evals = {}
@@ -176,7 +186,7 @@ def _entries_for(cache_dir: str, cfg: ImageDatasetConfig, compress: bool) -> Loc
 
 def _prepare_dataset(cfg: ImageDatasetConfig, settings: DataSettings, model, memory: TensorMemory,
                      conditioning: list[ConditioningSet], shared_filters, show_progress: bool,
-                     role: str = "image") -> PreparedDataset:
+                     role: str = "image", feature_encoders: tuple | list = ()) -> PreparedDataset:
     """Scan, place, pair and cache one dataset (whose inherited settings are already filled)."""
     source = open_dataset(cfg)
     backend = source.images
@@ -223,22 +233,45 @@ def _prepare_dataset(cfg: ImageDatasetConfig, settings: DataSettings, model, mem
     cond_failures = _cache_conditioning(conditioning, buckets, cache, settings, show_progress)
     buckets = _without(buckets, {path for path, _ in cond_failures})
     logger.info("dataset %s: latents: %d reused, %d built", cfg.id, report.reused, report.built)
+    features, feature_reports = {}, {}
+    for encoder in feature_encoders:
+        features[encoder.batch_key], feature_report = _cache_features(encoder, cfg, settings, memory, backend, buckets,
+                                                                      anchors, show_progress, verify="vae" not in stages)
+        buckets = _without(buckets, {path for path, _ in feature_report.skipped})
+        feature_reports[encoder.batch_key] = feature_report
     summary = DatasetSummary(
         id=cfg.id,
         found=len(scan.records) + len(scan.skipped),
-        skipped=list(scan.skipped) + excluded + unpaired + list(report.skipped) + cond_failures,
+        skipped=list(scan.skipped) + excluded + unpaired + list(report.skipped) + cond_failures
+        + [item for feature_report in feature_reports.values() for item in feature_report.skipped],
         buckets={size: len(records) for size, records in buckets.items()},
         latents_built=report.built, latents_reused=report.reused, latents_deferred=report.deferred,
         latents_recreated=report.recreated, latents_moved=len(report.moved), repeats=cfg.repeats,
         deleted=deleted + problems, role=role, is_regularisation=cfg.is_regularisation_data,
         conditioning=tuple(cond.id for cond in conditioning),
+        features={key: (item.reused, item.built) for key, item in feature_reports.items()},
     )
     dataset_role = DatasetRole(
         is_regularisation=cfg.is_regularisation_data, conditioning=list(conditioning),
         clear_each_epoch=cfg.vae_cache_clear_each_epoch,
         reanchor=lambda record, epoch: crop_anchor(record, cfg, epoch),
-        records=[record for records in buckets.values() for record in records])
+        records=[record for records in buckets.values() for record in records], features=features)
     return PreparedDataset(cfg, buckets, summary, cache, dataset_role)
+
+
+def _cache_features(encoder, cfg: ImageDatasetConfig, settings: DataSettings, memory: TensorMemory, backend: Backend,
+                    buckets: dict[Size, list[ImageRecord]], anchors: dict, show_progress: bool, verify: bool
+                    ) -> tuple[VaeCache, CacheReport]:
+    """Cache one per-image encoder's outputs for a dataset, in ``<cache_dir_vae>/<encoder.cache_folder>``,
+    with the crops and cache mode of its latents."""
+    folder = f"{cfg.cache_dir_vae.rstrip('/')}/{encoder.cache_folder}"
+    cache = VaeCache(folder, cfg.id, cfg.instance_data_dir, crop=cfg.crop, memory=memory, images=backend,
+                     entries=_entries_for(folder, cfg, settings.compress), options=_vae_options(settings),
+                     label=encoder.batch_key.split(":")[0].replace("_", " "))
+    report = cache.ensure(buckets, encoder, settings.vae_batch_size, progress=show_progress, anchors=anchors,
+                          verify=verify)
+    logger.info("dataset %s: %s: %d reused, %d built", cfg.id, encoder.batch_key, report.reused, report.built)
+    return cache, report
 
 
 def _latent_cache_type(cfg: ImageDatasetConfig, settings: DataSettings):

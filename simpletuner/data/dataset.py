@@ -69,6 +69,8 @@ class DatasetSummary:
         role: ``image``, ``video`` or ``eval``.
         is_regularisation: the dataset's batches are marked as regularisation data.
         conditioning: ids of the paired conditioning datasets.
+        features: per cached image feature (e.g. a regularizer's teacher tokens), by batch key:
+            (entries reused, entries built).
     """
 
     id: str
@@ -86,6 +88,7 @@ class DatasetSummary:
     role: str = "image"
     is_regularisation: bool = False
     conditioning: tuple[str, ...] = ()
+    features: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def used(self) -> int:
@@ -94,6 +97,11 @@ class DatasetSummary:
     def skip_counts(self) -> Counter:
         """Skipped files per reason category (``unreadable``, ``no caption``, ``too small``, ...)."""
         return Counter(_reason_kind(reason) for _, reason in self.skipped)
+
+
+def _keep(columns: dict[str, list], keep: list[bool]) -> dict[str, list]:
+    """Each list of ``columns`` without the positions whose ``keep`` flag is False."""
+    return {name: [value for value, wanted in zip(values, keep) if wanted] for name, values in columns.items()}
 
 
 def _reason_kind(reason: str) -> str:
@@ -111,6 +119,8 @@ class DatasetRole:
         clear_each_epoch: ``vae_cache_clear_each_epoch``.
         reanchor: the crop window of a record in an epoch (re-drawn when latents are cleared).
         records: every record of the dataset (to re-anchor them).
+        features: caches of per-image features some regularizer reads (e.g. CREPA's DINOv2 tokens),
+            by the batch key they go under; built like the latents, from the same crops.
     """
 
     is_regularisation: bool = False
@@ -118,6 +128,7 @@ class DatasetRole:
     clear_each_epoch: bool = False
     reanchor: Callable[[ImageRecord, int], tuple[float, float]] | None = None
     records: list[ImageRecord] = field(default_factory=list)
+    features: dict[str, VaeCache] = field(default_factory=dict)
 
 
 @dataclass
@@ -273,6 +284,8 @@ class TrainingData:
         role = self.roles.get(draw.dataset_id)
         if role is not None and role.clear_each_epoch and (seen is not None or draw.epoch > 0):
             self.latent_caches[draw.dataset_id].start_epoch(draw.epoch, role.reanchor, role.records)
+            for cache in role.features.values():  # the new crops need new features too
+                cache.start_epoch(draw.epoch, role.reanchor, role.records)
 
     def _load(self, draw: Draw) -> dict | None:
         """Look up and stack the tensors of one draw (None if none of its images can be used)."""
@@ -282,12 +295,20 @@ class TrainingData:
         latents = cache.load_batch(records, size)
         kept = [index for index, tensors in enumerate(latents) if tensors is not None]
         role = self.roles.get(draw.dataset_id) or DatasetRole()
+        features: dict[str, list] = {}
+        for key, feature_cache in role.features.items():
+            if kept:
+                loaded = feature_cache.load_batch([records[index] for index in kept], size)
+                features = _keep(features, [item is not None for item in loaded])
+                features[key] = [item for item in loaded if item is not None]
+                kept = [index for index, item in zip(kept, loaded) if item is not None]
         extra: dict = {}
         if role.conditioning and kept:
             chosen = [records[index] for index in kept]
             extra, dropped = conditioning_batch(role.conditioning, chosen, size, [cache.anchor_of(r) for r in chosen],
                                                 self.conditioning_sampling, self.seed, draw.epoch)
             gone = set(dropped)
+            features = _keep(features, [position not in gone for position in range(len(kept))])
             kept = [index for position, index in enumerate(kept) if position not in gone]
         if not kept:
             logger.warning("dataset %s: no usable image left in a batch of %d; taking the next batch",
@@ -300,6 +321,7 @@ class TrainingData:
         texts = [text_cache.load(caption) for caption in captions]
         batch: dict = {name: torch.stack([entry[name] for entry in latents]) for name in latents[0]}
         batch.update({name: torch.stack([entry[name] for entry in texts]) for name in texts[0]})
+        batch.update({key: torch.stack([entry["features"] for entry in entries]) for key, entries in features.items()})
         batch["empty_prompt"] = self._empty_prompt(len(records), text_cache)
         batch["captions"] = captions
         batch["paths"] = [str(r.path) for r in records]
@@ -363,6 +385,8 @@ class TrainingData:
             if count:
                 cache_line += f", {count} {word}"
         lines.append(cache_line)
+        for key, (reused, built) in summary.features.items():
+            lines.append(f"  {key}: {reused} reused, {built} built")
         if summary.conditioning:
             lines.append(f"  conditioning: {', '.join(summary.conditioning)} ({self.conditioning_sampling})")
         sampler = self.sampler.samplers.get(summary.id)
@@ -383,12 +407,13 @@ class TrainingData:
         return lines
 
 
-def build_training_data(config, model, plan, show_progress: bool = True, num_processes: int = 1, rank: int = 0
-                        ) -> TrainingData:
+def build_training_data(config, model, plan, show_progress: bool = True, num_processes: int = 1, rank: int = 0,
+                        feature_encoders: tuple | list = ()) -> TrainingData:
     """Scan, bucket and cache every enabled dataset, cache all captions, build the sampler.
 
     See :func:`simpletuner.data.build.build_training_data` (kept importable from here).
     """
     from simpletuner.data.build import build_training_data as build
 
-    return build(config, model, plan, show_progress=show_progress, num_processes=num_processes, rank=rank)
+    return build(config, model, plan, show_progress=show_progress, num_processes=num_processes, rank=rank,
+                 feature_encoders=feature_encoders)

@@ -15,12 +15,14 @@ schedule is reached), steps through the grid entries between, and its last step 
 ``t``. Every sample carries its own grid, so one batched model call advances the whole batch; a
 sample whose rollout is shorter (or that was not picked) stays put through the extra calls.
 
-Solver. Only Euler is implemented. diffusers' ``step()`` methods keep one step index for the whole
-batch, so they cannot advance samples that sit at different noise levels; the per-sample update
-here is the same arithmetic as ``EulerDiscreteScheduler.step`` (DDPM families, which equals a
-deterministic DDIM step) and ``FlowMatchEulerDiscreteScheduler.step`` (flow families), and the tests
-check it against those classes on single steps. ``unipc``, ``dpm`` and ``rk4`` are refused by the
-configuration rules.
+Solvers (``--scheduled_sampling_sampler``, :mod:`simpletuner.methods.rollout_solvers`). ``unipc``
+(the default: UniPC multistep, data prediction, ``bh2``, predictor plus a corrector that reuses the
+next step's model call) and ``dpm`` (DPM-Solver++ multistep) cost one model call per step and combine
+up to ``--scheduled_sampling_order`` (1 to 3, default 2) past model outputs; ``euler`` costs one call
+per step; ``rk4`` (classic Runge-Kutta on the probability-flow ODE) four. diffusers' ``step()``
+methods keep one position for the whole batch, so they cannot advance rows that sit at different
+noise levels; the solvers here do the same arithmetic per row (their multistep history and order
+lowering too), and the tests step diffusers' schedulers over one row's path and compare.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from simpletuner.methods.rollout_solvers import DdpmLevels, FlowLevels, NoiseLevels, solve_rollout
+
 STRATEGIES = ("uniform", "biased_early", "biased_late")
-SUPPORTED_SAMPLERS = ("euler",)
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ class ScheduledSamplingSettings:
     ramp_steps: int = 0
     start_step: float = 0.0
     ramp_shape: str = "linear"
-    sampler: str = "euler"
+    sampler: str = "unipc"
+    order: int = 2
     reflexflow: bool = False
     reflexflow_alpha: float = 1.0
     reflexflow_beta1: float = 10.0
@@ -67,6 +71,7 @@ class ScheduledSamplingSettings:
             ramp_steps=int(config.scheduled_sampling_ramp_steps),
             start_step=float(config.scheduled_sampling_start_step),
             ramp_shape=config.scheduled_sampling_ramp_shape, sampler=config.scheduled_sampling_sampler,
+            order=int(config.scheduled_sampling_order),
             reflexflow=flow and reflex, reflexflow_alpha=float(config.scheduled_sampling_reflexflow_alpha),
             reflexflow_beta1=float(config.scheduled_sampling_reflexflow_beta1),
             reflexflow_beta2=float(config.scheduled_sampling_reflexflow_beta2),
@@ -140,41 +145,6 @@ def rollout_paths(grid: torch.Tensor, levels: torch.Tensor, offsets: torch.Tenso
     return paths
 
 
-def euler_flow_step(sample: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor,
-                    sigma_next: torch.Tensor) -> torch.Tensor:
-    """One Euler step of the flow ODE per sample: ``x + (sigma_next - sigma) * v``."""
-    shape = (-1, *([1] * (sample.dim() - 1)))
-    delta = (sigma_next - sigma).to(torch.float32).view(shape)
-    return (sample.float() + delta * velocity.float()).to(sample.dtype)
-
-
-def euler_ddpm_step(scheduler, sample: torch.Tensor, prediction: torch.Tensor, timestep: torch.Tensor,
-                    timestep_next: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """One Euler step of the probability-flow ODE per sample, in DDPM coordinates.
-
-    The model's output gives estimates of the clean latents and the noise; the next sample is those
-    re-mixed at ``timestep_next``. That is ``EulerDiscreteScheduler.step`` (whose state lives in
-    ``x / sqrt(alpha_bar)``) moved back to the DDPM scale, i.e. a deterministic DDIM step.
-    """
-    alphas = scheduler.alphas_cumprod.to(sample.device, torch.float32)
-    shape = (-1, *([1] * (sample.dim() - 1)))
-    a = alphas[timestep.long()].view(shape)
-    a_next = alphas[timestep_next.long()].view(shape)
-    x, out = sample.float(), prediction.float()
-    if prediction_type == "epsilon":
-        eps = out
-        clean = (x - (1 - a).sqrt() * eps) / a.sqrt()
-    elif prediction_type == "v_prediction":
-        clean = a.sqrt() * x - (1 - a).sqrt() * out
-        eps = a.sqrt() * out + (1 - a).sqrt() * x
-    elif prediction_type == "sample":
-        clean = out
-        eps = (x - a.sqrt() * clean) / (1 - a).sqrt()
-    else:
-        raise ValueError(f"scheduled sampling cannot step prediction type {prediction_type!r}")
-    return (a_next.sqrt() * clean + (1 - a_next).sqrt() * eps).to(sample.dtype)
-
-
 def low_frequency_magnitude(bias: torch.Tensor) -> torch.Tensor:
     """``|blur(bias)|`` with a 3x3 box blur over the last two (spatial) axes: the coarse part of the
     exposure bias, which the finer detail averages out of."""
@@ -224,6 +194,8 @@ class ScheduledSampling:
         self.flow = flow
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.grid = noise_level_grid(scheduler, flow)
+        self.levels: NoiseLevels = (FlowLevels(self.num_train_timesteps) if flow
+                                    else DdpmLevels(scheduler.alphas_cumprod, model.prediction_type))
 
     def pick(self, batch_size: int, step: int) -> torch.Tensor:
         """Each sample's rollout offset this step (0: not rolled out), drawn from the global RNG (which
@@ -250,28 +222,19 @@ class ScheduledSampling:
     @torch.no_grad()
     def rollout(self, latents: torch.Tensor, input_noise: torch.Tensor, paths: torch.Tensor,
                 text: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
-        """Noise at ``paths[:, 0]`` and walk every row down its path with the current model, batched.
-        Rows whose next level equals the current one stay exactly where they are."""
+        """Noise at ``paths[:, 0]`` and walk every row down its path with the current model and the
+        configured solver, batched. Rows whose path has ended stay exactly where they are."""
         model = self.model
         dtype = model.weight_dtype
         device = latents.device
         text = {key: value.to(dtype) for key, value in text.items()}
-        sample = self.source_input(latents, input_noise, paths[:, 0])
-        for column in range(paths.shape[1] - 1):
-            # float32 on the device (some accelerators lack float64); the grid's spacing is far above its precision
-            here = paths[:, column].to(device, torch.float32)
-            there = paths[:, column + 1].to(device, torch.float32)
-            moving = there < here
-            if not bool(moving.any()):
-                break
-            model_timesteps = here * self.num_train_timesteps if self.flow else here.long()
-            prediction = model.predict(sample.to(dtype), model_timesteps, text, batch=batch)
-            if self.flow:
-                stepped = euler_flow_step(sample, prediction, here, there)
-            else:
-                stepped = euler_ddpm_step(self.scheduler, sample, prediction, here, there, model.prediction_type)
-            sample = torch.where(moving.view(-1, *([1] * (sample.dim() - 1))), stepped, sample)
-        return sample
+
+        def evaluate(sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return model.predict(sample.to(dtype), timesteps.to(device), text, batch=batch)
+
+        start = self.source_input(latents, input_noise, paths[:, 0])
+        rolled = solve_rollout(self.settings.sampler, self.settings.order, start, paths, evaluate, self.levels)
+        return rolled.to(latents.dtype)
 
     def apply(self, noised, latents: torch.Tensor, input_noise: torch.Tensor, text: dict[str, torch.Tensor],
               batch: dict, step: int):

@@ -29,6 +29,8 @@ class FamilyInfo:
         latent_patch_size: latent cells per side of one transformer token (1 for UNets); bucket
             edges are rounded to whole patches.
         pixel_space: the denoiser works on pixels (no VAE), so one latent cell is one pixel.
+        tiny_autoencoder: hub id of the Tiny AutoEncoder (diffusers ``AutoencoderTiny``) trained on this
+            family's latent space, the default of ``--tiny_autoencoder_path``; None when there is none.
     """
 
     name: str
@@ -42,6 +44,7 @@ class FamilyInfo:
     options: tuple[str, ...] = ()
     latent_patch_size: int = 1
     pixel_space: bool = False
+    tiny_autoencoder: str | None = None
     notes: str = field(default="", compare=False)
 
 
@@ -68,6 +71,7 @@ UREPA_OPTIONS = ("urepa_enabled", "urepa_lambda", "urepa_manifold_weight", "urep
 FAMILIES: dict[str, FamilyInfo] = {
     "sd1x": FamilyInfo(
         name="sd1x",
+        tiny_autoencoder="madebyollin/taesd",
         module="simpletuner.models.sd1x",
         class_name="StableDiffusion1x",
         flavours={
@@ -83,6 +87,7 @@ FAMILIES: dict[str, FamilyInfo] = {
     ),
     "sd2x": FamilyInfo(
         name="sd2x",
+        tiny_autoencoder="madebyollin/taesd",
         module="simpletuner.models.sd1x",
         class_name="StableDiffusion2x",
         flavours={
@@ -98,6 +103,7 @@ FAMILIES: dict[str, FamilyInfo] = {
     ),
     "sdxl": FamilyInfo(
         name="sdxl",
+        tiny_autoencoder="madebyollin/taesdxl",
         module="simpletuner.models.sdxl",
         class_name="StableDiffusionXL",
         flavours={
@@ -113,6 +119,7 @@ FAMILIES: dict[str, FamilyInfo] = {
     ),
     "kolors": FamilyInfo(
         name="kolors",
+        tiny_autoencoder="madebyollin/taesdxl",
         module="simpletuner.models.kolors",
         class_name="Kolors",
         flavours={"1.0": "Kwai-Kolors/Kolors-diffusers"},
@@ -124,6 +131,7 @@ FAMILIES: dict[str, FamilyInfo] = {
     ),
     "sd3": FamilyInfo(
         name="sd3",
+        tiny_autoencoder="madebyollin/taesd3",
         module="simpletuner.models.sd3",
         class_name="StableDiffusion3",
         flavours={
@@ -157,6 +165,7 @@ FAMILIES: dict[str, FamilyInfo] = {
     ),
     "pixart_sigma": FamilyInfo(
         name="pixart_sigma",
+        tiny_autoencoder="madebyollin/taesdxl",
         module="simpletuner.models.pixart_sigma",
         class_name="PixArtSigma",
         flavours={
@@ -174,6 +183,7 @@ FAMILIES: dict[str, FamilyInfo] = {
     ),
     "flux": FamilyInfo(
         name="flux",
+        tiny_autoencoder="madebyollin/taef1",
         module="simpletuner.models.flux",
         class_name="Flux",
         flavours={

@@ -49,3 +49,27 @@ def check_schedule(config, prefix: str) -> None:
     if decaying and not getattr(config, f"{prefix}_decay_steps") and not config.max_train_steps:
         raise ConfigError(f"`--{prefix}_scheduler {scheduler}` decays over `--{prefix}_decay_steps`, or over "
                           "the whole run when that is 0, which needs `--max_train_steps`; set one of them")
+
+
+def _uses_teacher(config) -> bool:
+    """A DINOv2 teacher runs: U-REPA, or CREPA without ``--crepa_use_backbone_features``."""
+    return bool(config.urepa_enabled) or (bool(config.crepa_enabled) and not config.crepa_use_backbone_features)
+
+
+def check_teacher_features(config) -> None:
+    """``--alignment_teacher_features`` needs a DINOv2 teacher; the Tiny AutoEncoder only decodes live features."""
+    refuse_unless(config, ("alignment_teacher_features",), _uses_teacher(config),
+                  "a DINOv2 teacher (`--urepa_enabled`, or `--crepa_enabled` without `--crepa_use_backbone_features`)")
+    if config.urepa_enabled and config.urepa_use_tae and config.alignment_teacher_features != "live":
+        raise ConfigError("`--urepa_use_tae` decodes latents for the teacher every step, but the teacher's features are "
+                          "cached once per image from the original pixels (`--alignment_teacher_features cached`), so "
+                          "no decoder runs; add `--alignment_teacher_features live` or remove `--urepa_use_tae`")
+    refuse_unless(config, ("tiny_autoencoder_path",), bool(config.urepa_enabled and config.urepa_use_tae),
+                  "`--urepa_use_tae true` (the only user of the Tiny AutoEncoder so far)")
+    path = config.tiny_autoencoder_path
+    if path and (path.startswith((".", "/", "~")) or Path(path).exists()) and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"`--tiny_autoencoder_path` {path!r} is not a folder; give the folder holding a diffusers "
+                          "AutoencoderTiny (config.json and weights) or a hub id")
+
+
+ALIGNMENT_RULES = (check_teacher_features,)

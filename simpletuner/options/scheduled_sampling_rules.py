@@ -8,14 +8,18 @@ from typing import Callable
 from simpletuner.models.registry import family_info
 from simpletuner.options import ConfigError
 
-#: The rollout solvers simpletuner implements (methods/scheduled_sampling.py); the table lists the rest
-#: of the vocabulary users know from other trainers.
-SUPPORTED_ROLLOUT_SAMPLERS = ("euler",)
+#: What ``--scheduled_sampling_order`` means per solver: the history length of the multistep solvers
+#: (UniPC, DPM-Solver++), or the fixed order of the one-step ones. A torch-free copy of the constants in
+#: methods/rollout_solvers.py (tests/methods/test_rollout_solvers.py keeps the two equal).
+MULTISTEP_SAMPLERS = ("unipc", "dpm")
+MAX_MULTISTEP_ORDER = 3
+FIXED_ORDERS = {"euler": 1, "rk4": 4}
 REFLEXFLOW_TUNING = ("scheduled_sampling_reflexflow_alpha", "scheduled_sampling_reflexflow_beta1",
                      "scheduled_sampling_reflexflow_beta2")
 ROLLOUT_OPTIONS = ("scheduled_sampling_strategy", "scheduled_sampling_probability", "scheduled_sampling_prob_start",
                    "scheduled_sampling_prob_end", "scheduled_sampling_ramp_steps", "scheduled_sampling_start_step",
-                   "scheduled_sampling_ramp_shape", "scheduled_sampling_sampler", "scheduled_sampling_reflexflow",
+                   "scheduled_sampling_ramp_shape", "scheduled_sampling_sampler", "scheduled_sampling_order",
+                   "scheduled_sampling_reflexflow",
                    *REFLEXFLOW_TUNING)
 RAMP_OPTIONS = ("scheduled_sampling_prob_start", "scheduled_sampling_prob_end", "scheduled_sampling_start_step",
                 "scheduled_sampling_ramp_shape")
@@ -30,18 +34,33 @@ def _trains_flow(config) -> bool:
     return prediction_type == "flow_matching"
 
 
+def check_rollout_order(config) -> None:
+    """The order fits the solver: 1 to 3 for the multistep ones; for Euler and RK4, whose order is
+    fixed, an explicit value is refused unless it states that order (the table default is left alone,
+    since it is there for the default solver, UniPC)."""
+    sampler, order = config.scheduled_sampling_sampler, config.scheduled_sampling_order
+    if sampler in MULTISTEP_SAMPLERS:
+        if order > MAX_MULTISTEP_ORDER:
+            raise ConfigError(f"`--scheduled_sampling_order {order}` is too high for `--scheduled_sampling_sampler "
+                              f"{sampler}`: its multistep history supports orders 1 to {MAX_MULTISTEP_ORDER}; set "
+                              f"`--scheduled_sampling_order` to 1, 2 or {MAX_MULTISTEP_ORDER}")
+        return
+    fixed = FIXED_ORDERS[sampler]
+    if _set(config, "scheduled_sampling_order") and order != fixed:
+        raise ConfigError(f"`--scheduled_sampling_order {order}` does not apply to `--scheduled_sampling_sampler "
+                          f"{sampler}`, a one-step solver of fixed order {fixed}; remove `--scheduled_sampling_order`, "
+                          "or pick `--scheduled_sampling_sampler unipc` or `dpm`, whose multistep order it sets")
+
+
 def check_scheduled_sampling(config) -> None:
-    """Rollout options only with a rollout length, a sampler we implement, one probability source."""
+    """Rollout options only with a rollout length, an order that fits the solver, one probability source."""
     if not config.scheduled_sampling_max_step_offset:
         changed = [name for name in ROLLOUT_OPTIONS if _set(config, name)]
         if changed:
             raise ConfigError(f"`--{changed[0]}` only applies to scheduled sampling, which is off; set "
                               "`--scheduled_sampling_max_step_offset` to a positive number of steps or remove it")
         return
-    sampler = config.scheduled_sampling_sampler
-    if sampler not in SUPPORTED_ROLLOUT_SAMPLERS:
-        raise ConfigError(f"`--scheduled_sampling_sampler {sampler}` is not supported yet: rollouts are solved with "
-                          f"{', '.join(SUPPORTED_ROLLOUT_SAMPLERS)} only; add `--scheduled_sampling_sampler euler`")
+    check_rollout_order(config)
     if config.scheduled_sampling_ramp_steps:
         if _set(config, "scheduled_sampling_probability"):
             raise ConfigError("`--scheduled_sampling_probability` and `--scheduled_sampling_ramp_steps` conflict: with "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from simpletuner.options import ConfigError
 
@@ -57,8 +57,59 @@ def check_route(number: int, route, blocks: int | None) -> None:
                           "start to end")
 
 
+def route_ranges(routes: list[dict], blocks: int | None) -> list[tuple[int, int]] | None:
+    """Each route's (start, end) block range, 0-based; None when a negative index needs the block
+    count and the denoiser's config is not on disk."""
+    if blocks is not None:
+        return [(r["start_layer_idx"] % blocks, r["end_layer_idx"] % blocks) for r in routes]
+    if any(r["start_layer_idx"] < 0 or r["end_layer_idx"] < 0 for r in routes):
+        return None
+    return [(r["start_layer_idx"], r["end_layer_idx"]) for r in routes]
+
+
+def route_of(block: int, ranges: list[tuple[int, int]]) -> int | None:
+    return next((number for number, (start, end) in enumerate(ranges) if start <= block <= end), None)
+
+
+class ComparedBlock(NamedTuple):
+    option: str   # the option that names the block
+    value: int    # as the user wrote it
+    block: int    # 0-based block index
+
+
+def compared_blocks(config) -> list[tuple[ComparedBlock, ComparedBlock]]:
+    """The pairs of blocks whose tokens a regularizer compares token by token."""
+    pairs = []
+    student = config.layersync_student_block
+    if config.layersync_enabled and student is not None:
+        teacher = student if config.layersync_teacher_block is None else config.layersync_teacher_block
+        # LayerSync counts depth from 1; 0 names the first block (simpletuner/regularizers/layersync.py)
+        pairs.append((ComparedBlock("layersync_student_block", student, max(student - 1, 0)),
+                      ComparedBlock("layersync_teacher_block", teacher, max(teacher - 1, 0))))
+    block = config.crepa_block_index
+    if config.crepa_enabled and config.crepa_use_backbone_features and block is not None:
+        teacher = block if config.crepa_teacher_block_index is None else config.crepa_teacher_block_index
+        pairs.append((ComparedBlock("crepa_block_index", block, block),
+                      ComparedBlock("crepa_teacher_block_index", teacher, teacher)))
+    return pairs
+
+
+def check_compared_blocks(config, ranges: list[tuple[int, int]]) -> None:
+    """LayerSync and CREPA with backbone features compare two blocks token by token: blocks outside every
+    route or inside the same one compare the kept tokens, but two routes keep different random tokens."""
+    for first, second in compared_blocks(config):
+        routes = route_of(first.block, ranges), route_of(second.block, ranges)
+        if None in routes or routes[0] == routes[1]:
+            continue
+        where = [f"route {number} (blocks {ranges[number][0]}..{ranges[number][1]})" for number in routes]
+        raise ConfigError(f"`--{first.option}` {first.value} is inside `--tread_config` {where[0]} and "
+                          f"`--{second.option}` {second.value} inside {where[1]}: the two routes keep different random "
+                          "tokens, so the blocks share no tokens to compare; move one block outside every route, or "
+                          "both into the same route")
+
+
 def check_tread(config) -> None:
-    """The routes' shape and ranges, and the combinations TREAD cannot run with."""
+    """The routes' shape and ranges, and the block pairs a regularizer cannot compare under routing."""
     value = config.tread_config
     if not value:
         return
@@ -76,16 +127,9 @@ def check_tread(config) -> None:
         for (_, end), (start, _) in zip(ranges, ranges[1:]):
             if start <= end:
                 raise ConfigError("`--tread_config` routes overlap; give each route its own block range")
-    if config.gradient_checkpointing:
-        raise ConfigError("`--tread_config` cannot be combined with `--gradient_checkpointing` yet: the recomputed "
-                          "blocks would not see the same routed tokens; remove one of them")
-    if config.layersync_enabled:
-        raise ConfigError("`--tread_config` cannot be combined with `--layersync_enabled` yet: LayerSync would compare "
-                          "blocks that see different token sets; remove one of them")
-
-    if config.crepa_enabled:
-        raise ConfigError("`--tread_config` cannot be combined with `--crepa_enabled` yet: CREPA would align a block "
-                          "that sees only the kept tokens; remove one of them")
+    ranges = route_ranges(value["routes"], blocks)
+    if ranges is not None:  # else checked when the first training step compares the blocks
+        check_compared_blocks(config, ranges)
 
 
 TREAD_RULES: tuple[Callable, ...] = (check_tread,)

@@ -3,8 +3,8 @@
 U-REPA's tuning options mean nothing while it is off, and the schedule's refinements only mean something
 with the setting they refine (decay options with a decaying schedule, the power with the polynomial one,
 the threshold's options with a threshold), so a setting that would be ignored is refused. Families
-without a UNet refuse every U-REPA option through ``FamilyInfo.options``; ``--urepa_use_tae`` is
-declared but not implemented, so it is refused by the table's not-supported-yet rule.
+without a UNet refuse every U-REPA option through ``FamilyInfo.options``; ``--urepa_use_tae`` and the
+teacher-feature source are checked with CREPA's in options/alignment_rules.py.
 """
 
 from __future__ import annotations

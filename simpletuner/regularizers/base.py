@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 
 from simpletuner.methods.base import LossOutput
+from simpletuner.regularizers.routing import KeptTokens
 
 
 @dataclass
@@ -56,10 +57,18 @@ class Regularizer(Protocol):
 
 
 class CaptureSwitch:
-    """Whether hooks record: on only during the training forward (see :meth:`Regularizers.capturing`)."""
+    """What the trainer tells the regularizers' hooks: whether they record now (on only during the
+    training forward, see :meth:`Regularizers.capturing`), and how to average a number over the
+    processes of a multi-process run (identity on one process). Statistics that steer a schedule,
+    such as a similarity gate's moving average, go through ``process_mean`` so every process keeps
+    the same state and takes the same decisions."""
 
-    def __init__(self) -> None:
+    def __init__(self, process_mean: Callable[[float], float] | None = None) -> None:
         self.on = False
+        self.process_mean: Callable[[float], float] = process_mean or (lambda value: value)
+        #: The blocks TREAD routed in the current training forward and the tokens each ran on (a block
+        #: not listed ran on every token); written by TREAD, read by the captures that compare tokens.
+        self.kept_tokens: dict[torch.nn.Module, KeptTokens] = {}
 
 
 def image_tokens(output: Any) -> torch.Tensor:
@@ -78,35 +87,54 @@ def transformer_blocks_of(model, who: str) -> list[torch.nn.Module]:
 
 
 class BlockTokens:
-    """The image tokens chosen blocks output during the training forward, kept by role until taken."""
+    """The image tokens chosen blocks output during the training forward, kept by role until taken; for
+    a block inside a TREAD route only the tokens it ran on (:meth:`kept` says which)."""
 
     def __init__(self) -> None:
         self.captured: dict[str, torch.Tensor] = {}
+        self.routed: dict[str, KeptTokens] = {}
         self._handles: list = []
 
     def hook(self, blocks: dict[str, torch.nn.Module], capture: CaptureSwitch) -> None:
         for role, block in blocks.items():
             def record(module, inputs, output, role=role):
                 if capture.on:
-                    self.captured[role] = image_tokens(output)
+                    tokens = image_tokens(output)
+                    kept = capture.kept_tokens.get(module)
+                    if kept is not None and tokens.shape[1] == kept.total:
+                        # a route's last block, seen after TREAD put the skipped tokens back: its own
+                        # output is the kept tokens, whatever order the hooks were added in
+                        tokens = tokens[:, kept.positions.to(tokens.device)]
+                    self.captured[role] = tokens
+                    if kept is None:
+                        self.routed.pop(role, None)
+                    else:
+                        self.routed[role] = kept
             self._handles.append(block.register_forward_hook(record))
 
     def take(self, role: str) -> torch.Tensor | None:
         return self.captured.pop(role, None)
 
+    def kept(self, role: str) -> KeptTokens | None:
+        """The image tokens the role's block ran on in the last captured forward, when TREAD routed
+        tokens around it (None: it ran on every token)."""
+        return self.routed.get(role)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.routed.clear()
 
 
 
 class Regularizers:
     """The regularizers of one run, attached to its model."""
 
-    def __init__(self, regularizers: list[Regularizer], model) -> None:
+    def __init__(self, regularizers: list[Regularizer], model,
+                 process_mean: Callable[[float], float] | None = None) -> None:
         self.items = list(regularizers)
-        self.switch = CaptureSwitch()
+        self.switch = CaptureSwitch(process_mean)
         names = [regularizer.name for regularizer in self.items]
         if len(set(names)) != len(names):
             raise ValueError(f"two regularizers share a name: {names}")

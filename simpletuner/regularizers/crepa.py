@@ -5,10 +5,9 @@ index into the family's ``transformer_blocks()``) is hooked; after the training 
 go through a small trainable MLP (the projector, saved in the checkpoint and trained with the model)
 and are compared, token by token, with a target:
 
-* by default the patch tokens of a frozen DINOv2 (``--crepa_model``) run on the clean images at
-  ``--crepa_encoder_image_size``. The batch holds cached VAE latents, not pixels, so the clean images
-  are obtained by decoding the cached posterior means with the family's own VAE under ``no_grad``; the
-  CLS token (and any register tokens) are dropped, leaving one feature row per image patch;
+* by default the patch tokens of a frozen DINOv2 (``--crepa_model``) for the clean images at
+  ``--crepa_encoder_image_size`` (one row per image patch), cached with the latents or computed live
+  (:class:`~simpletuner.regularizers.vision_teacher.TeacherFeatures`);
 * with ``--crepa_use_backbone_features`` the (detached) image tokens of a deeper block of the same
   denoiser (``--crepa_teacher_block_index``), and no encoder is loaded.
 
@@ -33,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from simpletuner.regularizers.base import BlockTokens, CaptureSwitch, RegularizerTerm, transformer_blocks_of
+from simpletuner.regularizers.routing import on_shared_tokens
 from simpletuner.regularizers.schedule import SimilarityGate, WeightSchedule
-from simpletuner.regularizers.vision_teacher import (ProjectorAndGate, encoder_grid, load_encoder, make_projector,
-                                                     teacher_tokens_for_latents)
+from simpletuner.regularizers.vision_teacher import ProjectorAndGate, TeacherFeatures, make_projector, pixels_from_latents
 
 @dataclass(frozen=True)
 class NeighbourSettings:
@@ -116,18 +115,26 @@ def build(model, config) -> Crepa:
                                    config.crepa_cumulative_neighbors, config.crepa_normalize_neighbour_sum,
                                    config.crepa_normalize_by_frames)
     width = denoiser_token_width(model)
-    encoder = None
+    features = None
     if config.crepa_use_backbone_features:
         target_width = width
         teacher = config.crepa_block_index if config.crepa_teacher_block_index is None else config.crepa_teacher_block_index
     else:
-        encoder = load_encoder(config.crepa_model, model.device, model.weight_dtype)
-        target_width, teacher = encoder.config.hidden_size, None
+        features = teacher_features(model, config)[0]
+        target_width, teacher = features.hidden_size, None
     projector = make_projector(width, target_width).to(model.device)
     return Crepa(block_index=config.crepa_block_index, teacher_block_index=teacher, projector=projector,
                  schedule=schedule, gate=gate, neighbours=neighbours, spatial_align=config.crepa_spatial_align,
-                 encoder=encoder, encoder_image_size=config.crepa_encoder_image_size,
-                 encoder_frames_batch_size=config.crepa_encoder_frames_batch_size)
+                 teacher=features)
+
+
+def teacher_features(model, config) -> list[TeacherFeatures]:
+    """The DINOv2 features CREPA reads (none with ``--crepa_use_backbone_features``); the registry
+    hands them to the data cache with ``--alignment_teacher_features cached``."""
+    if config.crepa_use_backbone_features:
+        return []
+    return [TeacherFeatures(config.crepa_model, config.crepa_encoder_image_size, model.device, model.weight_dtype,
+                            frames_batch_size=config.crepa_encoder_frames_batch_size)]
 
 
 def block_position(index: int, count: int, option: str) -> int:
@@ -141,14 +148,12 @@ class Crepa(ProjectorAndGate):
 
     def __init__(self, *, block_index: int, projector: torch.nn.Module, schedule: WeightSchedule,
                  gate: SimilarityGate, neighbours: NeighbourSettings, spatial_align: bool = True,
-                 teacher_block_index: int | None = None, encoder: torch.nn.Module | None = None,
-                 encoder_image_size: int = 518, encoder_frames_batch_size: int = -1):
-        if (encoder is None) == (teacher_block_index is None):
+                 teacher_block_index: int | None = None, teacher: TeacherFeatures | None = None):
+        if (teacher is None) == (teacher_block_index is None):
             raise ValueError("CREPA aligns with either an image encoder or a teacher block, exactly one of them")
         self.block_index, self.teacher_block_index = block_index, teacher_block_index
         self.projector, self.schedule, self.gate, self.neighbours = projector, schedule, gate, neighbours
-        self.spatial_align, self.encoder = spatial_align, encoder
-        self.encoder_image_size, self.encoder_frames_batch_size = encoder_image_size, encoder_frames_batch_size
+        self.spatial_align, self.teacher = spatial_align, teacher
         self.tokens = BlockTokens()
         self.vae = None
 
@@ -158,6 +163,7 @@ class Crepa(ProjectorAndGate):
         if self.teacher_block_index is not None:
             roles["teacher"] = blocks[block_position(self.teacher_block_index, len(blocks), "crepa_teacher_block_index")]
         self.tokens.hook(roles, capture)
+        self.capture = capture
         self.vae = getattr(model, "vae", None)
 
     def detach(self) -> None:
@@ -172,28 +178,45 @@ class Crepa(ProjectorAndGate):
         if weight is None:
             return None
         score = self.score(student, teacher, batch)
-        self.gate.observe(score.item())
+        self.observe(score.item())
         loss = -weight * score
         return RegularizerTerm(loss, {"similarity": score.item(), "similarity_ema": self.gate.average,
                                       "weight": weight, "loss": loss.item()})
 
     def score(self, student: torch.Tensor, teacher: torch.Tensor | None, batch: dict) -> torch.Tensor:
-        """The alignment score of the captured student tokens (B, N, D) with this batch's target."""
+        """The alignment score of the captured student tokens (B, N, D) with this batch's target.
+
+        Under TREAD the student block may have run on a route's kept tokens only (``kept``): a teacher
+        block's tokens are then taken at the same positions, and encoder features are matched to the
+        whole token grid first and then cut to the kept tokens (pooled grids compare the kept tokens'
+        mean with the target's)."""
         latent = batch["latent_mean"]
-        student_grid = token_grid(student.shape[1], latent.shape[-2], latent.shape[-1])
+        kept = self.tokens.kept("student")
+        student_grid = token_grid(student.shape[1] if kept is None else kept.total, latent.shape[-2], latent.shape[-1])
         if teacher is not None:
-            target, target_grid = teacher.detach(), student_grid
+            student, target = on_shared_tokens(
+                student, kept, teacher.detach(), self.tokens.kept("teacher"),
+                names=(f"CREPA's block (`--crepa_block_index {self.block_index}`)",
+                       f"its teacher block (`--crepa_teacher_block_index {self.teacher_block_index}`)"))
+            target_grid = student_grid
         else:
-            target = self.encoder_features(latent)
-            target_grid = encoder_grid(self.encoder, self.encoder_image_size)
+            target = self.teacher.for_batch(batch, self.decode)
+            target_grid = self.teacher.grid
         parameter = next(self.projector.parameters())
         projected = self.projector(student.to(parameter.dtype)).unsqueeze(1)  # one frame per sample
-        projected, target = match_token_grids(projected, target.unsqueeze(1).to(projected.device), student_grid,
-                                              target_grid, self.spatial_align)
+        target = target.unsqueeze(1).to(projected.device)
+        if teacher is None and kept is not None:
+            whole = projected.new_empty(*projected.shape[:2], kept.total, 0)  # stands for the whole token grid
+            _, target = match_token_grids(whole, target, student_grid, target_grid, self.spatial_align)
+            if target.shape[2] == kept.total:
+                target = target[:, :, kept.positions.to(target.device)]
+            else:  # pooled into one token: the kept tokens' mean against the whole target's
+                projected = projected.mean(dim=2, keepdim=True)
+        else:
+            projected, target = match_token_grids(projected, target, student_grid, target_grid, self.spatial_align)
         return alignment_score(projected, target, self.neighbours)
 
-    def encoder_features(self, latent_mean: torch.Tensor) -> torch.Tensor:
-        """The teacher's patch tokens for the clean images behind the cached latents."""
-        return teacher_tokens_for_latents(self.vae, self.encoder, latent_mean, self.encoder_image_size,
-                                          self.encoder_frames_batch_size, who="CREPA")
+    def decode(self, latent_mean: torch.Tensor) -> torch.Tensor:
+        """The clean images behind cached latents, for live teacher features."""
+        return pixels_from_latents(latent_mean, self.vae, who="CREPA")
 

@@ -7,6 +7,9 @@ student itself, and ``--layersync_lambda`` (0.2 when unset) weights the term
     lambda * (1 - mean over tokens of cos(student token, teacher token))
 
 so the term is 0 when the two blocks agree and the teacher never receives a gradient through it.
+With TREAD, a block inside a route ran on the route's kept tokens only: the other block's tokens are
+taken at the same positions (both blocks in one route already hold the same tokens; blocks in two
+different routes share no fixed tokens and are refused, see simpletuner/regularizers/routing.py).
 A block number from 1 to the number of blocks counts depth (1 = the first block); 0 names the first
 block as a 0-based index. Blocks come from the family (``ModelFamily.transformer_blocks``: diffusers'
 repeated transformer blocks in execution order), so every transformer family works without code of
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 
 from simpletuner.methods.base import Stateless
 from simpletuner.regularizers.base import BlockTokens, CaptureSwitch, RegularizerTerm, transformer_blocks_of
+from simpletuner.regularizers.routing import on_shared_tokens
 
 #: ``--layersync_lambda`` when left unset.
 DEFAULT_LAMBDA = 0.2
@@ -62,6 +66,10 @@ class LayerSync(Stateless):
         if student is None or teacher is None:
             raise RuntimeError("LayerSync captured no block outputs in this forward pass; the denoiser did not "
                                "run the hooked blocks (block swap or compilation replacing them?)")
+        student, teacher = on_shared_tokens(
+            student, self.tokens.kept("student"), teacher, self.tokens.kept("teacher"),
+            names=(f"LayerSync's student block (`--layersync_student_block {self.student_block}`)",
+                   f"its teacher block (`--layersync_teacher_block {self.teacher_block}`)"))
         similarity = F.cosine_similarity(student.float(), teacher.detach().float(), dim=-1).mean()
         loss = self.weight * (1 - similarity)
         return RegularizerTerm(loss, {"similarity": similarity.item(), "loss": loss.item()})

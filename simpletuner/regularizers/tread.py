@@ -17,6 +17,23 @@ One selection is drawn per forward and shared by the batch, from torch's global 
 draws the same tokens). Sharing is deliberate: diffusers' Flux hands every block one rotary table
 ``(cos, sin)`` of shape ``[text + image tokens, dim]`` for the whole batch, so every sample must keep
 the same token positions for each kept token to keep its own rotary embedding.
+
+Gradient checkpointing: diffusers runs each checkpointed block through ``torch.utils.checkpoint``,
+which calls the block (and so these hooks) again during the backward pass to recompute what it did
+not keep, after the trainer has switched capturing off. TREAD keeps the routing of each route in the
+last training forward that ran with gradients (the kept positions and the tokens that entered the
+range) until the next one, and a routed block called while autograd runs a backward replays it: same
+kept tokens, same rotary and mask rows, same put-back. A replay draws nothing: checkpoint restores the
+RNG state of the block's start before recomputing it, and the replay moves it on to where the original
+draw left it, so what the block draws itself (LoRA dropout) is drawn again identically; checkpoint puts
+the RNG back afterwards, so the run's random stream is that of the run without checkpointing, and so
+are the loss and every gradient; this holds for any subset
+of checkpointed blocks (``--gradient_checkpointing_interval``). One routed forward with gradients per
+backward is assumed, which is what every training method here does (no-gradient forwards, such as a
+scheduled-sampling rollout, do not replace the record).
+
+Regularizers that compare block tokens (LayerSync, CREPA) learn from ``CaptureSwitch.kept_tokens``
+which blocks ran on the kept tokens only (simpletuner/regularizers/routing.py).
 """
 
 from __future__ import annotations
@@ -28,7 +45,8 @@ from typing import Any
 import torch
 
 from simpletuner.methods.base import Stateless
-from simpletuner.regularizers.base import CaptureSwitch
+from simpletuner.regularizers.base import CaptureSwitch, image_tokens
+from simpletuner.regularizers.routing import KeptTokens
 
 
 @dataclass(frozen=True)
@@ -42,10 +60,13 @@ class Route:
 
 @dataclass
 class Routed:
-    """What the start block set aside until the end block restores it."""
+    """One route's routing in a training forward: what the start block set aside until the end block
+    restores it."""
 
     full: torch.Tensor          # the image tokens as they entered the start block [B, N, D]
     kept: torch.Tensor          # sorted positions (in 0..N-1) of the tokens that run the range
+    rng_before: torch.Tensor    # torch's CPU RNG state just before the draw, and just after it
+    rng_after: torch.Tensor
 
 
 def build(model, config) -> Tread:
@@ -118,11 +139,18 @@ def slice_joint_kwargs(arguments: dict[str, Any], kept: torch.Tensor, tokens: in
         arguments["joint_attention_kwargs"] = {**joint, "attention_mask": mask[:, positions.to(mask.device)]}
 
 
-def with_image_tokens(output: Any, image_tokens: torch.Tensor) -> Any:
+def with_image_tokens(output: Any, tokens: torch.Tensor) -> Any:
     """A block's output with its image tokens replaced (joint blocks return ``(text, image)``)."""
     if isinstance(output, tuple):
-        return (*output[:-1], image_tokens)
-    return image_tokens
+        return (*output[:-1], tokens)
+    return tokens
+
+
+def autograd_is_recomputing() -> bool:
+    """Whether this call happens while autograd runs a backward pass: the only block calls made then
+    are ``torch.utils.checkpoint`` recomputing a block of the training forward (torch's own checkpoint
+    and module tracker ask the engine the same way)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class Tread(Stateless):
@@ -131,58 +159,104 @@ class Tread(Stateless):
     def __init__(self, tread_config: Any):
         self.tread_config = tread_config
         self.routes: list[Route] = []
+        #: Each route's routing in the training forward under way, from its start block to its end block.
         self.routed: dict[int, Routed] = {}
+        #: Each route's routing in the last training forward that ran with gradients: what a checkpoint
+        #: recomputation in its backward pass replays (kept until the next such forward).
+        self.recorded: dict[int, Routed] = {}
+        #: What the end block's call in progress puts back (set by its pre-hook on every call).
+        self.restoring: dict[int, Routed | None] = {}
         self.handles: list = []
+        self.capture: CaptureSwitch | None = None
 
     def attach(self, model, capture: CaptureSwitch) -> None:
         blocks = [block for _, block in model.transformer_blocks()]
         if not blocks:
             raise ValueError(f"TREAD needs a transformer denoiser; {model.config.model_family}'s has no transformer "
                              "blocks")
+        self.capture = capture
         self.routes = resolve_routes(self.tread_config, len(blocks))
         for number, route in enumerate(self.routes):
-            self.handles.append(blocks[route.start].register_forward_pre_hook(
-                self._take_out(number, route, capture), with_kwargs=True))
-            for inside in blocks[route.start + 1:route.end + 1]:
-                self.handles.append(inside.register_forward_pre_hook(self._follow(number), with_kwargs=True))
+            inside = blocks[route.start:route.end + 1]
+            for index, block in enumerate(inside, start=route.start):
+                self.handles.append(block.register_forward_pre_hook(self._enter(number, route, index, inside),
+                                                                    with_kwargs=True))
             self.handles.append(blocks[route.end].register_forward_hook(self._put_back(number)))
 
-    def _take_out(self, number: int, route: Route, capture: CaptureSwitch):
+    def _enter(self, number: int, route: Route, index: int, inside: list[torch.nn.Module]):
+        """The pre-hook of block ``index`` of a route: the call runs on the kept tokens when the route
+        is routed in this training forward, or replays the recorded routing in a recomputation."""
         def hook(module, args, kwargs):
-            self.routed.pop(number, None)
-            if not capture.on:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            routed = self._routing_for_call(number, route, index, hidden, inside)
+            if index == route.end:
+                self.restoring[number] = routed
+            if routed is None:
                 return None
             arguments = bound_arguments(module, args, kwargs)
             if arguments.get("attention_mask") is not None:
                 raise RuntimeError("TREAD cannot route tokens of a block given a self-attention mask")
-            hidden = arguments["hidden_states"]
-            kept = draw_kept_positions(hidden.shape[1], route.selection_ratio, hidden.device)
-            if kept is None:
-                return None
-            self.routed[number] = Routed(full=hidden, kept=kept)
-            arguments["hidden_states"] = hidden[:, kept]
-            slice_joint_kwargs(arguments, kept, hidden.shape[1])
-            return (), arguments
-        return hook
-
-    def _follow(self, number: int):
-        """The blocks after the start one get the full per-token tables from the model again; they
-        need the same kept rows as the start block."""
-        def hook(module, args, kwargs):
-            routed = self.routed.get(number)
-            if routed is None:
-                return None
-            arguments = bound_arguments(module, args, kwargs)
+            if index == route.start:
+                arguments["hidden_states"] = hidden[:, routed.kept]
             slice_joint_kwargs(arguments, routed.kept, routed.full.shape[1])
             return (), arguments
         return hook
 
+    def _routing_for_call(self, number: int, route: Route, index: int, hidden: torch.Tensor,
+                          inside: list[torch.nn.Module]) -> Routed | None:
+        if autograd_is_recomputing():
+            return self._replayed(number, route, index, hidden)
+        if self.capture is None or not self.capture.on:
+            return None  # validation, evaluation, EMA sampling: the untouched model
+        if index == route.start:
+            return self._draw(number, route, hidden, inside)
+        return self.routed.get(number)
+
+    def _replayed(self, number: int, route: Route, index: int, hidden: torch.Tensor) -> Routed | None:
+        """The recorded routing of the forward a checkpoint recomputes, after checking that the call
+        receives as many tokens as that forward gave this block."""
+        routed = self.recorded.get(number)
+        if routed is None:
+            return None
+        expected = routed.full.shape[1] if index == route.start else routed.kept.numel()
+        if hidden.shape[1] != expected:
+            raise RuntimeError(f"TREAD: gradient checkpointing recomputes block {index} with {hidden.shape[1]} image "
+                               f"tokens, but the training forward gave it {expected}; only the last routed forward "
+                               "with gradients before a backward pass can be recomputed")
+        if index == route.start and torch.equal(torch.get_rng_state(), routed.rng_before):
+            # checkpoint restored the RNG to before the draw: move it on as the draw did, so the rest
+            # of the block (LoRA dropout) draws what it drew in the forward
+            torch.set_rng_state(routed.rng_after)
+        return routed
+
+    def _draw(self, number: int, route: Route, hidden: torch.Tensor, inside: list[torch.nn.Module]) -> Routed | None:
+        """A new selection at the route's start block in a training forward (none at ratio 0)."""
+        self.routed.pop(number, None)
+        for block in inside:
+            self.capture.kept_tokens.pop(block, None)
+        if torch.is_grad_enabled():
+            self.recorded.pop(number, None)
+        rng_before = torch.get_rng_state()
+        kept = draw_kept_positions(hidden.shape[1], route.selection_ratio, hidden.device)
+        if kept is None:
+            return None
+        routed = self.routed[number] = Routed(full=hidden, kept=kept, rng_before=rng_before,
+                                              rng_after=torch.get_rng_state())
+        if torch.is_grad_enabled():
+            self.recorded[number] = routed
+        record = KeptTokens(route=number, start=route.start, end=route.end, positions=kept, total=hidden.shape[1])
+        for block in inside:
+            self.capture.kept_tokens[block] = record
+        return routed
+
     def _put_back(self, number: int):
         def hook(module, inputs, output):
-            routed = self.routed.pop(number, None)
+            routed = self.restoring.pop(number, None)
             if routed is None:
                 return None
-            ran = output[-1] if isinstance(output, tuple) else output
+            if self.routed.get(number) is routed:
+                del self.routed[number]  # the forward is past the route (a recomputation uses ``recorded``)
+            ran = image_tokens(output)
             restored = routed.full.to(ran.dtype).index_copy(1, routed.kept, ran)
             return with_image_tokens(output, restored)
         return hook
@@ -192,7 +266,10 @@ class Tread(Stateless):
             handle.remove()
         self.handles.clear()
         self.routed.clear()
+        self.recorded.clear()
+        self.restoring.clear()
+        if self.capture is not None:
+            self.capture.kept_tokens.clear()
 
     def term(self, batch: dict, step: int) -> None:
         return None  # routing saves compute; it adds nothing to the loss
-

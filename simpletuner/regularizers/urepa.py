@@ -5,7 +5,8 @@ have no repeated transformer blocks, so the one hooked module is the UNet's bott
 ``denoiser.mid_block``. Its output feature map (B, C, H, W) is read as H * W tokens of width C; a small
 trainable MLP (the projector, saved in the checkpoint and trained with the model) maps them to the
 teacher's width. The teacher is the shared DINOv2 of :mod:`simpletuner.regularizers.vision_teacher`
-(one feature row per image patch, for the clean image behind the cached latent), its token grid resized
+(one feature row per image patch, for the clean image: cached with the latents, or decoded from them live
+with the VAE or, ``--urepa_use_tae``, a Tiny AutoEncoder), its token grid resized
 bilinearly to H x W so that every student token has a target at the same place.
 
 Two terms, with H the projected student tokens and Y the teacher tokens, each L2-normalised per token:
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 
 from simpletuner.regularizers.base import CaptureSwitch, RegularizerTerm
 from simpletuner.regularizers.schedule import SimilarityGate, WeightSchedule
-from simpletuner.regularizers.vision_teacher import (ProjectorAndGate, encoder_grid, load_encoder, make_projector,
-                                                     teacher_tokens_for_latents)
+from simpletuner.regularizers.vision_teacher import (ProjectorAndGate, TeacherFeatures, load_tiny_autoencoder,
+                                                     make_projector, pixels_from_latents)
 
 
 def feature_map_tokens(features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -74,20 +75,29 @@ def build(model, config) -> Urepa:
     """``--urepa_enabled`` (the registry's builder)."""
     schedule = WeightSchedule.from_options(config, "urepa")
     gate = SimilarityGate.from_options(config, "urepa")
-    encoder = load_encoder(config.urepa_model, model.device, model.weight_dtype)
-    projector = make_projector(mid_block_width(model), encoder.config.hidden_size).to(model.device)
-    return Urepa(projector=projector, encoder=encoder, schedule=schedule, gate=gate,
-                 manifold_weight=float(config.urepa_manifold_weight),
-                 encoder_image_size=config.urepa_encoder_image_size)
+    teacher = teacher_features(model, config)[0]
+    projector = make_projector(mid_block_width(model), teacher.hidden_size).to(model.device)
+    tiny = None
+    if config.urepa_use_tae:
+        tiny = load_tiny_autoencoder(config.tiny_autoencoder_path or model.info.tiny_autoencoder, model.device,
+                                     model.weight_dtype)
+    return Urepa(projector=projector, teacher=teacher, schedule=schedule, gate=gate,
+                 manifold_weight=float(config.urepa_manifold_weight), tiny_autoencoder=tiny)
+
+
+def teacher_features(model, config) -> list[TeacherFeatures]:
+    """The DINOv2 features U-REPA reads; the registry hands them to the data cache with
+    ``--alignment_teacher_features cached``."""
+    return [TeacherFeatures(config.urepa_model, config.urepa_encoder_image_size, model.device, model.weight_dtype)]
 
 
 class Urepa(ProjectorAndGate):
     name = "urepa"
 
-    def __init__(self, *, projector: torch.nn.Module, encoder: torch.nn.Module, schedule: WeightSchedule,
-                 gate: SimilarityGate, manifold_weight: float = 3.0, encoder_image_size: int = 518):
-        self.projector, self.encoder, self.schedule, self.gate = projector, encoder, schedule, gate
-        self.manifold_weight, self.encoder_image_size = manifold_weight, encoder_image_size
+    def __init__(self, *, projector: torch.nn.Module, teacher: TeacherFeatures, schedule: WeightSchedule,
+                 gate: SimilarityGate, manifold_weight: float = 3.0, tiny_autoencoder: torch.nn.Module | None = None):
+        self.projector, self.teacher, self.schedule, self.gate = projector, teacher, schedule, gate
+        self.manifold_weight, self.tiny_autoencoder = manifold_weight, tiny_autoencoder
         self.captured: torch.Tensor | None = None
         self.vae = None
         self._handle = None
@@ -98,6 +108,7 @@ class Urepa(ProjectorAndGate):
                 self.captured = output[0] if isinstance(output, (tuple, list)) else output
 
         self._handle = mid_block_of(model).register_forward_hook(record)
+        self.capture = capture
         self.vae = getattr(model, "vae", None)
 
     def detach(self) -> None:
@@ -114,7 +125,7 @@ class Urepa(ProjectorAndGate):
         if weight is None:
             return None
         similarity, manifold = self.terms(features, batch)
-        self.gate.observe(similarity.item())
+        self.observe(similarity.item())
         loss = weight * (-similarity + self.manifold_weight * manifold)
         return RegularizerTerm(loss, {"similarity": similarity.item(), "similarity_ema": self.gate.average,
                                       "manifold": manifold.item(), "weight": weight, "loss": loss.item()})
@@ -124,12 +135,15 @@ class Urepa(ProjectorAndGate):
         tokens, grid = feature_map_tokens(features)
         parameter = next(self.projector.parameters())
         projected = self.projector(tokens.to(parameter.dtype))
-        target = self.teacher_tokens(batch["latent_mean"], grid).to(projected.device)
+        target = self.teacher_tokens(batch, grid).to(projected.device)
         return alignment_similarity(projected, target), manifold_distance(projected, target)
 
-    def teacher_tokens(self, latent_mean: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """The teacher's patch tokens for this batch, resized to the student's token grid."""
-        tokens = teacher_tokens_for_latents(self.vae, self.encoder, latent_mean, self.encoder_image_size,
-                                            who="U-REPA")
-        return resize_token_grid(tokens, encoder_grid(self.encoder, self.encoder_image_size), grid)
+    def teacher_tokens(self, batch: dict, grid: tuple[int, int]) -> torch.Tensor:
+        """The teacher's patch tokens for this batch (cached, or live through the VAE or the Tiny
+        AutoEncoder), resized to the student's token grid."""
+        tokens = self.teacher.for_batch(batch, self.decode)
+        return resize_token_grid(tokens, self.teacher.grid, grid)
+
+    def decode(self, latent_mean: torch.Tensor) -> torch.Tensor:
+        return pixels_from_latents(latent_mean, self.vae, self.tiny_autoencoder, who="U-REPA")
 

@@ -23,3 +23,19 @@ def make_tiny_dinov2(folder: str | Path, seed: int = 0, hidden_size: int = 24) -
     folder = Path(folder)
     Dinov2Model(config).save_pretrained(folder)
     return folder
+
+
+def make_tiny_autoencoder_tiny(folder: str | Path, seed: int = 0, latent_channels: int = 4, levels: int = 3) -> Path:
+    """Write a randomly initialised ``diffusers.AutoencoderTiny`` (a Tiny AutoEncoder, the TAESD class) to
+    ``folder``: ``levels`` blocks of 8 channels, so it upsamples by 2 ** (levels - 1) like the tiny VAEs."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    channels = (8,) * levels
+    tiny = AutoencoderTiny(encoder_block_out_channels=channels, decoder_block_out_channels=channels,
+                           num_encoder_blocks=(1,) * levels, num_decoder_blocks=(1,) * levels,
+                           latent_channels=latent_channels)
+    folder = Path(folder)
+    tiny.save_pretrained(folder)
+    return folder

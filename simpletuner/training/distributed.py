@@ -234,3 +234,27 @@ def check_engine(accelerator) -> None:
                 "simpletuner cannot save sharded weights yet. Use fsdp_sharding_strategy NO_SHARD with FSDP 1, or "
                 "plain multi-GPU training (remove --use_fsdp from ACCELERATE_EXTRA_ARGS / the accelerate config)"
             )
+
+
+def broadcast_parameters(accelerator, parameters: list[torch.nn.Parameter]) -> None:
+    """Give every process the main process's values of ``parameters`` (modules a method or regularizer
+    creates after the model, e.g. a projector: with ``--seed_for_each_device`` each process would
+    otherwise initialise its own)."""
+    if accelerator.num_processes == 1 or not parameters:
+        return
+    from accelerate.utils import broadcast
+
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.copy_(broadcast(parameter.detach().clone(), from_process=0))
+
+
+def average_gradients(accelerator, parameters: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of parameters outside the DDP-wrapped denoiser over processes, as DDP does
+    for its own. A parameter that got no gradient on a process counts as zero there."""
+    if accelerator.num_processes == 1 or not parameters:
+        return
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        parameter.grad.copy_(accelerator.reduce(parameter.grad, reduction="mean"))

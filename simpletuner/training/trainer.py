@@ -13,6 +13,7 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from statistics import median
 
@@ -58,6 +59,7 @@ class Trainer:
         self._last_step_end: float | None = None
         self.text_encoders = None  # TextEncoderTraining with --train_text_encoder
         self.grad_accumulator: Fp32GradientAccumulator | None = None
+        self.method_parameters: list[torch.nn.Parameter] = []  # modules a method or regularizer brings
         from simpletuner.tracking.webhooks import NullNotifier
 
         self.webhooks = NullNotifier()  # --webhook_config, built in setup() once the main process is known
@@ -143,12 +145,16 @@ class Trainer:
         return model
 
     def _build_data(self):
+        """Datasets with their caches: latents, text embeds, and the per-image features the enabled
+        regularizers read from the batch (regularizers/registry.py ``cached_features``)."""
         from simpletuner.data.dataset import build_training_data
+        from simpletuner.regularizers.registry import cached_features
 
         with self.accelerator.main_process_first(), self.memory.startup(self.model):  # --offload_during_startup
             return build_training_data(self.config, self.model, self.dataset_plan,
                                        show_progress=self.show_progress and self.is_main,
-                                       num_processes=self.accelerator.num_processes, rank=self.accelerator.process_index)
+                                       num_processes=self.accelerator.num_processes, rank=self.accelerator.process_index,
+                                       feature_encoders=cached_features(self.model, self.config))
 
     def _build_data_debugging(self) -> None:
         """--debug_aspect_buckets (once, now), --debug_dataset_loader and --print_sampler_statistics (per batch)."""
@@ -209,17 +215,17 @@ class Trainer:
 
         self.method = build_method(self.config.training_method, self.model, self.config)
         self.method.encode_text_live = self.text_encoders is not None
-        self.regularizers = Regularizers(build_regularizers(self.model, self.config), self.model)
+        self.regularizers = Regularizers(build_regularizers(self.model, self.config), self.model,
+                                         process_mean=partial(distributed.mean_over_processes, self.accelerator))
         modules = {**self.method.trainable_modules(),
                    **{f"{r.name}.{n}": m for r in self.regularizers.items for n, m in r.trainable_modules().items()}}
-        if modules and self.accelerator.num_processes > 1:
-            raise RuntimeError(f"--training_method {self.config.training_method} and its regularizers train "
-                               f"modules of their own ({', '.join(modules)}), which multi-process training does not "
-                               "synchronise yet; train on one process")
         parameters = []
         for module in modules.values():
             module.to(self.accelerator.device).train()
             parameters += [p for p in module.parameters() if p.requires_grad]
+        # outside DDP: same start on every process, gradients averaged in optimization_step
+        distributed.broadcast_parameters(self.accelerator, parameters)
+        self.method_parameters = parameters
         return parameters
 
     def _build_optimization(self) -> None:
@@ -493,6 +499,7 @@ class Trainer:
                 for name, value in output.logs.items():
                     terms[name] = terms.get(name, 0.0) + float(value) / self.config.gradient_accumulation_steps
                 if accelerator.sync_gradients:
+                    distributed.average_gradients(accelerator, self.method_parameters)
                     if self.grad_accumulator is not None:
                         self.grad_accumulator.write_back()
                     grad_norm = clip_gradients(accelerator, self.trainable, self.config)

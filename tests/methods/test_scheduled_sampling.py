@@ -1,7 +1,8 @@
 """Scheduled sampling (rollout) and ReflexFlow: the rollout paths on diffusers' real DDPM and flow
 schedules, the Euler step against diffusers' own Euler schedulers, the probability ramp, the offset
-strategies, the no-gradient rollout, the loss against plain SFT, the config rules, and short real
-training runs on the tiny sd1x and flux models."""
+strategies, the no-gradient rollout with every solver, the loss against plain SFT, the config rules
+(solver orders included), and short CLI runs with the default UniPC rollout on the tiny sd1x and flux
+models. The multistep and RK4 solvers themselves are checked in test_rollout_solvers.py."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from simpletuner.methods.rollout_solvers import euler_ddpm_step, euler_flow_step  # noqa: E402
 from simpletuner.methods.scheduled_sampling import (ScheduledSamplingSettings,  # noqa: E402
-                                                     anti_drift_term, draw_offsets, euler_ddpm_step, euler_flow_step,
-                                                     noise_level_grid, reflexflow_weights, rollout_paths,
-                                                     rollout_probability)
+                                                     anti_drift_term, draw_offsets, noise_level_grid,
+                                                     reflexflow_weights, rollout_paths, rollout_probability)
 from simpletuner.methods.sft import SupervisedFineTuning  # noqa: E402
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.testing.config import make_config  # noqa: E402
@@ -120,7 +121,7 @@ def test_ddpm_euler_step_equals_diffusers_euler_scheduler(prediction_type):
     alphas = scheduler.alphas_cumprod
     # diffusers' Euler state is x / sqrt(alpha_bar); the model sees the scaled input (the DDPM-scale x)
     reference = euler.step(output, euler.timesteps[0], sample / alphas[700].sqrt()).prev_sample
-    ours = euler_ddpm_step(scheduler, sample, output, torch.tensor([700.0]), torch.tensor([650.0]), prediction_type)
+    ours = euler_ddpm_step(alphas, sample, output, torch.tensor([700.0]), torch.tensor([650.0]), prediction_type)
     assert torch.allclose(ours, reference * alphas[650].sqrt(), atol=1e-5)
 
 
@@ -237,16 +238,22 @@ def test_probability_zero_gives_exactly_the_plain_sft_loss(flow):
     assert len(model.seen) == 1  # no rollout call at all
 
 
+CALLS_PER_STEP = {"euler": 1, "unipc": 1, "dpm": 1, "rk4": 4}
+
+
+@pytest.mark.parametrize("sampler", sorted(CALLS_PER_STEP))
 @pytest.mark.parametrize("flow", [False, True])
-def test_rollout_changes_the_loss_and_runs_without_gradients(flow):
+def test_rollout_changes_the_loss_and_runs_without_gradients(flow, sampler):
     plain, _ = method_for(flow)
-    rolled, model = method_for(flow, **ROLLOUT, scheduled_sampling_probability=1.0,
+    rolled, model = method_for(flow, scheduled_sampling_max_step_offset=5, scheduled_sampling_sampler=sampler,
+                               scheduled_sampling_probability=1.0,
                                scheduled_sampling_reflexflow=False if flow else None)
     output = loss_of(rolled)
     assert output.logs["scheduled_sampling_fraction"] == 1.0
     assert torch.isfinite(output.loss) and float(output.loss) != pytest.approx(float(loss_of(plain).loss), rel=1e-6)
     rollout_calls, training_call = model.seen[:-1], model.seen[-1]
-    assert 1 <= len(rollout_calls) <= 5
+    per_step = CALLS_PER_STEP[sampler]
+    assert len(rollout_calls) % per_step == 0 and 1 <= len(rollout_calls) // per_step <= 5
     assert not any(grad for _, grad in rollout_calls) and training_call[1]
     # the rollout's noise levels fall call by call toward the training level
     levels = torch.stack([timesteps.double() for timesteps, _ in model.seen])
@@ -255,6 +262,15 @@ def test_rollout_changes_the_loss_and_runs_without_gradients(flow):
     # the gradient reaches the weights through the training prediction only
     output.loss.backward()
     assert model.net.weight.grad is not None and torch.isfinite(model.net.weight.grad).all()
+
+
+def test_the_default_solver_is_unipc_of_order_2():
+    method, _ = method_for(True, scheduled_sampling_max_step_offset=3, scheduled_sampling_probability=1.0)
+    settings = method.scheduled_sampling.settings
+    assert (settings.sampler, settings.order) == ("unipc", 2)
+    method, _ = method_for(False, scheduled_sampling_max_step_offset=3, scheduled_sampling_sampler="dpm",
+                           scheduled_sampling_order=3)
+    assert (method.scheduled_sampling.settings.sampler, method.scheduled_sampling.settings.order) == ("dpm", 3)
 
 
 def test_rollout_input_holds_no_graph():
@@ -312,10 +328,43 @@ def test_rules_accept_a_working_setup():
           scheduled_sampling_ramp_shape="cosine", scheduled_sampling_strategy="biased_late")
 
 
+@pytest.mark.parametrize("family", ["sd1x", "flux"])
+@pytest.mark.parametrize("solver", [
+    {},  # the table default: unipc, order 2
+    dict(scheduled_sampling_sampler="unipc", scheduled_sampling_order=1),
+    dict(scheduled_sampling_sampler="unipc", scheduled_sampling_order=3),
+    dict(scheduled_sampling_sampler="dpm"),
+    dict(scheduled_sampling_sampler="dpm", scheduled_sampling_order=1),
+    dict(scheduled_sampling_sampler="dpm", scheduled_sampling_order=3),
+    dict(scheduled_sampling_sampler="euler"),  # the default order belongs to unipc: not an explicit choice
+    dict(scheduled_sampling_sampler="euler", scheduled_sampling_order=1),
+    dict(scheduled_sampling_sampler="rk4"),
+    dict(scheduled_sampling_sampler="rk4", scheduled_sampling_order=4),
+])
+def test_rules_accept_every_solver_with_an_order_that_fits(family, solver):
+    from simpletuner.options.validation import check_unimplemented
+
+    check(model_family=family, scheduled_sampling_max_step_offset=4, scheduled_sampling_probability=0.5, **solver)
+    check_unimplemented(make_config(scheduled_sampling_max_step_offset=4, **solver))
+
+
 @pytest.mark.parametrize("options,message", [
-    (dict(scheduled_sampling_max_step_offset=4), "`--scheduled_sampling_sampler unipc` is not supported yet"),
-    (dict(scheduled_sampling_max_step_offset=4, scheduled_sampling_sampler="rk4"),
-     "add `--scheduled_sampling_sampler euler`"),
+    (dict(scheduled_sampling_max_step_offset=4, scheduled_sampling_order=4),
+     "`--scheduled_sampling_order 4` is too high for `--scheduled_sampling_sampler unipc`: its multistep history "
+     "supports orders 1 to 3; set `--scheduled_sampling_order` to 1, 2 or 3"),
+    (dict(scheduled_sampling_max_step_offset=4, scheduled_sampling_sampler="dpm", scheduled_sampling_order=5),
+     "`--scheduled_sampling_order 5` is too high for `--scheduled_sampling_sampler dpm`"),
+    (dict(ROLLOUT, scheduled_sampling_order=2),
+     "`--scheduled_sampling_order 2` does not apply to `--scheduled_sampling_sampler euler`, a one-step solver of "
+     "fixed order 1; remove `--scheduled_sampling_order`, or pick `--scheduled_sampling_sampler unipc` or `dpm`, "
+     "whose multistep order it sets"),
+    (dict(scheduled_sampling_max_step_offset=4, scheduled_sampling_sampler="rk4", scheduled_sampling_order=2),
+     "`--scheduled_sampling_order 2` does not apply to `--scheduled_sampling_sampler rk4`, a one-step solver of "
+     "fixed order 4"),
+    (dict(scheduled_sampling_order=3),
+     "`--scheduled_sampling_order` only applies to scheduled sampling, which is off; set "
+     "`--scheduled_sampling_max_step_offset` to a positive number of steps or remove it"),
+    (dict(scheduled_sampling_sampler="dpm"), "`--scheduled_sampling_sampler` only applies to scheduled sampling"),
     (dict(scheduled_sampling_probability=0.5), "scheduled sampling, which is off"),
     (dict(ROLLOUT, scheduled_sampling_ramp_steps=10, scheduled_sampling_probability=0.5), "conflict"),
     (dict(ROLLOUT, scheduled_sampling_prob_end=0.2), "ramp, which is off"),
@@ -330,50 +379,46 @@ def test_rules_refuse_with_one_precise_message(options, message):
         check(**{"model_family": "sd1x", **options})
 
 
-def test_the_rollout_solver_order_stays_refused():
-    from simpletuner.options.validation import check_unimplemented
-
-    with pytest.raises(ConfigError, match="scheduled_sampling_order"):
-        check_unimplemented(make_config(scheduled_sampling_order=3))
-
-
 # --- real training runs -----------------------------------------------------------------------------------
 
 
-def test_sd1x_trains_with_scheduled_sampling(tmp_path_factory):
-    from accelerate.state import AcceleratorState
+def record_solvers(monkeypatch) -> list[tuple[str, int, int]]:
+    """Every rollout's (sampler, order, rows) while the real solver runs."""
+    from simpletuner.methods import scheduled_sampling
 
-    from simpletuner.testing.projects import make_family_project
-    from simpletuner.training.trainer import train
-    from tests.training.conftest import config_for
+    calls = []
+    real = scheduled_sampling.solve_rollout
 
-    root = make_family_project(tmp_path_factory.mktemp("ss-sd1x"), "sd1x")
-    plain = train(config_for(root, "plain", max_train_steps=2), show_progress=False)
-    AcceleratorState._reset_state(True)
-    rolled = train(config_for(root, "rolled", max_train_steps=2, scheduled_sampling_max_step_offset=4,
-                              scheduled_sampling_sampler="euler", scheduled_sampling_probability=1.0),
-                   show_progress=False)
-    AcceleratorState._reset_state(True)
-    assert len(rolled.state.losses) == 2 and all(math.isfinite(loss) for loss in rolled.state.losses)
-    assert rolled.state.losses != plain.state.losses
+    def recording(sampler, order, sample, paths, evaluate, levels):
+        calls.append((sampler, order, paths.shape[0]))
+        return real(sampler, order, sample, paths, evaluate, levels)
+
+    monkeypatch.setattr(scheduled_sampling, "solve_rollout", recording)
+    return calls
 
 
-def test_tiny_flux_trains_with_scheduled_sampling_and_reflexflow(tmp_path_factory, monkeypatch):
+@pytest.mark.parametrize("family", ["sd1x", "flux"])
+def test_cli_trains_with_the_default_unipc_rollout(tmp_path_factory, monkeypatch, family):
+    """A few steps through the real CLI on a tiny DDPM family and a tiny flow family, with only
+    --scheduled_sampling_max_step_offset and the probability set: the table's unipc of order 2 solves
+    every rollout and the losses move away from plain SFT's."""
     from accelerate.state import AcceleratorState
 
     from simpletuner.cli import main
     from simpletuner.testing.projects import make_family_project
     from tests.models.conftest import family_args, keep_trainer
 
-    root = make_family_project(tmp_path_factory.mktemp("ss-flux"), "flux")
+    root = make_family_project(tmp_path_factory.mktemp(f"ss-{family}"), family)
     seen = keep_trainer(monkeypatch)
-    assert main(["train", *family_args(root, "flux", "plain", max_train_steps=2)]) == 0
+    assert main(["train", *family_args(root, family, "plain", max_train_steps=2)]) == 0
     plain = seen["trainer"]
     AcceleratorState._reset_state(True)
-    assert main(["train", *family_args(root, "flux", "rolled", max_train_steps=2, scheduled_sampling_max_step_offset=3,
-                                       scheduled_sampling_sampler="euler", scheduled_sampling_probability=1.0)]) == 0
+    solvers = record_solvers(monkeypatch)
+    assert main(["train", *family_args(root, family, "rolled", max_train_steps=2, scheduled_sampling_max_step_offset=3,
+                                       scheduled_sampling_probability=1.0)]) == 0
     rolled = seen["trainer"]
     AcceleratorState._reset_state(True)
-    assert rolled.method.scheduled_sampling.settings.reflexflow
+    assert solvers == [("unipc", 2, 2)] * 2  # one rollout of the whole batch (2 rows) per step
+    assert rolled.method.scheduled_sampling.settings.reflexflow == (family == "flux")
     assert len(rolled.state.losses) == 2 and all(math.isfinite(loss) for loss in rolled.state.losses)
     assert rolled.state.losses != plain.state.losses

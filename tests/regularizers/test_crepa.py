@@ -21,7 +21,8 @@ import torch.nn.functional as F  # noqa: E402
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.regularizers.base import Regularizers  # noqa: E402
 from simpletuner.regularizers.crepa import Crepa, NeighbourSettings, alignment_score, token_grid  # noqa: E402
-from simpletuner.regularizers.vision_teacher import encoder_patch_tokens, load_encoder, make_projector  # noqa: E402
+from simpletuner.regularizers.vision_teacher import (TeacherFeatures, encoder_patch_tokens, load_encoder,  # noqa: E402
+                                                     make_projector)
 from simpletuner.regularizers.schedule import SimilarityGate, WeightSchedule  # noqa: E402
 from simpletuner.testing.tiny_vision import make_tiny_dinov2  # noqa: E402
 
@@ -56,11 +57,11 @@ class StandInFamily:
         return tokens
 
 
-def crepa(encoder=None, teacher_block_index=None, target_width=24, weight=0.5, gate=None, **schedule):
+def crepa(features=None, teacher_block_index=None, target_width=24, weight=0.5, gate=None, **schedule):
     torch.manual_seed(1)
     return Crepa(block_index=0, teacher_block_index=teacher_block_index, projector=make_projector(WIDTH, target_width),
                  schedule=WeightSchedule(base=weight, **schedule), gate=gate or SimilarityGate(None),
-                 neighbours=NeighbourSettings(), encoder=encoder, encoder_image_size=56)
+                 neighbours=NeighbourSettings(), teacher=features)
 
 
 def reference_teacher_tokens(encoder, pixels: torch.Tensor) -> torch.Tensor:
@@ -84,8 +85,9 @@ def test_teacher_features_are_one_row_per_patch_from_a_dinov2_folder(dinov2_fold
 
 def test_term_matches_a_float64_reference_and_no_gradient_reaches_the_encoder(dinov2_folder: Path):
     model = StandInFamily()
-    encoder = load_encoder(str(dinov2_folder), "cpu", torch.float32)
-    regularizer = crepa(encoder=encoder)
+    features = TeacherFeatures(str(dinov2_folder), 56, "cpu", torch.float32)
+    encoder = features.encoder
+    regularizer = crepa(features=features)
     regularizers = Regularizers([regularizer], model)
     tokens, latent = torch.randn(2, 4, WIDTH), torch.randn(2, 3, 4, 4)  # 4 tokens: a 2x2 grid of 2x2 patches
     with regularizers.capturing():
@@ -248,15 +250,19 @@ def crepa_args(dinov2_folder: Path, **extra) -> dict:
                 crepa_encoder_image_size=56, **extra)
 
 
-def test_cli_run_on_the_tiny_flux_logs_crepa_terms_to_tensorboard(flux_project: Path, dinov2_folder: Path):
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart_sigma"])
+def test_cli_runs_log_crepa_terms_to_tensorboard(family: str, flux_project: Path, dinov2_folder: Path,
+                                                 tmp_path_factory):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from simpletuner.cli import main
+    from simpletuner.testing.projects import make_family_project
     from tests.models.conftest import family_args
 
-    argv = family_args(flux_project, "flux", "crepa", report_to="tensorboard", **crepa_args(dinov2_folder))
+    project = flux_project if family == "flux" else make_family_project(tmp_path_factory.mktemp(family), family)
+    argv = family_args(project, family, "crepa", report_to="tensorboard", **crepa_args(dinov2_folder))
     assert main(["train", *argv]) == 0
-    events = EventAccumulator(str(next((flux_project / "crepa" / "logs").rglob("events.out.tfevents.*")).parent))
+    events = EventAccumulator(str(next((project / "crepa" / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     similarity = [event.value for event in events.Scalars("loss/crepa/similarity")]
     weighted = [event.value for event in events.Scalars("loss/crepa/loss")]

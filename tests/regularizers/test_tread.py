@@ -1,7 +1,8 @@
 """TREAD token routing on the real tiny Flux, SD3 and PixArt-Sigma transformers: ratio 0 leaves the
 output bit-identical, routed tokens leave the range with the values they entered it with, Flux's
 rotary table and key mask follow their tokens, hooks stay silent outside the training forward, the
-config rules, and CLI runs on the three tiny families."""
+config rules, CLI runs on the three tiny families, and CLI runs with gradient checkpointing (alone and
+with LayerSync and CREPA) whose losses equal those of the same runs without it."""
 
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ def test_routed_tokens_skip_the_range_and_kept_tokens_run_it(family: str):
     assert torch.equal(seen["leaving"][:, skipped], seen["entering"][:, skipped])
     assert torch.equal(seen["leaving"][:, kept], seen["ran"])
     assert routed.shape == untouched.shape and not torch.allclose(routed, untouched)
-    assert tread.routed == {}
+    assert tread.routed == {} and tread.restoring == {}
+    assert tread.recorded == {}  # nothing to replay after a no-gradient forward
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -216,9 +218,21 @@ def test_config_rules(flux_project: Path, tmp_path: Path):
     refused(routes(0.5, -1, 1), "start_layer_idx -1 comes after end_layer_idx 1")
     refused({"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0}]}, "exactly the keys")
     refused({"routes": routes(0.5, 0, 1)["routes"] + routes(0.5, 1, 2)["routes"]}, "routes overlap")
-    refused(routes(0.5, 0, 1), "cannot be combined with `--gradient_checkpointing`", gradient_checkpointing="true")
-    refused(routes(0.5, 0, 1), "cannot be combined with `--layersync_enabled`", layersync_enabled="true",
-            layersync_student_block=1)
+    two_routes = {"routes": routes(0.5, 0, 0)["routes"] + routes(0.5, -2, -1)["routes"]}  # blocks 0 and 2..3
+    refused(two_routes, r"`--layersync_student_block` 1 is inside `--tread_config` route 0 \(blocks 0\.\.0\) and "
+            r"`--layersync_teacher_block` 3 inside route 1 \(blocks 2\.\.3\): the two routes keep different random "
+            "tokens.*move one block outside every route, or both into the same route",
+            layersync_enabled="true", layersync_student_block=1, layersync_teacher_block=3)
+    refused(two_routes, r"`--crepa_block_index` 0 is inside `--tread_config` route 0 \(blocks 0\.\.0\) and "
+            r"`--crepa_teacher_block_index` 2 inside route 1 \(blocks 2\.\.3\)", crepa_enabled="true",
+            crepa_block_index=0, crepa_use_backbone_features="true", crepa_teacher_block_index=2)
+    combined = dict(gradient_checkpointing="true", gradient_checkpointing_interval=2, layersync_enabled="true",
+                    layersync_student_block=2, layersync_teacher_block=4)  # one block inside the route, one after
+    assert resolve(flux_project, "flux", tread_config=json.dumps(routes(0.5, 1, 2)), **combined).gradient_checkpointing
+    assert resolve(flux_project, "flux", tread_config=json.dumps(two_routes), layersync_enabled="true",
+                   layersync_student_block=3, layersync_teacher_block=4).layersync_enabled  # both in route 1
+    assert resolve(flux_project, "flux", tread_config=json.dumps(two_routes), crepa_enabled="true", crepa_block_index=0,
+                   crepa_model="dinov2_vits14").crepa_enabled  # an encoder target is taken at the kept tokens
     with pytest.raises(ConfigError, match="neither inline JSON nor an existing JSON file"):
         resolve(flux_project, "flux", tread_config="missing.json")
     accepted = resolve(flux_project, "flux", tread_config=json.dumps(routes(0.5, 1, -2)))
@@ -253,3 +267,38 @@ def test_cli_runs_route_tokens_and_train(family: str, flux_project: Path, monkey
     losses = trainer.state.losses
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     assert len(draws) == 3 and all(ratio == 0.5 and tokens > 1 for tokens, ratio in draws)
+
+
+#: LayerSync with both blocks inside the route, CREPA aligning a block before it with one inside it
+ALIGNMENT = dict(layersync_enabled="true", layersync_student_block=2, layersync_teacher_block=4, crepa_enabled="true",
+                 crepa_block_index=0, crepa_use_backbone_features="true", crepa_teacher_block_index=2)
+
+
+@pytest.mark.parametrize("interval, regularizers", [(None, {}), (2, {}), (None, ALIGNMENT)])
+def test_cli_run_with_gradient_checkpointing_trains_exactly_like_without(interval: int | None, regularizers: dict,
+                                                                        flux_project: Path, monkeypatch):
+    import json
+
+    from simpletuner.cli import main
+    from tests.models.conftest import family_args, keep_trainer
+
+    draws = []
+    original = tread_module.draw_kept_positions
+    monkeypatch.setattr(tread_module, "draw_kept_positions",
+                        lambda tokens, ratio, device: draws.append(tokens) or original(tokens, ratio, device))
+    losses = {}
+    for checkpointing in ("false", "true"):
+        seen = keep_trainer(monkeypatch)
+        argv = family_args(flux_project, "flux", f"tread-gc-{checkpointing}-{interval}-{bool(regularizers)}",
+                           tread_config=json.dumps(routes(0.5, 1, -1)), gradient_checkpointing=checkpointing,
+                           gradient_checkpointing_interval=interval if checkpointing == "true" else None,
+                           **regularizers)
+        assert main(["train", *argv]) == 0
+        losses[checkpointing] = seen["trainer"].state.losses
+    trainer = seen["trainer"]
+    assert trainer.model.denoiser.gradient_checkpointing
+    expected = ["layersync", "crepa", "tread"] if regularizers else ["tread"]
+    assert [item.name for item in trainer.regularizers.items] == expected
+    assert len(losses["true"]) == 3 and all(math.isfinite(loss) for loss in losses["true"])
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-6, abs=1e-7)
+    assert len(draws) == 6  # one per step in each run: the recomputation replays, it never draws

@@ -21,7 +21,7 @@ from simpletuner.regularizers.base import Regularizers  # noqa: E402
 from simpletuner.regularizers.schedule import SimilarityGate, WeightSchedule  # noqa: E402
 from simpletuner.regularizers.urepa import (Urepa, alignment_similarity, feature_map_tokens,  # noqa: E402
                                             manifold_distance)
-from simpletuner.regularizers.vision_teacher import load_encoder, make_projector  # noqa: E402
+from simpletuner.regularizers.vision_teacher import TeacherFeatures, make_projector  # noqa: E402
 from simpletuner.testing.tiny_vision import make_tiny_dinov2  # noqa: E402
 
 CHANNELS = 6  # the stand-in UNet's mid-block width
@@ -81,16 +81,16 @@ class StandInUNet:
         return self.denoiser.mid_block(F.avg_pool2d(latent, 2))
 
 
-def urepa(encoder, weight=0.5, manifold_weight=3.0):
+def urepa(features, weight=0.5, manifold_weight=3.0):
     torch.manual_seed(1)
-    return Urepa(projector=make_projector(CHANNELS, encoder.config.hidden_size), encoder=encoder,
-                 schedule=WeightSchedule(base=weight), gate=SimilarityGate(None), manifold_weight=manifold_weight,
-                 encoder_image_size=56)
+    return Urepa(projector=make_projector(CHANNELS, features.hidden_size), teacher=features,
+                 schedule=WeightSchedule(base=weight), gate=SimilarityGate(None), manifold_weight=manifold_weight)
 
 
 def test_term_uses_one_teacher_row_per_patch_and_matches_the_reference(dinov2_folder: Path):
-    encoder = load_encoder(str(dinov2_folder), "cpu", torch.float32)
-    model, regularizer = StandInUNet(), urepa(encoder)
+    features = TeacherFeatures(str(dinov2_folder), 56, "cpu", torch.float32)
+    encoder = features.encoder
+    model, regularizer = StandInUNet(), urepa(features)
     regularizers = Regularizers([regularizer], model)
     latent = torch.randn(2, 3, 4, 4)
     with regularizers.capturing():
@@ -121,8 +121,9 @@ def test_term_uses_one_teacher_row_per_patch_and_matches_the_reference(dinov2_fo
 
 
 def test_hooks_record_only_inside_the_training_forward(dinov2_folder: Path):
-    encoder = load_encoder(str(dinov2_folder), "cpu", torch.float32)
-    model, regularizer = StandInUNet(), urepa(encoder)
+    features = TeacherFeatures(str(dinov2_folder), 56, "cpu", torch.float32)
+    encoder = features.encoder
+    model, regularizer = StandInUNet(), urepa(features)
     regularizers = Regularizers([regularizer], model)
     model.forward(torch.randn(1, 3, 4, 4))  # validation-like forward: nothing captured
     with pytest.raises(RuntimeError, match="captured no mid-block output"):
@@ -162,23 +163,36 @@ def test_config_rules(sd1x_project: Path, dinov2_folder: Path, tmp_path: Path):
         resolve(sd1x_project, "sd1x", **urepa_args(dinov2_folder, urepa_scheduler="cosine", urepa_power=2))
     with pytest.raises(ConfigError, match="`--urepa_threshold_mode` has no effect without `--urepa_similarity_thr"):
         resolve(sd1x_project, "sd1x", **urepa_args(dinov2_folder, urepa_threshold_mode="recoverable"))
-    with pytest.raises(ConfigError, match="`--urepa_use_tae` is not supported yet"):
+    with pytest.raises(ConfigError, match="`--urepa_use_tae` decodes latents .* add `--alignment_teacher_features live`"):
         resolve(sd1x_project, "sd1x", **urepa_args(dinov2_folder, urepa_use_tae="true"))
+    with pytest.raises(ConfigError, match="`--tiny_autoencoder_path` has no effect without `--urepa_use_tae true`"):
+        resolve(sd1x_project, "sd1x", **urepa_args(dinov2_folder, tiny_autoencoder_path="madebyollin/taesd"))
+    with pytest.raises(ConfigError, match="`--tiny_autoencoder_path` '/nowhere/tae' is not a folder"):
+        resolve(sd1x_project, "sd1x", **urepa_args(dinov2_folder, urepa_use_tae="true", alignment_teacher_features="live",
+                                                   tiny_autoencoder_path="/nowhere/tae"))
+    with pytest.raises(ConfigError, match="`--alignment_teacher_features` has no effect without a DINOv2 teacher"):
+        resolve(sd1x_project, "sd1x", alignment_teacher_features="live")
+    assert resolve(sd1x_project, "sd1x", **urepa_args(dinov2_folder, urepa_use_tae="true",
+                                                      alignment_teacher_features="live")).urepa_use_tae
     assert resolve(sd1x_project, "sd1x", urepa_enabled="true", urepa_model="dinov2_vits14").urepa_enabled
     flux = make_family_project(tmp_path / "flux", "flux")
     with pytest.raises(ConfigError, match="`--urepa_enabled` only applies to .*sd1x.*not to flux"):
         resolve(flux, "flux", urepa_enabled="true")
 
 
-def test_cli_run_on_the_tiny_sd1x_logs_urepa_terms_to_tensorboard(sd1x_project: Path, dinov2_folder: Path):
+@pytest.mark.parametrize("family", ["sd1x", "sd2x", "sdxl", "kolors"])
+def test_cli_runs_log_urepa_terms_to_tensorboard(family: str, sd1x_project: Path, dinov2_folder: Path,
+                                                 tmp_path_factory):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from simpletuner.cli import main
+    from simpletuner.testing.projects import make_family_project
     from tests.models.conftest import family_args
 
-    argv = family_args(sd1x_project, "sd1x", "urepa", report_to="tensorboard", **urepa_args(dinov2_folder))
+    project = sd1x_project if family == "sd1x" else make_family_project(tmp_path_factory.mktemp(family), family)
+    argv = family_args(project, family, "urepa", report_to="tensorboard", **urepa_args(dinov2_folder))
     assert main(["train", *argv]) == 0
-    events = EventAccumulator(str(next((sd1x_project / "urepa" / "logs").rglob("events.out.tfevents.*")).parent))
+    events = EventAccumulator(str(next((project / "urepa" / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     similarity = [event.value for event in events.Scalars("loss/urepa/similarity")]
     manifold = [event.value for event in events.Scalars("loss/urepa/manifold")]

@@ -199,3 +199,20 @@ def test_inductor_compiles_the_tiny_model_on_the_cpu(tiny_model, tmp_path, one_c
     assert trainer.state.losses == pytest.approx(eager, rel=1e-4)
     keys = lora(root / "out" / "pytorch_lora_weights.safetensors")
     assert all(key.startswith("unet.") and "_orig_mod" not in key for key in keys)
+
+
+def test_two_processes_train_a_regularizer_projector_in_step(tiny_model, tmp_path):
+    """U-REPA brings a projector (outside the DDP-wrapped UNet) and a similarity gate: both processes start
+    from the same projector, average its gradients and feed the gate the mean similarity, so their
+    weights stay bit-identical and the run equals one process with the same global batch."""
+    from simpletuner.testing.tiny_vision import make_tiny_dinov2
+
+    dinov2 = make_tiny_dinov2(tmp_path / "dinov2")
+    urepa = {"urepa_enabled": True, "urepa_model": str(dinov2), "urepa_encoder_image_size": 56,
+             "urepa_similarity_threshold": 0.999, "urepa_threshold_mode": "recoverable"}
+    root = make_project(tmp_path / "project", tiny_model, "TRAINING_NUM_PROCESSES=2\nSIMPLETUNER_CHECK_RANK_SYNC=1\n",
+                        max_train_steps=3, seed_for_each_device=True, **urepa)
+    ddp = synced_steps(cli(root))  # asserts equal weights, projector included, on both ranks after every step
+    assert list(ddp) == [1, 2, 3]
+    reference = in_process(root, "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "ref"))
+    assert list(ddp.values()) == pytest.approx(reference.state.losses, rel=1e-5)

@@ -202,13 +202,15 @@ class VaeCache:
         entries: LocalEntries | BackendEntries | None = None,
         options: VaeCacheOptions | None = None,
         compress: bool = False,
+        label: str = "latents",
     ) -> None:
         """``images`` reads the dataset's files (a local folder at ``data_root`` by default);
         ``entries`` stores the cache (``cache_dir`` on disk, or the bucket of an ``s3://`` URL,
-        gzipped when ``compress``)."""
+        gzipped when ``compress``); ``label`` names what it holds in progress bars."""
         remote = is_remote_cache(cache_dir)
         self.cache_dir = cache_dir if remote else Path(cache_dir)
         self.dataset_id = dataset_id
+        self.label = label
         self.crop = crop
         self.memory = memory if memory is not None else TensorMemory()
         self.images = images if images is not None else LocalBackend(Path(data_root or "."))
@@ -267,7 +269,7 @@ class VaeCache:
         if self.mode == "disable":
             return report
         # text settings that families add to fingerprint_parts() must not invalidate latents
-        self._model_parts = getattr(model, "latent_fingerprint_parts", model.fingerprint_parts)()
+        self._model_parts = (getattr(model, "latent_fingerprint_parts", None) or model.fingerprint_parts)()
         if not verify:
             self._self_healing = True
         pending: dict[Size, list[ImageRecord]] = {}
@@ -492,7 +494,7 @@ class VaeCache:
         writer = _EntryWriter(self.entries, self.options.write_batch_size, self.options.workers)
         chunk: list[tuple[ImageRecord, torch.Tensor]] = []
         chunk_size: Size | None = None
-        with tqdm(total=len(jobs), desc=f"caching latents {self.dataset_id}", unit="img",
+        with tqdm(total=len(jobs), desc=f"caching {self.label} {self.dataset_id}", unit="img",
                   disable=not progress or not jobs) as bar:
             for size, record, pixels in self._decoded(jobs):
                 if chunk and (size != chunk_size or len(chunk) == batch_size):

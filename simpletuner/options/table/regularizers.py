@@ -10,6 +10,16 @@ _DECAY_SCHEDULES = ("constant", "linear", "cosine", "polynomial")
 _THRESHOLD_MODES = ("permanent", "recoverable")
 
 OPTIONS: list[Option] = [
+    Option(
+        name="alignment_teacher_features",
+        kind="str",
+        default="cached",
+        help="Where CREPA and U-REPA get the DINOv2 features of the clean images: cached once per image with the "
+        "latents (fast; float16 tokens on disk beside them), or live, decoded from the latents and encoded every step.",
+        group=_G,
+        choices=("cached", "live"),
+        implemented=True,
+    ),
     # --- CREPA -------------------------------------------------------------------------------
     Option(
         name="crepa_enabled",
@@ -260,8 +270,19 @@ OPTIONS: list[Option] = [
         name="urepa_use_tae",
         kind="bool",
         default=False,
-        help="Decode latents for the encoder with a Tiny AutoEncoder: quicker and lighter, lower image quality.",
+        help="With live teacher features, decode the latents for the encoder with a Tiny AutoEncoder "
+        "(--tiny_autoencoder_path) instead of the VAE: quicker and lighter, lower image quality.",
         group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="tiny_autoencoder_path",
+        kind="str",
+        default=None,
+        help="Folder (or hub id, found in the local hub cache when offline) of a diffusers AutoencoderTiny "
+        "trained on the family's latent space; unset picks the family's madebyollin TAE.",
+        group=_G,
+        implemented=True,
     ),
     Option(
         name="urepa_scheduler",

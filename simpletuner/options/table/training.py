@@ -587,7 +587,9 @@ OPTIONS: list[Option] = [
         name="scheduled_sampling_sampler",
         kind="str",
         default="unipc",
-        help="Solver that generates the rollout steps; only euler is implemented so far, the others are refused.",
+        help="Solver that carries a rollout down its noise levels: unipc (UniPC multistep with its corrector) and dpm "
+        "(DPM-Solver++ multistep) cost one model call per step and use --scheduled_sampling_order past outputs; euler "
+        "one call per step; rk4 (classic Runge-Kutta) four.",
         group=_G,
         choices=("unipc", "euler", "dpm", "rk4"),
         implemented=True,
@@ -597,8 +599,11 @@ OPTIONS: list[Option] = [
         kind="int",
         default=2,
         minimum=1,
-        help="Order of the rollout solver.",
+        help="Multistep order of the unipc and dpm rollout solvers (1 to 3): how many past model outputs a step "
+        "combines, lowered at the start and end of each rollout as diffusers does. euler (order 1) and rk4 (order 4) "
+        "have fixed orders and refuse any other value.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="scheduled_sampling_reflexflow",
