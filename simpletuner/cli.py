@@ -8,14 +8,20 @@ what it needs when it runs, so ``simpletuner --help`` and config validation stay
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
+from simpletuner.logging_setup import configure_logging, level_from_environment
 from simpletuner.options import ConfigError
+
+if TYPE_CHECKING:
+    from simpletuner.options.spec import Option
 
 logger = logging.getLogger("simpletuner")
 
@@ -30,19 +36,6 @@ SUBCOMMANDS = {
     "extract-lora": "write a LoRA holding the difference between a fine-tuned model and its base",
     "merge-lora": "fold a LoRA or LyCORIS file into a base pipeline and save the merged pipeline",
 }
-
-
-#: Libraries that speak only at WARNING (INFO with ``--log_level DEBUG``). botocore's DEBUG lines quote
-#: request headers, the S3 access key id among them, so they never reach the log.
-QUIET_LIBRARIES = ("diffusers", "transformers", "torchao", "accelerate", "bitsandbytes", "PIL",
-                   "botocore", "boto3", "s3transfer", "urllib3")
-
-
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in QUIET_LIBRARIES:
-        logging.getLogger(noisy).setLevel(logging.WARNING if level.upper() != "DEBUG" else logging.INFO)
 
 
 def top_level_parser() -> argparse.ArgumentParser:
@@ -68,10 +61,18 @@ def cmd_train(argv: Sequence[str]) -> int:
     configure_logging(level)
     for warning in run.warnings:
         logger.warning(warning)
+    from simpletuner.training.preflight import run_preflight
+
+    # the model, the datasets and the output folder, before anything loads or is written
+    report = run_preflight(run, act=not run.dry_run, is_main_process=os.environ.get("RANK", "0") == "0")
+    for warning in report.warnings:
+        logger.warning(warning)
+    notes = [*run.notes, *report.notes]
     if run.dry_run:
         from simpletuner.training.plan import describe_plan
 
         print(describe_plan(run))
+        print("\n".join(notes))
         return 0
     from simpletuner.training.launch import needs_relaunch, relaunch_under_accelerate
 
@@ -81,10 +82,11 @@ def cmd_train(argv: Sequence[str]) -> int:
     from simpletuner.training.trainer import train
 
     try:
-        train(run.config, launcher=run.launcher, config_file=run.config_file, dataset_plan=run.dataset_plan)
+        train(report.config, launcher=run.launcher, config_file=run.config_file, dataset_plan=run.dataset_plan,
+              notes=notes)
     except KeyboardInterrupt:
-        print(f"\ninterrupted. Checkpoints in {run.config.output_dir} are intact; continue with "
-              "`--resume_from_checkpoint latest`.", file=sys.stderr)
+        print(f"\ninterrupted. Checkpoints in {run.config.output_dir} are intact; run the same command again to "
+              "continue from the newest one.", file=sys.stderr)
         return 130
     except (CheckpointError, FloatingPointError) as error:
         print(f"simpletuner train: {error}", file=sys.stderr)
@@ -120,46 +122,134 @@ def cmd_plan_memory(argv: Sequence[str]) -> int:
 
 # --- options ----------------------------------------------------------------------------------------
 
-def cmd_options(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="simpletuner options", description="List every option of the table.")
-    parser.add_argument("--json", action="store_true", help="print every option as JSON")
+OPTIONS_EPILOG = """examples:
+  simpletuner options                    every option: name, type, default ('-' = not supported yet)
+  simpletuner options ema                the options whose name or help mentions "ema", with their help
+  simpletuner options "learning rate"    a phrase works too (case does not matter)
+  simpletuner options --json lora        the same search as JSON, for scripts
+  simpletuner options --write-docs       regenerate the generated documentation tables
+
+documentation/OPTIONS.md lists every option with its help; documentation/CONFIGURATION.md explains
+config files and precedence."""
+
+
+def options_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="simpletuner options", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=OPTIONS_EPILOG,
+        description="List the options of `simpletuner train`, or search them: TERM matches option names, "
+                    "deprecated aliases and help texts.")
+    parser.add_argument("term", nargs="?", metavar="TERM",
+                        help="show only the options whose name, alias or help text contains TERM, each with its "
+                             "help, default, allowed values and whether it is implemented")
+    parser.add_argument("--json", action="store_true",
+                        help="print the options (all, or the matches of TERM) as a JSON list on stdout")
     parser.add_argument("--write-docs", action="store_true",
-                        help="regenerate documentation/OPTIONS.md and the key tables of documentation/DATASETS.md")
-    args = parser.parse_args(argv)
+                        help="regenerate documentation/OPTIONS.md, the supported-values table of "
+                             "documentation/CONFIGURATION.md and the key tables of documentation/DATASETS.md")
+    return parser
+
+
+def option_match_rank(option: "Option", term: str) -> int | None:
+    """How well ``option`` matches ``term`` (case-insensitive; ``-`` and ``_`` alike in names): 0 its
+    name, 1 part of its name or an alias, 2 its help text; None: no match."""
+    term = term.lower().lstrip("-")
+    spellings = {term, term.replace("-", "_")}
+    if option.name in spellings:
+        return 0
+    if any(spelling in name for spelling in spellings for name in (option.name, *option.aliases)):
+        return 1
+    return 2 if term in option.help.lower() else None
+
+
+def option_as_json(option: "Option") -> dict:
+    return dict(name=option.name, group=option.group, type=option.kind, default=option.default,
+                choices=list(option.choices) if option.choices else None, implemented=option.implemented,
+                required=option.required, aliases=list(option.aliases), help=option.help)
+
+
+def describe_option(option: "Option", partly_supported: dict[str, tuple[tuple, tuple]]) -> str:
+    """One search result: the flag, its type and group, its help, then default, allowed values, status.
+    ``partly_supported``: per option, its (supported, refused) choices when the trainer refuses some."""
+    import textwrap
+
+    lines = [f"--{option.name}  ({option.kind}, group {option.group}"
+             + (", required" if option.required else "") + ")"]
+    lines += textwrap.wrap(option.help, width=96, initial_indent="    ", subsequent_indent="    ")
+    default = "none" if option.default in (None, "") else repr(option.default)
+    lines.append(f"    default: {default}")
+    if option.name in partly_supported:
+        supported, refused = partly_supported[option.name]
+        lines.append(f"    choices: {', '.join(map(str, supported))} (declared, refused for now: "
+                     f"{', '.join(map(str, refused))})")
+    elif option.choices:
+        lines.append(f"    choices: {', '.join(map(str, option.choices))}")
+    if option.range_text():
+        lines.append(f"    allowed: {option.range_text()}")
+    if option.aliases:
+        lines.append(f"    deprecated aliases: {', '.join('--' + a for a in option.aliases)}")
+    lines.append("    implemented: " + ("yes" if option.implemented else
+                                       "not yet (setting it to anything but the default is refused)"))
+    return "\n".join(lines)
+
+
+def print_option_search(term: str, as_json: bool) -> int:
+    """The options matching ``term``; none: a hint on stderr (closest names) and exit status 1, as grep."""
+    from simpletuner.options import all_options, closest_name
+    from simpletuner.options.docs import partially_supported_values
+
+    ranked = [(rank, index, option) for index, option in enumerate(all_options())
+              if (rank := option_match_rank(option, term)) is not None]
+    matches = [option for _, _, option in sorted(ranked, key=lambda entry: entry[:2])]
+    if as_json:
+        print(json.dumps([option_as_json(o) for o in matches], indent=1))
+    elif matches:
+        partly_supported = partially_supported_values()
+        print("\n\n".join(describe_option(o, partly_supported) for o in matches))
+        print(f"\n{len(matches)} option(s) match {term!r}.")
+    if not matches:
+        close = closest_name(term.lstrip("-").replace("-", "_"))
+        hint = f"; did you mean `{close}`?" if close else "; `simpletuner options` lists them all"
+        print(f"simpletuner options: no option matches {term!r}{hint}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_options(argv: Sequence[str]) -> int:
+    args = options_parser().parse_args(argv)
     from simpletuner.options import all_options
 
     if args.write_docs:
         from simpletuner.data.schema_docs import write_datasets_markdown
-        from simpletuner.options.docs import write_options_markdown
+        from simpletuner.options.docs import write_configuration_table, write_options_markdown
 
         print(f"wrote {write_options_markdown()}")
+        print(f"wrote {write_configuration_table()}")
         print(f"wrote {write_datasets_markdown()}")
         return 0
+    if args.term is not None:
+        return print_option_search(args.term, args.json)
     if args.json:
-        rows = [
-            dict(name=o.name, group=o.group, type=o.kind, default=o.default,
-                 choices=list(o.choices) if o.choices else None, implemented=o.implemented,
-                 required=o.required, aliases=list(o.aliases), help=o.help)
-            for o in all_options()
-        ]
-        print(json.dumps(rows, indent=1))
+        print(json.dumps([option_as_json(o) for o in all_options()], indent=1))
         return 0
     for option in all_options():
         mark = " " if option.implemented else "-"
         print(f"{mark} --{option.name:<45} {option.kind:<6} default={option.default!r}")
-    print("\n('-' = declared but not supported yet)")
+    print("\n`simpletuner options TERM` shows the help of the options matching TERM")
+    print("('-' = declared but not supported yet)")
     return 0
 
 
 # --- tiny model and demo data -------------------------------------------------------------------------
 
 def cmd_make_tiny_model(argv: Sequence[str]) -> int:
+    from simpletuner.testing.tiny_models import SUPPORTED_TINY_FAMILIES  # torch-free module
+
     parser = argparse.ArgumentParser(prog="simpletuner make-tiny-model",
                                      description="Write a tiny offline diffusers pipeline folder.")
-    parser.add_argument("--family", required=True,
-                        choices=["sd1x", "sd2x", "sdxl", "kolors", "deepfloyd", "sd3", "flux", "pixart_sigma"])
+    parser.add_argument("--family", required=True, choices=SUPPORTED_TINY_FAMILIES,
+                        help="the model family whose diffusers classes the tiny model is built from")
     parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--train-vae-steps", type=int, default=0,
                         help="train the VAE from scratch for N steps instead of using the shipped demo VAE")
     args = parser.parse_args(argv)
@@ -176,13 +266,31 @@ def cmd_make_tiny_model(argv: Sequence[str]) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def cmd_make_demo_dataset(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="simpletuner make-demo-dataset",
-                                     description="Write coloured-shape PNGs with caption .txt files.")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--count", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="simpletuner make-demo-dataset",
+        description="Write a folder of coloured-shape PNGs, each with a caption .txt beside it "
+                    "(\"a red circle on a white background\"): 6 colours x 3 shapes, equally often. "
+                    "Point a local dataset with caption_strategy textfile at the folder to train on it.")
+    parser.add_argument("--out", required=True,
+                        help="folder to write the images and captions into (created if missing)")
+    parser.add_argument("--count", type=positive_int, default=1000, help="how many images to draw (default 1000)")
+    parser.add_argument("--size", type=positive_int, default=64,
+                        help="width and height of each square image, in pixels (default 64)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the shuffle and the shapes' positions and sizes; the same seed "
+                             "writes the same images (default 0)")
     args = parser.parse_args(argv)
     from simpletuner.testing.shapes import make_demo_dataset
 
@@ -219,7 +327,7 @@ def _lora_tool_parser(name: str) -> argparse.ArgumentParser:
 
 def _run_lora_tool(name: str, run, error_type) -> int:
     """Run a LoRA tool; its own errors become one line on stderr and exit status 2."""
-    configure_logging("WARNING")
+    configure_logging(level_from_environment("WARNING"))
     try:
         result = run()
     except error_type as error:
@@ -273,6 +381,42 @@ COMMANDS = {
 }
 
 
+#: The exit status of a command whose reader went away, as a shell reports a process that SIGPIPE ended.
+BROKEN_PIPE_EXIT_STATUS = 128 + 13
+
+
+def stop_writing_to_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's last flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # stdout without a descriptor
+        pass
+
+
+def quiet_on_broken_pipe(command_main: Callable[..., int]) -> Callable[..., int]:
+    """``simpletuner options | head``: once the reader has what it wants and closes the pipe, the next
+    write raises BrokenPipeError. That is how a pipe ends, not an error: stop quietly with status 141
+    instead of a traceback. stdout is flushed inside the handler, so output still buffered at the end
+    (or a ``--help`` that argparse ends with SystemExit) fails here too, not at interpreter exit."""
+
+    @functools.wraps(command_main)
+    def run(argv: Sequence[str] | None = None) -> int:
+        try:
+            try:
+                return command_main(argv)
+            finally:
+                if sys.stdout is not None and not sys.stdout.closed:
+                    sys.stdout.flush()
+        except BrokenPipeError:
+            stop_writing_to_stdout()
+            return BROKEN_PIPE_EXIT_STATUS
+
+    return run
+
+
+@quiet_on_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -9,6 +9,20 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; every test that trains in-process must leave a clean one
+    for the next (whichever folder it is in)."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 #: (width, height) of the images written by ``tiny_image_folder``: at resolution 64 (pixel, alignment 8)
 #: they fall into the buckets 64x64 (4 images) and 96x64 (2 images).
 TINY_IMAGE_SIZES = ((64, 64),) * 4 + ((96, 64),) * 2

@@ -54,8 +54,10 @@ def write_dataset_config(folder: Path, images: Path) -> tuple[Path, Path]:
         {"id": "text-embeds", "dataset_type": "text_embeds", "type": "local", "cache_dir": str(folder / "cache/text")},
     ]), encoding="utf-8")
     config = folder / "config.json"
+    (folder / "model").mkdir(exist_ok=True)  # the pre-flight check wants a model it can find; the dry run reads none
     config.write_text(json.dumps({
         "model_family": "sd1x",
+        "pretrained_model_name_or_path": str(folder / "model"),
         "output_dir": str(folder / "out"),
         "data_backend_config": str(dataset_list),
         "resolution": 64,
@@ -263,7 +265,7 @@ def test_example_config_resolves_and_validates(example: Path, tmp_path: Path, mo
     dataset_list = Path(raw.get("data_backend_config") or raw.get("--data_backend_config"))
     assert dataset_list.is_file(), f"{relative}: data_backend_config {dataset_list} is not inside config/examples"
     for entry in json.loads(dataset_list.read_text(encoding="utf-8")):
-        if entry.get("dataset_type", "image") == "image" and not entry.get("disabled"):
+        if entry.get("dataset_type", "image") in ("image", "video") and not entry.get("disabled"):
             Path(entry["instance_data_dir"]).mkdir(parents=True, exist_ok=True)
 
     run = resolve_run(["--config", str(relative)], environ={}, root=tmp_path)

@@ -8,13 +8,14 @@ and atomic write, so a script and a person giving the same answers get the same 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from simpletuner.configure.draft import Draft, load_draft
 from simpletuner.configure.questions import flow_question
-from simpletuner.configure.settings import apply_setting
+from simpletuner.configure.settings import apply_setting, option_named
 from simpletuner.configure.write import Staging, describe_changes, staged, start_command
 from simpletuner.options import ConfigError
 
@@ -42,6 +43,8 @@ def run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     cwd = Path.cwd()
     draft = load_draft(args.config)
+    if args.non_interactive and draft.is_new:
+        start_from_fitted_defaults(draft, args.config, args.settings)
     for setting in args.settings:
         apply_setting(draft, setting)
     if args.non_interactive:
@@ -54,6 +57,27 @@ def run(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print("\ncancelled: no file was changed", file=sys.stderr)
         return 130
+
+
+def start_from_fitted_defaults(draft: Draft, config_arg: str | None, settings: Sequence[str]) -> None:
+    """Give a new setup the defaults the wizard proposes (the family's resolution, mixed precision
+    for this machine, ``resume_from_checkpoint latest``) before the ``--set`` answers, so that an
+    answer always wins and a script gets the files a person pressing Enter would.
+
+    The family decides the resolution, so the answers are first applied to a scratch draft to learn it.
+    """
+    from simpletuner.configure.machine import detect_machine
+    from simpletuner.configure.relevance import FITTED, Setup, fitted_default
+
+    answered = load_draft(config_arg)
+    for setting in settings:
+        apply_setting(answered, setting)
+    named = {option_named(setting) for setting in settings}
+    machine_of = functools.cache(detect_machine)  # torch is imported only when mixed_precision is not answered
+    setup = Setup(answered, machine_of)
+    for name in FITTED:
+        if name not in named:
+            draft.record(name, fitted_default(name, setup))
 
 
 def run_non_interactive(draft: Draft, cwd: Path) -> int:
@@ -70,29 +94,43 @@ def run_non_interactive(draft: Draft, cwd: Path) -> int:
 
 
 def run_interactive(draft: Draft, cwd: Path) -> int:
-    from simpletuner.configure.terminal import TerminalUI
+    """The wizard, then validation and the summary; Esc at the final questions goes back into the
+    wizard, and a setup that does not validate can be gone through again with the answers kept."""
+    from simpletuner.configure.navigation import GoBack, Navigation, WizardSession
+    from simpletuner.configure.terminal import TerminalUI, footer_text
     from simpletuner.configure.wizard import run_wizard
 
     ui = TerminalUI()
-    editing = draft.config_path in draft.originals
-    ui.say(f"{'Editing' if editing else 'Creating'} {draft.config_path}: press Enter to keep the value shown, "
-           "Ctrl-C to leave without writing anything.")
+    session = WizardSession()
+    ui.say(f"{'Editing' if not draft.is_new else 'Creating'} {draft.config_path}. Keys:"
+           f"{footer_text(Navigation(advanced_shown=False))}")
     while True:
-        run_wizard(ui, draft)
+        run_wizard(ui, draft, session)
         for note in draft.settle():
             ui.say(note)
         try:
             with staged(draft, cwd) as staging:
                 ui.heading("Summary")
                 report(staging, draft)
-                if not ui.ask(flow_question("write", "write these files?", default=True)):
+                if not ui.ask(flow_question("write", "write these files?", default=True), Navigation()):
                     ui.say("nothing written")
                     return 1
                 written = staging.commit()
+        except GoBack:
+            session.go_back()
+            ui.say("(back to the last question)")
+            continue
         except ConfigError as error:
             ui.say(f"\nthis setup does not validate yet:\n  {error}")
-            if ui.ask(flow_question("retry", "go through the questions again (your answers are the new defaults)?",
-                                    default=True)):
+            try:
+                again = ui.ask(flow_question("retry", "go through the questions again (your answers are the new "
+                                                      "defaults)?", default=True), Navigation())
+            except GoBack:
+                session.go_back()
+                ui.say("(back to the last question)")
+                continue
+            if again:
+                session.start_over(draft.snapshot())
                 continue
             ui.say("nothing written")
             return 2

@@ -58,6 +58,19 @@ class Draft:
     original_datasets: list[dict[str, Any]] = field(default_factory=list)
     original_env_lines: list[str] = field(default_factory=list)
 
+    @property
+    def is_new(self) -> bool:
+        """True while config.json does not exist yet: the wizard is creating a setup, not editing one."""
+        return self.config_path not in self.originals
+
+    def snapshot(self) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+        """The three files' content now, for :meth:`restore` (the wizard replays answers from one)."""
+        return copy.deepcopy(self.config), copy.deepcopy(self.datasets), list(self.env_lines)
+
+    def restore(self, snapshot: tuple[dict[str, Any], list[dict[str, Any]], list[str]]) -> None:
+        config, datasets, env_lines = snapshot
+        self.config, self.datasets, self.env_lines = copy.deepcopy(config), copy.deepcopy(datasets), list(env_lines)
+
     # --- config.json, addressed by canonical option name ---------------------------------------------
 
     def key_for(self, name: str) -> str | None:

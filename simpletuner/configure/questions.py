@@ -88,11 +88,14 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def option_question(name: str, current: Any, choices: tuple[str, ...] | None = None, extra_help: str = "") -> Question:
+def option_question(name: str, current: Any, choices: tuple[str, ...] | None = None, extra_help: str = "",
+                    applies: Callable[[str], bool] | None = None) -> Question:
     """The question for option ``name`` whose value is now ``current``.
 
     ``choices`` narrows the offered values further (the families the registry implements, a
     family's flavours); it may also give choices to an option the table leaves free-form.
+    ``applies`` drops the table's values that cannot work in this setup (a CUDA-only preset on a
+    CPU); the current value stays offered, so an edit never loses it.
     """
     option = options_by_name()[name]
     if not option.implemented:
@@ -112,6 +115,8 @@ def option_question(name: str, current: Any, choices: tuple[str, ...] | None = N
         default = current if isinstance(current, bool) else bool(option.default)
         return Question(name, help_text, "confirm", default, convert=convert)
     offered = choices if choices is not None else offered_choices(option) if option.choices else ()
+    if applies is not None and choices is None:
+        offered = tuple(c for c in offered if applies(c) or c == _as_text(current))
     if offered:
         if option.default is None and not option.required and choices is None:
             offered = (*offered, UNSET)

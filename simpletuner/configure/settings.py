@@ -58,6 +58,16 @@ def apply_setting(draft: Draft, setting: str) -> None:
         draft.record(name, coerce_value(options_by_name()[name], raw, "--set"))
 
 
+def option_named(setting: str) -> str | None:
+    """The option a ``KEY=VALUE`` setting answers (its canonical name), or None for dataset,
+    text-embed and config.env keys."""
+    key = setting.partition("=")[0].strip()
+    if key.startswith(("dataset.", "text_embeds.", "env.")):
+        return None
+    bare = key.lstrip("-")
+    return alias_targets().get(bare, bare)
+
+
 def _set_entry_value(entry: dict[str, Any], key: str, value: Any, dataset_type: str = "image") -> None:
     if not key:
         raise ConfigError("--set dataset.: name a dataset key, e.g. --set dataset.instance_data_dir=images")

@@ -37,7 +37,7 @@ from simpletuner.data.dataset import (
 from simpletuner.data.geometry import buckets_of, crop_anchor
 from simpletuner.data.metadata import ImageRecord
 from simpletuner.data.mixing import DatasetMixer, DatasetSchedule, dataset_weight
-from simpletuner.data.video import placement_function
+from simpletuner.data.video import fit_clip_length, frame_count_rule, placement_function
 from simpletuner.data.sampler import BucketBatchSampler
 from simpletuner.data.scan_cache import ScanCache, scan_settings_fingerprint, scan_with_cache
 from simpletuner.data.settings import (
@@ -101,6 +101,8 @@ def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = 
         if cfg.dataset_type == "video" and (raw_cfg.video is None or raw_cfg.video.num_frames is None):
             logger.warning("dataset %s: no num_frames in its \"video\" object; training clips of %d frames (5 seconds "
                            "at --framerate); set num_frames to use less memory", cfg.id, cfg.video.num_frames)
+        if cfg.dataset_type == "video":
+            cfg = fit_clip_length(cfg, model)  # a length the family's VAE encodes whole (Wan: 1 + 4k)
         dataset = _prepare_dataset(cfg, settings, model, memory, sets, shared_filters, show_progress,
                                    role=cfg.dataset_type,
                                    feature_encoders=feature_encoders if cfg.dataset_type != "video" else ())
@@ -140,13 +142,20 @@ def build_training_data(config, model, plan: DatasetPlan, show_progress: bool = 
 
 
 def _check_video_support(plan: DatasetPlan, model, config) -> None:
-    """Video datasets need a family whose ``encode_images`` takes clips (it sets ``encodes_video = True``)."""
+    """Video datasets need a family whose ``encode_images`` takes clips (it sets ``encodes_video = True``);
+    image datasets join a video family's training as one-frame clips only where it allows it."""
     videos = [cfg.id for cfg in plan.enabled_images if cfg.dataset_type == "video"]
-    if videos and not getattr(model, "encodes_video", False):
+    encodes_video = getattr(model, "encodes_video", False)
+    if videos and not encodes_video:
         raise DatasetConfigError(
             f"dataset {videos[0]!r} has \"dataset_type\": \"video\", but model family "
             f"{config.model_family!r} encodes images only; train it with a video model family, "
             "or disable the dataset")
+    stills = [cfg.id for cfg in (*plan.enabled_images, *plan.eval_datasets) if cfg.dataset_type != "video"]
+    if stills and encodes_video and not model.trains_images_as_clips():
+        raise DatasetConfigError(
+            f"dataset {stills[0]!r} holds images, but model family {config.model_family!r} cannot train images as "
+            "one-frame clips; use \"dataset_type\": \"video\" datasets only, or disable the dataset")
 
 
 def _cache_captions(plan: DatasetPlan, datasets: list[PreparedDataset], config, settings: DataSettings, model,
@@ -205,7 +214,8 @@ def _prepare_dataset(cfg: ImageDatasetConfig, settings: DataSettings, model, mem
     records = _subset(scan.records, cfg, settings.seed)
     edge = pixel_edge(cfg.resolution, cfg.resolution_type)
     alignment = bucket_alignment(settings.aspect_bucket_alignment, model.pixels_per_token(), edge)
-    placed, excluded = placement_function(cfg)(records, cfg, alignment, settings.aspect_bucket_rounding)
+    placed, excluded = placement_function(cfg, frame_count_rule(model))(records, cfg, alignment,
+                                                                        settings.aspect_bucket_rounding)
     for path, reason in excluded:
         logger.info("dataset %s: leaving out %s: %s", cfg.id, path, reason)
     if cfg.delete_unwanted_images:

@@ -24,6 +24,11 @@ trained on, in the scan and in the decode alike.
 
 A model family trains video datasets only if it sets ``encodes_video = True`` (its ``encode_images``
 then takes (B, C, F, H, W) pixels); otherwise the data path stops at start-up naming the dataset.
+A video VAE that compresses time encodes only some clip lengths (``1 + 4k`` frames for Wan):
+:func:`fit_clip_length` lowers a dataset's ``num_frames`` to the nearest such length (with a
+warning) and :func:`place_videos` does the same for files shorter than a full clip, so every
+bucket holds a length the family's VAE takes whole. Image datasets join a video family's training
+as one-frame clips where the family allows it (``trains_images_as_clips``).
 
 ``av`` and torch are imported inside the functions that need them, so the CLI's validation path and
 ``--dry-run`` do not load FFmpeg unless a video dataset is scanned.
@@ -32,14 +37,16 @@ then takes (B, C, F, H, W) pixels); otherwise the data path stops at start-up na
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from simpletuner.data.config import ImageDatasetConfig, VideoSettings
+from simpletuner.data.config import DatasetConfigError, ImageDatasetConfig, VideoSettings
 from simpletuner.data.geometry import Placement, place_image
 from simpletuner.data.images import MAX_IMAGE_PIXELS, CorruptImageError, crop_at, resize_to_cover
 from simpletuner.data.metadata import ImageRecord
@@ -59,6 +66,10 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
 VIDEO_HEADER_BYTES = 1 << 20
 
 Size3 = tuple[int, int, int]
+#: A family's clip-length rule: the longest accepted clip of at most that many frames, or None.
+FrameCount = Callable[[int], "int | None"]
+
+logger = logging.getLogger(__name__)
 
 
 class CorruptVideoError(CorruptImageError):
@@ -212,10 +223,15 @@ def length_exclusion(frames: int, video: VideoSettings) -> str | None:
     return None
 
 
-def place_videos(records: list[ImageRecord], cfg: ImageDatasetConfig, alignment: int, rounding: int | None = None
-                 ) -> tuple[dict[ImageRecord, Placement], list[tuple[object, str]]]:
+def place_videos(records: list[ImageRecord], cfg: ImageDatasetConfig, alignment: int, rounding: int | None = None,
+                 frame_count: FrameCount | None = None) -> tuple[dict[ImageRecord, Placement], list[tuple[object, str]]]:
     """Placements (size ``(width, height, frames)``) of every kept video, and (path, reason) for
-    every left-out one; the frame size follows the dataset's image rules."""
+    every left-out one; the frame size follows the dataset's image rules.
+
+    ``frame_count`` is the family's rule for clip lengths (``ModelFamily.accepted_frame_count``): a
+    file too short for a full clip trains the longest accepted length it has, and is left out when
+    it has none. Without a rule every length is taken.
+    """
     video = cfg.video or VideoSettings()
     placed: dict[ImageRecord, Placement] = {}
     skipped: list[tuple[object, str]] = []
@@ -226,17 +242,60 @@ def place_videos(records: list[ImageRecord], cfg: ImageDatasetConfig, alignment:
         if isinstance(result, str):
             skipped.append((record.path, result))
             continue
-        placed[record] = dataclasses.replace(result, size=(*result.size, clip_frames(frames, video)))
+        clip = clip_frames(frames, video)
+        accepted = frame_count(clip) if frame_count is not None else clip
+        if accepted is None:
+            skipped.append((record.path, f"video too short: a clip of {clip} frame(s) is shorter than any clip "
+                            "length the model's VAE encodes"))
+            continue
+        placed[record] = dataclasses.replace(result, size=(*result.size, accepted))
     return placed, skipped
 
 
-def placement_function(cfg: ImageDatasetConfig):
-    """:func:`place_videos` for video datasets, :func:`simpletuner.data.geometry.place_images` otherwise."""
+def placement_function(cfg: ImageDatasetConfig, frame_count: FrameCount | None = None):
+    """:func:`place_videos` (with the family's clip-length rule ``frame_count``) for video datasets,
+    :func:`simpletuner.data.geometry.place_images` otherwise."""
     if cfg.dataset_type == "video":
-        return place_videos
+        return functools.partial(place_videos, frame_count=frame_count)
     from simpletuner.data.geometry import place_images
 
     return place_images
+
+
+# --- the family's clip lengths ---------------------------------------------------------------------
+
+
+def frame_count_rule(model) -> FrameCount | None:
+    """The family's clip-length rule (``accepted_frame_count``); None for encoders without one
+    (test stand-ins), which take every length."""
+    return getattr(model, "accepted_frame_count", None)
+
+
+def fit_clip_length(cfg: ImageDatasetConfig, model) -> ImageDatasetConfig:
+    """``cfg`` with ``num_frames`` lowered to the longest clip the family's VAE encodes whole.
+
+    A warning names the dataset, the asked and the trained length and the lengths that work, so the
+    user can set one of them and silence it.
+
+    Raises:
+        DatasetConfigError: no length up to ``num_frames`` is accepted.
+    """
+    rule = frame_count_rule(model)
+    video = cfg.video
+    if rule is None or video is None or video.num_frames is None:
+        return cfg
+    fitted = rule(video.num_frames)
+    family = getattr(model, "family", "") or "this model"
+    describe = getattr(model, "accepted_frame_counts_text", None)
+    lengths = describe() if describe is not None else "the lengths it accepts"
+    if fitted is None:
+        raise DatasetConfigError(f"dataset {cfg.id!r}: \"num_frames\": {video.num_frames} is shorter than any clip the "
+                                 f"{family} VAE encodes; set \"num_frames\" in its \"video\" object to one of {lengths}")
+    if fitted != video.num_frames:
+        logger.warning("dataset %s: the %s VAE encodes clips of %s frames, not %d; training clips of %d frames "
+                       "(set \"num_frames\": %d in its \"video\" object to silence this)", cfg.id, family, lengths,
+                       video.num_frames, fitted, fitted)
+    return dataclasses.replace(cfg, video=dataclasses.replace(video, num_frames=fitted))
 
 
 # --- decoding --------------------------------------------------------------------------------------

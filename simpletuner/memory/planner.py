@@ -229,6 +229,7 @@ class PlanSettings:
     text_tokens: int
     use_ema: bool
     ema_on_cpu: bool
+    frames: int = 1  # the longest clip of a video dataset (1 for images)
 
     @classmethod
     def from_config(cls, config, dataset_plan=None) -> "PlanSettings":
@@ -256,7 +257,17 @@ class PlanSettings:
             vae_batch_size=int(config.vae_batch_size or 4),
             text_tokens=text_tokens(config),
             use_ema=bool(config.use_ema), ema_on_cpu=bool(config.ema_cpu_only or config.ema_device == "cpu"),
+            frames=training_frames(config, dataset_plan),
         )
+
+
+def training_frames(config, dataset_plan=None) -> int:
+    """Frames of the longest clip any enabled video dataset trains (1 without video datasets)."""
+    from simpletuner.data.settings import resolve_dataset
+
+    frames = [resolve_dataset(dataset, config).video.num_frames for dataset in
+              (dataset_plan.enabled_images if dataset_plan is not None else ()) if dataset.dataset_type == "video"]
+    return int(max(frames, default=1))
 
 
 def training_edge(config, dataset_plan=None) -> int:
@@ -330,8 +341,18 @@ def latent_grid(inventory: ModelInventory, width: int, height: int) -> tuple[int
     vae = inventory.components.get("vae")
     if vae is None:  # pixel space
         return 3, height, width
+    if "scale_factor_spatial" in vae.config:  # a video VAE (Wan) states its compression
+        scale = int(vae.config["scale_factor_spatial"])
+        return int(vae.config.get("z_dim", 16)), height // scale, width // scale
     scale = 2 ** (len(vae.config.get("block_out_channels", [1, 1, 1, 1])) - 1)
     return int(vae.config.get("latent_channels", 4)), height // scale, width // scale
+
+
+def latent_frames(inventory: ModelInventory, frames: int) -> int:
+    """Latent frames of a clip of ``frames`` frames (1 for images and image VAEs)."""
+    vae = inventory.components.get("vae")
+    step = int(vae.config.get("scale_factor_temporal", 0) or 0) if vae is not None else 0
+    return 1 + (frames - 1) // step if step else 1
 
 
 @dataclass(frozen=True)
@@ -376,14 +397,15 @@ def activation_shape(inventory: ModelInventory, settings: PlanSettings) -> Activ
         cells = (lat_h >> lowest) * (lat_w >> lowest)
         image += cells * widths[lowest] * (2 + transformer_layers[lowest])  # the mid block
         return ActivationShape(image, text, inputs, units)
-    patch = int(config.get("patch_size", 2) or 1)
+    patch = config.get("patch_size", 2) or 1
+    patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch)  # video transformers: (t, h, w)
     if kind == "flux":
         patch = 2  # FLUX packs 2x2 latent cells into one token (its config says patch_size 1)
         depth = config.get("num_layers", 19) + config.get("num_single_layers", 38)
     else:
         depth = config.get("num_layers", 24)
     width = config.get("num_attention_heads", 24) * config.get("attention_head_dim", 64)
-    tokens = (lat_h // patch) * (lat_w // patch)
+    tokens = (lat_h // patch) * (lat_w // patch) * latent_frames(inventory, settings.frames)
     return ActivationShape(tokens * width * depth, settings.text_tokens * width * depth,
                            (tokens + settings.text_tokens) * width * depth, depth)
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 #: The methods simpletuner ships, name -> builder.
 BUILTIN_METHODS: dict[str, str] = {
     "sft": "simpletuner.methods.sft:build",
+    "causal_sft": "simpletuner.methods.causal_sft:build",
 }
 
 _registered: dict[str, Callable[[Any, Any], Any]] = {}

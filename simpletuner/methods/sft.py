@@ -15,17 +15,25 @@ Two noise processes share this method:
 
 With ``--train_text_encoder`` the prompts are encoded live, with gradients, instead of read from the
 text-embed cache (whose embeds would be stale as soon as the encoder moves).
+
+Video families hand over latents [B, C, F, H, W]; everything above works on them unchanged (one
+noise level per clip). Two family hooks shape it further: ``training_sigma_window`` confines the
+flow sigmas to one expert's range of a two-expert model, and ``first_frame_conditioning`` keeps
+the first latent frame of image-to-video samples clean (spec 004): un-noised in the input, at its
+own timestep (the denoiser then gets one timestep per latent frame, [B, F]) and out of the loss.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
 from simpletuner.methods.base import LossOutput, Stateless
 from simpletuner.methods.scheduled_sampling import build_scheduled_sampling
+from simpletuner.objectives.first_frame import apply_clean_first_frame, first_frame_mask, frame_timesteps
 from simpletuner.objectives.flow import FlowSigmaSampler, ShiftedDiscreteSchedule, flow_loss_weights, flow_noisy_latents
 from simpletuner.objectives.losses import LossSettings, diffusion_loss, elementwise_loss, masked_mean
 from simpletuner.objectives.noise import NoiseSettings, apply_offset_noise, perturbation_strength
@@ -47,17 +55,32 @@ class NoisedBatch:
     element_weights: torch.Tensor | None = None
     regularize: Callable[[torch.Tensor], torch.Tensor] | None = None
     logs: dict[str, float] = field(default_factory=dict)
+    # Set for a clean first frame (image-to-video): the timestep of every latent frame [B, F], which
+    # the denoiser gets instead of ``timesteps``, and [B, 1, F, 1, 1] with 0 on the frames the loss skips.
+    frame_timesteps: torch.Tensor | None = None
+    frame_mask: torch.Tensor | None = None
+
+    @property
+    def model_timesteps(self) -> torch.Tensor:
+        """What the denoiser is told: per-frame timesteps when a frame is clean, else one per sample."""
+        return self.frame_timesteps if self.frame_timesteps is not None else self.timesteps
 
 
 class FlowNoising:
-    """Sigma sampling, noising and targets for flow-matching families."""
+    """Sigma sampling, noising and targets for flow-matching families.
 
-    def __init__(self, model, config, num_train_timesteps: int):
+    ``window`` (the family's ``training_sigma_window``, e.g. one expert's range) confines the sigmas to
+    ``[low, high)``: drawn sigmas are mapped linearly into it, and the discrete table only offers its
+    entries inside it.
+    """
+
+    def __init__(self, model, config, num_train_timesteps: int, window: tuple[float, float] | None = None):
         self.num_train_timesteps = num_train_timesteps
         default_shift = getattr(model, "default_flow_shift", None)
         self.sampler = FlowSigmaSampler.from_config(config, default_shift=default_shift)
         self.patch_size = getattr(model, "flow_patch_size", 2)
         self.weighting = config.flow_loss_weighting or "none"
+        self.window = window
         self.table = None
         if config.flow_use_discrete_schedule or self.weighting == "gaussian":
             shift = config.flow_schedule_shift or default_shift or 1.0
@@ -67,13 +90,36 @@ class FlowNoising:
                 max_timestep_boundary=config.flow_max_timestep_boundary or 1.0,
             )
         self.discrete = bool(config.flow_use_discrete_schedule)
+        if self.discrete and window is not None:
+            self._confine_table(*window)
+
+    def _confine_table(self, low: float, high: float) -> None:
+        """Keep only the table entries with ``low <= sigma < high`` (``<= 1`` when ``high`` is 1; the table
+        runs from sigma 1 down)."""
+        sigmas = self.table.sigmas.float()  # compared as drawn (float32), so none rounds onto the boundary
+        inside = ((sigmas >= low) & ((sigmas < high) | (high >= 1.0))).nonzero().flatten()
+        if inside.numel():
+            self.table.min_index = max(self.table.min_index, int(inside.min()))
+            self.table.max_index = min(self.table.max_index, int(inside.max()) + 1)
+        if not inside.numel() or self.table.max_index <= self.table.min_index:
+            raise ValueError(f"the discrete flow schedule has no entry with sigma in [{low}, {high}) between the "
+                             "--flow_min_timestep_boundary / --flow_max_timestep_boundary; widen them")
+
+    def into_window(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Sigmas in [0, 1] mapped linearly into the training window (unchanged without one)."""
+        if self.window is None:
+            return sigmas
+        low, high = self.window
+        return low + (high - low) * sigmas
 
     def sigmas(self, latents: torch.Tensor) -> torch.Tensor:
         batch = latents.shape[0]
         if self.discrete:
             return self.table.sample(batch, latents.device).sigmas.float()
-        seq_len = (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)
-        return self.sampler(batch, latents.device, seq_len=seq_len).float()
+        # tokens of one sample: patches of every (latent) frame, for the auto shift
+        frames = math.prod(latents.shape[2:-2])
+        seq_len = frames * (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)
+        return self.into_window(self.sampler(batch, latents.device, seq_len=seq_len).float())
 
     def __call__(self, latents: torch.Tensor, noise: torch.Tensor, input_noise: torch.Tensor,
                  sigmas: torch.Tensor | None = None) -> NoisedBatch:
@@ -106,7 +152,8 @@ class SupervisedFineTuning(Stateless):
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.flow = model.prediction_type == "flow_matching"
         if self.flow:
-            self.flow_noising = FlowNoising(model, config, self.num_train_timesteps)
+            window = getattr(model, "training_sigma_window", lambda: None)()  # e.g. one expert's range
+            self.flow_noising = FlowNoising(model, config, self.num_train_timesteps, window=window)
         else:
             window = getattr(model, "training_timestep_window", lambda: None)()  # e.g. one expert's slice
             self.sample_timesteps = build_timestep_sampler(config, self.scheduler, window=window)
@@ -183,6 +230,25 @@ class SupervisedFineTuning(Stateless):
                 return prediction, target
         return NoisedBatch(noisy, timesteps, target_of)
 
+    def clean_first_frame(self, noised: NoisedBatch, latents: torch.Tensor, input_noise: torch.Tensor, batch: dict,
+                          generator: torch.Generator | None = None) -> NoisedBatch:
+        """``noised`` with the first latent frame of the family's image-to-video samples put back clean
+        (or at the family's noise level), its timestep set to that level and the frame kept out of
+        the loss; unchanged when the family conditions no sample (``first_frame_conditioning``)."""
+        hook = getattr(self.model, "first_frame_conditioning", None)
+        condition = hook(batch, latents, generator=generator) if hook is not None else None
+        if condition is None or latents.dim() != 5 or not bool(condition.conditioned.any()):
+            return noised
+        if not self.flow:
+            raise ValueError(f"{self.model.family}: a clean first frame needs a flow-matching objective")
+        conditioned = condition.conditioned.to(latents.device)
+        mask = first_frame_mask(latents.shape, conditioned, device=latents.device, dtype=latents.dtype)
+        noisy = apply_clean_first_frame(noised.noisy, latents, conditioned, noise=input_noise,
+                                        noise_level=condition.noise_level)
+        clean_timestep = condition.noise_level * self.num_train_timesteps
+        return replace(noised, noisy=noisy, frame_mask=mask,
+                       frame_timesteps=frame_timesteps(noised.timesteps, mask, clean_timestep))
+
     # --- the loss ----------------------------------------------------------------------------------
 
     def compute_loss(self, batch: dict, device: torch.device, step: int = 0) -> LossOutput:
@@ -197,6 +263,7 @@ class SupervisedFineTuning(Stateless):
         noised = (self.flow_noising if self.flow else self.ddpm_noising)(latents, noise, input_noise)
         if self.scheduled_sampling is not None:  # the model's own rollout replaces part of the input
             noised = self.scheduled_sampling.apply(noised, latents, input_noise, text, batch, step)
+        noised = self.clean_first_frame(noised, latents, input_noise, batch)
         loss = self.denoising_loss(noised, text, batch, lambda: self.loss_mask(batch, device))
         return LossOutput(loss, dict(noised.logs))
 
@@ -206,7 +273,7 @@ class SupervisedFineTuning(Stateless):
         evaluation loss share. ``mask_of`` is called after the prediction (it may draw a random number)."""
         model = self.model
         dtype = model.weight_dtype
-        raw = model.predict(noised.noisy.to(dtype), noised.timesteps, {k: v.to(dtype) for k, v in text.items()},
+        raw = model.predict(noised.noisy.to(dtype), noised.model_timesteps, {k: v.to(dtype) for k, v in text.items()},
                             batch=batch)
         prediction, target = noised.target_of(raw)
         mask = mask_of()
@@ -214,7 +281,7 @@ class SupervisedFineTuning(Stateless):
             elementwise = elementwise_loss(prediction, target, "l2")
             if noised.element_weights is not None:
                 elementwise = elementwise * noised.element_weights
-            per_sample = masked_mean(elementwise, mask)
+            per_sample = masked_mean(elementwise, mask, weights=noised.frame_mask)  # clean frames: no loss
             if noised.loss_weights is not None:
                 per_sample = per_sample * noised.loss_weights
             loss = per_sample.mean()
@@ -257,10 +324,11 @@ class SupervisedFineTuning(Stateless):
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
             if self.flow:
                 sigmas = torch.full((size,), float(position), device=latents.device, dtype=torch.float32)
-                noised = self.flow_noising(latents, noise, noise, sigmas=sigmas)
+                noised = self.flow_noising(latents, noise, noise, sigmas=self.flow_noising.into_window(sigmas))
             else:
                 step = min(int(position * self.num_train_timesteps), self.num_train_timesteps - 1)
                 timesteps = torch.full((size,), step, device=latents.device, dtype=torch.long)
                 noised = self.ddpm_noising(latents, noise, noise, timesteps=timesteps)
+            noised = self.clean_first_frame(noised, latents, noise, batch, generator=generator)
             total += self.denoising_loss(noised, text, batch, lambda: mask).float()
         return total / len(positions)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,19 @@ import torch
 from simpletuner.models.registry import FAMILIES, FamilyInfo
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CleanFirstFrame:
+    """What :meth:`ModelFamily.first_frame_conditioning` answers for one batch.
+
+    Attributes:
+        conditioned: bool [B], the samples whose first latent frame is the clean conditioning frame.
+        noise_level: the sigma that frame sits at (0: exactly clean; LTX-Video's partial noise above 0).
+    """
+
+    conditioned: torch.Tensor
+    noise_level: float = 0.0
 
 
 class ModelFamily(ABC):
@@ -35,6 +49,9 @@ class ModelFamily(ABC):
     #: (None: no shift) and the patch size that turns a latent into tokens (for the auto shift).
     default_flow_shift: float | None = None
     flow_patch_size: int = 2
+    #: Video families: ``encode_images`` also takes clips (B, C, F, H, W) and returns latents
+    #: [B, C, f, h, w]; the data path refuses ``"dataset_type": "video"`` entries for the others.
+    encodes_video: bool = False
 
     def __init__(self, config, device: torch.device, weight_dtype: torch.dtype):
         self.config = config
@@ -100,6 +117,61 @@ class ModelFamily(ABC):
         expert of a base + refiner pair); None, the default, trains on all of them."""
         return None
 
+    def training_sigma_window(self) -> tuple[float, float] | None:
+        """Flow-matching families: the ``[low, high)`` range of noise levels (sigma, 0 clean to 1 pure
+        noise) this run trains on, e.g. one expert of a two-expert model; None, the default, trains on
+        all of them. The configured sigma distribution is mapped into the range."""
+        return None
+
+    # --- video -----------------------------------------------------------------------------------
+    # A video family sets ``encodes_video`` and, where its VAE compresses time, overrides
+    # :meth:`temporal_compression`; the data path then picks clip lengths the VAE accepts
+    # (:meth:`accepted_frame_count`) and may mix image datasets in as one-frame clips.
+
+    def temporal_compression(self) -> int:
+        """Pixel frames per latent frame after the first: 4 for a causal video VAE that encodes frame 0
+        alone and every following group of 4 frames into one latent frame (Wan, LTX-Video); 1 for
+        image families, whose "clips" are single images."""
+        return 1
+
+    def accepted_frame_count(self, frames: int) -> int | None:
+        """The longest clip of at most ``frames`` frames the VAE encodes exactly, or None when even
+        one frame is too many (``frames`` < 1).
+
+        A causal video VAE with temporal compression ``t`` takes ``1 + k * t`` frames: the first frame
+        plus whole groups of ``t``; anything in between would be cut or padded by the VAE, so the
+        data path trains the accepted count below instead of silently changing the clip."""
+        if frames < 1:
+            return None
+        step = self.temporal_compression()
+        return 1 + (frames - 1) // step * step
+
+    def accepted_frame_counts_text(self) -> str:
+        """The clip lengths the VAE accepts, for messages (``1, 5, 9, 13, ... (1 + 4k)``)."""
+        step = self.temporal_compression()
+        if step == 1:
+            return "any number of frames"
+        return ", ".join(str(1 + k * step) for k in range(4)) + f", ... (1 + {step}k)"
+
+    def latent_frame_count(self, frames: int) -> int:
+        """Latent frames of a clip of ``frames`` accepted frames (``1 + (frames - 1) / t``)."""
+        return 1 + (frames - 1) // self.temporal_compression()
+
+    def trains_images_as_clips(self) -> bool:
+        """Whether image datasets may join this family's video training as one-frame clips
+        (``encode_images`` then gets (N, C, H, W) images and returns [N, C, 1, h, w] latents). True
+        for every video family whose VAE encodes a single frame on its own; a family that cannot
+        learn from stills overrides it, and the data path refuses image datasets naming them."""
+        return self.encodes_video
+
+    def first_frame_conditioning(self, batch: dict, latents: torch.Tensor,
+                                 generator: torch.Generator | None = None) -> "CleanFirstFrame | None":
+        """Image-to-video families that keep the first latent frame clean (spec 004): which samples
+        of this batch are conditioned on their first frame, and at which noise level that frame sits.
+        The method then leaves those frames un-noised, gives them their own timestep and keeps them
+        out of the loss (:mod:`simpletuner.objectives.first_frame`). None, the default: no sample is."""
+        return None
+
     def trainable_text_encoders(self) -> dict[str, torch.nn.Module]:
         """Text encoders ``--train_text_encoder`` may train, by their pipeline component name."""
         return {}
@@ -135,6 +207,8 @@ class ModelFamily(ABC):
 
         ``batch`` is the data batch, for families that condition on more than text: per-sample
         ``original_size`` / ``crop_top_left`` / ``target_size`` (SDXL micro-conditioning), etc.
+        ``timesteps`` is one value per sample [B]; video families also take one per latent frame
+        [B, F] (a clean first frame at 0, or causal SFT's chunks).
         """
 
     @abstractmethod
@@ -148,6 +222,13 @@ class ModelFamily(ABC):
     @abstractmethod
     def lora_target_modules(self) -> list[str]:
         """Module names a default LoRA adapts."""
+
+    def lora_components(self) -> dict[str, torch.nn.Module]:
+        """The pipeline components a denoiser LoRA file names, by key prefix: the denoiser itself by
+        default. A denoiser made of several pipeline components (Wan 2.2's two experts) names each;
+        its key prefix is also its attribute path inside the denoiser, so a file read back per
+        component lands on the right layers."""
+        return {self.denoiser_name: self.denoiser}
 
     @abstractmethod
     def save_lora(self, folder: Path, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:

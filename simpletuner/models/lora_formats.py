@@ -74,6 +74,15 @@ class ComfyNaming:
 
 KOHYA_SD = ComfyNaming({"unet": "lora_unet", "text_encoder": "lora_te"})
 
+#: Wan's diffusers module names -> the original checkpoint's (ComfyUI's) names inside each block. The
+#: longer ``to_out.0`` comes before the projections so no rename rewrites another's result.
+WAN_NATIVE_NAMES = (
+    ("attn1.to_out.0", "self_attn.o"), ("attn1.to_q", "self_attn.q"), ("attn1.to_k", "self_attn.k"),
+    ("attn1.to_v", "self_attn.v"), ("attn2.to_out.0", "cross_attn.o"), ("attn2.to_q", "cross_attn.q"),
+    ("attn2.to_k", "cross_attn.k"), ("attn2.to_v", "cross_attn.v"), ("attn2.add_k_proj", "cross_attn.k_img"),
+    ("attn2.add_v_proj", "cross_attn.v_img"), ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+)
+
 #: Family -> its ComfyUI naming. A family without an entry cannot use ``--lora_format comfyui`` (config
 #: validation says so). Add one line here when a family's layout is known (see STACK.md for the ones
 #: checked against ComfyUI; Wan, for example, wants native names under ``diffusion_model.``, a
@@ -88,6 +97,13 @@ COMFYUI_NAMING: dict[str, ComfyNaming] = {
     "pixart_sigma": ComfyNaming({"transformer": "transformer"}, style="dotted"),
     # Flux: ComfyUI and diffusers both load `transformer.<diffusers path>` with lora_A/lora_B (STACK.md)
     "flux": ComfyNaming({"transformer": "transformer"}, style="dotted"),
+    # Wan: ComfyUI maps only the native names under `diffusion_model.` (`blocks.N.self_attn.q`, `cross_attn.k_img`,
+    # `ffn.0`, ...); diffusers converts that layout back on load (STACK.md)
+    "wan": ComfyNaming({"transformer": "diffusion_model"}, style="dotted", renames=WAN_NATIVE_NAMES),
+    # LTX-Video: ComfyUI maps `diffusion_model.<native path>`; native block names equal diffusers' (attn1.to_q,
+    # ff.net.2, ...), only the patch and timestep embedders differ
+    "ltxvideo": ComfyNaming({"transformer": "diffusion_model"}, style="dotted",
+                            renames=(("proj_in", "patchify_proj"), ("time_embed", "adaln_single"))),
 }
 
 

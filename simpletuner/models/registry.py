@@ -31,6 +31,11 @@ class FamilyInfo:
         pixel_space: the denoiser works on pixels (no VAE), so one latent cell is one pixel.
         tiny_autoencoder: hub id of the Tiny AutoEncoder (diffusers ``AutoencoderTiny``) trained on this
             family's latent space, the default of ``--tiny_autoencoder_path``; None when there is none.
+        native_resolution: edge in pixels of the square images the base model was trained at, which
+            ``simpletuner configure`` proposes as ``--resolution``; ``flavour_resolutions`` names the
+            flavours trained at another size.
+        expert_flavours: flavours whose checkpoint holds two denoisers that split the noise levels
+            between them (a high-noise and a low-noise expert); ``--refiner_training`` trains one of them.
     """
 
     name: str
@@ -45,7 +50,14 @@ class FamilyInfo:
     latent_patch_size: int = 1
     pixel_space: bool = False
     tiny_autoencoder: str | None = None
+    native_resolution: int = 1024
+    flavour_resolutions: dict[str, int] = field(default_factory=dict)
+    expert_flavours: tuple[str, ...] = ()
     notes: str = field(default="", compare=False)
+
+    def resolution_for(self, flavour: str | None) -> int:
+        """The native edge of ``flavour`` (the default flavour when None)."""
+        return self.flavour_resolutions.get(flavour or self.default_flavour, self.native_resolution)
 
 
 #: Options that act on a denoiser's repeated transformer blocks (``ModelFamily.transformer_blocks``),
@@ -84,6 +96,7 @@ FAMILIES: dict[str, FamilyInfo] = {
         prediction_types=("epsilon", "v_prediction", "sample"),
         text_encoders=("text_encoder",),
         options=UREPA_OPTIONS,
+        native_resolution=512,
     ),
     "sd2x": FamilyInfo(
         name="sd2x",
@@ -100,6 +113,8 @@ FAMILIES: dict[str, FamilyInfo] = {
         prediction_types=("v_prediction", "epsilon", "sample"),
         text_encoders=("text_encoder",),
         options=UREPA_OPTIONS,
+        native_resolution=768,
+        flavour_resolutions={"2.1-base": 512, "2.0-base": 512},
     ),
     "sdxl": FamilyInfo(
         name="sdxl",
@@ -162,6 +177,8 @@ FAMILIES: dict[str, FamilyInfo] = {
         options=("tokenizer_max_length", "t5_padding", "pretrained_t5_model_name_or_path",
                  "pretrained_unet_model_name_or_path", "pretrained_unet_subfolder"),
         pixel_space=True,
+        native_resolution=64,
+        flavour_resolutions={"ii-medium-450m": 256, "ii-large-1.2b": 256},
     ),
     "pixart_sigma": FamilyInfo(
         name="pixart_sigma",
@@ -180,6 +197,7 @@ FAMILIES: dict[str, FamilyInfo] = {
                  "pretrained_transformer_model_name_or_path", "pretrained_transformer_subfolder",
                  *TRANSFORMER_BLOCK_OPTIONS, *CREPA_OPTIONS),
         latent_patch_size=2,
+        flavour_resolutions={"600M-512": 512, "600M-2k": 2048},
     ),
     "flux": FamilyInfo(
         name="flux",
@@ -200,6 +218,52 @@ FAMILIES: dict[str, FamilyInfo] = {
                  "validation_guidance_real", "validation_no_cfg_until_timestep", *TRANSFORMER_BLOCK_OPTIONS,
                  *CREPA_OPTIONS),
         latent_patch_size=2,
+    ),
+    "ltxvideo": FamilyInfo(
+        name="ltxvideo",
+        module="simpletuner.models.ltxvideo",
+        class_name="LTXVideo",
+        flavours={
+            "0.9.5": "Lightricks/LTX-Video-0.9.5",
+            "0.9.1": "Lightricks/LTX-Video-0.9.1",
+            "0.9.0": "Lightricks/LTX-Video",
+            "0.9.7-dev": "Lightricks/LTX-Video-0.9.7-dev",
+            "0.9.7-distilled": "Lightricks/LTX-Video-0.9.7-distilled",
+        },
+        default_flavour="0.9.5",
+        prediction_types=("flow_matching",),
+        options=("tokenizer_max_length", "pretrained_t5_model_name_or_path",
+                 "pretrained_transformer_model_name_or_path", "pretrained_transformer_subfolder",
+                 "ltx_train_mode", "ltx_i2v_prob", "ltx_partial_noise_fraction", "ltx_protect_first_frame"),
+        latent_patch_size=1,
+        notes="Video (text- and image-to-video); clips of 8k+1 frames, edges in multiples of 32 pixels.",
+    ),
+    "wan": FamilyInfo(
+        name="wan",
+        module="simpletuner.models.wan",
+        class_name="Wan",
+        flavours={
+            "t2v-1.3b-2.1": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+            "t2v-14b-2.1": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+            "i2v-480p-14b-2.1": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+            "i2v-720p-14b-2.1": "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+            "ti2v-5b-2.2": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            "t2v-5b-2.2": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            "t2v-a14b-2.2": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+            "i2v-a14b-2.2": "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+        },
+        default_flavour="t2v-1.3b-2.1",
+        prediction_types=("flow_matching",),
+        options=("tokenizer_max_length", "pretrained_transformer_model_name_or_path",
+                 "pretrained_transformer_subfolder", "refiner_training", "refiner_training_invert_schedule",
+                 "refiner_training_strength", "causal_chunk_frames", "context_noise"),
+        latent_patch_size=2,
+        native_resolution=480,
+        flavour_resolutions={"t2v-14b-2.1": 720, "i2v-720p-14b-2.1": 720, "ti2v-5b-2.2": 704, "t2v-5b-2.2": 704,
+                             "t2v-a14b-2.2": 720, "i2v-a14b-2.2": 720},
+        expert_flavours=("t2v-a14b-2.2", "i2v-a14b-2.2"),
+        notes="Video (text- and image-to-video); clips of 4k+1 frames, edges in multiples of 16 pixels "
+              "(32 for the 2.2 5B model).",
     ),
 }
 

@@ -112,19 +112,28 @@ def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: 
     raise ValueError(f"unknown loss_type {loss_type!r}; use one of {LOSS_TYPES}")
 
 
-def masked_mean(elementwise: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def masked_mean(elementwise: torch.Tensor, mask: torch.Tensor | None,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample mean of an elementwise loss, over the whole sample or only where ``mask`` is set.
 
     ``mask`` (N, 1, h, w) is resized to the loss's spatial size by area averaging, so a latent cell
-    counts in proportion to how much of its pixel footprint is masked. A sample whose mask is empty
-    contributes 0 rather than NaN.
+    counts in proportion to how much of its pixel footprint is masked; a video loss (N, C, F, h, w)
+    applies it to every frame. ``weights``, broadcastable to the loss (e.g. [N, 1, F, 1, 1] with 0 on
+    a clean conditioning frame), leaves elements out: the mean is taken over what they keep. A sample
+    whose mask is empty contributes 0 rather than NaN.
     """
-    if mask is None:
+    if mask is None and weights is None:
         return elementwise.flatten(1).mean(dim=1)
-    weights = torch.nn.functional.interpolate(mask.float(), size=elementwise.shape[-2:], mode="area")
-    weights = weights.expand_as(elementwise)
-    total = (elementwise * weights).flatten(1).sum(dim=1)
-    return total / weights.flatten(1).sum(dim=1).clamp_min(1e-8)
+    kept = torch.ones((), device=elementwise.device, dtype=torch.float32)
+    if mask is not None:
+        kept = torch.nn.functional.interpolate(mask.float(), size=elementwise.shape[-2:], mode="area")
+        if elementwise.dim() == 5:
+            kept = kept.unsqueeze(2)  # (N, 1, 1, h, w): the same mask on every frame
+    if weights is not None:
+        kept = kept * weights.float()
+    kept = kept.expand_as(elementwise)
+    total = (elementwise * kept).flatten(1).sum(dim=1)
+    return total / kept.flatten(1).sum(dim=1).clamp_min(1e-8)
 
 
 def diffusion_loss(settings: LossSettings, scheduler, prediction: torch.Tensor, target: torch.Tensor,

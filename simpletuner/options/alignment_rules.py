@@ -12,8 +12,13 @@ from pathlib import Path
 
 from simpletuner.options import ConfigError
 
-#: ``--crepa_model`` / ``--urepa_model`` short names (regularizers/vision_teacher.py maps them to hub ids).
-ENCODER_NAMES = ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitg14")
+#: ``--crepa_model`` / ``--urepa_model`` short names and the hub repositories of those DINOv2s.
+DINOV2_HUB_IDS = {
+    "dinov2_vits14": "facebook/dinov2-small",
+    "dinov2_vitb14": "facebook/dinov2-base",
+    "dinov2_vitg14": "facebook/dinov2-giant",
+}
+ENCODER_NAMES = tuple(DINOV2_HUB_IDS)
 
 
 def _set(config, name: str) -> bool:

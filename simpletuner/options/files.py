@@ -13,7 +13,7 @@ import json
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -242,6 +242,25 @@ class LauncherSettings:
     main_process_port: int | None = None
     mixed_precision: str | None = None
     check_rank_sync: bool = False
+    #: config.env lines that look meant for simpletuner but are not read (e.g. NUM_PROCESSES=2)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+#: Prefixes of the config.env variables simpletuner reads; users often leave them off.
+LAUNCHER_PREFIXES = ("TRAINING_", "SIMPLETUNER_")
+
+
+def unprefixed_variable_warnings(path: Path, values: Mapping[str, str]) -> list[str]:
+    """One warning per config.env variable that is a known launcher variable without its prefix
+    (``NUM_PROCESSES=2`` for ``TRAINING_NUM_PROCESSES``): such a line is silently ignored otherwise."""
+    by_bare_name = {key[len(prefix):]: key for key in LAUNCHER_VARIABLES for prefix in LAUNCHER_PREFIXES
+                    if key.startswith(prefix)}
+    warnings = []
+    for key, value in values.items():
+        meant = by_bare_name.get(key.upper())
+        if meant is not None:
+            warnings.append(f"{path}: {key}={value} is not read by simpletuner; write {meant}={value} instead")
+    return warnings
 
 
 def parse_env_file(path: Path) -> dict[str, str]:
@@ -311,6 +330,7 @@ def load_launcher_settings(root: Path, env_name: str | None, environ: Mapping[st
     """
     merged: dict[str, str] = {}
     sources = []
+    unread: list[str] = []
     for path in [root / "config" / "config.env"] + ([root / "config" / env_name / "config.env"] if env_name else []):
         if names_a_file(path):
             values = parse_env_file(path)
@@ -320,6 +340,7 @@ def load_launcher_settings(root: Path, env_name: str | None, environ: Mapping[st
                     raise ConfigError(f"{path}: unknown variable {shorten(key)}"
                                       + (f"; did you mean {close[0]}?" if close else
                                          f"; known: {', '.join(LAUNCHER_VARIABLES)}"))
+            unread.extend(unprefixed_variable_warnings(path, values))
             merged.update(values)
             sources.append(str(path))
     for key in LAUNCHER_VARIABLES:
@@ -371,4 +392,5 @@ def load_launcher_settings(root: Path, env_name: str | None, environ: Mapping[st
         main_process_port=port,
         mixed_precision=precision,
         check_rank_sync=sync_check in ("1", "true", "yes"),
+        warnings=tuple(unread),
     )

@@ -84,7 +84,7 @@ GGUF_MIN_DIFFUSERS = (0, 32)
 #: How many text encoders each family loads (``--text_encoder_N_precision`` beyond that is refused);
 #: a family missing here is checked when it loads.
 TEXT_ENCODER_COUNTS = {"sd1x": 1, "sd2x": 1, "sdxl": 2, "kolors": 1, "deepfloyd": 1, "sd3": 3, "flux": 2,
-                       "pixart_sigma": 1}
+                       "pixart_sigma": 1, "wan": 1}
 DENOISER_SOURCE_OPTIONS = ("pretrained_unet_model_name_or_path", "pretrained_transformer_model_name_or_path")
 
 

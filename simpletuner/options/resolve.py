@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 from simpletuner.options import ConfigError, alias_targets, all_options, options_by_name, unknown_option_message
 from simpletuner.options.files import LauncherSettings, find_config_file, load_launcher_settings, read_config_file
 from simpletuner.options.spec import Option
-from simpletuner.options.values import coerce_value, read_json_option
+from simpletuner.options.values import coerce_value, parse_bool, read_json_option
 from simpletuner.options.files import names_a_file
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,12 @@ class ResolvedRun:
     dataset_plan: Any = None
     dry_run: bool = False
     warnings: list[str] = field(default_factory=list)
+    #: the options given as command-line flags (canonical names): they win over the config file, and
+    #: ``--resume_from_checkpoint latest`` typed there continues another run's checkpoints
+    command_line: frozenset[str] = frozenset()
+    #: decisions taken on the user's behalf (a command-line switch that overrides the file), shown
+    #: by ``--dry-run`` and in the trainer's start-up summary
+    notes: list[str] = field(default_factory=list)
 
 
 def _metavar(option: Option) -> str:
@@ -146,12 +152,43 @@ def merge_sources(file_values: Mapping[str, Any], cli_values: Mapping[str, Any],
             name = key
             if key in aliases:
                 name = aliases[key]
-                warnings.append(f"{source}: `{key}` is deprecated; use `{name}` instead")
+                warnings.append(f"{source}: `{key}` is another tool's name for `{name}`; read as `{name}`")
             if name not in table:
                 raise ConfigError(unknown_option_message(key, source))
             values[name] = coerce_value(table[name], raw, source)
             explicit.add(name)
     return TrainConfig(values, frozenset(explicit))
+
+
+#: Options that schedule validation images; ``--validation_disable`` on the command line turns them off.
+VALIDATION_SCHEDULE_OPTIONS = ("validation_step_interval", "validation_epoch_interval", "validation_on_startup")
+
+
+def command_line_switch_offs(file_values: Mapping[str, Any], cli_values: Mapping[str, Any], file_label: str,
+                             notes: list[str]) -> dict[str, Any]:
+    """``file_values`` without the validation schedule when ``--validation_disable`` is given on the
+    command line: the flag typed for this run wins over the schedule the config file keeps (both in
+    the same place stay a conflict, reported by validation). Appends a note naming what was dropped."""
+    raw = cli_values.get("validation_disable")
+    try:
+        disabled = raw is not None and parse_bool(raw)
+    except ValueError:
+        return dict(file_values)  # merge_sources reports the bad value
+    if not disabled:
+        return dict(file_values)
+    aliases = alias_targets()
+    kept, dropped = {}, []
+    for key, value in file_values.items():
+        name = aliases.get(key, key)
+        if name in VALIDATION_SCHEDULE_OPTIONS and name not in cli_values:
+            if value not in (None, False) and str(value).strip().lower() not in ("", "false", "null", "none", "0"):
+                dropped.append(f"{key} {str(value).lower() if isinstance(value, bool) else value}")
+            continue
+        kept[key] = value
+    if dropped:
+        notes.append(f"{'validation:':<14}off, because `--validation_disable` on the command line overrides "
+                     f"{', '.join(dropped)} from {file_label}")
+    return kept
 
 
 def read_json_option_files(config: TrainConfig) -> TrainConfig:
@@ -195,15 +232,20 @@ def resolve_run(argv: Sequence[str], environ: Mapping[str, str] | None = None, r
         _reject_unknown_arguments(unknown)
     cli_values = {k: v for k, v in vars(namespace).items() if k not in ("config", "env", "dry_run")}
     # argparse maps aliases to the canonical dest; remember which were used so we can warn.
-    warnings = [f"command line: `--{a}` is deprecated; use `--{alias_targets()[a]}` instead" for a in _used_alias_in_argv(argv)]
+    warnings = [f"command line: `--{a}` is another tool's name for `--{alias_targets()[a]}`; read as `--{alias_targets()[a]}`"
+                for a in _used_alias_in_argv(argv)]
     env_name = namespace.env or environ.get("ENV") or None
     config_file = find_config_file(namespace.config, env_name, root)
     file_values = read_config_file(config_file, environ) if config_file else {}
-    config = merge_sources(file_values, cli_values, str(config_file) if config_file else "config", warnings)
+    file_label = str(config_file) if config_file else "config"
+    notes: list[str] = []
+    file_values = command_line_switch_offs(file_values, cli_values, file_label, notes)
+    config = merge_sources(file_values, cli_values, file_label, warnings)
     launcher = load_launcher_settings(root, env_name, environ, config_num_processes=config.num_processes,
                                       cli_num_processes=cli_values.get("num_processes"))
+    warnings.extend(launcher.warnings)
     config = read_json_option_files(reconcile_launcher(config, launcher, warnings))
     rule_warnings, dataset_plan = validate_config(config)
     warnings.extend(rule_warnings)
     return ResolvedRun(config=config, config_file=config_file, launcher=launcher, dataset_plan=dataset_plan,
-                       dry_run=namespace.dry_run, warnings=warnings)
+                       dry_run=namespace.dry_run, warnings=warnings, command_line=frozenset(cli_values), notes=notes)

@@ -31,7 +31,8 @@ class Option:
         help: one or two sentences in plain words; shown by ``--help`` and in OPTIONS.md.
         group: the section the option belongs to (``model``, ``training``, ``data``, ...).
         choices: the allowed values, when the option is an enumeration.
-        aliases: deprecated names that still work but print a warning.
+        aliases: other names for the option (older names, or another tool's, e.g. FastVideo's); they
+            work and print a note naming the option they are read as.
         implemented: False while the trainer does not act on the option yet. Setting an
             unimplemented option to anything but its default is rejected at validation, so no
             accepted flag is silently ignored.

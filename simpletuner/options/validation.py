@@ -16,6 +16,7 @@ from simpletuner.options.adapter_rules import ADAPTER_RULES
 from simpletuner.options.files import load_json_file, names_a_file
 from simpletuner.options.messages import show_value
 from simpletuner.options.spec import MAX_PROCESSES, MAX_SEED
+from simpletuner.options.causal_rules import CAUSAL_RULES
 from simpletuner.options.checkpoint_rules import CHECKPOINT_RULES, checkpoint_warnings
 from simpletuner.options.crepa_rules import CREPA_RULES
 from simpletuner.options.urepa_rules import UREPA_RULES
@@ -23,6 +24,7 @@ from simpletuner.options.alignment_rules import ALIGNMENT_RULES
 from simpletuner.options.deepfloyd_rules import check_deepfloyd, deepfloyd_warnings
 from simpletuner.options.eval_rules import EVAL_RULES, eval_warnings
 from simpletuner.options.flux_rules import check_flux, flux_warnings
+from simpletuner.options.ltx_rules import LTX_RULES
 from simpletuner.options.memory_rules import MEMORY_RULES, memory_warnings
 from simpletuner.options.publishing_rules import PUBLISHING_RULES
 from simpletuner.options.quantization_rules import QUANTIZATION_RULES, quantization_warnings
@@ -32,6 +34,8 @@ from simpletuner.options.sdxl_rules import check_sdxl, sdxl_warnings
 from simpletuner.options.training_rules import TRAINING_RULES
 from simpletuner.options.tread_rules import TREAD_RULES
 from simpletuner.options.validation_rules import VALIDATION_RULES, validation_option_warnings
+from simpletuner.options.video_validation_rules import VIDEO_VALIDATION_RULES
+from simpletuner.options.wan_rules import WAN_RULES
 from simpletuner.training.optim import OPTIMIZERS, parse_optimizer_config
 
 # Values of implemented options that the trainer cannot act on yet. Keeping them here (instead of
@@ -399,9 +403,9 @@ RULES: tuple[Callable, ...] = (
     check_required, check_unimplemented, check_family, check_family_options, check_supported_values, check_conflicts,
     check_run_length, check_output_dir, check_device_seeds,
     check_loss_settings, check_ema_settings, check_optimizer_settings,
-    check_timestep_settings, check_flow_options, *TRAINING_RULES, *CREPA_RULES, *UREPA_RULES, *ALIGNMENT_RULES, *SCHEDULED_SAMPLING_RULES, *TREAD_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, check_sdxl,
+    check_timestep_settings, check_flow_options, *TRAINING_RULES, *CREPA_RULES, *UREPA_RULES, *ALIGNMENT_RULES, *SCHEDULED_SAMPLING_RULES, *CAUSAL_RULES, *TREAD_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, *LTX_RULES, *WAN_RULES, check_sdxl,
     *QUANTIZATION_RULES, *MEMORY_RULES, *CHECKPOINT_RULES,
-    check_validation_settings, *VALIDATION_RULES, *EVAL_RULES, *REPORTING_RULES, *PUBLISHING_RULES,
+    check_validation_settings, *VALIDATION_RULES, *VIDEO_VALIDATION_RULES, *EVAL_RULES, *REPORTING_RULES, *PUBLISHING_RULES,
 )
 
 

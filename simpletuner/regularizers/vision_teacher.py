@@ -21,12 +21,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-#: Encoder short names (``--crepa_model`` / ``--urepa_model``) and the hub repositories of those DINOv2s.
-DINOV2_HUB_IDS = {
-    "dinov2_vits14": "facebook/dinov2-small",
-    "dinov2_vitb14": "facebook/dinov2-base",
-    "dinov2_vitg14": "facebook/dinov2-giant",
-}
+from simpletuner.options.alignment_rules import DINOV2_HUB_IDS
+
 #: DINOv2 was trained on ImageNet-normalised inputs.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -62,6 +62,7 @@ def write_demo_config(out: Path, model_dir: Path, data_dir: Path, steps: int | N
         output_dir=str(out / "run"),
         data_backend_config=str(out / "multidatabackend.json"),
         cache_dir=str(out / "cache"),
+        overwrite_output_dir=True,  # the demo measures a run from scratch: an earlier demo run is moved aside
     )
     if steps:
         config["max_train_steps"] = steps

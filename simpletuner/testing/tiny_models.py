@@ -25,7 +25,8 @@ DEMO_VAE_ASSET = ASSET_DIR / "demo_vae.safetensors"
 
 #: Families with a tiny offline model. sd1x/sd2x are built here; every other family has its recipe in
 #: ``simpletuner/testing/tiny/<family>.py`` (a ``build_tiny_pipeline(seed)`` returning the pipeline).
-SUPPORTED_TINY_FAMILIES = ("sd1x", "sd2x", "sdxl", "kolors", "deepfloyd", "sd3", "flux", "pixart_sigma")
+SUPPORTED_TINY_FAMILIES = ("sd1x", "sd2x", "sdxl", "kolors", "deepfloyd", "sd3", "flux", "pixart_sigma", "ltxvideo",
+                           "wan")
 
 VAE_CONFIG = dict(
     in_channels=3,
@@ -184,8 +185,8 @@ def make_tiny_model(family: str, out: str | Path, seed: int = 0, vae_train_steps
     parameters = {name: sum(p.numel() for p in component.parameters())
                   for name, component in pipeline.components.items() if isinstance(component, torch.nn.Module)}
     vae = getattr(pipeline, "vae", None)
-    psnr = measure_vae_psnr(vae) if vae is not None and vae.config.latent_channels == VAE_CONFIG["latent_channels"] \
-        and vae_source.startswith(("loaded", "trained")) else None
+    psnr = measure_vae_psnr(vae) if vae is not None and vae_source.startswith(("loaded", "trained")) \
+        and vae.config.get("latent_channels") == VAE_CONFIG["latent_channels"] else None
     return TinyModelReport(out, family, parameters, psnr, vae_source)
 
 

@@ -274,15 +274,23 @@ class PeftAdapter:
 
     def _read_state(self, file: Path) -> tuple[dict[str, torch.Tensor], dict[str, float], list[str]]:
         lora_file = formats.LoraFile.read(file)
+        name = self.model.denoiser_name
+        # a denoiser made of several pipeline components (Wan 2.2's two experts) is read per component,
+        # each under its key prefix, which is also its path inside the denoiser
+        parts = self.model.lora_components()
+        components = parts if list(parts) != [name] else {name: self.denoiser}
         try:
-            states, alphas, leftover = formats.peft_state_from_file(lora_file, {self.model.denoiser_name: self.denoiser},
-                                                                    _naming(self.config))
+            states, alphas, leftover = formats.peft_state_from_file(lora_file, components, _naming(self.config))
         except formats.LoraFormatError as error:
             raise AdapterError(str(error)) from None
-        name = self.model.denoiser_name
-        if name not in states:
+        if not states:
             raise AdapterError(f"{file} holds no adapter weights for the {name} (layout {lora_file.format})")
-        state, layer_alphas = states[name], alphas.get(name, {})
+        if list(components) == [name]:
+            state, layer_alphas = states[name], alphas.get(name, {})
+        else:
+            state = {f"{part}.{key}": value for part, part_state in states.items() for key, value in part_state.items()}
+            layer_alphas = {f"{part}.{path}": alpha for part, part_alphas in alphas.items()
+                            for path, alpha in part_alphas.items()}
         if self.fusion is not None:
             try:
                 state, layer_alphas = self.fusion.merge_lora_state(state, layer_alphas, source=str(file))

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from simpletuner.memory.units import format_size
 
@@ -109,6 +108,8 @@ def inject_fault(point: str, step: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every random generator the training loop draws from."""
+    import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -116,6 +117,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -143,6 +146,8 @@ def load_state(path: Path) -> Any:
     a command; ``weights_only=True`` only rebuilds tensors, containers, numbers and strings (plus the
     NumPy RNG array), and refuses the file before anything else in it is called.
     """
+    import torch
+
     try:
         with torch.serialization.safe_globals(_numpy_rng_globals()):
             return torch.load(path, weights_only=True)
@@ -346,13 +351,22 @@ def _marks(folder: Path) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
+#: ``--resume_from_checkpoint`` values that ask for a fresh start instead of naming a checkpoint.
+FRESH_START_WORDS = ("none", "null", "false", "no", "off")
+
+
+def asks_for_fresh_start(request: str | None) -> bool:
+    """True for ``--resume_from_checkpoint none`` (or null, false, no, off): start at step 0."""
+    return request is not None and request.strip().lower() in FRESH_START_WORDS
+
+
 def resolve_resume_path(output_dir: Path, request: str | None) -> Path | None:
     """The checkpoint to resume from: ``latest`` (None if there is none yet) or an explicit folder.
 
     ``latest`` passes over checkpoints marked suspect (saved during a loss spike); a folder named
-    explicitly is used as it is.
+    explicitly is used as it is. ``none`` (see :data:`FRESH_START_WORDS`) resumes nothing.
     """
-    if not request:
+    if not request or asks_for_fresh_start(request):
         return None
     if request == "latest":
         return _latest_trusted(output_dir)

@@ -73,7 +73,8 @@ def weights_digest(parameters: Iterable[torch.Tensor]) -> str:
 
 
 def check_rank_sync(accelerator, step: int, local_loss: float, parameters: list[torch.Tensor]) -> str:
-    """Print this process's weight digest after ``step`` and stop the run if processes disagree.
+    """Print this process's weight digest after ``step`` (on stderr, with the logs) and stop the run if
+    processes disagree.
 
     Enabled by SIMPLETUNER_CHECK_RANK_SYNC=1; costs one pass over the trained weights per step.
     """
@@ -83,11 +84,11 @@ def check_rank_sync(accelerator, step: int, local_loss: float, parameters: list[
     # One system call per line: the processes share one pipe, and a single write of under PIPE_BUF
     # bytes is never interleaved with another process's output (print() may take several).
     line = f"rank-sync step={step} rank={accelerator.process_index} loss={local_loss!r} weights={digest}\n"
-    sys.stdout.flush()
+    sys.stderr.flush()
     try:
-        os.write(sys.stdout.fileno(), line.encode())
+        os.write(sys.stderr.fileno(), line.encode())
     except (OSError, ValueError, io.UnsupportedOperation):  # a captured stream without a descriptor
-        sys.stdout.write(line)
+        sys.stderr.write(line)
     if accelerator.num_processes > 1:
         digests = gather_object([digest])
         if len(set(digests)) > 1:

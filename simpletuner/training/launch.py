@@ -116,7 +116,8 @@ def relaunch_under_accelerate(launcher, argv: Sequence[str], config=None) -> int
     import torch
 
     command, extra_env = accelerate_command(launcher, argv, has_gpu=torch.cuda.is_available(), config=config)
-    print(f"launch: {printable_command(command, extra_env)}", flush=True)
+    # on stderr with the workers' logs: stdout carries only output a command was asked for
+    print(f"launch: {printable_command(command, extra_env)}", file=sys.stderr, flush=True)
     process = subprocess.Popen(command, env={**os.environ, **extra_env})
     try:
         return process.wait()

@@ -26,7 +26,10 @@ def vae_scale_factor_of(model_path: str | None) -> int:
     VAE, when the model is not a local folder); reading JSON keeps the dry run torch-free."""
     config_file = Path(model_path or "") / "vae" / "config.json"
     if model_path and config_file.is_file():
-        return 2 ** (len(json.loads(config_file.read_text(encoding="utf-8"))["block_out_channels"]) - 1)
+        vae = json.loads(config_file.read_text(encoding="utf-8"))
+        if "scale_factor_spatial" in vae:  # video VAEs (Wan) state it; 16 for Wan 2.2's 5B VAE
+            return int(vae["scale_factor_spatial"])
+        return 2 ** (len(vae["block_out_channels"]) - 1)
     return 8
 
 

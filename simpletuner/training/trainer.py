@@ -25,7 +25,9 @@ from simpletuner.training.checkpoint_schedule import ROLLING, CheckpointSchedule
 from simpletuner.training.memory import clear_accelerator_cache
 from simpletuner.training.nan_guard import NanGuard, first_nonfinite, loss_spike
 from simpletuner.training.optim import clip_gradients, optimizer_mode, set_optimizer_mode
+from simpletuner.training.output_folder import RUN_CONFIG_KEY, run_identity
 from simpletuner.training.precision import Fp32GradientAccumulator, configure_tf32
+from simpletuner.training.progress import bar_paused, training_progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +50,12 @@ class Trainer:
     """One training run. ``setup()`` builds everything, ``fit()`` trains, ``save_final()`` writes outputs."""
 
     def __init__(self, config, launcher=None, config_file: Path | None = None, show_progress: bool = True,
-                 dataset_plan=None):
+                 dataset_plan=None, notes: list[str] | tuple[str, ...] = ()):
         self.config = config
         self.launcher = launcher
         self.config_file = config_file
         self.dataset_plan = dataset_plan  # checked at start-up (ResolvedRun); read in setup() when not given
+        self.notes = list(notes)  # decisions taken before the run (training/preflight.py), for the summary
         self.show_progress = show_progress
         self.output_dir = Path(config.output_dir)
         self.state = LoopState()
@@ -396,6 +399,7 @@ class Trainer:
                 "num_images_seen": self.state.num_images_seen, "max_steps": self.max_steps,
                 "model_type": self.config.model_type, "model_family": self.config.model_family,
                 "fuse_qkv_projections": bool(self.config.fuse_qkv_projections), "rolling": rolling,
+                RUN_CONFIG_KEY: run_identity(self.config),  # what a later start compares (output_folder.py)
                 **distributed.topology(self.config, self.accelerator.num_processes)}
 
     def wait_for_post_checkpoint_scripts(self) -> None:
@@ -439,6 +443,7 @@ class Trainer:
         if self.text_encoders is not None:
             self.text_encoders.maybe_freeze(self.state.global_step, self.optimizer, self.lr_scheduler)
         self.resumed_from = folder
+        self.tracker.continue_from(self.state.global_step)  # hide the steps logged after this checkpoint
         logger.info("resumed from %s at step %d", folder, self.state.global_step)
 
     # --- the loop ------------------------------------------------------------------------------------
@@ -457,16 +462,24 @@ class Trainer:
         return self.state
 
     def progress_bar(self):
-        from tqdm.auto import tqdm
+        return training_progress_bar(self.max_steps, self.state.global_step, self.show_progress and self.is_main)
 
-        return tqdm(total=self.max_steps, initial=self.state.global_step, desc="training",
-                    disable=not (self.show_progress and self.is_main), dynamic_ncols=True)
+    @contextlib.contextmanager
+    def _between_steps(self, progress):
+        """Validation, checkpoints and evaluation run inside: neither the next step's recorded time
+        (``timing/sec_per_step``) nor the progress bar's rate and remaining time count them."""
+        started = time.perf_counter()
+        with bar_paused(progress):
+            yield
+        if self._last_step_end is not None:
+            self._last_step_end += time.perf_counter() - started
 
     def run_one_step(self, progress) -> None:
         """One optimizer step and everything that follows it (logging, checkpoint, validation).
 
         The recorded step time runs from the end of the previous step's optimizer work to the end
-        of this one's, so the previous step's logging and bookkeeping are counted too.
+        of this one's, so the previous step's logging and bookkeeping are counted too; its
+        checkpoint, validation and evaluation are not (``_between_steps``).
         """
         if self._last_step_end is None:
             self._last_step_end = time.perf_counter()
@@ -568,16 +581,19 @@ class Trainer:
             clear_accelerator_cache(self.accelerator.device)
         kind = self.checkpoint_schedule.kind_at(state.global_step)  # step/epoch interval, or rolling
         if kind is not None:
-            self.accelerator.wait_for_everyone()
-            with optimizer_mode(self.optimizer, "eval"):  # schedule-free: save the averaged weights
-                self.save_checkpoint(rolling=kind == ROLLING)
+            with self._between_steps(progress):
+                self.accelerator.wait_for_everyone()
+                with optimizer_mode(self.optimizer, "eval"):  # schedule-free: save the averaged weights
+                    self.save_checkpoint(rolling=kind == ROLLING)
         if self.validator.due(state.global_step):
-            with optimizer_mode(self.optimizer, "eval"):  # on every process, so their weights stay equal
+            # on every process, so their weights stay equal
+            with self._between_steps(progress), optimizer_mode(self.optimizer, "eval"):
                 if self.is_main:
                     self.validate(state.global_step)
         evaluating = self.eval_loss is not None or self.clip_eval is not None
         if evaluating and self.eval_schedule.due(state.global_step):
-            self.evaluate(state.global_step)
+            with self._between_steps(progress):
+                self.evaluate(state.global_step)
 
     def _loss_is_finite(self, loss: float) -> bool:
         """False for a batch dropped by ``--nan_action skip_batch``; a non-finite loss under ``stop`` (or
@@ -733,6 +749,7 @@ class Trainer:
             *([f"attention:    {note}"] if (note := getattr(self, "attention_note", None)) else []),
             self.data.describe(),
             f"output:       {self.output_dir}",
+            *self.notes,
         ]
         return "\n".join(lines)
 
@@ -761,13 +778,14 @@ def planned_max_steps(config, steps_per_epoch: int) -> int:
 
 
 def train(config, launcher=None, config_file: Path | None = None, show_progress: bool = True,
-          dataset_plan=None) -> Trainer:
+          dataset_plan=None, notes: list[str] | tuple[str, ...] = ()) -> Trainer:
     """Run a whole training job; returns the finished trainer (tests read its state).
 
-    ``dataset_plan`` is the dataset list checked at start-up (``ResolvedRun.dataset_plan``).
+    ``dataset_plan`` is the dataset list checked at start-up (``ResolvedRun.dataset_plan``);
+    ``notes`` are lines for the start-up summary (what the pre-flight checks decided).
     """
     trainer = Trainer(config, launcher=launcher, config_file=config_file, show_progress=show_progress,
-                      dataset_plan=dataset_plan)
+                      dataset_plan=dataset_plan, notes=notes)
     try:
         trainer.setup()
         try:

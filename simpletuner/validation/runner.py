@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simpletuner.validation.resolutions import parse_resolutions
+
+if TYPE_CHECKING:
+    from simpletuner.validation.video import VideoSettings
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +25,65 @@ def make_grid(images: list, columns: int):
     for index, image in enumerate(images):
         grid.paste(image.convert("RGB"), ((index % columns) * width, (index // columns) * height))
     return grid
+
+
+#: What the step-0 images show, written above them (and above the left half of every later comparison).
+BASE_MODEL_CAPTION = "base model"
+#: The PNG text key of a grid that holds its panel captions (``Image.open(grid).text``).
+CAPTION_KEY = "simpletuner_panels"
+
+
+def panel_caption(step: int, label: str | None = None) -> str:
+    """What one validation run's images show, in words: ``base model`` at step 0, else ``step N``, with
+    what the folder label adds (``step_20_ema`` -> ``step 20 (EMA weights)``)."""
+    if step == 0:
+        return BASE_MODEL_CAPTION
+    detail = (label or "").removeprefix(f"step_{step}").strip("_")
+    detail = {"ema": "EMA weights"}.get(detail, detail.replace("_", " "))
+    return f"step {step}" + (f" ({detail})" if detail else "")
+
+
+def _fitting_font(draw, texts: list[str], width: int, tile_height: int):
+    """The largest font (from about a tenth of a tile's height, 8 to 24 px, down to 6) in which every
+    text fits ``width``; PIL's built-in font, which scales without any font file."""
+    from PIL import ImageFont
+
+    size = max(8, min(24, tile_height // 10))
+    while True:
+        font = ImageFont.load_default(size=size)
+        if size <= 6 or all(draw.textlength(text, font=font) <= width - 2 for text in texts):
+            return font, size
+        size -= 1
+
+
+def caption_grid(grid, tile_width: int, tile_height: int, captions: list[str]):
+    """``grid`` with a white band on top naming each part of the tiles below it: one caption per
+    side-by-side part of a tile (``["base model", "step 20"]`` over before/after pairs), repeated over
+    every column. The captions also go into the PNG's text chunk under :data:`CAPTION_KEY`."""
+    from PIL import Image, ImageDraw
+
+    part_width = tile_width // len(captions)
+    font, size = _fitting_font(ImageDraw.Draw(grid), captions, part_width, tile_height)
+    band = size + 6
+    labelled = Image.new("RGB", (grid.width, grid.height + band), "white")
+    labelled.paste(grid, (0, band))
+    draw = ImageDraw.Draw(labelled)
+    for column in range(grid.width // tile_width):
+        for part, caption in enumerate(captions):
+            centre = column * tile_width + part * part_width + part_width / 2
+            draw.text((centre, band / 2), caption, fill="black", font=font, anchor="mm")
+    labelled.info[CAPTION_KEY] = " | ".join(captions)
+    return labelled
+
+
+def save_grid(grid, path: Path) -> None:
+    """Save a grid as PNG, keeping its captions (if any) readable as PNG text."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if CAPTION_KEY in grid.info:
+        info.add_text(CAPTION_KEY, grid.info[CAPTION_KEY])
+    grid.save(path, pnginfo=info)
 
 
 def stitch_left(benchmark, image):
@@ -49,6 +112,8 @@ class ValidationSettings:
     seed_source: str | None = None
     guidance_rescale: float | None = None
     scheduler: str | None = None
+    #: video families: frame count, frame rate and ``--validation_dataset_file`` (validation/video.py)
+    video: "VideoSettings | None" = None
 
     @classmethod
     def from_config(cls, config, fallback_edge: int, family_defaults: dict | None = None) -> "ValidationSettings":
@@ -75,6 +140,9 @@ class ValidationSettings:
         if config.validation_disable_unconditional \
                 and config.model_family not in EMBEDDED_GUIDANCE_FAMILIES:
             guidance = 1.0
+        from simpletuner.validation.video import VideoSettings
+
+        video = VideoSettings.from_config(config, value, prompts, names)  # adds the dataset file's prompts
         return cls(
             prompts=prompts,
             negative_prompt=value("validation_negative_prompt") or None,
@@ -88,11 +156,24 @@ class ValidationSettings:
             seed_source=config.validation_seed_source,
             guidance_rescale=config.validation_guidance_rescale,
             scheduler=config.validation_noise_scheduler,
+            video=video,
         )
 
     def call_arguments(self) -> dict:
         """Pipeline keyword arguments that only some options add."""
         return {} if self.guidance_rescale is None else {"guidance_rescale": float(self.guidance_rescale)}
+
+
+def refuse_video_settings(settings: ValidationSettings, family: str) -> None:
+    """An image family cannot honour the video validation options: refuse them rather than ignore them
+    (or sample ``--validation_dataset_file``'s captions as images and drop the rest of its entries)."""
+    video = settings.video
+    if video is not None and video.entries:
+        raise ValueError(f"--validation_dataset_file is for video families; {family} makes images. Put the prompts in "
+                         "--validation_prompt or --user_prompt_library instead")
+    if video is not None and video.num_frames is not None:
+        raise ValueError(f"--validation_num_video_frames {video.num_frames} is for video families; {family} makes "
+                         "images. Remove it")
 
 
 def generator_device(settings: ValidationSettings, device):
@@ -219,16 +300,33 @@ class Validator:
 
         # --validation_lycoris_strength: the adapter's multiplier while sampling, restored after
         with torch.no_grad(), self._autocast(model), validation_strength(model):
-            for size in self.settings.resolutions:
-                images = generate_images(pipeline, prompts, self.settings, self.device, size,
-                                         extra_arguments=arguments, seed=seed)
-                results[size] = images
-                self._write(folder, size, names, images, step)
-        self._write_record(folder, step, seed, prompts, names)
+            if model.encodes_video:  # mp4 files, first-frame grids and their record (validation/video.py)
+                from simpletuner.validation.video import sample_videos
+
+                results = sample_videos(self, pipeline, model, folder, names, seed, step, arguments, label)
+            else:
+                refuse_video_settings(self.settings, model.family)
+                for size in self.settings.resolutions:
+                    images = generate_images(pipeline, prompts, self.settings, self.device, size,
+                                             extra_arguments=arguments, seed=seed)
+                    results[size] = images
+                    self._write(folder, size, names, images, step, panel_caption(step, label))
+                self._write_record(folder, step, seed, prompts, names)
         for network, was_training in zip(networks, training_modes):
             network.train(was_training)
         logger.info("validation images for step %d written to %s", step, folder)
         return results
+
+    def check_model(self, model) -> None:
+        """Refuse what the first validation would refuse (video options on an image family; clip
+        lengths or starting pictures the video pipeline cannot take), without sampling anything."""
+        if not model.encodes_video:
+            refuse_video_settings(self.settings, model.family)
+            return
+        from simpletuner.validation.video import check_requests, video_requests
+
+        check_requests(video_requests(self.settings, self._file_names(0), self.settings.seed), model,
+                       model.build_pipeline())
 
     def _file_names(self, step: int) -> list[str]:
         """Per image, the file name stem after the size tag: the running index for
@@ -264,17 +362,26 @@ class Validator:
         return torch.autocast(device_type=torch.device(self.device).type, dtype=model.weight_dtype)
 
     def run_benchmark(self, model) -> None:
-        """Images from the untrained model at step 0, later stitched left of each validation image."""
+        """Images from the untrained model at step 0, later stitched left of each validation image.
+        Settings the model cannot sample are refused here, before the first step, even without one."""
+        if self.enabled:
+            self.check_model(model)
         if self.enabled and self.benchmark_enabled:
             self.benchmark = self.run(model, 0, label="step_0_base_model")
 
-    def _write(self, folder: Path, size: tuple[int, int], names: list[str], images: list, step: int) -> None:
+    def _write(self, folder: Path, size: tuple[int, int], names: list[str], images: list, step: int,
+               caption: str) -> None:
+        """The images, and their grid captioned with what it shows: ``caption`` alone, or ``base model``
+        over the left and ``caption`` over the right half of before/after pairs."""
         tag = f"{size[0]}x{size[1]}"
         base = self.benchmark.get(size)
+        compared = bool(base) and step > 0
         shown = []
         for index, image in enumerate(images):
             image.save(folder / f"{tag}_{names[index]}.png")
-            shown.append(stitch_left(base[index], image) if base and step > 0 else image)
+            shown.append(stitch_left(base[index], image) if compared else image)
         grid = make_grid(shown, columns=min(len(shown), 4))
-        grid.save(folder / f"grid_{tag}.png")
+        captions = [BASE_MODEL_CAPTION, caption] if compared else [caption]
+        grid = caption_grid(grid, shown[0].width, shown[0].height, captions)
+        save_grid(grid, folder / f"grid_{tag}.png")
         self.tracker.log_image(f"validation/{tag}", grid, step)

@@ -23,14 +23,6 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-
-
 @pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Path:
     from simpletuner.testing.projects import make_family_project

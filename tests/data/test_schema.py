@@ -279,6 +279,7 @@ def test_options_write_docs_also_writes_the_dataset_tables(tmp_path: Path, monke
                     encoding="utf-8")
     monkeypatch.setattr(schema_docs, "default_datasets_docs_path", lambda: copy)
     monkeypatch.setattr(options_docs, "write_options_markdown", lambda: tmp_path / "OPTIONS.md")
+    monkeypatch.setattr(options_docs, "write_configuration_table", lambda: tmp_path / "CONFIGURATION.md")  # not the repo's
     assert cmd_options(["--write-docs"]) == 0
     assert copy.read_text(encoding="utf-8") == committed
     assert f"wrote {copy}" in capsys.readouterr().out

@@ -34,14 +34,6 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-
-
 class TinyModels:
     """Tiny model folders built on first use, shared by the whole session."""
 

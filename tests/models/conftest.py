@@ -13,15 +13,6 @@ from simpletuner.testing.projects import make_family_project  # noqa: F401  (re-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state; each in-process run must start from a clean one."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-
-
 def family_args(root: Path, family: str, output: str, **overrides) -> list[str]:
     """CLI arguments for a short, quiet run of ``family`` on the project at ``root``."""
     values = {

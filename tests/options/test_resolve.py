@@ -146,9 +146,9 @@ def test_deprecated_alias_on_command_line(tmp_path: Path, base: dict) -> None:
     assert run.config.checkpoint_step_interval == 5
     assert run.config.validation_step_interval == 7
     assert (
-        "command line: `--checkpointing_steps` is deprecated; use `--checkpoint_step_interval` instead" in run.warnings
+        "command line: `--checkpointing_steps` is another tool's name for `--checkpoint_step_interval`; read as `--checkpoint_step_interval`" in run.warnings
     )
-    assert "command line: `--validation_steps` is deprecated; use `--validation_step_interval` instead" in run.warnings
+    assert "command line: `--validation_steps` is another tool's name for `--validation_step_interval`; read as `--validation_step_interval`" in run.warnings
 
 
 def test_deprecated_alias_in_config_file(tmp_path: Path, base: dict) -> None:
@@ -156,8 +156,8 @@ def test_deprecated_alias_in_config_file(tmp_path: Path, base: dict) -> None:
     run = resolve(tmp_path, ["--validation_prompt", "a cat"])
     assert run.config.checkpoint_step_interval == 5
     assert run.config.validation_step_interval == 9
-    assert f"{path}: `checkpointing_steps` is deprecated; use `checkpoint_step_interval` instead" in run.warnings
-    assert f"{path}: `validation_steps` is deprecated; use `validation_step_interval` instead" in run.warnings
+    assert f"{path}: `checkpointing_steps` is another tool's name for `checkpoint_step_interval`; read as `checkpoint_step_interval`" in run.warnings
+    assert f"{path}: `validation_steps` is another tool's name for `validation_step_interval`; read as `validation_step_interval`" in run.warnings
 
 
 def test_cli_new_name_beats_file_alias(tmp_path: Path, base: dict) -> None:

@@ -95,12 +95,23 @@ def test_options_markdown_is_up_to_date() -> None:
     )
 
 
+def test_configuration_docs_supported_values_table_is_up_to_date() -> None:
+    from simpletuner.options.docs import default_configuration_docs_path, with_supported_values_table
+
+    assert default_configuration_docs_path() == REPO_ROOT / "documentation" / "CONFIGURATION.md"
+    committed = default_configuration_docs_path().read_text(encoding="utf-8")
+    assert with_supported_values_table(committed) == committed, (
+        "the supported-values table of documentation/CONFIGURATION.md is stale; run "
+        "`simpletuner options --write-docs` and commit the result"
+    )
+
+
 def test_options_markdown_lists_every_option_and_marks_unimplemented() -> None:
     text = render_options_markdown()
     implemented = sum(option.implemented for option in all_options())
     assert f"{len(all_options())} options, {implemented} implemented." in text
     for option in all_options():
         assert f"| `--{option.name}`" in text
-    assert "(alias `--checkpointing_steps`, deprecated)" in text
+    assert "(also read as `--checkpointing_steps`)" in text
     controlnet_row = next(line for line in text.splitlines() if line.startswith("| `--controlnet`"))
     assert "| not yet |" in controlnet_row

@@ -8,14 +8,6 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-
-
 @pytest.fixture(scope="session")
 def tiny_sd1x(tmp_path_factory) -> Path:
     from simpletuner.testing.tiny_models import make_tiny_model

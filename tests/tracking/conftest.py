@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.training.conftest import fresh_accelerator_state, project  # noqa: F401
+from tests.training.conftest import project  # noqa: F401
 
 
 class Receiver:

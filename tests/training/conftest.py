@@ -9,14 +9,6 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """The tiny sd1x model and 8 images at 64 px: at batch 2, 4 steps per epoch."""

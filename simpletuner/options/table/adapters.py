@@ -25,7 +25,8 @@ OPTIONS: list[Option] = [
         name="lora_type",
         kind="str",
         default="standard",
-        help="Adapter implementation: standard uses PEFT LoRA, lycoris uses the LyCORIS library (needed by some families).",
+        help="standard: an ordinary LoRA (also DoRA or SingLoRA); lycoris: a LyCORIS adapter (LoKr, LoHa, ...) described "
+        "by lycoris_config.",
         group=_G,
         choices=("standard", "lycoris"),
         implemented=True,
@@ -61,7 +62,9 @@ OPTIONS: list[Option] = [
         name="lora_init_type",
         kind="str",
         default=None,
-        help="How the adapter matrices start: unset uses a Gaussian A (diffusers' examples), default is PEFT's Kaiming-uniform A; pissa and olora move the top singular/QR directions of each weight into the adapter; loftq (CUDA only) pairs it with a 4-bit base.",
+        help="How the adapter's weights start. Unset: small random values, as diffusers' examples do; default: PEFT's own "
+        "random start; pissa and olora: the most important directions of each base weight, which often learns faster; "
+        "loftq (CUDA only): a start made for a 4-bit base model.",
         group=_G,
         choices=("default", "gaussian", "loftq", "olora", "pissa"),
         implemented=True,
@@ -70,7 +73,8 @@ OPTIONS: list[Option] = [
         name="lora_format",
         kind="str",
         default="diffusers",
-        help="Key layout of saved LoRA files: diffusers (what the family's pipeline loads) or comfyui (what ComfyUI maps completely, kohya names for SD UNets). Loading detects the layout by itself.",
+        help="How saved LoRA files name their weights: diffusers (loads in the family's diffusers pipeline) or comfyui "
+        "(loads completely in ComfyUI). simpletuner itself reads either.",
         group=_G,
         choices=("diffusers", "comfyui"),
         implemented=True,
@@ -79,7 +83,8 @@ OPTIONS: list[Option] = [
         name="peft_lora_mode",
         kind="str",
         default=None,
-        help="Variant of PEFT LoRA to train; singlora learns one matrix A per layer and applies A·Aᵀ, faded in over --singlora_ramp_up_steps.",
+        help="standard: the usual LoRA of two matrices per layer; singlora: one square matrix per layer (A·Aᵀ, half the "
+        "weights), faded in over singlora_ramp_up_steps.",
         group=_G,
         choices=("standard", "singlora"),
         implemented=True,
@@ -143,7 +148,8 @@ OPTIONS: list[Option] = [
         kind="float",
         default=None,
         minimum=0, exclusive_minimum=True,
-        help="When set, LoKr layers start from a small random perturbation of this scale instead of a zero update (needs full w2 matrices).",
+        help="Start LoKr layers from a small random change of this size instead of no change; needs \"full_matrix\": true "
+        "in lycoris_config.",
         group=_G,
         implemented=True,
     ),

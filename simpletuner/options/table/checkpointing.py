@@ -65,7 +65,10 @@ OPTIONS: list[Option] = [
         name="resume_from_checkpoint",
         kind="str",
         default=None,
-        help="Continue a previous run: latest (the newest complete checkpoint in output_dir; starts fresh when there is none), or a checkpoint folder name inside output_dir or a path to one.",
+        help="Continue a previous run: latest (the newest complete checkpoint in output_dir; starts fresh when there is none), "
+        "a checkpoint folder name inside output_dir or a path to one, or none (never resume). Unset, a run resumes by "
+        "itself when output_dir holds checkpoints of the same config and refuses to start when they belong to another "
+        "config; latest on the command line continues them anyway.",
         group=_G,
         implemented=True,
     ),

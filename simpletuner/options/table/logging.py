@@ -17,6 +17,16 @@ OPTIONS: list[Option] = [
         required=True,
     ),
     Option(
+        name="overwrite_output_dir",
+        kind="bool",
+        default=False,
+        help="Start over in an output_dir that holds an earlier run: its checkpoints, validation images, logs and "
+        "outputs are moved into a dated previous-run-* folder inside output_dir (nothing is deleted), then training "
+        "starts at step 0.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
         name="logging_dir",
         kind="str",
         default="logs",

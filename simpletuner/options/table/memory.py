@@ -38,9 +38,9 @@ OPTIONS: list[Option] = [
         name="enable_group_offload",
         kind="bool",
         default=False,
-        help="Use Diffusers group offloading to park the frozen components (text encoders, VAE) in CPU memory or on disk, "
-        "moving block groups to the accelerator only while they run. For the trained denoiser use musubi_blocks_to_swap. "
-        "Cannot be combined with enable_model_cpu_offload, offload_during_startup or ramtorch.",
+        help="Keep the frozen text encoders and VAE in CPU memory (or on disk) and move their blocks to the GPU only "
+        "while they run. For the trained denoiser use musubi_blocks_to_swap. Cannot be combined with "
+        "enable_model_cpu_offload, offload_during_startup or ramtorch.",
         group=_G,
         implemented=True,
     ),

@@ -31,7 +31,8 @@ OPTIONS: list[Option] = [
         name="model_family",
         kind="str",
         default=None,
-        help="Architecture to fine-tune; this decides the loader, the pipeline and most per-model defaults.",
+        help="The kind of model to fine-tune (sd1x: Stable Diffusion 1.x, sdxl: SDXL, sd3: SD 3.x, flux: FLUX.1, ...); it "
+        "decides how the model is loaded and most defaults.",
         group=_G,
         choices=MODEL_FAMILIES,
         implemented=True,

@@ -58,10 +58,10 @@ OPTIONS: list[Option] = [
         name="optimizer",
         kind="str",
         default="adamw_bf16",
-        help="Optimizer algorithm, each from its own package (torch-optimi, schedulefree, prodigyopt, pytorch-optimizer "
-        "for soap, torchao for ao-*, bitsandbytes for bnb-*). All run on CPU; bnb-*-paged page memory only on CUDA "
-        "and run unpaged elsewhere. adamw_schedulefree and +aggressive refuse bf16 weights (the package has no "
-        "Kahan summation): use +no_kahan or adamw_bf16 there.",
+        help="How the weights are updated. adamw_bf16 is a good start; ao-* and bnb-*8bit keep their state in fewer bits "
+        "to save memory; prodigy adapts its own step size; adamw_schedulefree needs no learning-rate schedule (with "
+        "bf16 weights use its +no_kahan form or adamw_bf16). All run on a CPU; the bnb-*-paged ones page memory only "
+        "on CUDA.",
         group=_G,
         choices=OPTIMIZERS,
         implemented=True,
@@ -181,8 +181,9 @@ OPTIONS: list[Option] = [
         default=1e-2,
         minimum=0,
         help="Weight decay for every optimizer that has one (decoupled or L2 as that optimizer defines it); "
-        "optimizer_config weight_decay overrides it.",
+        "optimizer_config weight_decay overrides it. FastVideo's name, weight_decay, is accepted too.",
         group=_G,
+        aliases=("weight_decay",),  # FastVideo's name
         implemented=True,
     ),
     Option(

@@ -46,9 +46,9 @@ def _text_encoder_precision(index: int) -> Option:
         name=f"text_encoder_{index}_precision",
         kind="str",
         default=None,
-        help=f"Quantisation preset for text encoder number {index} (its pipeline component text_encoder"
-        f"{'' if index == 1 else '_' + str(index)}); a smaller type frees memory at some cost in fidelity. "
-        "See documentation/QUANTIZATION.md.",
+        help=f"Store text encoder {index} (the pipeline's text_encoder{'' if index == 1 else '_' + str(index)}) in "
+        "fewer bits, with the presets of base_model_precision: frees memory at some cost in how exactly prompts are "
+        "read. See documentation/QUANTIZATION.md.",
         group=_G,
         choices=QUANTIZATION_PRESETS,
         implemented=True,
@@ -69,9 +69,9 @@ OPTIONS: list[Option] = [
         name="base_model_precision",
         kind="str",
         default=None,
-        help="Quantise the frozen base model (the UNet or transformer) to this type when it is loaded, cutting memory "
-        "use; LoRA then trains on top of it (full training needs no_change). no_change keeps the original weights. "
-        "Presets a device cannot run are refused at start-up; see documentation/QUANTIZATION.md.",
+        help="Store the frozen base model (the UNet or transformer) in fewer bits to save memory; the LoRA trains on top "
+        "of it (full training needs no_change, the original weights). Presets this machine cannot run are refused "
+        "before the model loads; see documentation/QUANTIZATION.md.",
         group=_G,
         choices=QUANTIZATION_PRESETS,
         implemented=True,
@@ -91,8 +91,8 @@ OPTIONS: list[Option] = [
         name="quantize_via",
         kind="str",
         default="cpu",
-        help="Device that performs quantisation: cpu is slow but safe, accelerator is quicker but may run out of memory, "
-        "pipeline hands it to Diffusers/Transformers at load time (from_pretrained with a quantization_config).",
+        help="Where the base model is quantized: cpu (slow, needs little GPU memory), accelerator (quick, but the whole "
+        "model must fit in GPU memory once), or pipeline (by diffusers while it loads, tuned by quantization_config).",
         group=_G,
         choices=("cpu", "accelerator", "pipeline"),
         implemented=True,

@@ -34,7 +34,7 @@ OPTIONS: list[Option] = [
         default=1,
         minimum=1,
         maximum=65536,  # far beyond any accelerator; a larger value is a typo that would stall the sampler
-        help="Samples per forward/backward pass on each device.",
+        help="Images per step on each GPU (or the CPU); more makes each image cheaper but needs more memory.",
         group=_G,
         implemented=True,
     ),
@@ -99,9 +99,32 @@ OPTIONS: list[Option] = [
         kind="str",
         default="sft",
         help="How the loss of a batch is computed: sft is supervised fine-tuning, the denoising loss on your "
-        "dataset. Other methods plug in by name (simpletuner/methods/registry.py).",
+        "dataset; causal_sft trains video models to continue a clip chunk by chunk (a noise level per frame chunk, "
+        "a context prefix at context_noise; documentation/TRAINING.md). Other methods plug in by name "
+        "(simpletuner/methods/registry.py).",
         group=_G,
-        choices=("sft",),  # the built-in names of simpletuner/methods/registry.py (a test keeps them equal)
+        # the built-in names of simpletuner/methods/registry.py (a test keeps them equal)
+        choices=("sft", "causal_sft"),
+        implemented=True,
+    ),
+    Option(
+        name="causal_chunk_frames",
+        kind="int",
+        default=3,
+        minimum=1,
+        help="causal_sft: latent frames per chunk; each chunk draws its own noise level. 3 is the block size of "
+        "causal Wan models; 1 gives every latent frame its own level.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="context_noise",
+        kind="float",
+        default=0.0,
+        minimum=0, maximum=1,
+        help="causal_sft: the noise level (a sigma, 0 = clean) of the context chunks that precede the chunks being "
+        "learnt; use the level your causal sampler re-noises finished chunks to.",
+        group=_G,
         implemented=True,
     ),
     Option(
@@ -757,33 +780,42 @@ OPTIONS: list[Option] = [
     Option(
         name="ltx_train_mode",
         kind="str",
-        default=None,
-        help="Train LTX Video for text-to-video (t2v) or image-to-video (i2v).",
+        default="t2v",
+        help="LTX-Video: train text-to-video (t2v) or image-to-video (i2v). In i2v the first latent frame of a "
+        "sample is the picture the video starts from: it stays un-noised, the transformer is told so through its "
+        "timestep, the loss leaves it out, and validation samples with LTXImageToVideoPipeline.",
         group=_G,
         choices=("t2v", "i2v"),
+        implemented=True,
     ),
     Option(
         name="ltx_i2v_prob",
         kind="float",
         default=None,
         minimum=0, maximum=1,
-        help="Chance that an LTX sample is trained as image-to-video.",
+        help="LTX-Video i2v: share of samples trained image-to-video (1.0 when unset); the others train "
+        "text-to-video, so the LoRA still works without a first picture.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ltx_partial_noise_fraction",
         kind="float",
         default=None,
         minimum=0, maximum=1,
-        help="Share of noise applied in LTX partial-noise training.",
+        help="LTX-Video i2v: noise level (a sigma, 0 = clean) of the conditioning first frame, so the model also "
+        "learns from slightly noisy pictures (e.g. 0.05; 0 when unset, as LTXImageToVideoPipeline samples).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ltx_protect_first_frame",
         kind="bool",
         default=False,
-        help="Leave the first LTX frame clean so it acts as conditioning.",
+        help="LTX-Video i2v: every sample trains image-to-video from an exactly clean first frame; refuses "
+        "settings of --ltx_i2v_prob or --ltx_partial_noise_fraction that would noise it.",
         group=_G,
+        implemented=True,
     ),
     # --- refiner / mixture of experts ------------------------------------------------------
     Option(
@@ -792,7 +824,8 @@ OPTIONS: list[Option] = [
         default=False,
         help="Train one stage of a mixture-of-experts (base + refiner) model series: only the refiner's "
              "low-noise slice of the timesteps (--refiner_training_strength), or with "
-             "--refiner_training_invert_schedule the base's remaining slice. SDXL and Kolors.",
+             "--refiner_training_invert_schedule the base's remaining slice. SDXL and Kolors; for Wan 2.2 A14B "
+             "it trains the low-noise expert (inverted: the high-noise one) instead of both.",
         group=_G,
         implemented=True,
     ),
@@ -811,7 +844,7 @@ OPTIONS: list[Option] = [
         default=None,
         minimum=0, maximum=1, exclusive_minimum=True, exclusive_maximum=True,
         help="Portion of the timestep schedule handled by the refiner stage (default 0.2, the SDXL "
-             "refiner's design: timesteps 0-199 of 1000).",
+             "refiner's design: timesteps 0-199 of 1000; for Wan 2.2 the checkpoint's expert boundary, e.g. 0.875).",
         group=_G,
         implemented=True,
     ),

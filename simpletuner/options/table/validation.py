@@ -79,7 +79,7 @@ OPTIONS: list[Option] = [
         name="validation_prompt",
         kind="str",
         default=None,
-        help="Text prompt rendered at each validation.",
+        help="A prompt to draw sample images from while training, to watch the model learn; leave it empty for none.",
         group=_G,
         implemented=True,
     ),
@@ -121,8 +121,9 @@ OPTIONS: list[Option] = [
         kind="int",
         default=30,
         minimum=1,
-        help="Denoising steps per validation sample.",
+        help="Denoising steps per validation sample. FastVideo's name, validation_sampling_steps, is accepted too.",
         group=_G,
+        aliases=("validation_sampling_steps",),  # FastVideo's name
         implemented=True,
     ),
     Option(
@@ -130,8 +131,10 @@ OPTIONS: list[Option] = [
         kind="float",
         default=7.5,
         minimum=0,
-        help="Classifier-free guidance scale used for validation samples.",
+        help="Classifier-free guidance scale used for validation samples. FastVideo's name, "
+        "validation_guidance_scale, is accepted too.",
         group=_G,
+        aliases=("validation_guidance_scale",),  # FastVideo's name
         implemented=True,
     ),
     Option(
@@ -255,8 +258,21 @@ OPTIONS: list[Option] = [
         kind="int",
         default=None,
         minimum=1,
-        help="Frame count of validation videos for video models.",
+        help="Frames per validation video (video families); it must be a length the family's VAE decodes (1 + 4k "
+        "for Wan, 1 + 8k for LTX-Video). Unset: the pipeline's default length.",
         group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="validation_dataset_file",
+        kind="str",
+        default=None,
+        help="Video families: FastVideo's validation file, a JSON list of {\"caption\": ..., \"image_path\": ...} "
+        "entries (image_path: the picture an image-to-video model starts from); an entry's num_inference_steps, "
+        "width, height and num_frames override the validation options for it. Its captions join the other "
+        "validation prompts.",
+        group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_audio_only",
