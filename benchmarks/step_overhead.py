@@ -78,14 +78,46 @@ def bare_loop_factory(trainer):
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
-        loss = F.mse_loss(prediction.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return apply_update(F.mse_loss(prediction.float(), noise.float()), params, optimizer)
 
     return step
+
+
+def apply_update(loss, params, optimizer) -> float:
+    """The bare step's update, the one the trainer makes (backward, clip to norm 1.0, step, clear);
+    shared with ``video_step.py`` so both benchmarks compare the trainer with the same bare work."""
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def time_trainer_and_bare(trainer, bare_step, rounds: int, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds per trainer step and per bare step, after 5 warm-up steps of each, measured in ``rounds``
+    alternating blocks of ``steps`` so that a change in the machine's load hits both sides alike.
+
+    Each trainer block runs one extra step first and drops its time: after a pause the trainer's first
+    step time only covers the optimizer work."""
+    progress = trainer.progress_bar()
+    trainer_times, bare_times = [], []
+    for _ in range(5):  # warm-up both paths
+        trainer.run_one_step(progress)
+        bare_step()
+    for _ in range(rounds):
+        trainer._last_step_end = None
+        start = len(trainer.state.step_seconds)
+        for _ in range(steps + 1):
+            trainer.run_one_step(progress)
+        trainer_times += trainer.state.step_seconds[start + 1:]
+        for _ in range(steps):
+            started = time.perf_counter()
+            bare_step()
+            bare_times.append(time.perf_counter() - started)
+    progress.close()
+    return trainer_times, bare_times
 
 
 # --- the loaded-machine comparison (--load) ------------------------------------------------------------
@@ -183,22 +215,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         trainer = build_trainer(Path(folder), args.batch_size)
         bare_step = bare_loop_factory(trainer)
-        progress = trainer.progress_bar()
-        trainer_times, bare_times = [], []
-        for _ in range(5):  # warm-up both paths
-            trainer.run_one_step(progress)
-            bare_step()
-        for _ in range(args.rounds):
-            trainer._last_step_end = None
-            start = len(trainer.state.step_seconds)
-            for _ in range(args.steps + 1):
-                trainer.run_one_step(progress)
-            trainer_times += trainer.state.step_seconds[start + 1:]  # the first is only optimizer work
-            for _ in range(args.steps):
-                started = time.perf_counter()
-                bare_step()
-                bare_times.append(time.perf_counter() - started)
-        progress.close()
+        trainer_times, bare_times = time_trainer_and_bare(trainer, bare_step, args.rounds, args.steps)
     trainer_median = statistics.median(trainer_times)
     bare_median = statistics.median(bare_times)
     print(f"\ntorch threads {torch.get_num_threads()}, batch {args.batch_size}, {len(trainer_times)} steps per side")

@@ -29,6 +29,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# The timing loop and the bare update are step_overhead.py's, so the image and video benchmarks measure
+# alike; this folder is the script's own and so on sys.path when it runs as ``python benchmarks/video_step.py``.
+from step_overhead import apply_update, time_trainer_and_bare  # noqa: E402
+
 
 def build_trainer(work: Path, args):
     from simpletuner.options.resolve import resolve_run
@@ -125,12 +129,7 @@ def bare_loop_factory(trainer):
         noisy = (1 - s) * latents + s * noise
         prediction = transformer(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=embeds,
                                  return_dict=False)[0]
-        loss = F.mse_loss(prediction.float(), (noise - latents).float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return apply_update(F.mse_loss(prediction.float(), (noise - latents).float()), params, optimizer)
 
     return step
 
@@ -157,22 +156,7 @@ def main() -> int:
             ours.append(cache_with_simpletuner(trainer))
             bare.append(cache_bare(trainer, work / "clips", args.frames, args.vae_batch_size))
         bare_step = bare_loop_factory(trainer)
-        progress = trainer.progress_bar()
-        trainer_times, bare_times = [], []
-        for _ in range(5):  # warm-up both paths
-            trainer.run_one_step(progress)
-            bare_step()
-        for _ in range(args.rounds):
-            trainer._last_step_end = None
-            start = len(trainer.state.step_seconds)
-            for _ in range(args.steps + 1):
-                trainer.run_one_step(progress)
-            trainer_times += trainer.state.step_seconds[start + 1:]  # the first is only optimizer work
-            for _ in range(args.steps):
-                started = time.perf_counter()
-                bare_step()
-                bare_times.append(time.perf_counter() - started)
-        progress.close()
+        trainer_times, bare_times = time_trainer_and_bare(trainer, bare_step, args.rounds, args.steps)
         trainer.data.close()
     cache_ours, cache_bare_median = statistics.median(ours), statistics.median(bare)
     step_ours, step_bare = statistics.median(trainer_times), statistics.median(bare_times)

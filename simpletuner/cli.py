@@ -1,5 +1,5 @@
 """The ``simpletuner`` command: train, configure, options, make-tiny-model, make-demo-dataset, demo,
-extract-lora, merge-lora.
+extract-lora, merge-lora, compare-lora.
 
 Only the standard library and the options package are imported at start-up; each subcommand imports
 what it needs when it runs, so ``simpletuner --help`` and config validation stay fast and torch-free.
@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     "demo": "build the tiny model and dataset, train, and score prompt-matching before and after",
     "extract-lora": "write a LoRA holding the difference between a fine-tuned model and its base",
     "merge-lora": "fold a LoRA or LyCORIS file into a base pipeline and save the merged pipeline",
+    "compare-lora": "render the same prompts and seeds with two adapters (or one and the base): PSNR, SSIM, a grid",
 }
 
 
@@ -368,6 +369,26 @@ def cmd_merge_lora(argv: Sequence[str]) -> int:
         MergeError)
 
 
+def cmd_compare_lora(argv: Sequence[str]) -> int:
+    parser = _lora_tool_parser("compare-lora")
+    parser.add_argument("--adapter", required=True, help="side A: a LoRA (diffusers/kohya/ComfyUI) or LyCORIS file")
+    parser.add_argument("--other", default=None, help="side B: a second adapter file (default: the base alone)")
+    parser.add_argument("--output", required=True, help="folder for compare_grid.png and compare_scores.json")
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt to render (repeat for more)")
+    parser.add_argument("--seed", type=int, action="append", default=None, help="a generator seed (repeat; default 0)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps per image")
+    parser.add_argument("--size", type=int, default=None, help="image height and width (default: the pipeline's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--scale", type=float, default=1.0, help="adapter strength on both sides")
+    args = parser.parse_args(argv)
+    from simpletuner.tools.lora_compare import CompareError, compare_lora
+
+    return _run_lora_tool("compare-lora", lambda: compare_lora(
+        args.base, args.adapter, args.output, args.prompt, other=args.other, seeds=args.seed or [0],
+        steps=args.steps, size=args.size, guidance=args.guidance, scale=args.scale, dtype=args.dtype,
+        overwrite=args.overwrite), CompareError)
+
+
 COMMANDS = {
     "train": cmd_train,
     "configure": cmd_configure,
@@ -378,6 +399,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "extract-lora": cmd_extract_lora,
     "merge-lora": cmd_merge_lora,
+    "compare-lora": cmd_compare_lora,
 }
 
 

@@ -23,6 +23,19 @@ def fresh_accelerator_state():
         GradientState._reset_state()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests: on this 2-core machine tiny models run faster without
+    OpenMP's thread pool, and the tests stay independent of what else runs. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")`` or from a folder's conftest."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 #: (width, height) of the images written by ``tiny_image_folder``: at resolution 64 (pixel, alignment 8)
 #: they fall into the buckets 64x64 (4 images) and 96x64 (2 images).
 TINY_IMAGE_SIZES = ((64, 64),) * 4 + ((96, 64),) * 2

@@ -46,6 +46,15 @@ def run_main_code(argv: list[str]) -> str:
     )
 
 
+def help_output(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """What ``main(argv)`` prints on stdout for a ``--help`` request, after checking that argparse
+    ended it with exit status 0."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 0
+    return capsys.readouterr().out
+
+
 def write_dataset_config(folder: Path, images: Path) -> tuple[Path, Path]:
     """A multidatabackend.json for ``images`` and a config.json using it, both in ``folder``."""
     dataset_list = folder / "multidatabackend.json"
@@ -81,10 +90,7 @@ def test_help_does_not_import_heavy_modules(tmp_path: Path, argv: list[str]) -> 
 
 
 def test_train_help_lists_options_and_marks_unsupported(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exit:
-        main(["train", "--help"])
-    assert exit.value.code == 0
-    out = capsys.readouterr().out
+    out = help_output(["train", "--help"], capsys)
     assert "--learning_rate LEARNING_RATE" in out
     assert "--checkpoint_step_interval CHECKPOINT_STEP_INTERVAL, --checkpointing_steps CHECKPOINT_STEP_INTERVAL" in out
     assert "--dry-run" in out

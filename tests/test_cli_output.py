@@ -72,9 +72,9 @@ def test_options_term_searches_help_texts_aliases_and_marks_unimplemented(capsys
 
 
 def test_options_term_shows_which_choices_are_refused_for_now(capsys: pytest.CaptureFixture) -> None:
-    assert main(["options", "mixed_precision"]) == 0
+    assert main(["options", "validation_noise_scheduler"]) == 0
     first = capsys.readouterr().out.split("\n\n")[0]
-    assert "    choices: no, bf16 (declared, refused for now: fp16, fp8)" in first
+    assert "    choices: ddim, ddpm, euler, euler-a, unipc, dpm++ (declared, refused for now: perflow)" in first
 
 
 def test_options_term_without_match_says_so_on_stderr(capsys: pytest.CaptureFixture) -> None:
@@ -85,10 +85,9 @@ def test_options_term_without_match_says_so_on_stderr(capsys: pytest.CaptureFixt
 
 
 def test_options_help_explains_the_search(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exit:
-        main(["options", "--help"])
-    assert exit.value.code == 0
-    out = capsys.readouterr().out
+    from tests.test_cli import help_output
+
+    out = help_output(["options", "--help"], capsys)
     assert "usage: simpletuner options [-h] [--json] [--write-docs] [TERM]" in out
     assert "TERM matches option names" in out and "simpletuner options ema" in out
 
@@ -119,7 +118,7 @@ def parser_of(command: str, monkeypatch: pytest.MonkeyPatch) -> argparse.Argumen
 
 
 @pytest.mark.parametrize("command", ["make-demo-dataset", "make-tiny-model", "options", "demo", "extract-lora",
-                                     "merge-lora"])
+                                     "merge-lora", "compare-lora"])
 def test_every_argument_has_help(command: str, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     parser = parser_of(command, monkeypatch)
     undocumented = [action.dest for action in parser._actions if not action.help]

@@ -33,6 +33,7 @@ from simpletuner.data.config import dataset_key_schema
 from simpletuner.options import options_by_name
 from simpletuner.options.resolve import resolve_run
 from simpletuner.options.validation import SUPPORTED_VALUES
+from tests.scripted_ui import ScriptedUI
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FILES = ("config/config.json", "config/multidatabackend.json", "config/config.env")
@@ -496,24 +497,6 @@ def test_configure_shim_and_help_stay_light(tmp_path: Path) -> None:
 
 
 # --- questions come from the options table and the dataset schema -------------------------------------
-
-
-class ScriptedUI:
-    """Answers every question with its default (or a given answer) and records what was asked."""
-
-    def __init__(self, answers: dict[str, Any] | None = None):
-        self.answers = answers or {}
-        self.questions: list[Question] = []
-
-    def ask(self, question: Question, navigation: Navigation | None = None) -> Any:
-        self.questions.append(question)
-        return self.answers.get(question.key, question.default)
-
-    def heading(self, title: str) -> None:
-        pass
-
-    def say(self, text: str) -> None:
-        pass
 
 
 def advanced_session(machine: Machine = Machine()) -> WizardSession:

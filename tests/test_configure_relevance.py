@@ -17,8 +17,7 @@ import pytest
 from simpletuner.cli import main
 from simpletuner.configure.draft import load_draft
 from simpletuner.configure.machine import Machine
-from simpletuner.configure.navigation import Navigation, WizardSession
-from simpletuner.configure.questions import Question
+from simpletuner.configure.navigation import WizardSession
 from simpletuner.configure.relevance import Setup, fitted_default, skip_reason, value_applies
 from simpletuner.configure.settings import apply_setting
 from simpletuner.configure.wizard import SECTIONS, run_wizard
@@ -26,32 +25,11 @@ from simpletuner.options import ConfigError
 from simpletuner.options.adapter_rules import cuda_visible
 from simpletuner.options.resolve import resolve_run
 from tests.conftest import write_minimal_dataset_list
+from tests.scripted_ui import ScriptedUI
 
 CPU = Machine()
 TWO_GPUS = Machine("cuda", 2)
 LOKR = '{"algo": "lokr", "linear_dim": 8}'
-
-
-class ScriptedUI:
-    """Answers each question with a given answer or its default; records the questions."""
-
-    def __init__(self, answers: dict[str, Any] | None = None):
-        self.answers = answers or {}
-        self.questions: list[Question] = []
-
-    def ask(self, question: Question, navigation: Navigation | None = None) -> Any:
-        self.questions.append(question)
-        return self.answers.get(question.key, question.default)
-
-    def heading(self, title: str) -> None:
-        pass
-
-    def say(self, text: str) -> None:
-        pass
-
-    @property
-    def keys(self) -> list[str]:
-        return [question.key for question in self.questions]
 
 
 def walk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answers: dict[str, Any], machine: Machine = CPU,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from simpletuner.data.schema import DATASET_KEYS, IMAGE_LIKE_TYPES, DatasetKey
+from simpletuner.options.docs import rewrite_generated_parts
 
 _TYPE_WORDS = {
     "str": "string", "optional_str": "string", "float": "number", "number": "number", "int": "integer",
@@ -126,9 +127,4 @@ def default_datasets_docs_path() -> Path:
 
 def write_datasets_markdown(path: Path | None = None) -> Path:
     """Regenerate the key tables of DATASETS.md in place; the hand-written text is kept."""
-    path = path or default_datasets_docs_path()
-    text = path.read_text(encoding="utf-8")
-    rendered = render_datasets_markdown(text)
-    if rendered != text:
-        path.write_text(rendered, encoding="utf-8")
-    return path
+    return rewrite_generated_parts(path or default_datasets_docs_path(), render_datasets_markdown)

@@ -36,7 +36,6 @@ import itertools
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -120,11 +119,14 @@ class ComponentInfo:
         return [t for t in self.tensors if t.name.endswith(".weight") and len(t.shape) == 4]
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names, dtypes, shapes), without reading any weight."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return json.loads(handle.read(length))
+def read_tensor_infos(path: Path) -> list[TensorInfo]:
+    """Names, shapes and dtypes of a safetensors file's tensors, from its header only (``safe_open``
+    reads no weight; the numpy framework keeps torch out of the planner)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        slices = {name: handle.get_slice(name) for name in handle.keys()}
+        return [TensorInfo(name, tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()]
 
 
 def read_component(folder: Path) -> ComponentInfo | None:
@@ -135,9 +137,7 @@ def read_component(folder: Path) -> ComponentInfo | None:
     files = sorted(folder.glob("*.safetensors"))
     variant_free = [f for f in files if f.name.count(".") == 1]  # prefer the default variant's files
     for file in variant_free or files:
-        for name, entry in read_safetensors_header(file).items():
-            if name != "__metadata__":
-                info.tensors.append(TensorInfo(name, tuple(entry["shape"]), entry["dtype"]))
+        info.tensors.extend(read_tensor_infos(file))
     return info
 
 

@@ -83,6 +83,22 @@ class ModelFamily(ABC):
     def is_single_file(self) -> bool:
         return Path(self.model_path).suffix in (".safetensors", ".ckpt")
 
+    @property
+    def config_source(self) -> str:
+        """Where components other than a single-file transformer come from: the model folder or hub
+        id, or for a single file the flavour's hub repository (a file carries no configs)."""
+        if self.is_single_file():
+            return self.info.flavours[self.config.model_flavour or self.info.default_flavour]
+        return self.model_path
+
+    def base_source(self, weights: bool = True) -> dict[str, Any]:
+        """Keyword arguments that pin a component of the base model: ``--revision`` always, and for
+        weights ``--variant`` too (a single file's config source has no variant files)."""
+        source: dict[str, Any] = dict(revision=self.config.revision)
+        if weights and not self.is_single_file():
+            source["variant"] = self.config.variant
+        return source
+
     # --- what each family implements -------------------------------------------------------------
 
     @abstractmethod

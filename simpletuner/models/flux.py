@@ -49,6 +49,8 @@ import torch
 from diffusers import FluxPipeline
 
 from simpletuner.models.base import ModelFamily, checkpoint_every_nth_block
+from simpletuner.models.components import (DynamicShiftLine, TextFolders, load_t5, load_transformer, load_vae,
+                                           sampler_resolution_shift, save_transformer_lora)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ GUIDANCE_FREE_T5_TOKENS = 256
 DEFAULT_VALIDATION_GUIDANCE = 3.5
 #: ``--flux_guidance_value`` when unset: the distilled guidance at which LoRAs are usually trained.
 DEFAULT_GUIDANCE = 1.0
+#: The dynamic-shift line of FLUX.1 [dev]'s sampler, for scheduler configs that leave it out.
+SHIFT_LINE = DynamicShiftLine(base_seq_len=256, max_seq_len=4096, base_mu=0.5, max_mu=1.15)
 
 # --- LoRA target presets ---------------------------------------------------------------------------
 # Suffixes of module names in diffusers' FluxTransformer2DModel (PEFT adapts every module whose name
@@ -166,19 +170,6 @@ def joint_attention_mask(text_mask: torch.Tensor, image_tokens: int) -> torch.Te
     return torch.cat([text, image], dim=1)
 
 
-def component_source(path: str, subfolder: str) -> tuple[str, str | None]:
-    """Where a component lives: a local folder with ``subfolder`` is a pipeline folder, one without it
-    is the component itself; a hub id is taken to be a pipeline repository."""
-    local = Path(path)
-    if local.is_dir() and not (local / subfolder).is_dir():
-        return path, None
-    return path, subfolder
-
-
-def is_single_file(path: str | None) -> bool:
-    return bool(path) and Path(str(path)).suffix in (".safetensors", ".ckpt")
-
-
 # --- the family -------------------------------------------------------------------------------------
 
 
@@ -197,20 +188,6 @@ class Flux(ModelFamily):
 
     # --- loading -----------------------------------------------------------------------------------
 
-    @property
-    def config_source(self) -> str:
-        """Where components other than a single-file transformer come from: the model folder or hub
-        id, or for a single file the flavour's hub repository."""
-        if self.is_single_file():
-            return self.info.flavours[self.config.model_flavour or self.info.default_flavour]
-        return self.model_path
-
-    def _base_source(self, weights: bool = True) -> dict[str, Any]:
-        source: dict[str, Any] = dict(revision=self.config.revision)
-        if weights and not self.is_single_file():
-            source["variant"] = self.config.variant
-        return source
-
     def load(self) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -219,7 +196,7 @@ class Flux(ModelFamily):
         self.tokenizer_2, self.text_encoder_2 = self._load_t5()
         self.vae = self._load_vae()
         self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-            self.config_source, subfolder="scheduler", **self._base_source(weights=False))
+            self.config_source, subfolder="scheduler", **self.base_source(weights=False))
         for module in (self.text_encoder, self.text_encoder_2, self.vae, self.transformer):
             module.to(self.device)  # each was loaded in its dtype already (no fp32 copy of 12B weights)
         self.denoiser = self.transformer
@@ -235,73 +212,28 @@ class Flux(ModelFamily):
                     self.guidance if self.has_guidance_embedding else "none (no guidance embedding)",
                     self.default_flow_shift)
 
-    def _load_clip(self):
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(self.config_source, subfolder="tokenizer",
-                                                  **self._base_source(weights=False))
-        encoder = CLIPTextModel.from_pretrained(self.config_source, subfolder="text_encoder", dtype=self.weight_dtype,
-                                                **self._base_source())
-        return tokenizer, encoder
-
     def _load_t5(self):
-        """T5 from the base model, or from ``--pretrained_t5_model_name_or_path`` (a pipeline folder
-        with ``tokenizer_2``/``text_encoder_2``, or a plain T5 folder)."""
-        from transformers import T5EncoderModel, T5TokenizerFast
-
-        override = self.config.pretrained_t5_model_name_or_path
-        if override:
-            path, encoder_folder = component_source(override, "text_encoder_2")
-            _, tokenizer_folder = component_source(override, "tokenizer_2")
-            return (T5TokenizerFast.from_pretrained(path, subfolder=tokenizer_folder),
-                    T5EncoderModel.from_pretrained(path, subfolder=encoder_folder, dtype=self.weight_dtype))
-        tokenizer = T5TokenizerFast.from_pretrained(self.config_source, subfolder="tokenizer_2",
-                                                    **self._base_source(weights=False))
-        encoder = T5EncoderModel.from_pretrained(self.config_source, subfolder="text_encoder_2",
-                                                 dtype=self.weight_dtype, **self._base_source())
-        return tokenizer, encoder
+        """T5 from the base model's ``tokenizer_2``/``text_encoder_2`` or ``--pretrained_t5_model_name_or_path``."""
+        return load_t5(self, TextFolders(tokenizer="tokenizer_2", encoder="text_encoder_2"))
 
     def _load_transformer(self):
-        """The transformer from the base model, from a single ``.safetensors`` file (the model path
-        itself, or ``--pretrained_transformer_model_name_or_path``), or from another folder / hub id
-        (``--pretrained_transformer_model_name_or_path`` / ``--pretrained_transformer_subfolder``)."""
         from diffusers import FluxTransformer2DModel
 
-        override = self.config.pretrained_transformer_model_name_or_path
-        subfolder = self.config.pretrained_transformer_subfolder
-        dtype = dict(torch_dtype=self.weight_dtype)
-        if is_single_file(override) or (not override and self.is_single_file()):
-            return self._transformer_from_single_file(override or self.model_path)
-        if override:
-            path, folder = (override, subfolder) if subfolder else component_source(override, "transformer")
-            return FluxTransformer2DModel.from_pretrained(path, subfolder=folder, **dtype)
-        return FluxTransformer2DModel.from_pretrained(self.model_path, subfolder=subfolder or "transformer",
-                                                      **dtype, **self._base_source())
-
-    def _transformer_from_single_file(self, file: str):
-        """diffusers converts original (BFL) checkpoints and takes the architecture from the config
-        source's ``transformer`` folder (read from the local Hugging Face cache when offline)."""
-        from diffusers import FluxTransformer2DModel
-
-        try:
-            return FluxTransformer2DModel.from_single_file(file, config=self.config_source, subfolder="transformer",
-                                                           torch_dtype=self.weight_dtype)
-        except (OSError, ValueError) as error:
-            raise RuntimeError(
-                f"{file}: a single-file Flux transformer needs the diffusers config of {self.config_source} "
-                f"(pick another with --model_flavour), which could not be loaded: {error}"
-            ) from error
+        return load_transformer(self, FluxTransformer2DModel, "Flux")
 
     def _load_vae(self):
         from diffusers import AutoencoderKL
 
-        dtype = torch.float32 if self.weight_dtype not in (torch.float32, torch.bfloat16) else self.weight_dtype
-        override = self.config.pretrained_vae_model_name_or_path
-        if override:
-            path, folder = component_source(override, "vae")
-            return AutoencoderKL.from_pretrained(path, subfolder=folder, torch_dtype=dtype)
-        return AutoencoderKL.from_pretrained(self.config_source, subfolder="vae", torch_dtype=dtype,
-                                             **self._base_source())
+        return load_vae(self, AutoencoderKL)
+
+    def _load_clip(self):
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(self.config_source, subfolder="tokenizer",
+                                                  **self.base_source(weights=False))
+        encoder = CLIPTextModel.from_pretrained(self.config_source, subfolder="text_encoder", dtype=self.weight_dtype,
+                                                **self.base_source())
+        return tokenizer, encoder
 
     @property
     def has_guidance_embedding(self) -> bool:
@@ -314,19 +246,7 @@ class Flux(ModelFamily):
     def _resolution_shift(self) -> float:
         """The shift the checkpoint's sampler uses for images of ``--resolution``: ``exp(mu)`` from
         the token count for dynamic-shift schedulers ([dev]), the fixed ``shift`` otherwise."""
-        from simpletuner.objectives.flow import auto_shift
-
-        scheduler = self._scheduler.config
-        resolution = self.config.resolution
-        if not scheduler.get("use_dynamic_shifting") or not resolution:
-            return float(scheduler.get("shift", 1.0))
-        from simpletuner.data.buckets import pixel_edge
-
-        edge = pixel_edge(float(resolution), self.config.resolution_type or "pixel")
-        tokens = (edge / self.pixels_per_token()) ** 2
-        return float(auto_shift(tokens, base_seq_len=scheduler.get("base_image_seq_len", 256),
-                                max_seq_len=scheduler.get("max_image_seq_len", 4096),
-                                base_mu=scheduler.get("base_shift", 0.5), max_mu=scheduler.get("max_shift", 1.15)))
+        return sampler_resolution_shift(self, self._scheduler.config, SHIFT_LINE)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.text_encoder_2, self.vae]
@@ -430,12 +350,8 @@ class Flux(ModelFamily):
 
     def save_lora(self, folder: Path, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any],
                   text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-        if text_encoder_states:
-            raise ValueError("flux does not train its text encoders; no text-encoder LoRA can be saved")
         # add_lora records dropout 0 in the config, so images made after load_lora_weights are deterministic
-        FluxPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state, safe_serialization=True,
-                                       transformer_lora_adapter_metadata=metadata.get("lora_config"))
-        return folder / "pytorch_lora_weights.safetensors"
+        return save_transformer_lora(self, FluxPipeline, folder, lora_state, metadata, text_encoder_states)
 
     def save_full(self, folder: Path, denoiser: torch.nn.Module) -> Path:
         FluxPipeline(**self._components(denoiser)).save_pretrained(folder, safe_serialization=True)

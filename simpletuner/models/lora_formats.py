@@ -14,6 +14,9 @@ Three layouts exist:
 * ``lycoris``: LyCORIS' own ``lycoris_<module path with underscores>.<algo tensors>`` (``hada_w1_a``,
   ``lokr_w1``, ...), written and read by the lycoris package.
 
+With ``--lora_format`` unset, families in :data:`LOADS_EVERYWHERE` write the ``comfyui`` layout, the one
+file both diffusers and ComfyUI load completely at the trained strength; the others write ``diffusers``.
+
 The converters only ever look names up in the live model's module tree: a key that names no module is
 an error, never silently dropped. This module imports torch lazily; :data:`COMFYUI_NAMING` and
 :func:`read_safetensors_header` are usable from torch-free config validation.
@@ -22,7 +25,6 @@ an error, never silently dropped. This module imports torch lazily; :data:`COMFY
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -60,6 +62,19 @@ class ComfyNaming:
     prefixes: Mapping[str, str]
     style: str = "kohya"
     renames: tuple[tuple[str, str], ...] = field(default=())
+    roots: Mapping[str, str] = field(default_factory=dict)
+
+    def rooted_path(self, component: str, path: str, module) -> str:
+        """``path`` under the component's declared root module when the live model lacks that level.
+
+        ComfyUI names CLIP text-encoder weights ``text_model.encoder.layers...``; transformers 5's
+        ``CLIPTextModel`` no longer has the ``text_model`` level (``CLIPTextModelWithProjection`` still
+        does), so its module paths start at ``encoder.``. The file must carry ComfyUI's names either way.
+        """
+        root = self.roots.get(component)
+        if not root or module is None or hasattr(module, root):
+            return path
+        return f"{root}.{path}"
 
     @property
     def suffixes(self) -> dict[str, str]:
@@ -72,7 +87,10 @@ class ComfyNaming:
         return f"{prefix}_{path.replace('.', '_')}" if self.style == "kohya" else f"{prefix}.{path}"
 
 
-KOHYA_SD = ComfyNaming({"unet": "lora_unet", "text_encoder": "lora_te"})
+#: CLIP text encoders: ComfyUI's key map names their layers under ``text_model.`` (see ``rooted_path``).
+CLIP_ROOTS = {"text_encoder": "text_model", "text_encoder_2": "text_model"}
+
+KOHYA_SD = ComfyNaming({"unet": "lora_unet", "text_encoder": "lora_te"}, roots=CLIP_ROOTS)
 
 #: Wan's diffusers module names -> the original checkpoint's (ComfyUI's) names inside each block. The
 #: longer ``to_out.0`` comes before the projections so no rename rewrites another's result.
@@ -91,7 +109,8 @@ COMFYUI_NAMING: dict[str, ComfyNaming] = {
     "sd1x": KOHYA_SD,
     "sd2x": KOHYA_SD,
     # SDXL: kohya names per STACK.md; diffusers loads them (tests/adapters/test_adapter_types.py)
-    "sdxl": ComfyNaming({"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}),
+    "sdxl": ComfyNaming({"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+                        roots=CLIP_ROOTS),
     # ComfyUI's model_lora_keys_unet maps `transformer.<diffusers path>` for PixArt (its "default
     # format"); the comfyui layout adds the `.alpha` tensors ComfyUI needs when alpha != rank.
     "pixart_sigma": ComfyNaming({"transformer": "transformer"}, style="dotted"),
@@ -106,26 +125,46 @@ COMFYUI_NAMING: dict[str, ComfyNaming] = {
                             renames=(("proj_in", "patchify_proj"), ("time_embed", "adaln_single"))),
 }
 
+#: Families whose ComfyUI layout diffusers' ``load_lora_weights`` also reads completely, alpha included
+#: (kohya names for the SD UNets and CLIP encoders, ``transformer.<path>`` + ``.alpha`` for Flux). Their
+#: files are written in that layout unless ``--lora_format`` says otherwise, so one file works in both.
+#: Checked in tests/adapters/test_load_everywhere.py against diffusers and ComfyUI's recorded key map.
+LOADS_EVERYWHERE = frozenset({"sd1x", "sd2x", "sdxl", "flux"})
+
+
+def default_lora_format(family: str | None, lora_type: str | None = "standard", use_dora: bool = False) -> str:
+    """The layout used when ``--lora_format`` is unset: ``comfyui`` where that file also loads in diffusers.
+
+    DoRA magnitudes have no place in the ComfyUI layout, and LyCORIS files keep LyCORIS' own names
+    (diffusers reads no LyCORIS at all), so both stay ``diffusers``.
+    """
+    if family in LOADS_EVERYWHERE and not use_dora and (lora_type or "standard") != "lycoris":
+        return "comfyui"
+    return "diffusers"
+
+
+def resolved_lora_format(config) -> str:
+    """``--lora_format`` if given, else the family's default layout (:func:`default_lora_format`)."""
+    return config.lora_format or default_lora_format(config.model_family, config.lora_type, bool(config.use_dora))
+
 
 # --- reading files -------------------------------------------------------------------------------------
 
 
 def read_safetensors_header(path: str | Path) -> tuple[list[str], dict[str, str]]:
-    """Tensor names and metadata of a safetensors file, read from its JSON header (no torch)."""
+    """Tensor names and metadata of a safetensors file, without loading a tensor.
+
+    safetensors' ``safe_open`` reads only the header; the numpy framework keeps torch out of config
+    validation, which calls this.
+    """
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise LoraFormatError(f"{path}: not a safetensors file (shorter than its header)")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100_000_000:
-            raise LoraFormatError(f"{path}: not a safetensors file (header length {length})")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError as error:
-            raise LoraFormatError(f"{path}: not a safetensors file ({error})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    return list(header), dict(metadata)
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return list(handle.keys()), dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise LoraFormatError(f"{path}: not a safetensors file or not readable ({error})") from None
 
 
 def detect_format(keys: list[str], metadata: Mapping[str, str] | None = None) -> str:
@@ -196,10 +235,12 @@ def _key_index(naming: ComfyNaming, modules: Mapping[str, Any]) -> dict[str, tup
         if component not in naming.prefixes:
             continue
         for path in module_paths(module):
-            key = naming.module_key(component, path)
-            if key in index and index[key] != (component, path):
-                clashes.add(key)
-            index[key] = (component, path)
+            # ComfyUI's name first; the bare path too, for files written before the root was added
+            for key in dict.fromkeys((naming.module_key(component, naming.rooted_path(component, path, module)),
+                                      naming.module_key(component, path))):
+                if key in index and index[key] != (component, path):
+                    clashes.add(key)
+                index[key] = (component, path)
     for key in clashes:
         del index[key]
     return index
@@ -241,7 +282,7 @@ def peft_to_comfyui(states: Mapping[str, Mapping[str, Any]], alphas: Mapping[str
             path, role = parts
             if path not in known:
                 raise LoraFormatError(f"{component}.{key}: {path!r} is not a module of the model")
-            base = naming.module_key(component, path)
+            base = naming.module_key(component, naming.rooted_path(component, path, modules[component]))
             out[f"{base}.{suffix_for[role]}"] = tensor.detach().to("cpu").contiguous()
             if role == "down":
                 out[f"{base}.alpha"] = torch.tensor(float(alphas[component]))

@@ -49,6 +49,8 @@ import torch
 from diffusers import LTXImageToVideoPipeline, LTXPipeline
 
 from simpletuner.models.base import CleanFirstFrame, ModelFamily, checkpoint_every_nth_block
+from simpletuner.models.components import (DynamicShiftLine, load_t5, load_transformer, load_vae,
+                                           sampler_resolution_shift, save_transformer_lora)
 
 logger = logging.getLogger(__name__)
 
@@ -67,23 +69,12 @@ DEFAULT_NEGATIVE_PROMPT = "worst quality, blurry, jittery motion, distorted"
 #: VAE decode timestep and noise scale for timestep-conditioned decoders (LTX-Video 0.9.1+).
 DECODE_TIMESTEP = 0.05
 DECODE_NOISE_SCALE = 0.025
+#: The dynamic-shift line of LTX-Video's sampler, for scheduler configs that leave it out.
+SHIFT_LINE = DynamicShiftLine(base_seq_len=1024, max_seq_len=4096, base_mu=0.95, max_mu=2.05)
 
 
 class FrameCountError(ValueError):
     """A clip whose frame count the VAE cannot encode; the message says which counts it accepts."""
-
-
-def component_source(path: str, subfolder: str) -> tuple[str, str | None]:
-    """Where a component lives: a local folder with ``subfolder`` is a pipeline folder, one without it
-    is the component itself; a hub id is taken to be a pipeline repository."""
-    local = Path(path)
-    if local.is_dir() and not (local / subfolder).is_dir():
-        return path, None
-    return path, subfolder
-
-
-def is_single_file(path: str | None) -> bool:
-    return bool(path) and Path(str(path)).suffix in (".safetensors", ".ckpt")
 
 
 # --- image-to-video ------------------------------------------------------------------------------------
@@ -133,16 +124,6 @@ class LTXVideo(ModelFamily):
 
     # --- loading -----------------------------------------------------------------------------------
 
-    @property
-    def config_source(self) -> str:
-        """Where the components other than a single-file transformer come from."""
-        if self.is_single_file():
-            return self.info.flavours[self.config.model_flavour or self.info.default_flavour]
-        return self.model_path
-
-    def _revision(self) -> dict[str, Any]:
-        return dict(revision=self.config.revision)
-
     def load(self) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -150,7 +131,7 @@ class LTXVideo(ModelFamily):
         self.tokenizer, self.text_encoder = self._load_t5()
         self.vae = self._load_vae()
         self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.config_source, subfolder="scheduler",
-                                                                          **self._revision())
+                                                                          **self.base_source(weights=False))
         for module in (self.text_encoder, self.vae, self.transformer):
             module.to(self.device)  # each was loaded in its dtype already
         self.denoiser = self.transformer
@@ -168,63 +149,18 @@ class LTXVideo(ModelFamily):
                 f"{settings.noise_level:g})")
 
     def _load_transformer(self):
-        """From the base model, a single ``.safetensors`` file (the model path itself or
-        ``--pretrained_transformer_model_name_or_path``), or another folder / hub id."""
         from diffusers import LTXVideoTransformer3DModel
 
-        override = self.config.pretrained_transformer_model_name_or_path
-        subfolder = self.config.pretrained_transformer_subfolder
-        dtype = dict(torch_dtype=self.weight_dtype)
-        if is_single_file(override) or (not override and self.is_single_file()):
-            return self._transformer_from_single_file(override or self.model_path)
-        if override:
-            path, folder = (override, subfolder) if subfolder else component_source(override, "transformer")
-            return LTXVideoTransformer3DModel.from_pretrained(path, subfolder=folder, **dtype)
-        return LTXVideoTransformer3DModel.from_pretrained(self.model_path, subfolder=subfolder or "transformer",
-                                                          variant=self.config.variant, **dtype, **self._revision())
-
-    def _transformer_from_single_file(self, file: str):
-        """diffusers converts Lightricks' own checkpoints; the architecture comes from the flavour's
-        ``transformer`` folder (the local Hugging Face cache when offline)."""
-        from diffusers import LTXVideoTransformer3DModel
-
-        try:
-            return LTXVideoTransformer3DModel.from_single_file(file, config=self.config_source, subfolder="transformer",
-                                                               torch_dtype=self.weight_dtype)
-        except (OSError, ValueError) as error:
-            raise RuntimeError(
-                f"{file}: a single-file LTX-Video transformer needs the diffusers config of {self.config_source} "
-                f"(pick the matching release with --model_flavour), which could not be loaded: {error}"
-            ) from error
+        return load_transformer(self, LTXVideoTransformer3DModel, "LTX-Video")
 
     def _load_t5(self):
-        """T5 from the base model, or from ``--pretrained_t5_model_name_or_path`` (a pipeline folder
-        with ``tokenizer``/``text_encoder``, or a plain T5 folder)."""
-        from transformers import T5EncoderModel, T5TokenizerFast
-
-        override = self.config.pretrained_t5_model_name_or_path
-        if override:
-            path, encoder_folder = component_source(override, "text_encoder")
-            _, tokenizer_folder = component_source(override, "tokenizer")
-            return (T5TokenizerFast.from_pretrained(path, subfolder=tokenizer_folder),
-                    T5EncoderModel.from_pretrained(path, subfolder=encoder_folder, dtype=self.weight_dtype))
-        tokenizer = T5TokenizerFast.from_pretrained(self.config_source, subfolder="tokenizer", **self._revision())
-        encoder = T5EncoderModel.from_pretrained(self.config_source, subfolder="text_encoder", dtype=self.weight_dtype,
-                                                 variant=None if self.is_single_file() else self.config.variant,
-                                                 **self._revision())
-        return tokenizer, encoder
+        return load_t5(self)
 
     def _load_vae(self):
-        """The video VAE, in fp32 unless the run is bf16 (fp16 overflows in its decoder)."""
+        """The video VAE (the base model's without ``--variant``), in fp32 unless the run is bf16."""
         from diffusers import AutoencoderKLLTXVideo
 
-        dtype = self.weight_dtype if self.weight_dtype in (torch.float32, torch.bfloat16) else torch.float32
-        override = self.config.pretrained_vae_model_name_or_path
-        if override:
-            path, folder = component_source(override, "vae")
-            return AutoencoderKLLTXVideo.from_pretrained(path, subfolder=folder, torch_dtype=dtype)
-        return AutoencoderKLLTXVideo.from_pretrained(self.config_source, subfolder="vae", torch_dtype=dtype,
-                                                     **self._revision())
+        return load_vae(self, AutoencoderKLLTXVideo, with_variant=False)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.text_encoder, self.vae]
@@ -261,19 +197,7 @@ class LTXVideo(ModelFamily):
     def resolution_shift(self, frames: int = SHIFT_REFERENCE_FRAMES) -> float:
         """The shift the checkpoint's sampler uses for a ``frames``-frame clip at ``--resolution``: ``exp(mu)``
         for a dynamic-shift scheduler (LTX-Video's), its fixed ``shift`` otherwise."""
-        from simpletuner.objectives.flow import auto_shift
-
-        scheduler = self._scheduler.config
-        resolution = self.config.resolution
-        if not scheduler.get("use_dynamic_shifting") or not resolution:
-            return float(scheduler.get("shift", 1.0))
-        from simpletuner.data.buckets import pixel_edge
-
-        edge = pixel_edge(float(resolution), self.config.resolution_type or "pixel")
-        tokens = (edge / self.pixels_per_token()) ** 2 * self.latent_frame_count(frames)
-        return float(auto_shift(tokens, base_seq_len=scheduler.get("base_image_seq_len", 1024),
-                                max_seq_len=scheduler.get("max_image_seq_len", 4096),
-                                base_mu=scheduler.get("base_shift", 0.95), max_mu=scheduler.get("max_shift", 2.05)))
+        return sampler_resolution_shift(self, self._scheduler.config, SHIFT_LINE, self.latent_frame_count(frames))
 
     # --- conditioning and latents ----------------------------------------------------------------------
 
@@ -409,11 +333,7 @@ class LTXVideo(ModelFamily):
 
     def save_lora(self, folder: Path, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any],
                   text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-        if text_encoder_states:
-            raise ValueError("ltxvideo does not train its text encoder; no text-encoder LoRA can be saved")
-        LTXPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state, safe_serialization=True,
-                                      transformer_lora_adapter_metadata=metadata.get("lora_config"))
-        return folder / "pytorch_lora_weights.safetensors"
+        return save_transformer_lora(self, LTXPipeline, folder, lora_state, metadata, text_encoder_states)
 
     def save_full(self, folder: Path, denoiser: torch.nn.Module) -> Path:
         LTXPipeline(**self._components(denoiser)).save_pretrained(folder, safe_serialization=True)

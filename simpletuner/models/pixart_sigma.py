@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from simpletuner.models.base import ModelFamily, checkpoint_every_nth_block
+from simpletuner.models.components import component_source
 from simpletuner.objectives.targets import configure_training_scheduler, inference_scheduler_overrides
 
 logger = logging.getLogger(__name__)
@@ -53,15 +54,6 @@ def pixart_text_settings(config) -> dict[str, Any]:
         "max_tokens": int(config.tokenizer_max_length or DEFAULT_MAX_TOKENS),
         "t5_padding": config.t5_padding or "unmodified",
     }
-
-
-def component_source(path: str, subfolder: str | None) -> tuple[str, str | None]:
-    """Where a component lives inside ``path``: a local folder that has ``subfolder`` is a pipeline
-    folder, one without it is the component itself; a hub id is taken to be a pipeline repository."""
-    local = Path(path)
-    if local.is_dir() and subfolder and not (local / subfolder).is_dir():
-        return path, None
-    return path, subfolder
 
 
 class PixArtSigma(ModelFamily):

@@ -13,6 +13,14 @@ when ``--ramtorch_disable_extensions false``) whose full name or class name matc
 first ``--ramtorch_transformer_percent`` percent of them in module order. ``--ramtorch_text_encoder``
 does the same for the text encoders (``--ramtorch_text_encoder_percent``), ``--ramtorch_vae`` for the
 Linear layers of the VAE's mid block.
+
+Why not the ``ramtorch`` package itself (checked against RamTorch 1.11.0, the newest on the index):
+its ``ramtorch.Linear`` is CUDA-only (CUDA streams and events, pinned memory; constructing one
+without a GPU raises "Cannot access accelerator device"), ``ramtorch.helpers`` fails to import
+without CUDA (a default argument calls ``torch.cuda.current_device()``), it converts only
+``nn.Linear`` (no Embedding, norms or convolutions for ``--ramtorch_disable_extensions false``), and
+its layer is not an ``nn.Linear`` subclass, so PEFT cannot put a LoRA on a converted layer. Our
+layer-wise swapper covers all of that and runs (and is tested) on CPU too.
 """
 
 from __future__ import annotations

@@ -50,6 +50,8 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
 
 from simpletuner.models.base import CleanFirstFrame, ModelFamily, checkpoint_every_nth_block
+from simpletuner.models.components import (LORA_WEIGHT_NAME, component_source, load_vae, refuse_text_encoder_lora,
+                                           save_transformer_lora)
 
 logger = logging.getLogger(__name__)
 
@@ -109,15 +111,6 @@ class WanShape:
     @property
     def two_experts(self) -> bool:
         return self.boundary_ratio is not None
-
-
-def component_source(path: str, subfolder: str) -> tuple[str, str | None]:
-    """A local folder with ``subfolder`` is a pipeline folder, one without it the component itself;
-    a hub id is taken to be a pipeline repository."""
-    local = Path(path)
-    if local.is_dir() and not (local / subfolder).is_dir():
-        return path, None
-    return path, subfolder
 
 
 class WanExperts(torch.nn.Module):
@@ -186,12 +179,6 @@ class Wan(ModelFamily):
 
     # --- loading -----------------------------------------------------------------------------------
 
-    def _source(self, weights: bool = True) -> dict[str, Any]:
-        source: dict[str, Any] = {"revision": self.config.revision}
-        if weights:
-            source["variant"] = self.config.variant
-        return source
-
     def load(self) -> None:
         import diffusers
         from transformers import AutoTokenizer, UMT5EncoderModel
@@ -202,19 +189,21 @@ class Wan(ModelFamily):
         index = diffusers.DiffusionPipeline.load_config(self.model_path, revision=self.config.revision)
         self._pipeline_name = index.get("_class_name", WanPipeline.__name__)
         self.experts = self._load_transformers(index)  # first: a wrong expert choice fails before UMT5 loads
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, subfolder="tokenizer", **self._source(False))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, subfolder="tokenizer",
+                                                       **self.base_source(weights=False))
         self.text_encoder = UMT5EncoderModel.from_pretrained(self.model_path, subfolder="text_encoder",
-                                                             dtype=self.weight_dtype, **self._source())
+                                                             dtype=self.weight_dtype, **self.base_source())
         self.vae = self._load_vae()
         scheduler_class = getattr(diffusers, index["scheduler"][1])
-        self._scheduler = scheduler_class.from_pretrained(self.model_path, subfolder="scheduler", **self._source(False))
+        self._scheduler = scheduler_class.from_pretrained(self.model_path, subfolder="scheduler",
+                                                          **self.base_source(weights=False))
         if self.shape.image_embeds:
             from transformers import CLIPImageProcessor, CLIPVisionModel
 
             self.image_processor = CLIPImageProcessor.from_pretrained(self.model_path, subfolder="image_processor",
-                                                                      **self._source(False))
+                                                                      **self.base_source(weights=False))
             self.image_encoder = CLIPVisionModel.from_pretrained(self.model_path, subfolder="image_encoder",
-                                                                 dtype=self.weight_dtype, **self._source())
+                                                                 dtype=self.weight_dtype, **self.base_source())
         for module in (self.text_encoder, self.vae, self.image_encoder, *self.experts.values()):
             if module is not None:
                 module.to(self.device)
@@ -273,7 +262,7 @@ class Wan(ModelFamily):
             subfolder = self.config.pretrained_transformer_subfolder
             path, folder = (override, subfolder) if subfolder else component_source(override, name)
             return WanTransformer3DModel.from_pretrained(path, subfolder=folder, **dtype)
-        return WanTransformer3DModel.from_pretrained(self.model_path, subfolder=name, **dtype, **self._source())
+        return WanTransformer3DModel.from_pretrained(self.model_path, subfolder=name, **dtype, **self.base_source())
 
     def _vae_channels(self) -> int:
         """The VAE's latent channels, from its config file (the VAE itself loads later)."""
@@ -289,10 +278,7 @@ class Wan(ModelFamily):
     def _load_vae(self):
         from diffusers import AutoencoderKLWan
 
-        dtype = torch.float32 if self.weight_dtype not in (torch.float32, torch.bfloat16) else self.weight_dtype
-        path, folder = self._vae_location()
-        extra = {} if self.config.pretrained_vae_model_name_or_path else self._source()
-        return AutoencoderKLWan.from_pretrained(path, subfolder=folder, torch_dtype=dtype, **extra)
+        return load_vae(self, AutoencoderKLWan)
 
     def _trained_denoiser(self) -> torch.nn.Module:
         if len(self.experts) == 2:
@@ -526,18 +512,15 @@ class Wan(ModelFamily):
                   text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
         """``WanPipeline.save_lora_weights``' layout. A two-expert run's state already names each expert
         (``transformer.`` / ``transformer_2.``), and is written with those prefixes."""
-        if text_encoder_states:
-            raise ValueError("wan does not train its text encoder; no text-encoder LoRA can be saved")
-        config = metadata.get("lora_config")
         if self.pair is None:
-            WanPipeline.save_lora_weights(folder, transformer_lora_layers=lora_state, safe_serialization=True,
-                                          transformer_lora_adapter_metadata=config)
-        else:
-            layers = {name: {key[len(name) + 1:]: value for key, value in lora_state.items()
-                             if key.startswith(name + ".")} for name in ("transformer", "transformer_2")}
-            WanPipeline._save_lora_weights(folder, lora_layers=layers, lora_metadata={name: config for name in layers},
-                                           safe_serialization=True)
-        return folder / "pytorch_lora_weights.safetensors"
+            return save_transformer_lora(self, WanPipeline, folder, lora_state, metadata, text_encoder_states)
+        refuse_text_encoder_lora(self, text_encoder_states)
+        config = metadata.get("lora_config")
+        layers = {name: {key[len(name) + 1:]: value for key, value in lora_state.items()
+                         if key.startswith(name + ".")} for name in ("transformer", "transformer_2")}
+        WanPipeline._save_lora_weights(folder, lora_layers=layers, lora_metadata={name: config for name in layers},
+                                       safe_serialization=True)
+        return folder / LORA_WEIGHT_NAME
 
     def save_full(self, folder: Path, denoiser: torch.nn.Module) -> Path:
         pipeline_class = self._saved_pipeline_class()

@@ -60,9 +60,11 @@ class LossSettings:
 
 
 def signal_to_noise(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """SNR(t) = alpha_bar_t / (1 - alpha_bar_t), in float32 (float64 if the table is float64)."""
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    return alphas / (1 - alphas)
+    """SNR(t) = alpha_bar_t / (1 - alpha_bar_t) in float32, from diffusers' ``compute_snr``: the helper its
+    Min-SNR training examples use, so our weights match theirs (tests/training/test_losses.py checks it)."""
+    from diffusers.training_utils import compute_snr
+
+    return compute_snr(scheduler, timesteps)
 
 
 def snr_loss_weights(settings: LossSettings, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:

@@ -69,8 +69,9 @@ def check_teacher_features(config) -> None:
         raise ConfigError("`--urepa_use_tae` decodes latents for the teacher every step, but the teacher's features are "
                           "cached once per image from the original pixels (`--alignment_teacher_features cached`), so "
                           "no decoder runs; add `--alignment_teacher_features live` or remove `--urepa_use_tae`")
-    refuse_unless(config, ("tiny_autoencoder_path",), bool(config.urepa_enabled and config.urepa_use_tae),
-                  "`--urepa_use_tae true` (the only user of the Tiny AutoEncoder so far)")
+    refuse_unless(config, ("tiny_autoencoder_path",),
+                  bool(config.urepa_enabled and config.urepa_use_tae) or bool(config.validation_preview),
+                  "`--urepa_use_tae true` or `--validation_preview` (the users of the Tiny AutoEncoder)")
     path = config.tiny_autoencoder_path
     if path and (path.startswith((".", "/", "~")) or Path(path).exists()) and not Path(path).expanduser().is_dir():
         raise ConfigError(f"`--tiny_autoencoder_path` {path!r} is not a folder; give the folder holding a diffusers "

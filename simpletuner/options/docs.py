@@ -9,6 +9,7 @@ from what the table produces.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from simpletuner.options import all_options
 from simpletuner.options.spec import Option
@@ -138,9 +139,15 @@ def with_supported_values_table(text: str) -> str:
 def write_configuration_table(path: Path | None = None) -> Path:
     """Rewrite the supported-values table of CONFIGURATION.md in place (the file is left untouched
     when the table is already current)."""
-    path = path or default_configuration_docs_path()
+    return rewrite_generated_parts(path or default_configuration_docs_path(), with_supported_values_table)
+
+
+def rewrite_generated_parts(path: Path, render: Callable[[str], str]) -> Path:
+    """Replace ``path``'s text by ``render(text)`` (which regenerates the marked tables and keeps the
+    hand-written rest), writing only when something changed so that an up-to-date document keeps its
+    modification time; shared by every generated documentation table."""
     text = path.read_text(encoding="utf-8")
-    updated = with_supported_values_table(text)
-    if updated != text:
-        path.write_text(updated, encoding="utf-8")
+    rendered = render(text)
+    if rendered != text:
+        path.write_text(rendered, encoding="utf-8")
     return path

@@ -203,7 +203,7 @@ LAUNCHER_VARIABLES = {
     "TRAINING_MAIN_PROCESS_IP": "address of the machine with rank 0 (required with several machines)",
     "TRAINING_MAIN_PROCESS_PORT": "port of the rendezvous on the main machine (default: a free local port)",
     "TRAINING_DYNAMO_BACKEND": "torch.compile backend for the denoiser (inductor, ...; no = off)",
-    "MIXED_PRECISION": "no or bf16; must agree with --mixed_precision when both are set",
+    "MIXED_PRECISION": "no, bf16 or fp16; must agree with --mixed_precision when both are set",
     "ACCELERATE_EXTRA_ARGS": "more `accelerate launch` arguments (an accelerate config file, FSDP, DeepSpeed, ...)",
     "SIMPLETUNER_LOG_LEVEL": "DEBUG, INFO, WARNING, ERROR or CRITICAL",
     "SIMPLETUNER_CHECK_RANK_SYNC": "1: after every optimizer step each process prints a digest of its trained "

@@ -1,9 +1,12 @@
-"""Validation rules for the Hub publishing options (``--push_to_hub`` and friends). Torch-free."""
+"""Validation rules for the publishing options (``--push_to_hub`` and friends, ``--publishing_config``,
+``--post_upload_script``). Torch-free."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import shlex
 from typing import Callable
 
 from simpletuner.options import ConfigError
@@ -47,4 +50,60 @@ def check_push_online(config) -> None:
                           "`huggingface-cli upload`")
 
 
-PUBLISHING_RULES: tuple[Callable, ...] = (check_push_options, check_hub_model_id, check_push_online)
+def check_publishing_config(config) -> None:
+    """Every target parses and boto3 is there, so a run never trains for hours and then cannot upload.
+    The message shows a file name, never inline JSON (it may hold keys)."""
+    from simpletuner.publishing.s3 import PublishingConfigError, load_publishing_targets
+
+    value = config.publishing_config
+    if value in (None, "", [], {}):
+        return
+    shown = value if isinstance(value, str) else "(inline JSON)"
+    try:
+        load_publishing_targets(value)
+    except PublishingConfigError as error:
+        raise ConfigError(f"`--publishing_config` {shown}: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"`--publishing_config` {shown}: {error}; give inline JSON or a JSON file holding one "
+                          'object or a list of objects such as {"provider": "s3", "bucket": "my-models"}') from None
+    if importlib.util.find_spec("boto3") is None:
+        raise ConfigError("`--publishing_config` uploads to S3 with boto3, which is not installed; pip install boto3")
+
+
+def check_post_upload_script(config) -> None:
+    """The command splits into arguments, uses known placeholders only and needs no shell."""
+    from simpletuner.options import all_options
+    from simpletuner.training.checkpoint_hooks import allowed_placeholders, needs_shell, template_fields
+
+    template = config.post_upload_script
+    if template is None:
+        return
+    flag = f"`--post_upload_script` {template!r}"
+    if not template.strip():
+        raise ConfigError("`--post_upload_script` is empty; give a command such as "
+                          "'/path/notify.sh {remote_checkpoint_path}' or remove it")
+    try:
+        shlex.split(template)
+        fields = template_fields(template)
+    except ValueError as error:
+        raise ConfigError(f"{flag} cannot be split into arguments ({error}); close the quote, and write literal "
+                          "braces as {{ and }}") from None
+    if needs_shell(template):
+        raise ConfigError(f"{flag} uses shell syntax (pipes, redirections, `;`, `&`, `$`), but the command runs "
+                          "without a shell; put those steps in a script file and give its path")
+    allowed = allowed_placeholders(option.name for option in all_options())
+    unknown = sorted({name for name in fields if name not in allowed})
+    if unknown:
+        raise ConfigError(f"{flag} uses unknown placeholder(s) " + ", ".join("{" + name + "}" for name in unknown)
+                          + "; available: " + ", ".join("{" + name + "}" for name in sorted(allowed)))
+    from simpletuner.publishing.post_upload import PostUploadScript
+
+    try:  # a format spec that does not suit its value fails now, not after training
+        PostUploadScript.from_config(config).command_for("output", 0, "")
+    except (ValueError, TypeError, IndexError, KeyError) as error:
+        raise ConfigError(f"{flag} cannot be filled in: {error} (placeholders are text, except {{global_step}}, "
+                          "which is a number)") from None
+
+
+PUBLISHING_RULES: tuple[Callable, ...] = (check_push_options, check_hub_model_id, check_push_online,
+                                          check_publishing_config, check_post_upload_script)

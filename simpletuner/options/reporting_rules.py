@@ -1,7 +1,8 @@
-"""Validation rules for the reporting options: ``--webhook_config`` and ``--webhook_reporting_interval``.
+"""Validation rules for the reporting options: ``--report_to`` and the tracker names, ``--webhook_config`` and
+``--webhook_reporting_interval``.
 
 Torch-free: a webhook entry that could never be delivered (bad JSON, unknown type, a URL that is not
-http(s)) stops the run at start-up, not silently hours later. URLs are shown redacted in errors.
+http(s)) or a tracker whose package is missing stops the run at start-up, not silently hours later. URLs are shown redacted in errors.
 """
 
 from __future__ import annotations
@@ -43,4 +44,29 @@ def check_webhook_interval(config) -> None:
                           "progress messages go to its webhooks); add a webhook or remove the interval")
 
 
-REPORTING_RULES: tuple[Callable, ...] = (check_webhook_config, check_webhook_interval)
+def check_tracker_installed(config) -> None:
+    """A tracker ``--report_to`` names must be importable before training starts (the check does not import it)."""
+    from simpletuner.tracking.trackers import TRACKER_INSTALL, TRACKER_PACKAGES, tracker_is_installed
+
+    name = config.report_to
+    if name not in TRACKER_PACKAGES or tracker_is_installed(name):
+        return
+    raise ConfigError(f"`--report_to {name}` needs the {TRACKER_PACKAGES[name]} package, which is not installed; "
+                      f"install it into this environment with pip install '{TRACKER_INSTALL[name]}', or choose "
+                      "another tracker (all uses the installed ones, none disables tracking)")
+
+
+def check_tracker_names(config) -> None:
+    """The project and run names become folder names (TensorBoard) and titles (wandb, comet)."""
+    for option in ("tracker_project_name", "tracker_run_name"):
+        value = getattr(config, option)
+        if value is None or not str(value).strip():
+            raise ConfigError(f"`--{option}` is empty; give a name (the default is "
+                              f"{'simpletuner' if option == 'tracker_project_name' else 'simpletuner-run'})")
+        if "/" in value or "\\" in value or value in (".", ".."):
+            raise ConfigError(f"`--{option}` {value!r} is used as a folder name for TensorBoard's events; use a name "
+                              "without / or \\ (for example my-project)")
+
+
+REPORTING_RULES: tuple[Callable, ...] = (check_tracker_installed, check_tracker_names, check_webhook_config,
+                                         check_webhook_interval)

@@ -7,6 +7,7 @@ them in the registry is checked generically; the rules here check that they agre
 from __future__ import annotations
 
 from simpletuner.options import ConfigError
+from simpletuner.options.refiner_rules import check_refiner_split
 
 #: The scale aesthetic predictors (LAION's, the SDXL refiner's conditioning) score images on.
 AESTHETIC_RANGE = (0.0, 10.0)
@@ -15,13 +16,8 @@ AESTHETIC_RANGE = (0.0, 10.0)
 def check_sdxl(config) -> None:
     if config.model_family not in ("sdxl", "kolors"):
         return
-    strength = config.refiner_training_strength
-    if strength is not None and not 0 < strength < 1:
-        raise ConfigError(f"`--refiner_training_strength` = {strength} must be between 0 and 1 (exclusive): the "
-                          "share of the schedule the refiner stage takes, e.g. 0.2 for timesteps 0-199 of 1000")
-    if config.refiner_training_invert_schedule and not config.refiner_training:
-        raise ConfigError("`--refiner_training_invert_schedule` picks the base stage of `--refiner_training`; add "
-                          "`--refiner_training` or remove it")
+    check_refiner_split(config, "the share of the schedule the refiner stage takes, e.g. 0.2 for timesteps 0-199 "
+                                "of 1000", inverted_part="the base stage")
     if config.refiner_training and config.sdxl_refiner_uses_full_range:
         raise ConfigError("`--refiner_training` trains one slice of the schedule and `--sdxl_refiner_uses_full_range` "
                           "all of it; remove one of them")

@@ -26,6 +26,7 @@ from simpletuner.options.eval_rules import EVAL_RULES, eval_warnings
 from simpletuner.options.flux_rules import check_flux, flux_warnings
 from simpletuner.options.ltx_rules import LTX_RULES
 from simpletuner.options.memory_rules import MEMORY_RULES, memory_warnings
+from simpletuner.options.precision_rules import DISPATCHER_BACKENDS, PRECISION_RULES
 from simpletuner.options.publishing_rules import PUBLISHING_RULES
 from simpletuner.options.quantization_rules import QUANTIZATION_RULES, quantization_warnings
 from simpletuner.options.reporting_rules import REPORTING_RULES
@@ -43,9 +44,9 @@ from simpletuner.training.optim import OPTIMIZERS, parse_optimizer_config
 SUPPORTED_VALUES: dict[str, tuple] = {
     "optimizer": tuple(OPTIMIZERS),
     "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial", "sine"),
-    "mixed_precision": ("no", "bf16"),
+    "mixed_precision": ("no", "bf16", "fp16"),  # fp8: options/precision_rules.py says why not
+    "attention_mechanism": tuple(name for name in DISPATCHER_BACKENDS if name != "sla" and not name.startswith("sage")),
     "lora_type": ("standard", "lycoris"),
-    "report_to": ("tensorboard", "none"),
     "resolution_type": ("pixel", "pixel_area", "area"),
     "validation_noise_scheduler": ("ddim", "ddpm", "euler", "euler-a", "unipc", "dpm++"),
 }
@@ -400,7 +401,7 @@ def collect_warnings(config) -> list[str]:
 
 
 RULES: tuple[Callable, ...] = (
-    check_required, check_unimplemented, check_family, check_family_options, check_supported_values, check_conflicts,
+    check_required, check_unimplemented, check_family, check_family_options, *PRECISION_RULES, check_supported_values, check_conflicts,
     check_run_length, check_output_dir, check_device_seeds,
     check_loss_settings, check_ema_settings, check_optimizer_settings,
     check_timestep_settings, check_flow_options, *TRAINING_RULES, *CREPA_RULES, *UREPA_RULES, *ALIGNMENT_RULES, *SCHEDULED_SAMPLING_RULES, *CAUSAL_RULES, *TREAD_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, *LTX_RULES, *WAN_RULES, check_sdxl,

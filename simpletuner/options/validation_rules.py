@@ -13,6 +13,14 @@ from simpletuner.options import ConfigError
 GUIDANCE_RESCALE_FAMILIES = ("sd1x", "sd2x", "sdxl")
 #: Families whose ``--validation_guidance`` is a value fed to the model (no unconditional pass).
 EMBEDDED_GUIDANCE_FAMILIES = ("flux",)
+#: Families whose pipeline ``__call__`` takes ``skip_guidance_layers`` (skip-layer guidance); checked
+#: against diffusers in the tests.
+SKIP_LAYER_GUIDANCE_FAMILIES = ("sd3",)
+#: Families whose pipeline calls ``callback_on_step_end`` and whose latents a Tiny AutoEncoder decodes
+#: (``--validation_preview``); PixArt's pipeline has no such callback, video and pixel families no TAE.
+PREVIEW_FAMILIES = ("sd1x", "sd2x", "sdxl", "kolors", "sd3", "flux")
+#: The families that make video (``ModelFamily.encodes_video``; checked in the tests).
+VIDEO_FAMILIES = ("ltxvideo", "wan")
 
 #: ``--validation_noise_scheduler`` names -> diffusers class, for noise-prediction (DDPM) families ...
 DDPM_SCHEDULERS = {
@@ -107,6 +115,150 @@ def check_prompt_libraries(config) -> None:
             raise ConfigError(f"`--user_prompt_library`: {error}") from None
 
 
+def check_external_validation(config) -> None:
+    """``--validation_method external-script`` needs a command that splits into arguments and names only
+    placeholders the runner fills (validation/external.py)."""
+    from simpletuner.validation.external import known_placeholders, placeholders_in, split_command
+
+    script = config.validation_external_script
+    external = config.validation_method == "external-script"
+    if external and not script:
+        raise ConfigError("`--validation_method external-script` needs `--validation_external_script`, the command to "
+                          "run, e.g. \"/opt/tools/validate.sh {local_checkpoint_path} {global_step}\"")
+    if not external:
+        for name in ("validation_external_script", "validation_external_background"):
+            if _set(config, name) and getattr(config, name):
+                raise ConfigError(f"`--{name}` is only used with `--validation_method external-script`; add that or "
+                                  f"remove `--{name}`")
+        return
+    try:
+        argv = split_command(script)
+        unknown = sorted(placeholders_in(argv) - known_placeholders(config))
+    except ValueError as error:
+        raise ConfigError(f"`--validation_external_script` {script!r}: {error} (quote arguments as in a shell; "
+                          "use {{ and }} for literal braces)") from None
+    if unknown:
+        raise ConfigError(f"`--validation_external_script` {script!r} names unknown placeholder(s) "
+                          f"{', '.join('{' + name + '}' for name in unknown)}; use local_checkpoint_path, global_step, "
+                          "output_dir, tracker_run_name, tracker_project_name, model_family, model_type, lora_type, "
+                          "huggingface_path, remote_checkpoint_path or any validation_* option")
+
+
+def check_skip_layer_guidance(config) -> None:
+    """Skip-layer guidance is a term of SD3's pipeline; its start / stop / scale mean nothing without
+    the layer list, and it rides on the unconditional pass."""
+    layers = config.validation_guidance_skip_layers
+    tuning = [name for name in ("validation_guidance_skip_layers_start", "validation_guidance_skip_layers_stop",
+                                "validation_guidance_skip_scale") if _set(config, name)]
+    if layers is None:
+        if tuning:
+            raise ConfigError(f"`--{tuning[0]}` tunes skip-layer guidance, which `--validation_guidance_skip_layers` "
+                              "turns on (e.g. [7, 8, 9]); add it or remove the tuning option")
+        return
+    family = config.model_family
+    if family not in SKIP_LAYER_GUIDANCE_FAMILIES:
+        raise ConfigError(f"`--validation_guidance_skip_layers`: the {family} pipeline has no skip-layer guidance; it "
+                          f"works for {', '.join(SKIP_LAYER_GUIDANCE_FAMILIES)}. Remove it")
+    if not layers or not all(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0
+                             for layer in layers):
+        raise ConfigError(f"`--validation_guidance_skip_layers` = {layers!r} must be a non-empty list of transformer "
+                          "block indices (whole numbers from 0), e.g. [7, 8, 9]")
+    start, stop = config.validation_guidance_skip_layers_start, config.validation_guidance_skip_layers_stop
+    if start is not None and stop is not None and start >= stop:
+        raise ConfigError(f"`--validation_guidance_skip_layers_start` {start} must be below "
+                          f"`--validation_guidance_skip_layers_stop` {stop} (fractions of the sampling run)")
+    if config.validation_disable_unconditional:
+        raise ConfigError("`--validation_guidance_skip_layers` adds to classifier-free guidance, which "
+                          "`--validation_disable_unconditional` turns off; remove one of them")
+
+
+def check_validation_preview(config) -> None:
+    if not config.validation_preview:
+        if _set(config, "validation_preview_steps"):
+            raise ConfigError("`--validation_preview_steps` sets how often `--validation_preview` decodes a preview; "
+                              "add `--validation_preview` or remove it")
+        return
+    if config.validation_method == "external-script":
+        raise ConfigError("`--validation_preview` shows the built-in sampler at work, which `--validation_method "
+                          "external-script` replaces; remove one of them")
+    family = config.model_family
+    if family not in PREVIEW_FAMILIES:
+        raise ConfigError(f"`--validation_preview`: {family} has no Tiny AutoEncoder preview (its pipeline has no "
+                          f"step callback or its latents no Tiny AutoEncoder); it works for "
+                          f"{', '.join(PREVIEW_FAMILIES)}. Remove it")
+
+
+def check_validation_adapters(config) -> None:
+    """One source of extra adapters (a path or a config of runs), options that tune the one in use, and
+    entries that parse; external validation samples nothing, so it takes no adapters."""
+    from simpletuner.validation.adapters import runs_from_config
+
+    path, runs = config.validation_adapter_path, config.validation_adapter_config
+    if path and runs is not None:
+        raise ConfigError("`--validation_adapter_path` and `--validation_adapter_config` both give validation adapters; "
+                          "keep one (put the path into the config's runs to use both)")
+    single = [name for name in ("validation_adapter_name", "validation_adapter_strength") if _set(config, name)]
+    if single and not path:
+        where = "with `--validation_adapter_config` (give it per entry there)" if runs is not None \
+            else "without `--validation_adapter_path`"
+        raise ConfigError(f"`--{single[0]}` has no effect {where}; remove it")
+    if _set(config, "validation_adapter_mode") and not (path or runs is not None):
+        raise ConfigError("`--validation_adapter_mode` has no effect without `--validation_adapter_path` or "
+                          "`--validation_adapter_config`; add one or remove it")
+    if not (path or runs is not None):
+        return
+    option = "validation_adapter_path" if path else "validation_adapter_config"
+    if config.validation_method == "external-script":
+        raise ConfigError(f"`--{option}` adds adapters to the built-in sampler, which `--validation_method "
+                          "external-script` replaces; remove one of them")
+    try:
+        runs_from_config(config)
+    except ValueError as error:
+        raise ConfigError(f"`--{option}`: {error}") from None
+
+
+def check_using_datasets(config) -> None:
+    """Starting pictures need an img2img (image) or image-to-video (video) pipeline; the stitch side
+    needs starting pictures in an image grid."""
+    from simpletuner.validation.dataset_inputs import I2V_FAMILIES, IMG2IMG_FAMILIES, dataset_pictures
+
+    family = config.model_family
+    side = config.validation_stitch_input_location
+    if not config.validation_using_datasets:
+        if side:
+            raise ConfigError(f"`--validation_stitch_input_location {side}` places the starting picture of "
+                              "`--validation_using_datasets` beside each image; add that or remove it")
+        return
+    if family not in IMG2IMG_FAMILIES + I2V_FAMILIES:
+        raise ConfigError(f"`--validation_using_datasets`: {family} has no image-to-image or image-to-video pipeline; "
+                          f"it works for {', '.join(IMG2IMG_FAMILIES + I2V_FAMILIES)}. Remove it")
+    if side and family in I2V_FAMILIES:
+        raise ConfigError(f"`--validation_stitch_input_location {side}`: {family} starts clips from the picture (it is "
+                          "their first frame already); remove it")
+    if config.validation_dataset_file:
+        raise ConfigError("`--validation_using_datasets` and `--validation_dataset_file` both give starting pictures; "
+                          "keep one")
+    if config.validation_method == "external-script":
+        raise ConfigError("`--validation_using_datasets` changes the built-in sampler, which `--validation_method "
+                          "external-script` replaces; remove one of them")
+    try:
+        dataset_pictures(config)
+    except ValueError as error:
+        raise ConfigError(f"`--validation_using_datasets`: {error}") from None
+
+
+def check_validation_compile(config) -> None:
+    if config.validation_torch_compile and config.validation_method == "external-script":
+        raise ConfigError("`--validation_torch_compile` compiles the built-in sampler, which `--validation_method "
+                          "external-script` replaces; remove one of them")
+
+
+def check_audio_only(config) -> None:
+    if config.validation_audio_only:
+        raise ConfigError(f"`--validation_audio_only`: {config.model_family} renders no audio, and no model family in "
+                          "this trainer does; remove it")
+
+
 def validation_option_warnings(config) -> list[str]:
     warnings = []
     if config.validation_disable_unconditional and config.model_family not in EMBEDDED_GUIDANCE_FAMILIES \
@@ -122,5 +274,7 @@ def validation_option_warnings(config) -> list[str]:
 
 VALIDATION_RULES: tuple[Callable, ...] = (
     check_validation_schedule, check_validation_seeds, check_validation_guidance, check_validation_scheduler,
-    check_prompt_libraries,
+    check_prompt_libraries, check_external_validation, check_skip_layer_guidance, check_validation_preview,
+    check_audio_only, check_validation_adapters, check_using_datasets,
+    check_validation_compile,
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from simpletuner.models.registry import family_info
 from simpletuner.options import ConfigError
+from simpletuner.options.refiner_rules import check_refiner_split
 
 
 def _expert_flavour(config) -> bool | None:
@@ -25,13 +26,9 @@ def _expert_flavour(config) -> bool | None:
 def check_wan(config) -> None:
     if config.model_family != "wan":
         return
+    check_refiner_split(config, "the share of the noise levels the low-noise expert takes (the checkpoint's "
+                                "boundary, e.g. 0.875)", inverted_part="the high-noise expert")
     strength = config.refiner_training_strength
-    if strength is not None and not 0 < strength < 1:
-        raise ConfigError(f"`--refiner_training_strength` = {strength} must be between 0 and 1 (exclusive): the share "
-                          "of the noise levels the low-noise expert takes (the checkpoint's boundary, e.g. 0.875)")
-    if config.refiner_training_invert_schedule and not config.refiner_training:
-        raise ConfigError("`--refiner_training_invert_schedule` picks the high-noise expert of `--refiner_training`; "
-                          "add `--refiner_training` or remove it")
     if strength is not None and not config.refiner_training:
         raise ConfigError("`--refiner_training_strength` sets the boundary of the expert `--refiner_training` trains; "
                           "add `--refiner_training` or remove it")

@@ -9,7 +9,7 @@ encoder clearly different inputs for captions that differ by one word.
 
 from __future__ import annotations
 
-from collections import Counter
+import json
 from functools import lru_cache
 from typing import Iterable
 
@@ -42,35 +42,24 @@ def byte_symbols() -> tuple[str, ...]:
 
 
 def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
-    """Classic BPE training until every word is one symbol.
+    """BPE merges, learned by the ``tokenizers`` library's ``BpeTrainer``, until every word is one symbol.
 
-    Replaying merges in rank order reproduces the training segmentation, so each listed word is
-    tokenized as exactly one token by the real CLIP tokenizer.
+    The trainer marks word ends with ``</w>`` as CLIP does, and with no vocabulary limit it merges
+    until no pair is left, so replaying the merges in rank order (what ``CLIPTokenizer`` does) turns
+    each listed word into exactly one token.
     """
-    segmented = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in set(words) if w}
-    merges: list[tuple[str, str]] = []
-    while True:
-        pairs: Counter[tuple[str, str]] = Counter()
-        for symbols in segmented.values():
-            pairs.update(zip(symbols, symbols[1:]))
-        if not pairs:
-            return merges
-        best = max(pairs, key=lambda p: (pairs[p], p))  # frequency first, then a stable tie-break
-        merges.append(best)
-        segmented = {w: _apply_merge(symbols, best) for w, symbols in segmented.items()}
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-
-def _apply_merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    merged: list[str] = []
-    i = 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            merged.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            merged.append(symbols[i])
-            i += 1
-    return tuple(merged)
+    unique = sorted({w for w in words if w})
+    if not unique:
+        return []
+    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=1_000_000, min_frequency=0, show_progress=False,
+                                  end_of_word_suffix="</w>", special_tokens=[])
+    tokenizer.train_from_iterator(unique, trainer=trainer)
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    return [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in merges]
 
 
 def build_clip_tokenizer(words: Iterable[str] = DEMO_WORDS, model_max_length: int = 77):

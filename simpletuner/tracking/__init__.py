@@ -1,17 +1,13 @@
-"""Where metrics and images go: tensorboard, or nowhere (``--report_to none``)."""
+"""Where metrics and images go: accelerate's trackers (tensorboard, wandb, comet_ml), or nowhere
+(``--report_to none``); see :mod:`simpletuner.tracking.trackers`. Webhooks live in ``webhooks.py``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def build_tracker(config, output_dir: Path, is_main_process: bool):
-    """The tracker named by ``--report_to``; non-main processes never write."""
-    from simpletuner.tracking.tensorboard import NullTracker, TensorboardTracker
+def build_tracker(accelerator, config, output_dir: Path, is_main_process: bool, config_file: Path | None = None):
+    """The trackers named by ``--report_to`` on the main process; other processes never write."""
+    from simpletuner.tracking.trackers import build_tracker as build
 
-    if not is_main_process or config.report_to == "none":
-        return NullTracker()
-    logging_dir = Path(config.logging_dir or "logs")
-    if not logging_dir.is_absolute():
-        logging_dir = output_dir / logging_dir
-    return TensorboardTracker(logging_dir / config.tracker_project_name, run_name=config.tracker_run_name)
+    return build(accelerator, config, output_dir, is_main_process, config_file)

@@ -244,7 +244,7 @@ class PeftAdapter:
         config = self.config
         state = self.export_state()
         exported = self.export_config()
-        fmt = config.lora_format or "diffusers"
+        fmt = formats.resolved_lora_format(config)
         metadata = {formats.META_ADAPTER: "peft", formats.META_FORMAT: fmt,
                     formats.META_CONFIG: json.dumps(exported), **(provenance or {})}
         te_states = text_encoders.lora_states() if text_encoders is not None else {}
@@ -456,7 +456,7 @@ class LycorisAdapter:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        fmt = self.config.lora_format or "diffusers"
+        fmt = formats.resolved_lora_format(self.config)
         metadata = {"lycoris_config": json.dumps(self.raw_config), formats.META_ADAPTER: "lycoris",
                     formats.META_FORMAT: fmt, **(provenance or {})}
         file = folder / WEIGHTS_FILE

@@ -12,6 +12,7 @@ config rules can share its placeholder vocabulary without loading torch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -31,9 +32,11 @@ logger = logging.getLogger(__name__)
 #: How long ``--disk_low_action wait`` sleeps between two looks at the free space.
 DISK_RECHECK_SECONDS = 30.0
 
-#: Placeholders every ``--post_checkpoint_script`` may use, besides any ``validation_*`` option name.
-SCRIPT_PLACEHOLDERS = ("local_checkpoint_path", "global_step", "tracker_run_name", "tracker_project_name",
-                       "model_family", "model_type", "lora_type", "huggingface_path", "remote_checkpoint_path")
+#: Placeholders every user command (``--post_checkpoint_script``, ``--post_upload_script``,
+#: ``--validation_external_script``) may use, besides any ``validation_*`` option name.
+SCRIPT_PLACEHOLDERS = ("local_checkpoint_path", "global_step", "output_dir", "tracker_run_name",
+                       "tracker_project_name", "model_family", "model_type", "lora_type", "huggingface_path",
+                       "remote_checkpoint_path")
 #: Characters that make a command a shell pipeline, redirection, list or expansion.
 SHELL_OPERATORS = frozenset("();<>|&")
 
@@ -157,12 +160,78 @@ def needs_shell(template: str) -> bool:
     return any(token and set(token) <= SHELL_OPERATORS for token in lexer)
 
 
-def _text(value) -> str:
+def script_text(value) -> str:
+    """How a config value reads inside a command's argument: empty when unset, ``true``/``false`` for
+    switches, JSON for lists and mappings."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
     return str(value)
+
+
+def script_values(config) -> dict[str, str]:
+    """The placeholders a user's command takes from the run's configuration, shared by
+    ``--post_checkpoint_script``, ``--post_upload_script`` and ``--validation_external_script``: every
+    ``validation_*`` option, the tracker names, family, model and LoRA type, the Hub id and the output
+    folder. ``remote_checkpoint_path`` is empty here; an upload fills it in."""
+    options = config.as_dict()
+    values = {name: script_text(value) for name, value in options.items() if name.startswith("validation_")}
+    values.update(
+        tracker_run_name=script_text(config.tracker_run_name), tracker_project_name=script_text(config.tracker_project_name),
+        model_family=script_text(config.model_family), model_type=script_text(config.model_type),
+        lora_type=script_text(config.lora_type) if config.model_type == "lora" else "",
+        huggingface_path=script_text(options.get("hub_model_id")), output_dir=script_text(config.output_dir),
+        remote_checkpoint_path="",
+    )
+    return values
+
+
+@dataclass
+class BackgroundScripts:
+    """Commands started without waiting for them; each one's exit status is logged when it ends.
+    ``option`` names the flag in the log lines, ``after_failure`` says what a failure does not stop."""
+
+    option: str
+    after_failure: str = "training goes on"
+    running: list[tuple[subprocess.Popen, threading.Thread]] = field(default_factory=list)
+
+    def start(self, command: list[str] | str, label: str) -> None:
+        """Start ``command`` (an argument list, or a command line for the shell) for ``label``; a
+        command that cannot start only warns."""
+        self._forget_finished()
+        try:
+            process = subprocess.Popen(command, shell=isinstance(command, str), stdin=subprocess.DEVNULL)
+        except (OSError, ValueError, TypeError) as error:
+            logger.warning("%s could not start for %s: %s (%s)", self.option, label, error, self.after_failure)
+            return
+        logger.info("started %s for %s (pid %d)", self.option, label, process.pid)
+        watcher = threading.Thread(target=self._report, args=(process, label), daemon=True, name=f"script-{label}")
+        watcher.start()
+        self.running.append((process, watcher))
+
+    def _report(self, process: subprocess.Popen, label: str) -> None:
+        code = process.wait()
+        if code == 0:
+            logger.info("%s for %s finished (exit status 0)", self.option, label)
+        else:
+            logger.warning("%s for %s failed with exit status %d (%s)", self.option, label, code, self.after_failure)
+
+    def _forget_finished(self) -> None:
+        self.running = [(process, watcher) for process, watcher in self.running if watcher.is_alive()]
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every started command has ended (at most ``timeout`` seconds each), so none
+        outlives the run unnoticed."""
+        self._forget_finished()
+        if self.running:
+            logger.info("waiting for %d %s run(s) to finish (pids %s)", len(self.running), self.option,
+                        ", ".join(str(process.pid) for process, _ in self.running))
+        for _, watcher in self.running:
+            watcher.join(timeout)
+        self._forget_finished()
 
 
 @dataclass
@@ -171,7 +240,7 @@ class PostCheckpointScripts:
 
     template: str
     config_values: dict[str, str]
-    running: list[tuple[subprocess.Popen, threading.Thread]] = field(default_factory=list)
+    scripts: BackgroundScripts = field(default_factory=lambda: BackgroundScripts("--post_checkpoint_script"))
 
     @classmethod
     def from_config(cls, config) -> PostCheckpointScripts | None:
@@ -179,15 +248,11 @@ class PostCheckpointScripts:
         path and step change between runs of the script."""
         if not config.post_checkpoint_script:
             return None
-        options = config.as_dict()
-        values = {name: _text(value) for name, value in options.items() if name.startswith("validation_")}
-        values.update(
-            tracker_run_name=_text(config.tracker_run_name), tracker_project_name=_text(config.tracker_project_name),
-            model_family=_text(config.model_family), model_type=_text(config.model_type),
-            lora_type=_text(config.lora_type) if config.model_type == "lora" else "",
-            huggingface_path=_text(options.get("hub_model_id")), remote_checkpoint_path="",  # nothing is uploaded
-        )
-        return cls(template=config.post_checkpoint_script, config_values=values)
+        return cls(template=config.post_checkpoint_script, config_values=script_values(config))
+
+    @property
+    def running(self) -> list[tuple[subprocess.Popen, threading.Thread]]:
+        return self.scripts.running
 
     def command_for(self, folder: Path, step: int) -> list[str] | str:
         """The argument list (or, for shell syntax, a command line with quoted values) for one checkpoint.
@@ -202,39 +267,16 @@ class PostCheckpointScripts:
 
     def launch(self, folder: Path, step: int) -> None:
         """Start the script for a complete checkpoint and return at once; failures only warn."""
-        self._forget_finished()
         try:
             command = self.command_for(folder, step)
-            process = subprocess.Popen(command, shell=isinstance(command, str), stdin=subprocess.DEVNULL)
-        except (OSError, ValueError, TypeError, KeyError, IndexError) as error:
+        except (ValueError, KeyError, IndexError) as error:
             logger.warning("--post_checkpoint_script could not start for %s: %s (training goes on)", folder.name, error)
             return
-        logger.info("started --post_checkpoint_script for %s (pid %d)", folder.name, process.pid)
-        watcher = threading.Thread(target=self._report, args=(process, folder.name), daemon=True,
-                                   name=f"post-checkpoint-{step}")
-        watcher.start()
-        self.running.append((process, watcher))
-
-    @staticmethod
-    def _report(process: subprocess.Popen, name: str) -> None:
-        code = process.wait()
-        if code == 0:
-            logger.info("--post_checkpoint_script for %s finished (exit status 0)", name)
-        else:
-            logger.warning("--post_checkpoint_script for %s failed with exit status %d (training goes on)", name, code)
-
-    def _forget_finished(self) -> None:
-        self.running = [(process, watcher) for process, watcher in self.running if watcher.is_alive()]
+        self.scripts.start(command, folder.name)
 
     def wait(self) -> None:
         """Block until every started script has ended, so none outlives the run unnoticed."""
-        self._forget_finished()
-        if self.running:
-            logger.info("waiting for %d --post_checkpoint_script run(s) to finish (pids %s)", len(self.running),
-                        ", ".join(str(process.pid) for process, _ in self.running))
-        for _, watcher in self.running:
-            watcher.join()
-        self.running.clear()
+        self.scripts.wait()
 
 
 def executable_on_path(command: str) -> bool:

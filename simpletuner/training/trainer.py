@@ -26,7 +26,8 @@ from simpletuner.training.memory import clear_accelerator_cache
 from simpletuner.training.nan_guard import NanGuard, first_nonfinite, loss_spike
 from simpletuner.training.optim import clip_gradients, optimizer_mode, set_optimizer_mode
 from simpletuner.training.output_folder import RUN_CONFIG_KEY, run_identity
-from simpletuner.training.precision import Fp32GradientAccumulator, configure_tf32
+from simpletuner.training.precision import (Fp32GradientAccumulator, apply_model_precision, configure_tf32,
+                                            enable_fp16_loss_scaling, weight_dtype_for)
 from simpletuner.training.progress import bar_paused, training_progress_bar
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        from simpletuner.tracking.trackers import accelerator_tracking_arguments
+
         config = self.config
         if config.torch_num_threads:
             torch.set_num_threads(config.torch_num_threads)
@@ -83,7 +86,9 @@ class Trainer:
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             dynamo_backend="no",  # the denoiser is compiled in place below (distributed.compile_denoiser)
+            **accelerator_tracking_arguments(config, self.output_dir),  # --report_to: accelerate's trackers
         )
+        enable_fp16_loss_scaling(self.accelerator)  # fp16 on CPU: autocast + GradScaler (training/precision.py)
         distributed.check_engine(self.accelerator)
         self.is_main = self.accelerator.is_main_process
         from simpletuner.tracking.webhooks import build_notifier
@@ -121,7 +126,7 @@ class Trainer:
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.config.mixed_precision == "bf16" else torch.float32
+        return weight_dtype_for(self.config)  # fp16: LoRA bases in fp16, full training in fp32
 
     def _write_resolved_config(self) -> None:
         """training_config.json: every resolved option, secrets redacted (options/secrets.py), owner-only."""
@@ -140,6 +145,7 @@ class Trainer:
 
         load_model(model, self.config)  # model.load(), with quantized components (models/quantize.py)
         self.memory.after_load(model)  # placement, VAE slicing/tiling, component offload, hub file deletion
+        apply_model_precision(model, self.config, self.accelerator.device)  # --vae_dtype, --attention_mechanism
         self.attention_note = None
         if self.config.fuse_qkv_projections:  # fused right after loading (models/qkv_fusion.py)
             from simpletuner.models.qkv_fusion import select_attention
@@ -267,7 +273,7 @@ class Trainer:
         from simpletuner.validation.runner import ValidationSettings, Validator
 
         config = self.config
-        self.tracker = build_tracker(config, self.output_dir, self.is_main)
+        self.tracker = build_tracker(self.accelerator, config, self.output_dir, self.is_main, self.config_file)
         edge = max(max(size) for size in self.data.sampler.bucket_sizes)
         self.validator = Validator(
             settings=ValidationSettings.from_config(config, fallback_edge=edge,
@@ -317,6 +323,9 @@ class Trainer:
         for regularizer in self.regularizers.items:  # projectors, schedule state (similarity EMA, cutoff)
             parts.register(StatePart(f"regularizer-{regularizer.name}.pt", regularizer.state_dict,
                                      regularizer.load_state_dict, skip_when_empty=True))
+        if self.accelerator.scaler is not None:  # --mixed_precision fp16: the loss scale and its growth counter
+            parts.register(StatePart("grad_scaler.pt", self.accelerator.scaler.state_dict,
+                                     self.accelerator.scaler.load_state_dict))
         parts.register(StatePart("sampler.json", self.data.state_dict, self.data.load_state_dict))
         parts.register(StatePart("random_states.pt", ckpt.rng_state, ckpt.restore_rng_state))
 
@@ -649,8 +658,10 @@ class Trainer:
         folder = self.output_dir / "validation" / label
         grids = sorted(str(path) for path in folder.glob("grid_*.png"))
         images = sorted(str(path) for path in folder.glob("*.png") if not path.name.startswith("grid_"))
+        previews = sorted(str(path) for path in folder.glob("previews/*.png"))  # --validation_preview
         self.webhooks.send("validation", f"validation images for step {step} written to {folder}",
-                           step=step, folder=str(folder), grids=grids, images=images)
+                           step=step, folder=str(folder), grids=grids, images=images,
+                           **({"previews": previews} if previews else {}))
 
     # --- outputs -------------------------------------------------------------------------------------
 
@@ -710,12 +721,10 @@ class Trainer:
         return result
 
     def _publish(self, result: Path) -> None:
-        """The model card (README.md) beside the product, then the final --push_to_hub upload."""
-        from simpletuner.publishing.model_card import write_model_card
+        """Model card, --push_to_hub, --publishing_config uploads, --post_upload_script (publishing/final.py)."""
+        from simpletuner.publishing.final import publish_final
 
-        write_model_card(self, result)
-        if self.hub is not None:
-            self.hub.push_final(self.output_dir, result, self.state.global_step)
+        self.post_upload = publish_final(self, result)
 
     def _unfused_layout(self):
         """While a full model is written: the separate q/k/v projections every loader expects."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import TYPE_CHECKING
 from simpletuner.validation.resolutions import parse_resolutions
 
 if TYPE_CHECKING:
+    from simpletuner.validation.adapters import AdapterRun
+    from simpletuner.validation.external import ExternalValidation
+    from simpletuner.validation.previews import PreviewSettings
     from simpletuner.validation.video import VideoSettings
 
 logger = logging.getLogger(__name__)
@@ -114,6 +118,22 @@ class ValidationSettings:
     scheduler: str | None = None
     #: video families: frame count, frame rate and ``--validation_dataset_file`` (validation/video.py)
     video: "VideoSettings | None" = None
+    #: ``--validation_guidance_skip_layers`` and its tuning, as the SD3 pipeline's keyword arguments
+    skip_layer_guidance: dict = field(default_factory=dict)
+    #: ``--validation_method external-script``: the user's command instead of sampling (validation/external.py)
+    external: "ExternalValidation | None" = None
+    #: ``--validation_preview``: Tiny AutoEncoder pictures during sampling (validation/previews.py)
+    preview: "PreviewSettings | None" = None
+    #: ``--validation_adapter_*``: passes with extra LoRAs merged in (validation/adapters.py), and
+    #: whether the plain pass runs too (``comparison``), not at all (``adapter_only``) or alone (``none``)
+    adapter_runs: "list[AdapterRun]" = field(default_factory=list)
+    adapter_mode: str = "none"
+    #: ``--validation_using_datasets`` on an image family: per prompt, the picture img2img starts from
+    inputs: list[Path] | None = None
+    #: ``--validation_stitch_input_location``: the side of each grid tile the starting picture goes
+    stitch_location: str | None = None
+    #: ``--validation_torch_compile``: sample through ``torch.compile`` of the denoiser
+    compile: bool = False
 
     @classmethod
     def from_config(cls, config, fallback_edge: int, family_defaults: dict | None = None) -> "ValidationSettings":
@@ -143,6 +163,13 @@ class ValidationSettings:
         from simpletuner.validation.video import VideoSettings
 
         video = VideoSettings.from_config(config, value, prompts, names)  # adds the dataset file's prompts
+        inputs = None
+        if config.validation_using_datasets:
+            video, inputs = dataset_starts(config, video, prompts)
+        from simpletuner.validation.adapters import adapter_mode, runs_from_config
+        from simpletuner.validation.external import ExternalValidation
+        from simpletuner.validation.previews import PreviewSettings
+
         return cls(
             prompts=prompts,
             negative_prompt=value("validation_negative_prompt") or None,
@@ -157,11 +184,59 @@ class ValidationSettings:
             guidance_rescale=config.validation_guidance_rescale,
             scheduler=config.validation_noise_scheduler,
             video=video,
+            skip_layer_guidance=skip_layer_arguments(config),
+            external=ExternalValidation.from_config(config),
+            preview=PreviewSettings.from_config(config),
+            adapter_runs=runs_from_config(config),
+            adapter_mode=adapter_mode(config),
+            inputs=inputs,
+            stitch_location=config.validation_stitch_input_location,
+            compile=bool(config.validation_torch_compile),
         )
+
+    def passes(self) -> "list[AdapterRun | None]":
+        """The sampling passes of one validation, in order: None is the plain model."""
+        if not self.adapter_runs or self.adapter_mode == "none":
+            return [None]
+        return ([None] if self.adapter_mode == "comparison" else []) + list(self.adapter_runs)
 
     def call_arguments(self) -> dict:
         """Pipeline keyword arguments that only some options add."""
-        return {} if self.guidance_rescale is None else {"guidance_rescale": float(self.guidance_rescale)}
+        arguments = dict(self.skip_layer_guidance)
+        if self.guidance_rescale is not None:
+            arguments["guidance_rescale"] = float(self.guidance_rescale)
+        return arguments
+
+
+def dataset_starts(config, video: "VideoSettings", prompts: list[str]):
+    """``--validation_using_datasets``: (video settings, per-prompt pictures). A video family gets every
+    prompt as an entry with a starting picture (first frame, image-to-video); an image family the
+    pictures img2img starts from."""
+    import dataclasses
+
+    from simpletuner.options.validation_rules import VIDEO_FAMILIES
+    from simpletuner.validation.dataset_file import ValidationEntry
+    from simpletuner.validation.dataset_inputs import pictures_for_prompts
+
+    pictures = pictures_for_prompts(config, len(prompts))
+    if config.model_family in VIDEO_FAMILIES:
+        entries = tuple(ValidationEntry(caption=prompt, image_path=picture) for prompt, picture in zip(prompts, pictures))
+        return dataclasses.replace(video, entries=entries, first_entry=0), None
+    return video, pictures
+
+
+def skip_layer_arguments(config) -> dict:
+    """``--validation_guidance_skip_layers`` (and start / stop / scale when given) as SD3's pipeline names
+    them; unset tuning keeps the pipeline's own defaults."""
+    if config.validation_guidance_skip_layers is None:
+        return {}
+    arguments = {"skip_guidance_layers": [int(layer) for layer in config.validation_guidance_skip_layers]}
+    for option, keyword in (("validation_guidance_skip_scale", "skip_layer_guidance_scale"),
+                            ("validation_guidance_skip_layers_start", "skip_layer_guidance_start"),
+                            ("validation_guidance_skip_layers_stop", "skip_layer_guidance_stop")):
+        if getattr(config, option) is not None:
+            arguments[keyword] = float(getattr(config, option))
+    return arguments
 
 
 def refuse_video_settings(settings: ValidationSettings, family: str) -> None:
@@ -206,10 +281,12 @@ def validation_scheduler(name: str, current, flow_matching: bool):
 
 def generate_images(pipeline, prompts: list[str], settings: ValidationSettings, device,
                     size: tuple[int, int], batch_size: int = 16, extra_arguments: dict | None = None,
-                    seed: int | None = None) -> list:
+                    seed: int | None = None, step_callback=None, inputs: list | None = None) -> list:
     """One image per prompt, each with its own seeded generator (image ``i`` uses ``seed + i``;
     ``seed`` defaults to ``settings.seed``) so results do not depend on batching and never touch the
-    global random state (which would break exact resume)."""
+    global random state (which would break exact resume). ``step_callback(start, count)`` may give a
+    pipeline ``callback_on_step_end`` for the prompts ``start`` to ``start + count`` (previews).
+    ``inputs`` (img2img): per prompt, the picture to start from, already at ``size``."""
     import torch
 
     base_seed = settings.seed if seed is None else seed
@@ -218,14 +295,23 @@ def generate_images(pipeline, prompts: list[str], settings: ValidationSettings, 
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         generators = [torch.Generator(device=where).manual_seed(base_seed + start + i) for i in range(len(chunk))]
+        callback = step_callback(start, len(chunk)) if step_callback else None
+        callbacks = {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]} \
+            if callback else {}
+        shape = {"width": size[0], "height": size[1]}
+        if inputs is not None:  # img2img: the picture sets the size (SD's img2img takes no width / height)
+            callbacks["image"] = inputs[start:start + len(chunk)]
+            accepted = inspect.signature(pipeline.__call__).parameters
+            shape = {key: value for key, value in shape.items() if key in accepted}
         result = pipeline(
             prompt=chunk,
             negative_prompt=[settings.negative_prompt] * len(chunk) if settings.negative_prompt else None,
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance,
-            width=size[0], height=size[1],
             generator=generators,
+            **shape,
             **(extra_arguments or {}),
+            **callbacks,
         )
         images.extend(result.images)
     return images
@@ -248,10 +334,18 @@ class Validator:
     on_startup: bool = False
     #: the seed of the latest run (``--validation_randomize`` draws a new one each time)
     last_seed: int | None = None
+    #: ``--validation_preview``'s Tiny AutoEncoder, loaded at the first validation and kept
+    _preview_autoencoder: object = None
+    #: extra validation adapters read from disk, by path (read once, merged at every validation)
+    _adapter_files: dict = field(default_factory=dict)
+    #: ``--validation_torch_compile``: the compiled wrapper of the denoiser, made once and reused (it
+    #: shares the live weights, so later validations see the trained values without recompiling)
+    _compiled: object = None
 
     @property
     def enabled(self) -> bool:
-        return bool(self.settings.prompts) and not self.disabled
+        """Sampling needs a prompt; an external validation command needs none."""
+        return (bool(self.settings.prompts) or self.settings.external is not None) and not self.disabled
 
     def due(self, step: int) -> bool:
         """At the step interval or at the end of every Nth epoch; once, when both fall on one step."""
@@ -270,7 +364,29 @@ class Validator:
         self.run(model, step, label="step_0_base_model" if step == 0 else f"step_{step}_startup")
 
     def run(self, model, step: int, label: str | None = None) -> dict[tuple[int, int], list]:
-        """Sample every prompt x image index x resolution; write PNGs and a grid per resolution."""
+        """Sample every prompt x image index x resolution; write PNGs and a grid per resolution. With
+        ``--validation_method external-script`` the user's command runs instead (nothing is sampled)."""
+        if self.settings.external is not None:
+            self.settings.external.run(step, self.output_dir,
+                                       self.output_dir / "validation" / (label or f"step_{step}"))
+            return {}
+        from simpletuner.validation.adapters import merged
+
+        label = label or f"step_{step}"
+        results = None
+        for adapter_run in self.settings.passes():
+            if adapter_run is None:
+                found = self._sample(model, step, label, panel_caption(step, label), "validation")
+            else:  # the adapter's images go to their own folder, grid caption and tracker key
+                with merged(model, adapter_run, self._adapter_files):
+                    found = self._sample(model, step, f"{label}_adapter_{adapter_run.label}",
+                                         f"{panel_caption(step, label)} + {adapter_run.label}",
+                                         f"validation/adapter_{adapter_run.label}")
+            results = found if results is None else results
+        return results
+
+    def _sample(self, model, step: int, label: str, caption: str, tracker_key: str) -> dict[tuple[int, int], list]:
+        """One sampling pass of every prompt, written to ``validation/<label>``."""
         import torch
 
         from simpletuner.training.distributed import unwrap_parallel
@@ -282,13 +398,19 @@ class Validator:
         for network in networks:
             network.eval()
         pipeline = model.build_pipeline(denoiser)
+        if self.settings.inputs is not None and not model.encodes_video:
+            from simpletuner.validation.dataset_inputs import img2img_pipeline
+
+            pipeline = img2img_pipeline(pipeline)
         pipeline.set_progress_bar_config(disable=True)
+        if self.settings.compile:
+            self._use_compiled_denoiser(pipeline, model, denoiser)
         if self.settings.scheduler:
             pipeline.scheduler = validation_scheduler(self.settings.scheduler, pipeline.scheduler,
                                                       model.prediction_type == "flow_matching")
         prompts = [p for p in self.settings.prompts for _ in range(self.settings.num_images)]
         names = self._file_names(step)
-        folder = self.output_dir / "validation" / (label or f"step_{step}")
+        folder = self.output_dir / "validation" / label
         folder.mkdir(parents=True, exist_ok=True)
         seed = fresh_seed() if self.settings.randomize else self.settings.seed
         self.last_seed = seed
@@ -303,23 +425,68 @@ class Validator:
             if model.encodes_video:  # mp4 files, first-frame grids and their record (validation/video.py)
                 from simpletuner.validation.video import sample_videos
 
-                results = sample_videos(self, pipeline, model, folder, names, seed, step, arguments, label)
+                results = sample_videos(self, pipeline, model, folder, names, seed, step, arguments, label,
+                                        caption, tracker_key)
             else:
                 refuse_video_settings(self.settings, model.family)
+                previews = self._preview_callbacks(pipeline, model, folder, names)
                 for size in self.settings.resolutions:
+                    inputs = self._inputs(size)
                     images = generate_images(pipeline, prompts, self.settings, self.device, size,
-                                             extra_arguments=arguments, seed=seed)
+                                             extra_arguments=arguments, seed=seed,
+                                             step_callback=previews(size) if previews else None, inputs=inputs)
                     results[size] = images
-                    self._write(folder, size, names, images, step, panel_caption(step, label))
+                    self._write(folder, size, names, images, step, caption, tracker_key, inputs)
                 self._write_record(folder, step, seed, prompts, names)
         for network, was_training in zip(networks, training_modes):
             network.train(was_training)
         logger.info("validation images for step %d written to %s", step, folder)
         return results
 
+    def _use_compiled_denoiser(self, pipeline, model, denoiser) -> None:
+        """Put ``torch.compile(denoiser)`` into the pipeline in place of the denoiser. Compiling is slow
+        once; the wrapper is kept, and dynamo's guards recompile only if shapes or modes change."""
+        import torch
+
+        if self._compiled is None or self._compiled._orig_mod is not denoiser:
+            self._compiled = torch.compile(denoiser)
+            logger.info("validation: %s compiled with torch.compile (the first validation pays for it)",
+                        model.denoiser_name)
+        setattr(pipeline, model.denoiser_name, self._compiled)
+
+    def _inputs(self, size: tuple[int, int]) -> list | None:
+        """``--validation_using_datasets``: per image (prompt x image index), its starting picture at ``size``."""
+        if self.settings.inputs is None:
+            return None
+        from simpletuner.validation.dataset_inputs import load_input
+
+        return [load_input(path, size) for path in self.settings.inputs for _ in range(self.settings.num_images)]
+
+    def _preview_callbacks(self, pipeline, model, folder: Path, names: list[str]):
+        """``--validation_preview``: per size, a factory of step callbacks writing previews of the
+        images ``start`` to ``start + count`` into ``folder/previews``; None without previews."""
+        preview = self.settings.preview
+        if preview is None:
+            return None
+        from simpletuner.validation.previews import PreviewWriter, load_preview_autoencoder
+
+        if self._preview_autoencoder is None:
+            channels = getattr(getattr(pipeline, "vae", None), "config", None)
+            self._preview_autoencoder = load_preview_autoencoder(
+                preview, self.device, getattr(channels, "latent_channels", None))
+
+        def for_size(size):
+            tag = f"{size[0]}x{size[1]}"
+            return lambda start, count: PreviewWriter(preview, self._preview_autoencoder, folder / "previews", tag,
+                                                      names[start:start + count], size)
+        return for_size
+
     def check_model(self, model) -> None:
         """Refuse what the first validation would refuse (video options on an image family; clip
         lengths or starting pictures the video pipeline cannot take), without sampling anything."""
+        if self.settings.external is not None:
+            return  # nothing is sampled here
+        self._check_skip_layers(model)
         if not model.encodes_video:
             refuse_video_settings(self.settings, model.family)
             return
@@ -327,6 +494,16 @@ class Validator:
 
         check_requests(video_requests(self.settings, self._file_names(0), self.settings.seed), model,
                        model.build_pipeline())
+
+    def _check_skip_layers(self, model) -> None:
+        """Skip-layer indices must name blocks the transformer has (the pipeline would fail mid-run)."""
+        layers = self.settings.skip_layer_guidance.get("skip_guidance_layers")
+        if not layers:
+            return
+        count = getattr(getattr(model.denoiser, "config", None), "num_layers", None)
+        if count is not None and max(layers) >= count:
+            raise ValueError(f"--validation_guidance_skip_layers {layers}: the {model.family} transformer has "
+                             f"{count} blocks (0 to {count - 1}); choose indices in that range")
 
     def _file_names(self, step: int) -> list[str]:
         """Per image, the file name stem after the size tag: the running index for
@@ -348,6 +525,9 @@ class Validator:
             "images": {stem: {"prompt": prompt, "seed": seed + index}
                        for index, (stem, prompt) in enumerate(zip(names, prompts))},
         }
+        if self.settings.inputs is not None:  # --validation_using_datasets: the picture each image started from
+            for index, stem in enumerate(names):
+                record["images"][stem]["input"] = str(self.settings.inputs[index // self.settings.num_images])
         (folder / "validation.json").write_text(json.dumps(record, indent=2))
 
     def _autocast(self, model):
@@ -366,13 +546,14 @@ class Validator:
         Settings the model cannot sample are refused here, before the first step, even without one."""
         if self.enabled:
             self.check_model(model)
-        if self.enabled and self.benchmark_enabled:
+        if self.enabled and self.benchmark_enabled and self.settings.external is None:
             self.benchmark = self.run(model, 0, label="step_0_base_model")
 
     def _write(self, folder: Path, size: tuple[int, int], names: list[str], images: list, step: int,
-               caption: str) -> None:
+               caption: str, tracker_key: str = "validation", inputs: list | None = None) -> None:
         """The images, and their grid captioned with what it shows: ``caption`` alone, or ``base model``
-        over the left and ``caption`` over the right half of before/after pairs."""
+        over the left and ``caption`` over the right half of before/after pairs; with
+        ``--validation_stitch_input_location``, the starting picture (``inputs``) on that side."""
         tag = f"{size[0]}x{size[1]}"
         base = self.benchmark.get(size)
         compared = bool(base) and step > 0
@@ -380,8 +561,14 @@ class Validator:
         for index, image in enumerate(images):
             image.save(folder / f"{tag}_{names[index]}.png")
             shown.append(stitch_left(base[index], image) if compared else image)
-        grid = make_grid(shown, columns=min(len(shown), 4))
         captions = [BASE_MODEL_CAPTION, caption] if compared else [caption]
+        side = self.settings.stitch_location
+        if inputs is not None and side:
+            from simpletuner.validation.dataset_inputs import stitch_input
+
+            shown = [stitch_input(inputs[index], tile, side) for index, tile in enumerate(shown)]
+            captions = ["input", *captions] if side == "left" else [*captions, "input"]
+        grid = make_grid(shown, columns=min(len(shown), 4))
         grid = caption_grid(grid, shown[0].width, shown[0].height, captions)
         save_grid(grid, folder / f"grid_{tag}.png")
-        self.tracker.log_image(f"validation/{tag}", grid, step)
+        self.tracker.log_image(f"{tracker_key}/{tag}", grid, step)

@@ -210,7 +210,8 @@ def write_mp4(frames: list, path: Path, fps: int) -> Path:
 
 
 def sample_videos(validator: "Validator", pipeline, model, folder: Path, stems: list[str], seed: int, step: int,
-                  arguments: dict, label: str | None = None) -> dict[tuple[int, int], list]:
+                  arguments: dict, label: str | None = None, caption: str | None = None,
+                  tracker_key: str = "validation") -> dict[tuple[int, int], list]:
     """The video branch of :meth:`Validator.run`: sample every clip, write the mp4 files, the
     first-frame grid per size (logged to the tracker) and ``validation.json``. Returns the clips by
     size, as lists of frames (the benchmark keeps them for the side-by-side grids)."""
@@ -222,7 +223,8 @@ def sample_videos(validator: "Validator", pipeline, model, folder: Path, stems: 
     record: dict[str, dict] = {}
     for request in requests:
         frames = generate_video(pipeline, request, settings, validator.device, extra_arguments=arguments)
-        write_mp4(frames, folder / f"{request.tag}_{request.stem}.mp4", fps)
+        clip = write_mp4(frames, folder / f"{request.tag}_{request.stem}.mp4", fps)
+        validator.tracker.log_video(f"{tracker_key}/{request.tag}/{request.stem}", clip, step)  # wandb / comet play it
         results.setdefault(request.size, []).append(frames)
         record[f"{request.tag}_{request.stem}"] = {
             "prompt": request.prompt, "seed": request.seed, "width": request.size[0], "height": request.size[1],
@@ -230,13 +232,14 @@ def sample_videos(validator: "Validator", pipeline, model, folder: Path, stems: 
             "image": None if request.image is None else str(request.image),
         }
     for size, clips in results.items():
-        write_first_frame_grid(validator, folder, size, clips, step, label)
+        write_first_frame_grid(validator, folder, size, clips, step, label, caption, tracker_key)
     write_video_record(folder, settings, step, seed, fps, record)
     return results
 
 
 def write_first_frame_grid(validator: "Validator", folder: Path, size: tuple[int, int], clips: list, step: int,
-                           label: str | None = None) -> None:
+                           label: str | None = None, caption: str | None = None,
+                           tracker_key: str = "validation") -> None:
     """``grid_<W>x<H>.png``: each clip's first frame, the base model's to its left after step 0, captioned
     as the image grids are, and logged to the tracker under ``validation/<W>x<H>``."""
     from simpletuner.validation.runner import (BASE_MODEL_CAPTION, caption_grid, make_grid, panel_caption, save_grid,
@@ -247,10 +250,10 @@ def write_first_frame_grid(validator: "Validator", folder: Path, size: tuple[int
     compared = bool(base) and step > 0 and len(base) == len(clips)
     shown = [stitch_left(base[index][0], frames[0]) if compared else frames[0] for index, frames in enumerate(clips)]
     grid = make_grid(shown, columns=min(len(shown), 4))
-    caption = panel_caption(step, label)
+    caption = caption or panel_caption(step, label)
     grid = caption_grid(grid, shown[0].width, shown[0].height, [BASE_MODEL_CAPTION, caption] if compared else [caption])
     save_grid(grid, folder / f"grid_{tag}.png")
-    validator.tracker.log_image(f"validation/{tag}", grid, step)
+    validator.tracker.log_image(f"{tracker_key}/{tag}", grid, step)
 
 
 def write_video_record(folder: Path, settings: "ValidationSettings", step: int, seed: int, fps: int,

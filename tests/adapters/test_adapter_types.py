@@ -103,6 +103,7 @@ PEFT_CASES = {
     "singlora": {"peft_lora_mode": "singlora", "singlora_ramp_up_steps": 4},
     "slider-comfyui": {"slider_lora_target": "true", "lora_format": "comfyui"},
     "comfyui": {"lora_format": "comfyui", "lora_alpha": 2},
+    "diffusers": {"lora_format": "diffusers", "lora_alpha": 2},  # sd1x's default is comfyui; keep this one covered
 }
 
 
@@ -116,7 +117,7 @@ def test_peft_adapter_trains_and_round_trips(sd1x, project, tmp_path, case):
     assert check(reloaded_by_us(sd1x, config, file, step), result)
     assert check(reloaded_by_diffusers(sd1x, file), result)
     assert metadata["test"] == "yes" and json.loads(metadata[formats.META_CONFIG])["r"] in (4, 8)
-    if config.lora_format == "comfyui":
+    if formats.resolved_lora_format(config) == "comfyui":
         assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                    for k in keys)
         paths = formats.module_paths(sd1x[1])

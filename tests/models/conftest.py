@@ -27,6 +27,20 @@ def family_args(root: Path, family: str, output: str, **overrides) -> list[str]:
     return [token for key, value in values.items() if value is not None for token in (f"--{key}", str(value))]
 
 
+def loaded_family(family: str, defaults: dict, **options):
+    """The ``family`` model of a config of ``defaults`` with ``options`` over them, loaded on the CPU
+    in fp32: what a test of the family's own methods needs, without a trainer around it."""
+    import torch
+
+    from simpletuner.models.registry import load_family_class
+    from simpletuner.testing.config import make_config
+
+    config = make_config(**{"model_family": family, **defaults, **options})
+    model = load_family_class(family)(config, torch.device("cpu"), torch.float32)
+    model.load()
+    return model
+
+
 def keep_trainer(monkeypatch) -> dict:
     """Runs through the CLI create their own trainer; this keeps it as ``seen["trainer"]`` once set up."""
     from simpletuner.training.trainer import Trainer

@@ -20,7 +20,7 @@ from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.options.resolve import resolve_run  # noqa: E402
 from simpletuner.testing.config import make_config  # noqa: E402
 from simpletuner.training.trainer import Trainer  # noqa: E402
-from tests.models.conftest import family_args, keep_trainer, make_family_project  # noqa: E402
+from tests.models.conftest import family_args, keep_trainer, loaded_family, make_family_project  # noqa: E402
 
 PROMPT = "a red circle on a white background"
 #: Short T5 prompts keep the tiny model's steps cheap; the default (512) is tested on its own.
@@ -33,13 +33,8 @@ def project(tmp_path_factory) -> Path:
 
 
 def flux_model(project: Path, **options):
-    from simpletuner.models.flux import Flux
-
-    values = dict(model_family="flux", pretrained_model_name_or_path=str(project / "model"), resolution=64,
-                  resolution_type="pixel")
-    model = Flux(make_config(**{**values, **options}), torch.device("cpu"), torch.float32)
-    model.load()
-    return model
+    return loaded_family("flux", dict(pretrained_model_name_or_path=str(project / "model"), resolution=64,
+                                      resolution_type="pixel"), **options)
 
 
 @pytest.fixture(scope="module")
@@ -442,7 +437,9 @@ def test_lora_run_validates_and_loads_exactly_in_diffusers(project, monkeypatch)
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
         keys, metadata = list(handle.keys()), handle.metadata()
         lora_b = [handle.get_tensor(k) for k in keys if ".lora_B." in k]
-    assert keys and all(re.match(r"transformer\..*\.lora_[AB]\.weight$", k) for k in keys)
+    # the default layout loads in diffusers and ComfyUI alike: transformer.<path>, with each layer's alpha
+    assert keys and all(re.match(r"transformer\..*\.(lora_[AB]\.weight|alpha)$", k) for k in keys)
+    assert sum(k.endswith(".alpha") for k in keys) == len(lora_b)
     assert any(".ff_context." in k for k in keys) and any("single_transformer_blocks.1.proj_out" in k for k in keys)
     assert not any(k.startswith("transformer.proj_out") for k in keys)
     assert all(b.abs().sum() > 0 for b in lora_b)  # every adapter moved off its zero initialisation

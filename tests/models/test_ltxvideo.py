@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.testing.config import make_config  # noqa: E402
+from tests.models.conftest import loaded_family  # noqa: E402
 
 PROMPT = "a red circle on a white background"
 #: Short prompts keep the tiny model's steps cheap; the default length (128) is tested on its own.
@@ -32,13 +33,8 @@ def model_folder(tmp_path_factory) -> Path:
 
 
 def ltx_model(folder: Path, **options):
-    from simpletuner.models.ltxvideo import LTXVideo
-
-    values = dict(model_family="ltxvideo", pretrained_model_name_or_path=str(folder), resolution=32,
-                  resolution_type="pixel", tokenizer_max_length=SHORT)
-    model = LTXVideo(make_config(**{**values, **options}), torch.device("cpu"), torch.float32)
-    model.load()
-    return model
+    return loaded_family("ltxvideo", dict(pretrained_model_name_or_path=str(folder), resolution=32,
+                                          resolution_type="pixel", tokenizer_max_length=SHORT), **options)
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ from simpletuner.cli import main  # noqa: E402
 from simpletuner.options import ConfigError  # noqa: E402
 from simpletuner.options.resolve import resolve_run  # noqa: E402
 from simpletuner.testing.clips import write_video_project  # noqa: E402
-from simpletuner.testing.config import make_config  # noqa: E402
 from simpletuner.testing.tiny.wan import FLAVOUR_OF, make_tiny_wan  # noqa: E402
-from tests.models.conftest import family_args, keep_trainer  # noqa: E402
+from tests.models.conftest import family_args, keep_trainer, loaded_family  # noqa: E402
 
 PROMPT = "a red square moving right"
 TOKENS = 16  # short UMT5 prompts keep the tiny steps cheap
@@ -47,13 +46,20 @@ def project(root: Path, variant: str) -> Path:
 
 
 def wan_model(folder: Path, variant: str, **options):
+    return loaded_family("wan", dict(pretrained_model_name_or_path=str(folder / "model"), tokenizer_max_length=TOKENS,
+                                     model_flavour=FLAVOUR_OF[variant]), **options)
+
+
+def record_predict_timesteps(monkeypatch) -> list[torch.Tensor]:
+    """The timesteps of every ``Wan.predict`` call from now on (copies, in call order), for tests that
+    check which noise levels a training method hands the model."""
     from simpletuner.models.wan import Wan
 
-    values = dict(model_family="wan", pretrained_model_name_or_path=str(folder / "model"), tokenizer_max_length=TOKENS,
-                  model_flavour=FLAVOUR_OF[variant])
-    model = Wan(make_config(**{**values, **options}), torch.device("cpu"), torch.float32)
-    model.load()
-    return model
+    seen: list[torch.Tensor] = []
+    original = Wan.predict
+    monkeypatch.setattr(Wan, "predict", lambda self, noisy, timesteps, *a, **k: seen.append(timesteps.clone())
+                        or original(self, noisy, timesteps, *a, **k))
+    return seen
 
 
 def wan_args(folder: Path, variant: str, output: str, **overrides) -> list[str]:
@@ -323,12 +329,7 @@ def test_ti2v_lora_trains_on_clips_with_a_clean_first_frame(root, monkeypatch):
     from diffusers import WanPipeline
 
     folder = project(root, "ti2v-2.2")
-    captured = []
-    from simpletuner.models.wan import Wan
-
-    original = Wan.predict
-    monkeypatch.setattr(Wan, "predict", lambda self, noisy, timesteps, *a, **k: captured.append(timesteps.clone())
-                        or original(self, noisy, timesteps, *a, **k))
+    captured = record_predict_timesteps(monkeypatch)
     trainer = run(folder, "ti2v-2.2", "lora", monkeypatch)
     clips = [t for t in captured if t.dim() == 2]
     assert clips and all(t[:, 0].eq(0).all() and t[:, 1:].gt(0).all() for t in clips)  # frame 0 at timestep 0
@@ -428,13 +429,8 @@ def test_quantized_and_block_swapped_runs_train(root, monkeypatch, memory):
 
 
 def test_causal_sft_gives_every_latent_frame_its_own_timestep(root, monkeypatch):
-    from simpletuner.models.wan import Wan
-
     folder = project(root, "t2v-2.1")
-    seen = []
-    original = Wan.predict
-    monkeypatch.setattr(Wan, "predict", lambda self, noisy, timesteps, *a, **k: seen.append(timesteps.clone())
-                        or original(self, noisy, timesteps, *a, **k))
+    seen = record_predict_timesteps(monkeypatch)
     run(folder, "t2v-2.1", "causal", monkeypatch, training_method="causal_sft", causal_chunk_frames=1)
     clips = [t for t in seen if t.shape[-1] == 3]  # 9 frames -> 3 latent frames, one timestep each
     assert clips and any(len(set(row.tolist())) > 1 for t in clips for row in t)

@@ -6,25 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from simpletuner.options import ConfigError
-from simpletuner.options.resolve import resolve_run
-from tests.conftest import write_minimal_dataset_list
-
-
-@pytest.fixture
-def argv(tmp_path: Path) -> list[str]:
-    dataset_list = write_minimal_dataset_list(tmp_path)
-    return ["--model_family", "sd1x", "--output_dir", str(tmp_path / "out"), "--data_backend_config", str(dataset_list)]
-
-
-def resolve(tmp_path: Path, argv: list[str]):
-    return resolve_run(argv, environ={}, root=tmp_path)
-
-
-def error_of(tmp_path: Path, argv: list[str]) -> str:
-    with pytest.raises(ConfigError) as error:
-        resolve(tmp_path, argv)
-    return str(error.value)
+from tests.options.conftest import error_of, resolve  # noqa: F401 (argv is the conftest fixture)
 
 
 def executable(tmp_path: Path, mode: int = 0o755) -> str:

@@ -28,7 +28,8 @@ ERROR_EXAMPLES = {
         ["--config", "config/broken.json"],
     "`--distillation_config` is not supported yet (got {'steps': 4}); remove it from your config or command line":
         ["--distillation_config", '{"steps": 4}'],
-    "`--mixed_precision fp16` is not supported yet; supported values: no, bf16": ["--mixed_precision", "fp16"],
+    "`--validation_noise_scheduler perflow` is not supported yet; supported values: ddim, ddpm, euler, euler-a, unipc, "
+    "dpm++": ["--validation_noise_scheduler", "perflow"],
     "`--model_family omnigen` is not supported yet; available families: ...": ["--model_family", "omnigen"],
     "`--model_flavour 2.1` is not a flavour of sd1x; choose one of: 1.5, 1.4, dreamshaper, realvis":
         ["--model_flavour", "2.1"],
@@ -105,7 +106,7 @@ def test_supported_values_table_follows_the_registry_and_the_table() -> None:
     assert "optimizer" not in partly  # every declared optimizer works (prodigy included)
     table = render_supported_values_table()
     assert table.startswith(SUPPORTED_TABLE_START) and table.endswith(SUPPORTED_TABLE_END)
-    assert "| `mixed_precision` | `no`, `bf16` | `fp16`, `fp8` |" in table.splitlines()
+    assert "| `mixed_precision` | `no`, `bf16`, `fp16` | `fp8` |" in table.splitlines()
 
 
 def test_write_docs_rewrites_only_the_generated_table(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -142,8 +142,9 @@ def test_unimplemented_option_at_its_default_is_accepted(tmp_path: Path, base: d
 
 
 def test_unsupported_value_lists_supported_ones(tmp_path: Path, base: dict) -> None:
-    message = error_of(tmp_path, base_argv(base) + ["--mixed_precision", "fp16"])
-    assert message == "`--mixed_precision fp16` is not supported yet; supported values: no, bf16"
+    message = error_of(tmp_path, base_argv(base) + ["--validation_noise_scheduler", "perflow"])
+    assert message == ("`--validation_noise_scheduler perflow` is not supported yet; supported values: ddim, ddpm, "
+                       "euler, euler-a, unipc, dpm++")
 
 
 def test_unknown_family_lists_available_ones(tmp_path: Path, base: dict) -> None:

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from simpletuner.training.trainer import Trainer, train  # noqa: E402
 from tests.quantization.conftest import run_config  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 #: preset -> (layer type, weight type) of a quantized UNet linear (the PEFT base layer)
 LAYERS = {
@@ -31,14 +31,6 @@ QUANTO_QTYPES = {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": 
 #: the quanto type of the UNet's convolutions: the quanto preset's own, else the one quanto gives them
 #: at the precision of a library that has no quantized convolution
 CONV_QTYPES = {**QUANTO_QTYPES, "int8-torchao": "qint8", "fp8-torchao": "qfloat8_e4m3fn", "nf4-bnb": "qint4"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def train_and_watch(config, monkeypatch):

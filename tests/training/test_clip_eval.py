@@ -48,7 +48,7 @@ def clip_folder(tmp_path_factory) -> Path:
 
 def _run(root: Path, output: str, monkeypatch, **flags):
     """Train; returns (trainer, [(step, scalars)] of every eval/ log call)."""
-    from simpletuner.tracking.tensorboard import NullTracker
+    from simpletuner.tracking.trackers import NullTracker
     from simpletuner.training.trainer import train
 
     logged: list[tuple[int, dict]] = []

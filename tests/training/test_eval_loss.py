@@ -29,7 +29,7 @@ def eval_project(project) -> Path:
 
 def _run(root: Path, output: str, monkeypatch, **flags):
     """Train; returns (trainer, [(step, scalars)] of every eval/ log call)."""
-    from simpletuner.tracking.tensorboard import NullTracker
+    from simpletuner.tracking.trackers import NullTracker
     from simpletuner.training.trainer import train
 
     logged: list[tuple[int, dict]] = []

@@ -63,6 +63,21 @@ def test_min_snr_weights_per_prediction_type(scheduler):
     assert snr_loss_weights(settings, snr, "epsilon")[-1] == pytest.approx(1.0)  # noisy step: SNR < 5
 
 
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_signal_to_noise_is_diffusers_compute_snr_and_the_closed_form(schedule):
+    """Our Min-SNR input is diffusers' ``compute_snr``; both equal alpha_bar / (1 - alpha_bar) on a DDPM schedule."""
+    from diffusers.training_utils import compute_snr
+
+    ddpm = DDPMScheduler(beta_schedule=schedule)
+    t = torch.tensor([0, 1, 17, 250, 500, 750, 998, 999])
+    ours = signal_to_noise(ddpm, t)
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, compute_snr(ddpm, t))
+    alphas = ddpm.alphas_cumprod.double()[t]
+    assert ours.double().tolist() == pytest.approx((alphas / (1 - alphas)).tolist(), rel=1e-5)
+    assert (ours[:-1] > ours[1:]).all()  # the signal fades as t grows
+
+
 def test_soft_min_snr_is_a_smooth_minimum(scheduler):
     snr = signal_to_noise(scheduler, torch.tensor([5, 200, 990]))
     settings = LossSettings(soft_min_snr=True, soft_min_snr_sigma_data=0.5)  # gamma = 4

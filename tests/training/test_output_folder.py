@@ -226,21 +226,33 @@ def test_only_the_main_process_moves_files(tmp_path: Path) -> None:
 
 def test_a_resumed_tracker_hides_the_steps_logged_after_its_checkpoint(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from simpletuner.tracking.tensorboard import TensorboardTracker
+    from simpletuner.testing.config import make_config
+    from simpletuner.tracking.trackers import accelerator_tracking_arguments, build_tracker
 
-    first = TensorboardTracker(tmp_path, "run")
+    def tracker():
+        AcceleratorState._reset_state(True)
+        config = make_config(output_dir=str(tmp_path), report_to="tensorboard")
+        accelerator = Accelerator(**accelerator_tracking_arguments(config, tmp_path))
+        return build_tracker(accelerator, config, tmp_path, is_main_process=True)
+
+    first = tracker()
     for step in range(1, 6):  # the interrupted run got to step 5, its last checkpoint was step 3
         first.log_scalars({"loss/train": float(step)}, step)
     first.close()
-    resumed = TensorboardTracker(tmp_path, "run")
+    resumed = tracker()
     resumed.continue_from(3)
-    assert len(list((tmp_path / "run").iterdir())) == 1  # the new event file opens at the first value
+    run_folder = tmp_path / "logs" / "simpletuner" / "simpletuner-run"
+    assert len(list(run_folder.glob("events.*"))) == 1  # the new event file opens at the first value
     for step in range(4, 7):
         resumed.log_scalars({"loss/train": 10.0 * step}, step)
+    with pytest.raises(RuntimeError, match="before the first logged value"):
+        resumed.continue_from(5)
     resumed.close()
-    events = EventAccumulator(str(tmp_path / "run"))
+    events = EventAccumulator(str(run_folder))
     events.Reload()
     points = [(event.step, event.value) for event in events.Scalars("loss/train")]
     assert points == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]

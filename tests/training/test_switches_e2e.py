@@ -60,7 +60,7 @@ def test_text_encoder_lora_trains_with_its_own_rate_and_loads_in_diffusers(proje
     file = project / "te-lora" / "pytorch_lora_weights.safetensors"
     with safe_open(str(file), framework="pt") as handle:
         keys = list(handle.keys())
-    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    assert any(k.startswith("lora_te_text_model_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
 
     pipeline = StableDiffusionPipeline.from_pretrained(project / "model", safety_checker=None)
     tokens = pipeline.tokenizer(["a red circle"], padding="max_length", max_length=pipeline.tokenizer.model_max_length,

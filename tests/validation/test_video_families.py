@@ -31,6 +31,9 @@ class NoTracker:
     def log_image(self, tag, image, step):
         pass
 
+    def log_video(self, tag, path, step):
+        pass
+
 
 def make_model_folder(family: str, folder: Path, variant: str | None = None) -> None:
     if family == "wan":

@@ -145,6 +145,9 @@ class RecordingTracker:
     def log_image(self, tag, image, step):
         self.images.append((tag, image.size, step))
 
+    def log_video(self, tag, path, step):
+        pass
+
 
 def video_settings(video: VideoSettings, prompts=("a cat", "a dog"), names=None, **overrides) -> ValidationSettings:
     values = dict(prompts=list(prompts), negative_prompt=None, num_images=1, num_inference_steps=2, guidance=4.0,

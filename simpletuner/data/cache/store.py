@@ -273,6 +273,10 @@ def decode_entry(data: bytes, expected_fingerprint: str, where: str) -> dict[str
             logger.debug("cache entry %s is unreadable (%s: %s); rebuilding", where, type(exc).__name__, exc)
             return None
     try:
+        # The one header read by hand left in the project, on purpose: entries arrive as bytes (gunzipped,
+        # or from a remote store), safetensors' ``safe_open`` opens only files, and its bytes readers
+        # (``safetensors.torch.load``, ``safetensors.deserialize``) drop the metadata. Reading the
+        # fingerprint first also skips decoding every tensor of a stale entry.
         (header_length,) = struct.unpack("<Q", data[:8])
         metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
         if metadata.get("fingerprint") != expected_fingerprint:

@@ -72,9 +72,11 @@ OPTIONS: list[Option] = [
     Option(
         name="lora_format",
         kind="str",
-        default="diffusers",
+        default=None,
         help="How saved LoRA files name their weights: diffusers (loads in the family's diffusers pipeline) or comfyui "
-        "(loads completely in ComfyUI). simpletuner itself reads either.",
+        "(loads completely in ComfyUI). Unset: comfyui for sd1x, sd2x, sdxl and flux, whose comfyui files diffusers "
+        "loads too (one file for both, alpha included), diffusers elsewhere and with DoRA or LyCORIS. simpletuner "
+        "itself reads either.",
         group=_G,
         choices=("diffusers", "comfyui"),
         implemented=True,

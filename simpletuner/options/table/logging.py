@@ -30,7 +30,8 @@ OPTIONS: list[Option] = [
         name="logging_dir",
         kind="str",
         default="logs",
-        help="Folder for TensorBoard event files.",
+        help="Folder for tracker files, relative to output_dir unless absolute: TensorBoard events go to "
+        "<logging_dir>/<tracker_project_name>/<tracker_run_name>, and wandb's run folder here unless WANDB_DIR is set.",
         group=_G,
         implemented=True,
     ),
@@ -38,7 +39,9 @@ OPTIONS: list[Option] = [
         name="report_to",
         kind="str",
         default="tensorboard",
-        help="Experiment tracker that receives metrics and sample images; all uses every installed one, none disables tracking.",
+        help="Experiment tracker (through accelerate) that receives every loss term, the learning rate, validation "
+        "images and videos and the resolved config (secrets redacted); all uses every installed one of tensorboard, "
+        "wandb and comet_ml, none disables tracking. comet_ml is optional: pip install 'comet_ml>=3.41'.",
         group=_G,
         choices=("tensorboard", "wandb", "comet_ml", "all", "none"),
         implemented=True,
@@ -63,9 +66,12 @@ OPTIONS: list[Option] = [
         name="tracker_image_layout",
         kind="str",
         default=None,
-        help="Show validation images in the tracker as a gallery or as a table.",
+        help="How wandb shows validation grids: gallery (unset) logs each grid as an image in the media panel; table "
+        "adds a (step, size, grid) row to a table per size, to compare steps side by side. TensorBoard and comet "
+        "always show the grid as an image.",
         group=_G,
         choices=("gallery", "table"),
+        implemented=True,
     ),
     Option(
         name="webhook_config",

@@ -60,7 +60,9 @@ OPTIONS: list[Option] = [
         name="mixed_precision",
         kind="str",
         default="bf16",
-        help="Numeric type used for forward and backward computation; no keeps everything in fp32.",
+        help="Numeric type used for forward and backward computation: bf16, fp16 (with a loss scaler; LoRA bases are "
+        "held in fp16, fully trained weights stay fp32) or no (fp32). fp8 is refused: it needs an Ada/Hopper GPU and "
+        "is not supported yet.",
         group=_G,
         choices=("no", "bf16", "fp16", "fp8"),
         implemented=True,
@@ -119,9 +121,11 @@ OPTIONS: list[Option] = [
         name="vae_dtype",
         kind="str",
         default=None,
-        help="Numeric type for the autoencoder while encoding and decoding; default follows the model's own choice.",
+        help="Numeric type of the VAE's weights while it encodes training images and decodes validation samples; "
+        "default keeps the family's choice (fp32 under fp16 mixed precision, where fp16 VAEs can overflow).",
         group=_G,
         choices=("default", "fp32", "fp16", "bf16"),
+        implemented=True,
     ),
     Option(
         name="gradient_precision",
@@ -136,9 +140,13 @@ OPTIONS: list[Option] = [
         name="attention_mechanism",
         kind="str",
         default="diffusers",
-        help="Attention kernel to use. diffusers means PyTorch SDPA; the others need their own packages or hardware.",
+        help="Attention kernel, set through diffusers' attention dispatcher on the denoiser. diffusers means "
+        "PyTorch SDPA; native-math/native-flash pick an SDPA kernel; flex (GPU), flash-attn*, xformers and cudnn "
+        "(NVIDIA GPUs) need their package or hardware. Classic UNet families take only diffusers. sla and "
+        "SageAttention are refused (no training support). See documentation/TRAINING.md.",
         group=_G,
         choices=ATTENTION_MECHANISMS,
+        implemented=True,
     ),
     Option(
         name="sageattention_usage",

@@ -77,18 +77,23 @@ OPTIONS: list[Option] = [
     ),
     Option(
         name="publishing_config",
+        implemented=True,
         kind="json",
         default=None,
-        help="Extra upload targets besides the Hub (S3-compatible, Backblaze B2, Azure Blob, Dropbox), inline or as a file. "
-        "Provider SDKs must be installed.",
+        help="S3 targets the final outputs (the product, EMA copies, README.md, last validation images) are also "
+        "uploaded to, inline or as a JSON file: {\"provider\": \"s3\", \"bucket\": ..., \"prefix\", \"endpoint_url\", "
+        "\"region\", \"access_key_id\", \"secret_access_key\"} or a list of them; needs boto3. Keys are never logged. "
+        "See documentation/PUBLISHING.md.",
         group=_G,
     ),
     Option(
         name="post_upload_script",
+        implemented=True,
         kind="str",
         default=None,
-        help="Command run in the background after each upload (or save, if nothing is uploaded); "
-        "placeholders such as {remote_checkpoint_path} are filled in. Failures are only logged.",
+        help="Command started in the background after each final upload (Hub, each S3 target), or once when "
+        "nothing is uploaded; run without a shell, each argument's placeholders filled in ({remote_checkpoint_path}, "
+        "{local_checkpoint_path}, {global_step}, {model_family}...). Failures are only logged.",
         group=_G,
     ),
 ]

@@ -58,14 +58,19 @@ OPTIONS: list[Option] = [
         help="Run validation with the built-in pipeline, or hand it to validation_external_script.",
         group=_G,
         choices=("simpletuner-local", "external-script"),
+        implemented=True,
     ),
     Option(
         name="validation_external_script",
         kind="str",
         default=None,
-        help="Command run for validation when validation_method is external-script; "
-        "placeholders such as {local_checkpoint_path}, {global_step} or any validation_* value are substituted.",
+        help="Command run for validation when validation_method is external-script, split into arguments like a "
+        "shell would but never run through one. Placeholders filled inside each argument: {local_checkpoint_path} "
+        "(newest checkpoint folder), {global_step}, {output_dir}, {tracker_run_name}, {tracker_project_name}, "
+        "{model_family}, {model_type}, {lora_type}, {huggingface_path} (hub_model_id), {remote_checkpoint_path} "
+        "(empty) and any {validation_*} option.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_external_background",
@@ -73,6 +78,7 @@ OPTIONS: list[Option] = [
         default=False,
         help="Start the external validation command and continue training without waiting for it or checking its exit code.",
         group=_G,
+        implemented=True,
     ),
     # --- prompts and sampling ----------------------------------------------------------------
     Option(
@@ -182,32 +188,37 @@ OPTIONS: list[Option] = [
         name="validation_guidance_skip_layers",
         kind="list",
         default=None,
-        help="Transformer layer indices skipped in the guidance pass (skip-layer guidance), as a JSON list.",
+        help="SD3: transformer block indices skipped in an extra guidance pass (skip-layer guidance), as a JSON list "
+        "such as [7, 8, 9]; needs classifier-free guidance.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_guidance_skip_layers_start",
         kind="float",
         default=None,
         minimum=0, maximum=1,
-        help="Point in sampling where skip-layer guidance begins.",
+        help="Fraction of the sampling run where skip-layer guidance begins (SD3 pipeline default 0.01).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_guidance_skip_layers_stop",
         kind="float",
         default=None,
         minimum=0, maximum=1,
-        help="Point in sampling where skip-layer guidance ends.",
+        help="Fraction of the sampling run where skip-layer guidance ends (SD3 pipeline default 0.2).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_guidance_skip_scale",
         kind="float",
         default=None,
         minimum=0,
-        help="Strength of the skip-layer guidance term.",
+        help="Strength of the skip-layer guidance term (SD3 pipeline default 2.8).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_noise_scheduler",
@@ -278,15 +289,19 @@ OPTIONS: list[Option] = [
         name="validation_audio_only",
         kind="bool",
         default=False,
-        help="For audio-capable models, render only audio during validation and skip the video.",
+        help="For audio-capable models, render only audio during validation; no model family here renders audio, so "
+        "setting it is refused.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_torch_compile",
         kind="bool",
         default=False,
-        help="Compile the validation pipeline with torch.compile; slower first run, faster afterwards.",
+        help="Sample validation images through torch.compile of the denoiser (compiled once, reused at every validation); "
+        "slower first run, faster afterwards.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_lycoris_strength",
@@ -301,16 +316,20 @@ OPTIONS: list[Option] = [
         name="validation_using_datasets",
         kind="bool",
         default=False,
-        help="Start validation from training dataset images (img2img, or first frame for i2v) instead of text alone; "
-        "needs a model with such a pipeline.",
+        help="Start validation from dataset pictures (those of eval_dataset_id, else the eval datasets, else the "
+        "trained ones; prompt i gets picture i): img2img for sd1x, sd2x, sdxl, kolors, sd3 and flux, the first frame "
+        "of an image-to-video flavour for ltxvideo and wan.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_stitch_input_location",
         kind="str",
         default=None,
-        help="Side on which the input image is attached next to img2img validation output.",
+        help="Side of each validation grid tile on which the starting picture of validation_using_datasets is shown "
+        "(image families).",
         group=_G,
+        implemented=True,
         choices=("left", "right"),
     ),
     # --- temporary adapters ------------------------------------------------------------------
@@ -318,16 +337,19 @@ OPTIONS: list[Option] = [
         name="validation_adapter_path",
         kind="str",
         default=None,
-        help="LoRA to attach only while validating: a hub repo (org/repo or org/repo:file.safetensors) or a local path. "
-        "Cannot be combined with validation_adapter_config.",
+        help="LoRA merged into the model only while validating: a local file or folder, or a hub repo (org/repo or "
+        "org/repo:file.safetensors, read from the local cache when offline). Its images go to "
+        "validation/step_N_adapter_<name>. Cannot be combined with validation_adapter_config.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_adapter_name",
         kind="str",
         default=None,
-        help="Label for the validation-only adapter in logs and the UI.",
+        help="Name of the validation-only adapter in logs, folder names and tracker keys (default: the file's name).",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_adapter_strength",
@@ -336,13 +358,16 @@ OPTIONS: list[Option] = [
         minimum=0, exclusive_minimum=True,
         help="Scale of the validation-only adapter; any positive number.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_adapter_mode",
         kind="str",
         default=None,
-        help="Sample with the extra adapter only (adapter_only), with and without it side by side (comparison), or not at all (none).",
+        help="Sample with the extra adapter only (adapter_only), with and without it (comparison, the default: one "
+        "folder each), or not at all (none).",
         group=_G,
+        implemented=True,
         choices=("adapter_only", "comparison", "none"),
     ),
     Option(
@@ -352,14 +377,17 @@ OPTIONS: list[Option] = [
         help="JSON list (or object with a runs list, inline or as a file) of adapter setups to validate one after another; "
         "each entry may give label, path, adapter_name, strength or several adapters.",
         group=_G,
+        implemented=True,
     ),
     # --- live previews -----------------------------------------------------------------------
     Option(
         name="validation_preview",
         kind="bool",
         default=False,
-        help="Send intermediate previews of validation samples through webhooks, decoded with a Tiny AutoEncoder where the family has one.",
+        help="Write pictures of validation samples while they are denoised (previews/ beside the images), decoded with the "
+        "Tiny AutoEncoder of --tiny_autoencoder_path or the family's default; sd1x, sd2x, sdxl, kolors, sd3 and flux.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="validation_preview_steps",
@@ -368,6 +396,7 @@ OPTIONS: list[Option] = [
         minimum=1,
         help="Decode a preview every N sampling steps; larger values cost less.",
         group=_G,
+        implemented=True,
     ),
     # --- evaluation metrics ------------------------------------------------------------------
     Option(
@@ -451,7 +480,8 @@ OPTIONS: list[Option] = [
         name="enable_watermark",
         kind="bool",
         default=False,
-        help="Embed an invisible watermark in generated samples.",
+        help="Embed an invisible watermark in generated samples (needs the invisible-watermark package, not a "
+        "dependency yet).",
         group=_G,
     ),
 ]

@@ -66,8 +66,9 @@ def build_tiny_pipeline(seed: int = 0):
     """``(pipeline, vae_source)``: a random-weight ``FluxPipeline`` seeded by ``seed``."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
+    from simpletuner.testing.tiny.text_encoders import tiny_t5_encoder
     from simpletuner.testing.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
     tokenizer = build_clip_tokenizer()
@@ -80,11 +81,7 @@ def build_tiny_pipeline(seed: int = 0):
         hidden_act="gelu",
     ))
     torch.manual_seed(seed + 1)
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=T5_WIDTH, d_ff=2 * T5_WIDTH, d_kv=12, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=tokenizer_2.pad_token_id,
-        eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=tokenizer_2.pad_token_id,
-    ))
+    text_encoder_2 = tiny_t5_encoder(tokenizer_2, T5_WIDTH, head_width=12)
     torch.manual_seed(seed + 2)
     transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
     torch.manual_seed(seed + 3)

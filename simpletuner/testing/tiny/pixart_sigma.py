@@ -57,18 +57,14 @@ def build_tiny_pipeline(seed: int = 0):
     """``(pipeline, vae_source)``: a random-weight ``PixArtSigmaPipeline`` seeded by ``seed``."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
+    from simpletuner.testing.tiny.text_encoders import tiny_t5_encoder
     from simpletuner.testing.tiny_models import _demo_vae
     from simpletuner.testing.tokenizers import build_t5_tokenizer
 
     tokenizer = build_t5_tokenizer(model_max_length=MAX_TOKENS)
     torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=T5_WIDTH, d_ff=2 * T5_WIDTH, d_kv=12, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = tiny_t5_encoder(tokenizer, T5_WIDTH, head_width=12)
     torch.manual_seed(seed + 1)
     transformer = PixArtTransformer2DModel(**TRANSFORMER_CONFIG)
     vae, vae_source = _demo_vae(seed, 0)

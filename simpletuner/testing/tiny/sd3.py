@@ -67,8 +67,8 @@ def build_tiny_pipeline(seed: int = 0):
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import T5Config, T5EncoderModel
 
+    from simpletuner.testing.tiny.text_encoders import tiny_t5_encoder
     from simpletuner.testing.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
     tokenizer = build_clip_tokenizer()
@@ -79,11 +79,7 @@ def build_tiny_pipeline(seed: int = 0):
     torch.manual_seed(seed + 1)
     text_encoder_2 = _clip(tokenizer_2, CLIP_G_WIDTH)
     torch.manual_seed(seed + 2)
-    text_encoder_3 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_3), d_model=T5_WIDTH, d_ff=2 * T5_WIDTH, d_kv=16, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=tokenizer_3.pad_token_id,
-        eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=tokenizer_3.pad_token_id,
-    ))
+    text_encoder_3 = tiny_t5_encoder(tokenizer_3, T5_WIDTH, head_width=16)
     torch.manual_seed(seed + 3)
     transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
     torch.manual_seed(seed + 4)
