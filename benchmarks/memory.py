@@ -39,8 +39,15 @@ nf4-bnb); optimum-quanto's own presets quantize them directly. Before that, the 
    checkpointing, with block swap (the MMDiT's blocks) and with both, relative to without, on the
    same two models in fp32 at batch 2, 256 px. Printed as a table of its own.
 
+4. **Breakdown** (``--breakdown``): where each setting's weight bytes go, by layer kind (Linear,
+   Conv2d, norm, ...) and part (quantized data, scales and offsets, unquantized weights, biases,
+   buffers), as shares of the bf16 model's bytes (simpletuner.models.quantize.weight_breakdown).
+   It shows what caps a preset's saving: the layers and tensors left in high precision, and the
+   scales a format adds per row or group. ``--steps 0`` measures weights only (no timing, no
+   section 3).
+
     python benchmarks/memory.py [--steps 3] [--warmup 1] [--device cpu|cuda] [--compute-dtype fp32|bf16]
-                                [--models unet,mmdit] [--threads N] [--json FILE]
+                                [--models unet,mmdit] [--threads N] [--breakdown] [--json FILE]
 """
 
 from __future__ import annotations
@@ -145,7 +152,7 @@ def quantized_base(name: str, args) -> list[dict]:
     """Weight memory and LoRA step time of each preset on one model, relative to the unquantized one."""
     import torch
 
-    from simpletuner.models.quantize import quantize_module, quantized_layers, weight_bytes
+    from simpletuner.models.quantize import quantize_module, quantized_layers, weight_breakdown, weight_bytes
 
     compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.compute_dtype]
     base, call = build(name)
@@ -154,18 +161,28 @@ def quantized_base(name: str, args) -> list[dict]:
     print(f"{name}: {type(base).__name__} {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, "
           f"{100 * linear_share(base):.1f}% in Linear layers, bf16 weights {reference_bytes / 2**20:.1f} MiB",
           flush=True)
-    reference = LoraStepper(copy.deepcopy(timed_base), call, compute_dtype, args.device)
-    for _ in range(args.warmup):
-        reference.step()
+    timed = args.steps > 0
+    if timed:
+        reference = LoraStepper(copy.deepcopy(timed_base), call, compute_dtype, args.device)
+        for _ in range(args.warmup):
+            reference.step()
     reference_times = []
     rows = [{"model": name, "setting": "unquantized (bf16 weights)", "weight_mib": reference_bytes / 2**20,
-             "weight_ratio": 1.0, "step_s": None, "step_ratio": 1.0, "target": None, "layers": 0}]
+             "weight_ratio": 1.0, "step_s": None, "step_ratio": 1.0 if timed else None, "target": None,
+             "layers": 0, "breakdown": breakdown_of(weight_breakdown(base)) if args.breakdown else None}]
     for preset in PRESETS:
         model = copy.deepcopy(base)
         quantize_module(model, preset)
         stored = weight_bytes(model)
         layers = quantized_layers(model)
+        parts = breakdown_of(weight_breakdown(model)) if args.breakdown else None
         del model
+        if not timed:
+            rows.append({"model": name, "setting": preset, "weight_mib": stored / 2**20,
+                         "weight_ratio": stored / reference_bytes, "step_s": None, "step_ratio": None,
+                         "target": TARGETS[preset], "layers": layers, "breakdown": parts})
+            print(f"  {preset}: weights {stored / reference_bytes:.3f} of bf16", flush=True)
+            continue
         model = copy.deepcopy(timed_base).to(args.device)
         quantize_module(model, preset, via="accelerator")  # quantized where it will run
         stepper = LoraStepper(model, call, compute_dtype, args.device)
@@ -179,12 +196,19 @@ def quantized_base(name: str, args) -> list[dict]:
             ratios.append(times[-1] / before)
         rows.append({"model": name, "setting": preset, "weight_mib": stored / 2**20,
                      "weight_ratio": stored / reference_bytes, "step_s": statistics.median(times),
-                     "step_ratio": statistics.median(ratios), "target": TARGETS[preset], "layers": layers})
+                     "step_ratio": statistics.median(ratios), "target": TARGETS[preset], "layers": layers,
+                     "breakdown": parts})
         print(f"  {preset}: weights {stored / reference_bytes:.3f} of bf16, step {statistics.median(times):.3f} s, "
               f"{statistics.median(ratios):.2f}x the unquantized step", flush=True)
         del model, stepper
-    rows[0]["step_s"] = statistics.median(reference_times)
+    if timed:
+        rows[0]["step_s"] = statistics.median(reference_times)
     return rows
+
+
+def breakdown_of(parts: dict[tuple[str, str], int]) -> dict[str, int]:
+    """weight_breakdown's (kind, part) keys as "kind: part" strings, so the rows stay JSON."""
+    return {f"{kind}: {part}": count for (kind, part), count in parts.items()}
 
 
 def quantized_bases(args) -> list[dict]:
@@ -194,6 +218,8 @@ def quantized_bases(args) -> list[dict]:
 
 def memory_options(args) -> list[dict]:
     """Section 3: peak memory with gradient checkpointing and with block swap (benchmarks/memory_savers.py)."""
+    if args.steps <= 0:  # weights only
+        return []
     from benchmarks.memory_savers import memory_options as measure
 
     return measure(args)
@@ -219,8 +245,31 @@ def print_table(rows: list[dict]) -> None:
         step_ratio = "-" if row.get("step_ratio") is None else f"{row['step_ratio']:.2f}"
         print(f"| {row['model']} | {row['setting']} | {row.get('layers') or '-'} | {row['weight_mib']:.1f} | "
               f"{row['weight_ratio']:.3f} | {verdict} | {step} | {step_ratio} |")
+    for model in dict.fromkeys(row["model"] for row in rows if row.get("breakdown")):
+        print_breakdown([row for row in rows if row["model"] == model and row.get("breakdown")])
     if options:
         print_rows(options)
+
+
+def print_breakdown(rows: list[dict]) -> None:
+    """Section 4 for one model: each (layer kind: part) as a share of the bf16 model's bytes, one column
+    per setting; parts under 0.0005 in every setting are summed into the last line."""
+    model = rows[0]["model"]
+    reference = rows[0]["weight_mib"] * 2**20
+    keys = sorted({key for row in rows for key in row["breakdown"]},
+                  key=lambda key: -max(row["breakdown"].get(key, 0) for row in rows))
+    shown = [key for key in keys if any(row["breakdown"].get(key, 0) / reference >= 0.0005 for row in rows)]
+    small = [key for key in keys if key not in shown]
+    settings = [row["setting"].split(" ")[0] for row in rows]
+    print()
+    print(f"| {model}: share of the bf16 bytes | " + " | ".join(settings) + " |")
+    print("| --- |" + " --- |" * len(rows))
+    for key in shown:
+        print(f"| {key} | " + " | ".join(f"{row['breakdown'].get(key, 0) / reference:.4f}" for row in rows) + " |")
+    if small:
+        print("| everything else | " + " | ".join(
+            f"{sum(row['breakdown'].get(key, 0) for key in small) / reference:.4f}" for row in rows) + " |")
+    print("| total | " + " | ".join(f"{row['weight_ratio']:.4f}" for row in rows) + " |")
 
 
 def main(argv=None) -> int:
@@ -232,6 +281,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="unet,mmdit", help="comma-separated: unet, mmdit")
     parser.add_argument("--device", default="cpu", help="where the timed steps run: cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also print where the weight bytes go, by layer kind and part")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")

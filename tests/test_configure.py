@@ -224,6 +224,19 @@ def test_edit_changes_one_answer_and_preserves_the_rest(tmp_path: Path, tiny_ima
     assert '"learning_rate": 0.0005' in dry.stdout and "launcher: 2 process(es)" in dry.stdout
 
 
+def test_edit_keeps_a_list_of_trackers_set_in_the_file(tmp_path: Path, tiny_image_folder: Path) -> None:
+    write_existing_setup(tmp_path)
+    config = json.loads((tmp_path / FILES[0]).read_text())
+    (tmp_path / FILES[0]).write_text(json.dumps({**config, "report_to": "tensorboard,wandb"}, indent=4))
+    child = spawn_wizard(tmp_path, "config/config.json")
+    # the tracker question is an advanced one; Enter everywhere else keeps what the file holds
+    asked = drive(child, {"checkpoint_step_interval": [ADVANCED, ENTER]})
+    child.close()
+    assert child.exitstatus == 0, child.before
+    assert "report_to" in asked
+    assert json.loads((tmp_path / FILES[0]).read_text())["report_to"] == "tensorboard,wandb"
+
+
 def test_an_invalid_setup_is_not_written_and_can_be_corrected(tmp_path: Path, tiny_image_folder: Path) -> None:
     """An output_dir naming an existing file passes the question's type check but not validation: the
     wizard says why, writes nothing, and asks again with the previous answers as defaults."""
@@ -462,6 +475,25 @@ def test_non_interactive_edit_and_dataset_scheme(tmp_path: Path) -> None:
     result = configure_non_interactive(tmp_path, "model_type=full", config="config/config.json")
     assert result.returncode == 0, result.stderr
     assert "removed `lora_rank`" in result.stdout and "lora_rank" not in written_files(tmp_path)[0]
+
+
+def test_non_interactive_set_null_unsets_every_kind_of_key(tmp_path: Path) -> None:
+    """``null`` means unset for string options and string dataset keys too, as it does in config.json;
+    ``none`` stays a word a string option can hold."""
+    write_existing_setup(tmp_path)
+    result = configure_non_interactive(tmp_path, "resume_from_checkpoint=latest", "report_to=none",
+                                       "dataset.caption_strategy=filename", config="config/config.json")
+    assert result.returncode == 0, result.stderr
+    config, datasets, _ = written_files(tmp_path)
+    assert (config["resume_from_checkpoint"], config["report_to"]) == ("latest", "none")
+    assert datasets[0]["caption_strategy"] == "filename"
+    result = configure_non_interactive(tmp_path, "resume_from_checkpoint=null", "seed= null ",
+                                       "dataset.caption_strategy=null", config="config/config.json")
+    assert result.returncode == 0, result.stderr
+    config, datasets, _ = written_files(tmp_path)
+    assert "resume_from_checkpoint" not in config and "seed" not in config and config["report_to"] == "none"
+    assert "caption_strategy" not in datasets[0]
+    assert "null" not in (tmp_path / FILES[0]).read_text() + (tmp_path / FILES[1]).read_text()
 
 
 def test_config_elsewhere_gets_the_process_count_on_the_command_line(tmp_path: Path, tiny_image_folder: Path) -> None:

@@ -3,7 +3,8 @@
 Keys (the same names the wizard shows above each question):
 
 - ``learning_rate=2e-4``: an option of the table (``--`` prefixes and deprecated aliases work).
-  The value is coerced by the table's own rules; ``null`` removes the key.
+  The value is coerced by the table's own rules; ``null`` removes the key, whatever the option's kind
+  (a string option too: ``resume_from_checkpoint=null`` is unset, not the text "null").
 - ``dataset.KEY=VALUE``: a key of the first image dataset, which is created when there is none.
 - ``dataset.ID.KEY=VALUE``: a key of the image dataset ``ID``, created when missing.
 - ``text_embeds.KEY=VALUE``: a key of the default text-embedding cache entry.
@@ -36,11 +37,11 @@ def apply_setting(draft: Draft, setting: str) -> None:
         dataset_id, _, name = key[len("dataset."):].rpartition(".")
         entry = (draft.find_image(dataset_id) or draft.add_image(dataset_id)) if dataset_id else \
             (draft.image_entries() or [draft.add_image()])[0]
-        _set_entry_value(entry, name, coerce_dataset_value(name, raw, source))
+        _set_entry_value(entry, name, None if is_null(raw) else coerce_dataset_value(name, raw, source))
     elif key.startswith("text_embeds."):
         name = key[len("text_embeds."):]
-        _set_entry_value(draft.text_embeds_entry(), name, coerce_dataset_value(name, raw, source, "text_embeds"),
-                         "text_embeds")
+        value = None if is_null(raw) else coerce_dataset_value(name, raw, source, "text_embeds")
+        _set_entry_value(draft.text_embeds_entry(), name, value, "text_embeds")
     elif key.startswith("env."):
         from simpletuner.options.files import LAUNCHER_VARIABLES
 
@@ -55,7 +56,15 @@ def apply_setting(draft: Draft, setting: str) -> None:
         name = alias_targets().get(bare, bare)
         if name not in options_by_name():
             raise ConfigError(unknown_option_message(bare, "--set"))
-        draft.record(name, coerce_value(options_by_name()[name], raw, "--set"))
+        draft.record(name, coerce_value(options_by_name()[name], None if is_null(raw) else raw, "--set"))
+
+
+def is_null(raw: str) -> bool:
+    """Whether a ``--set`` value is JSON's ``null``: it unsets the key for every kind of option, as ``null``
+    does in config.json (read there as None, which :func:`coerce_value` keeps as unset). Only the exact
+    word counts, so a string option can still hold ``none`` (``report_to=none`` disables tracking).
+    A dataset key set to ``null`` is removed from its entry, so the schema's default applies."""
+    return raw.strip() == "null"
 
 
 def option_named(setting: str) -> str | None:

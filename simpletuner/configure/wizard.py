@@ -232,7 +232,13 @@ def checkpoint_section(context: Context) -> None:
 
 
 def tracker_section(context: Context) -> None:
-    ask_options(context, ["report_to"])
+    """A list of trackers the file holds (``tensorboard,wandb``) is offered as one more choice, so that
+    editing the setup keeps it unless another value is picked."""
+    from simpletuner.configure.questions import offered_choices
+
+    offered = offered_choices(options_by_name()["report_to"])
+    current = context.draft.typed("report_to")
+    ask_option(context, "report_to", choices=offered + ((current,) if current and current not in offered else ()))
 
 
 def launch_section(context: Context) -> None:

@@ -289,10 +289,16 @@ class ModelFamily(ABC):
         return {**self._encoder_identity(), **text_encoder_fingerprint(self.config)}  # quantized encoders differ
 
     def latent_fingerprint_parts(self) -> dict[str, str]:
-        """What identifies the latent encoder (the VAE), for the latent cache's keys."""
+        """What identifies the latent encoder (the VAE), for the latent cache's keys.
+
+        Options that change what the VAE produces join the key only when set away from their
+        default, so caches written before the option existed keep their key and stay valid.
+        """
         parts = self._encoder_identity()
         if self.config.vae_enable_tiling:
             parts["vae_tiling"] = "on"  # blended tile seams change the latents (slicing does not)
+        if self.config.vae_dtype not in (None, "default"):
+            parts["vae_dtype"] = str(self.config.vae_dtype)  # latents encoded in fp16/bf16 differ from fp32 ones
         return parts
 
     def _encoder_identity(self) -> dict[str, str]:

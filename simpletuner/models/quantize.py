@@ -393,6 +393,87 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+#: The parts :func:`weight_breakdown` splits a layer's bytes into.
+BREAKDOWN_PARTS = ("quantized data", "scales and offsets", "unquantized weights", "biases", "buffers")
+
+
+def layer_kind(layer: torch.nn.Module) -> str:
+    """The family a layer belongs to for :func:`weight_breakdown`, whatever library replaced it:
+    quanto's ``QLinear`` and bitsandbytes' ``Linear4bit`` are ``Linear``, quanto's ``QConv2d`` is
+    ``Conv2d``, every normalization is ``norm``; anything else keeps its class name."""
+    name = type(layer).__name__
+    if isinstance(layer, torch.nn.Linear) or name in ("QLinear", "Linear4bit", "Linear8bitLt"):
+        return "Linear"
+    if isinstance(layer, torch.nn.Conv2d) or name == "QConv2d":
+        return "Conv2d"
+    if "Norm" in name:
+        return "norm"
+    if isinstance(layer, torch.nn.Embedding):
+        return "Embedding"
+    return name
+
+
+def split_tensor_bytes(tensor: torch.Tensor) -> tuple[int, int]:
+    """(packed data, scales and offsets) bytes of a quantized tensor: the integer inner tensors of a
+    quanto / torchao tensor are the data, the rest (scales, shifts, zero points) the overhead; for a
+    bitsandbytes 4-bit weight the packed bytes are the data and its block statistics the overhead."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        data = overhead = 0
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            inner = getattr(tensor, name)
+            if not isinstance(inner, torch.Tensor):
+                continue
+            if is_traceable_wrapper_subclass(inner):  # quanto's packed int4 / int2 data
+                inner_data, inner_overhead = split_tensor_bytes(inner)
+                data, overhead = data + inner_data, overhead + inner_overhead
+            elif inner.is_floating_point() and "data" not in name:
+                overhead += tensor_bytes(inner)
+            elif "zero" in name:  # torchao's zero points are integers, but overhead all the same
+                overhead += tensor_bytes(inner)
+            else:
+                data += tensor_bytes(inner)
+        return data, overhead
+    data = tensor.numel() * tensor.element_size()
+    return data, tensor_bytes(tensor) - data
+
+
+def weight_breakdown(module: torch.nn.Module) -> dict[tuple[str, str], int]:
+    """Where a module's weight bytes go: (layer kind, part) -> bytes, summing to :func:`weight_bytes`.
+
+    Why: a preset's saving is capped by what it leaves in high precision (norms, biases, embeddings,
+    layers it skips) and by the scales it adds; this names each, so a missed memory target points at
+    its cause. Parts are :data:`BREAKDOWN_PARTS`: the packed data and the scales of quantized weights,
+    weights left unquantized, biases, and buffers (quanto's activation scales, fixed position
+    embeddings). Each tensor is counted once, with the first layer that holds it."""
+    seen: set[int] = set()
+    totals: dict[tuple[str, str], int] = {}
+
+    def add(kind: str, part: str, count: int) -> None:
+        if count:
+            totals[(kind, part)] = totals.get((kind, part), 0) + count
+
+    for layer in module.modules():
+        kind = layer_kind(layer)
+        for name, tensor in (*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            if is_quantized_tensor(tensor):
+                data, overhead = split_tensor_bytes(tensor)
+                add(kind, "quantized data", data)
+                add(kind, "scales and offsets", overhead)
+            elif not isinstance(tensor, torch.nn.Parameter):
+                add(kind, "buffers", tensor_bytes(tensor))
+            elif name == "bias":
+                add(kind, "biases", tensor_bytes(tensor))
+            else:
+                add(kind, "unquantized weights", tensor_bytes(tensor))
+    return totals
+
+
 def is_quantized_tensor(tensor: torch.Tensor) -> bool:
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 

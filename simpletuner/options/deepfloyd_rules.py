@@ -15,8 +15,24 @@ from simpletuner.options import ConfigError
 
 #: IF's pipelines always encode 77 T5 tokens, and its UNets were trained on that many.
 DEEPFLOYD_MAX_TOKENS = 77
-#: The size each stage generates.
-NATIVE_EDGE = {1: 64, 2: 256}
+
+
+def flavour_stage(flavour: str) -> int:
+    """1 or 2: ``ii-*`` flavours are the super-resolution stage."""
+    return 2 if flavour.startswith("ii-") else 1
+
+
+def native_edge(config, stage: int) -> int:
+    """The edge in pixels ``stage`` generates, from the registry's DeepFloyd sizes (``FamilyInfo``), so the
+    sizes live in one place. The chosen flavour's size when it is of that stage; otherwise (a local
+    stage-II folder under a stage-I flavour) the size of the registry's first flavour of that stage."""
+    from simpletuner.models.registry import FAMILIES
+
+    info = FAMILIES["deepfloyd"]
+    flavour = config.model_flavour
+    if not flavour or flavour not in info.flavours or flavour_stage(flavour) != stage:
+        flavour = next(name for name in info.flavours if flavour_stage(name) == stage)
+    return info.resolution_for(flavour)
 
 
 def deepfloyd_stage(config) -> int:
@@ -27,7 +43,7 @@ def deepfloyd_stage(config) -> int:
         if index.is_file():
             pipeline_class = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
             return 2 if "SuperResolution" in pipeline_class else 1
-    return 2 if str(config.model_flavour or "").startswith("ii-") else 1
+    return flavour_stage(str(config.model_flavour or ""))
 
 
 def check_deepfloyd(config) -> None:
@@ -57,9 +73,10 @@ def deepfloyd_warnings(config) -> list[str]:
     from simpletuner.data.buckets import pixel_edge
 
     stage = deepfloyd_stage(config)
+    native = native_edge(config, stage)
     edge = pixel_edge(config.resolution, config.resolution_type)
-    if round(edge) != NATIVE_EDGE[stage]:
+    if round(edge) != native:
         return [f"`--resolution` {config.resolution:g} ({config.resolution_type}): DeepFloyd stage {'I' * stage} "
-                f"generates {NATIVE_EDGE[stage]} px images and trains best at that size (`--resolution "
-                f"{NATIVE_EDGE[stage]} --resolution_type pixel`)"]
+                f"generates {native} px images and trains best at that size (`--resolution "
+                f"{native} --resolution_type pixel`)"]
     return []

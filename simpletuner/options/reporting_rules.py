@@ -1,5 +1,5 @@
-"""Validation rules for the reporting options: ``--report_to`` and the tracker names, ``--webhook_config`` and
-``--webhook_reporting_interval``.
+"""Validation rules for the reporting options: ``--report_to`` (one tracker or a comma-separated list) and the
+tracker names, ``--webhook_config`` and ``--webhook_reporting_interval``.
 
 Torch-free: a webhook entry that could never be delivered (bad JSON, unknown type, a URL that is not
 http(s)) or a tracker whose package is missing stops the run at start-up, not silently hours later. URLs are shown redacted in errors.
@@ -44,16 +44,31 @@ def check_webhook_interval(config) -> None:
                           "progress messages go to its webhooks); add a webhook or remove the interval")
 
 
-def check_tracker_installed(config) -> None:
-    """A tracker ``--report_to`` names must be importable before training starts (the check does not import it)."""
-    from simpletuner.tracking.trackers import TRACKER_INSTALL, TRACKER_PACKAGES, tracker_is_installed
+def check_report_to_list(config) -> None:
+    """``all`` and ``none`` stand for every tracker or no tracker, so they cannot be listed beside others
+    (each listed name was already checked against the known trackers when the value was read)."""
+    from simpletuner.tracking.trackers import report_to_names
 
-    name = config.report_to
-    if name not in TRACKER_PACKAGES or tracker_is_installed(name):
+    names = report_to_names(config.report_to)
+    if len(names) < 2:
         return
-    raise ConfigError(f"`--report_to {name}` needs the {TRACKER_PACKAGES[name]} package, which is not installed; "
-                      f"install it into this environment with pip install '{TRACKER_INSTALL[name]}', or choose "
-                      "another tracker (all uses the installed ones, none disables tracking)")
+    for alone in ("all", "none"):
+        if alone in names:
+            raise ConfigError(f"`--report_to {config.report_to}`: {alone} cannot be combined with other trackers; "
+                              f"give {alone} on its own, or list only tracker names (e.g. tensorboard,wandb)")
+
+
+def check_tracker_installed(config) -> None:
+    """Every tracker ``--report_to`` names must be importable before training starts (the check does not
+    import it)."""
+    from simpletuner.tracking.trackers import TRACKER_INSTALL, TRACKER_PACKAGES, report_to_names, tracker_is_installed
+
+    for name in report_to_names(config.report_to):
+        if name not in TRACKER_PACKAGES or tracker_is_installed(name):
+            continue
+        raise ConfigError(f"`--report_to {config.report_to}` needs the {TRACKER_PACKAGES[name]} package, which is not "
+                          f"installed; install it into this environment with pip install '{TRACKER_INSTALL[name]}', "
+                          "or choose another tracker (all uses the installed ones, none disables tracking)")
 
 
 def check_tracker_names(config) -> None:
@@ -68,5 +83,5 @@ def check_tracker_names(config) -> None:
                               "without / or \\ (for example my-project)")
 
 
-REPORTING_RULES: tuple[Callable, ...] = (check_tracker_installed, check_tracker_names, check_webhook_config,
-                                         check_webhook_interval)
+REPORTING_RULES: tuple[Callable, ...] = (check_report_to_list, check_tracker_installed, check_tracker_names,
+                                         check_webhook_config, check_webhook_interval)

@@ -20,6 +20,9 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 #: String options a config file may also give as a list of lines (joined with newlines).
 LINE_LIST_OPTIONS = ("modelspec_comment",)
+#: String options whose value may name several of their choices, separated by commas (``tensorboard,wandb``);
+#: each name is checked against the choices, and the value is kept as one string without blanks.
+COMMA_SEPARATED_CHOICES = ("report_to",)
 _KIND_WORDS = {
     "str": "a string",
     "int": "an integer",
@@ -178,14 +181,19 @@ def coerce_value(option: Option, value: Any, source: str) -> Any:
     if option.kind == "str" and "\0" in typed:
         raise ConfigError(f"{source}: `{option.name}` = {show_value(typed)} contains a NUL character, which no "
                           "path, name or prompt can hold; remove it")
+    several = option.name in COMMA_SEPARATED_CHOICES and isinstance(typed, str)
+    if several:
+        names = list(dict.fromkeys(part.strip() for part in typed.split(",") if part.strip()))
+        typed = ",".join(names) or typed
     if option.choices is not None and typed is not None:
         allowed = {str(c) for c in option.choices}
-        values = typed if isinstance(typed, list) else [typed]
+        values = typed if isinstance(typed, list) else typed.split(",") if several else [typed]
         for item in values:
             if str(item) not in allowed:
                 raise ConfigError(
                     f"{source}: `{option.name}` = {show_value(item)} is not one of: "
                     f"{', '.join(map(str, option.choices))}"
+                    + (" (several may be given, separated by commas)" if several else "")
                 )
     return typed
 

@@ -35,13 +35,20 @@ def tracker_is_installed(name: str) -> bool:
     return importlib.util.find_spec(TRACKER_PACKAGES[name]) is not None
 
 
+def report_to_names(report_to: str | None) -> list[str]:
+    """The names ``--report_to`` holds, in order, without repeats: ``tensorboard,wandb`` names two."""
+    return list(dict.fromkeys(part.strip() for part in str(report_to or "").split(",") if part.strip()))
+
+
 def requested_trackers(report_to: str | None) -> list[str]:
-    """The trackers ``--report_to`` names: none for ``none``, every installed one for ``all``."""
-    if report_to in (None, "", "none"):
+    """The trackers ``--report_to`` names: none for ``none``, every installed one for ``all``, else each
+    comma-separated name (validation already refused unknown names and ``all``/``none`` in a list)."""
+    names = report_to_names(report_to)
+    if names in ([], ["none"]):
         return []
-    if report_to == "all":
+    if names == ["all"]:
         return [name for name in TRACKER_NAMES if tracker_is_installed(name)]
-    return [report_to]
+    return names
 
 
 def logging_folder(config, output_dir: Path) -> Path:

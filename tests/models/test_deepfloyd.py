@@ -179,6 +179,42 @@ def test_config_rules_name_what_deepfloyd_cannot_do(project, stage_ii_model):
         resolve_run(sd1x, environ={})
 
 
+@pytest.mark.parametrize("flavour, stage_ii_folder, native", [
+    ("i-medium-400m", False, 64), ("ii-large-1.2b", False, 256), ("i-medium-400m", True, 256)])
+def test_resolution_warning_names_the_stage_edge(tmp_path, flavour, stage_ii_folder, native):
+    from simpletuner.options.deepfloyd_rules import deepfloyd_warnings
+    from simpletuner.testing.config import make_config
+
+    model = None
+    if stage_ii_folder:  # a local folder's pipeline class decides the stage, whatever the flavour says
+        model = tmp_path / "if-ii"
+        model.mkdir()
+        (model / "model_index.json").write_text(json.dumps({"_class_name": "IFSuperResolutionPipeline"}))
+    at = dict(model_family="deepfloyd", model_flavour=flavour, pretrained_model_name_or_path=model,
+              resolution_type="pixel")
+    assert deepfloyd_warnings(make_config(**at, resolution=native)) == []
+    (warning,) = deepfloyd_warnings(make_config(**at, resolution=native * 2))
+    assert f"generates {native} px images" in warning and f"`--resolution {native} --resolution_type pixel`" in warning
+
+
+def test_resolution_warning_reads_the_registry_sizes(monkeypatch):
+    """The sizes live in FamilyInfo alone: a registry change moves the warning with it."""
+    import dataclasses
+
+    from simpletuner.models import registry
+    from simpletuner.options.deepfloyd_rules import deepfloyd_warnings
+    from simpletuner.testing.config import make_config
+
+    changed = dataclasses.replace(registry.FAMILIES["deepfloyd"], native_resolution=96,
+                                  flavour_resolutions={"ii-medium-450m": 384, "ii-large-1.2b": 384})
+    monkeypatch.setitem(registry.FAMILIES, "deepfloyd", changed)
+    for flavour, native in (("i-large-900m", 96), ("ii-medium-450m", 384)):
+        config = dict(model_family="deepfloyd", model_flavour=flavour, resolution_type="pixel")
+        assert deepfloyd_warnings(make_config(**config, resolution=native)) == []
+        (warning,) = deepfloyd_warnings(make_config(**config, resolution=64 if native != 64 else 128))
+        assert f"generates {native} px images" in warning
+
+
 def test_dry_run_buckets_pixels(project, capsys):
     assert main(["train", *family_args(project, "deepfloyd", "dry"), "--dry-run"]) == 0
     assert "64x64: 8" in capsys.readouterr().out

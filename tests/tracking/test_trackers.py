@@ -253,6 +253,79 @@ def test_comet_goes_through_accelerates_comet_tracker(tmp_path, monkeypatch):
                                      ("video", "validation/32x32/a_cat/a.mp4", "a.mp4", 1)]
 
 
+# --- several trackers (comma-separated) ----------------------------------------------------------------
+
+
+def test_a_comma_separated_report_to_names_each_tracker(monkeypatch):
+    from simpletuner.tracking import trackers
+
+    monkeypatch.setattr(trackers, "tracker_is_installed", lambda name: True)
+    assert trackers.requested_trackers("tensorboard,wandb") == ["tensorboard", "wandb"]
+    assert trackers.requested_trackers("wandb, tensorboard,wandb") == ["wandb", "tensorboard"]  # no repeats
+
+
+def report_to_from_command_line(tmp_path: Path, value: str) -> str:
+    """``--report_to value`` read the way ``simpletuner train`` reads it (parsing and the config checks,
+    which refuse a bad value before the empty dataset list is looked at)."""
+    from simpletuner.options.resolve import resolve_run
+
+    (tmp_path / "d.json").write_text("[]")
+    argv = ["--model_family", "sd1x", "--pretrained_model_name_or_path", "m", "--output_dir", str(tmp_path / "o"),
+            "--data_backend_config", str(tmp_path / "d.json"), "--model_type", "lora", "--report_to", value]
+    return resolve_run(argv).config.report_to
+
+
+def test_a_tracker_list_is_read_from_a_config_file_and_the_command_line():
+    from simpletuner.options.reporting_rules import REPORTING_RULES
+    from simpletuner.options.resolve import merge_sources
+
+    from_file = merge_sources({"report_to": " tensorboard , wandb "}, {}, "config.json", [])
+    from_cli = merge_sources({}, {"report_to": "wandb,tensorboard"}, "config.json", [])
+    assert (from_file.report_to, from_cli.report_to) == ("tensorboard,wandb", "wandb,tensorboard")
+    for rule in REPORTING_RULES:
+        rule(from_file)  # tensorboard and wandb are dependencies: the list passes every reporting check
+
+
+@pytest.mark.parametrize("value, refused", [("tensorboard,wandbb", "'wandbb'"), ("mlflow", "'mlflow'")])
+def test_an_unknown_tracker_in_the_list_is_refused_by_name(tmp_path, value, refused):
+    with pytest.raises(ConfigError, match=rf"`report_to` = {refused} is not one of: tensorboard, wandb, comet_ml, "
+                                          r"all, none \(several may be given, separated by commas\)"):
+        report_to_from_command_line(tmp_path, value)
+
+
+@pytest.mark.parametrize("value, alone", [("all,wandb", "all"), ("tensorboard,none", "none")])
+def test_all_and_none_stand_alone(tmp_path, value, alone):
+    with pytest.raises(ConfigError, match=rf"`--report_to {value}`: {alone} cannot be combined with other trackers"):
+        report_to_from_command_line(tmp_path, value)
+
+
+def test_every_listed_tracker_must_be_installed(monkeypatch):
+    from simpletuner.options.reporting_rules import check_tracker_installed
+    from simpletuner.tracking import trackers
+
+    monkeypatch.setattr(trackers, "tracker_is_installed", lambda name: name != "comet_ml")
+    with pytest.raises(ConfigError, match=r"`--report_to tensorboard,comet_ml` needs the comet_ml package"):
+        check_tracker_installed(make_config(report_to="tensorboard,comet_ml"))
+    check_tracker_installed(make_config(report_to="tensorboard,wandb"))
+
+
+def test_tensorboard_and_wandb_both_receive_the_run(tmp_path, wandb_offline):
+    tracker = trackers_for(tmp_path, report_to="tensorboard,wandb", tracker_project_name="proj",
+                           tracker_run_name="run1")
+    for step in (1, 2):
+        tracker.log_scalars({"loss/train": 0.5 * step}, step)
+    tracker.log_image("validation/32x32", red_square(), 2)
+    assert sorted(tracker.names) == ["tensorboard", "wandb"]
+    tracker.close()
+    events = tensorboard_events(tmp_path / "logs" / "proj" / "run1")
+    assert [(e.step, e.value) for e in events.Scalars("loss/train")] == [(1, 0.5), (2, 1.0)]
+    assert [image.step for image in events.Images("validation/32x32")] == [2]
+    run = read_offline_run(wandb_offline)
+    assert run.values("loss/train") == [(1, 0.5), (2, 1)]
+    assert run.values("validation/32x32/_type") == [(2, "image-file")]
+    assert run.config["report_to"] == "tensorboard,wandb"
+
+
 # --- tracker names ------------------------------------------------------------------------------------
 
 

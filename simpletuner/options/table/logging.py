@@ -40,8 +40,9 @@ OPTIONS: list[Option] = [
         kind="str",
         default="tensorboard",
         help="Experiment tracker (through accelerate) that receives every loss term, the learning rate, validation "
-        "images and videos and the resolved config (secrets redacted); all uses every installed one of tensorboard, "
-        "wandb and comet_ml, none disables tracking. comet_ml is optional: pip install 'comet_ml>=3.41'.",
+        "images and videos and the resolved config (secrets redacted); several trackers separated by commas "
+        "(tensorboard,wandb) all receive the same; all uses every installed one of tensorboard, wandb and comet_ml, "
+        "none disables tracking (both only on their own). comet_ml is optional: pip install 'comet_ml>=3.41'.",
         group=_G,
         choices=("tensorboard", "wandb", "comet_ml", "all", "none"),
         implemented=True,
