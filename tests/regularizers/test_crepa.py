@@ -271,25 +271,8 @@ def test_cli_runs_log_crepa_terms_to_tensorboard(family: str, flux_project: Path
 
 
 def test_resume_with_crepa_restores_projector_similarity_average_and_cutoff(flux_project: Path, dinov2_folder: Path):
-    from simpletuner.options.resolve import resolve_run
-    from simpletuner.training.trainer import train
-    from tests.models.conftest import family_args
-    from tests.training.conftest import Interrupted, crash_after_step
+    from tests.regularizers.conftest import assert_resumes_exactly
 
-    def config(output, **extra):
-        args = family_args(flux_project, "flux", output, max_train_steps=4, checkpoint_step_interval=2, **extra,
-                           **crepa_args(dinov2_folder, crepa_cutoff_step=3, crepa_similarity_threshold=0.99,
-                                        crepa_similarity_ema_decay=0.5, crepa_threshold_mode="recoverable"))
-        return resolve_run(args).config
-
-    reference = train(config("ref"), show_progress=False)
-    regularizer = next(item for item in reference.regularizers.items if item.name == "crepa")
-    assert (flux_project / "ref" / "checkpoint-2" / "regularizer-crepa.pt").is_file()
-    with crash_after_step(3), pytest.raises(Interrupted):
-        train(config("cut"), show_progress=False)
-    resumed = train(config("cut", resume_from_checkpoint="latest"), show_progress=False)
-    restored = next(item for item in resumed.regularizers.items if item.name == "crepa")
-    assert resumed.state.losses == reference.state.losses[2:]
-    assert restored.gate.average == regularizer.gate.average is not None
-    for mine, theirs in zip(restored.projector.parameters(), regularizer.projector.parameters()):
-        assert torch.equal(mine, theirs)
+    assert_resumes_exactly(flux_project, "flux", "crepa", crepa_args(
+        dinov2_folder, crepa_cutoff_step=3, crepa_similarity_threshold=0.99, crepa_similarity_ema_decay=0.5,
+        crepa_threshold_mode="recoverable"))

@@ -205,25 +205,8 @@ def test_cli_runs_log_urepa_terms_to_tensorboard(family: str, sd1x_project: Path
 
 
 def test_resume_with_urepa_restores_projector_and_similarity_average(sd1x_project: Path, dinov2_folder: Path):
-    from simpletuner.options.resolve import resolve_run
-    from simpletuner.training.trainer import train
-    from tests.models.conftest import family_args
-    from tests.training.conftest import Interrupted, crash_after_step
+    from tests.regularizers.conftest import assert_resumes_exactly
 
-    def config(output, **extra):
-        args = family_args(sd1x_project, "sd1x", output, max_train_steps=4, checkpoint_step_interval=2, **extra,
-                           **urepa_args(dinov2_folder, urepa_similarity_threshold=0.99,
-                                        urepa_similarity_ema_decay=0.5, urepa_threshold_mode="recoverable"))
-        return resolve_run(args).config
-
-    reference = train(config("ref"), show_progress=False)
-    regularizer = next(item for item in reference.regularizers.items if item.name == "urepa")
-    assert (sd1x_project / "ref" / "checkpoint-2" / "regularizer-urepa.pt").is_file()
-    with crash_after_step(3), pytest.raises(Interrupted):
-        train(config("cut"), show_progress=False)
-    resumed = train(config("cut", resume_from_checkpoint="latest"), show_progress=False)
-    restored = next(item for item in resumed.regularizers.items if item.name == "urepa")
-    assert resumed.state.losses == reference.state.losses[2:]
-    assert restored.gate.average == regularizer.gate.average is not None
-    for mine, theirs in zip(restored.projector.parameters(), regularizer.projector.parameters()):
-        assert torch.equal(mine, theirs)
+    assert_resumes_exactly(sd1x_project, "sd1x", "urepa", urepa_args(
+        dinov2_folder, urepa_similarity_threshold=0.99, urepa_similarity_ema_decay=0.5,
+        urepa_threshold_mode="recoverable"))
