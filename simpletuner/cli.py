@@ -1,5 +1,5 @@
 """The ``simpletuner`` command: train, configure, options, make-tiny-model, make-demo-dataset, demo,
-extract-lora, merge-lora, compare-lora.
+extract-lora, merge-lora, compare-lora, import-config.
 
 Only the standard library and the options package are imported at start-up; each subcommand imports
 what it needs when it runs, so ``simpletuner --help`` and config validation stay fast and torch-free.
@@ -28,7 +28,8 @@ logger = logging.getLogger("simpletuner")
 SUBCOMMANDS = {
     "train": "fine-tune a model (all training options: `simpletuner train --help`)",
     "configure": "write or edit config.json, multidatabackend.json and config.env (a wizard, or --non-interactive)",
-    "plan-memory": "estimate accelerator memory for a config; with --memory_budget, the cheapest options that fit",
+    "plan-memory": "estimate accelerator memory (per rank when sharded) and host RAM for a config; with "
+                   "--memory_budget, the cheapest options that fit",
     "options": "list every option (`--json` for machine-readable, `--write-docs` to regenerate the docs tables)",
     "make-tiny-model": "write a tiny offline model folder built from the real diffusers classes",
     "make-demo-dataset": "write the procedural coloured-shapes dataset (PNG + caption .txt)",
@@ -36,6 +37,7 @@ SUBCOMMANDS = {
     "extract-lora": "write a LoRA holding the difference between a fine-tuned model and its base",
     "merge-lora": "fold a LoRA or LyCORIS file into a base pipeline and save the merged pipeline",
     "compare-lora": "render the same prompts and seeds with two adapters (or one and the base): PSNR, SSIM, a grid",
+    "import-config": "write config.json + multidatabackend.json from a kohya, ai-toolkit or OneTrainer config",
 }
 
 
@@ -110,15 +112,33 @@ def cmd_plan_memory(argv: Sequence[str]) -> int:
     from simpletuner.options.resolve import resolve_run
 
     if any(arg in ("-h", "--help") for arg in argv):
-        print("usage: simpletuner plan-memory [--config FILE] [train options] [--memory_budget SIZE]\n\n"
-              + SUBCOMMANDS["plan-memory"] + ". Reads the model folder's config.json files and safetensors headers "
-              "(no weights); see documentation/MEMORY.md.")
+        print("usage: simpletuner plan-memory [--config FILE] [train options] [--memory_budget SIZE] [--host_ram SIZE]"
+              "\n\n" + SUBCOMMANDS["plan-memory"] + ". Reads the model folder's config.json files and safetensors "
+              "headers (no weights). Also prints per-rank memory under FSDP2 / ZeRO and the host RAM plan, compared "
+              "with this machine's RAM or --host_ram (planning for another machine); see documentation/MEMORY.md.")
         return 0
+    argv, host_ram = _take_host_ram(list(argv))
     run = resolve_run(argv)
     from simpletuner.memory.planner import describe
 
-    print(describe(run.config, dataset_plan=run.dataset_plan))
+    print(describe(run.config, dataset_plan=run.dataset_plan, host_ram=host_ram,
+                   machines=getattr(run.launcher, "num_machines", 1)))
     return 0
+
+
+def _take_host_ram(argv: list[str]) -> tuple[list[str], int | None]:
+    """``--host_ram SIZE`` (plan-memory only, not a train option) taken out of ``argv`` and parsed."""
+    from simpletuner.memory.units import parse_size
+
+    for index, arg in enumerate(argv):
+        if arg == "--host_ram" or arg.startswith("--host_ram="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[index + 1] if index + 1 < len(argv) else "")
+            rest = argv[:index] + argv[index + (1 if "=" in arg else 2):]
+            try:
+                return rest, parse_size(value)
+            except ValueError as error:
+                raise SystemExit(f"plan-memory: --host_ram {error}") from None
+    return argv, None
 
 
 # --- options ----------------------------------------------------------------------------------------
@@ -243,11 +263,11 @@ def cmd_options(argv: Sequence[str]) -> int:
 # --- tiny model and demo data -------------------------------------------------------------------------
 
 def cmd_make_tiny_model(argv: Sequence[str]) -> int:
-    from simpletuner.testing.tiny_models import SUPPORTED_TINY_FAMILIES  # torch-free module
+    from simpletuner.testing.tiny_models import tiny_families  # torch-free module
 
     parser = argparse.ArgumentParser(prog="simpletuner make-tiny-model",
                                      description="Write a tiny offline diffusers pipeline folder.")
-    parser.add_argument("--family", required=True, choices=SUPPORTED_TINY_FAMILIES,
+    parser.add_argument("--family", required=True, choices=tiny_families(),
                         help="the model family whose diffusers classes the tiny model is built from")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
@@ -389,6 +409,28 @@ def cmd_compare_lora(argv: Sequence[str]) -> int:
         overwrite=args.overwrite), CompareError)
 
 
+def cmd_import_config(argv: Sequence[str]) -> int:
+    """Translate another trainer's config; print (and write to import-report.md) what was not carried over."""
+    parser = argparse.ArgumentParser(prog="simpletuner import-config", description=SUBCOMMANDS["import-config"])
+    parser.add_argument("file", help="a kohya TOML or command line (.sh/.txt), an ai-toolkit YAML, a OneTrainer JSON")
+    parser.add_argument("--output-dir", default="config", help="where the files are written (default: config/)")
+    parser.add_argument("--format", choices=["kohya", "ai-toolkit", "onetrainer"], default=None,
+                        help="the tool that wrote FILE (default: told from the file)")
+    parser.add_argument("--model-family", default=None, help="our model family, when the file does not say")
+    parser.add_argument("--overwrite", action="store_true", help="replace files already in --output-dir")
+    args = parser.parse_args(argv)
+    from simpletuner.importers import read_foreign_config
+    from simpletuner.importers.writer import write_import
+
+    configure_logging(level_from_environment("WARNING"))
+    imported = read_foreign_config(Path(args.file), args.format, args.model_family)
+    written = write_import(imported, Path(args.file), Path(args.output_dir), overwrite=args.overwrite)
+    print(written.report, end="")
+    print(f"wrote {written.config_path}, {written.datasets_path}"
+          + (f", {written.prompts_path}" if written.prompts_path else "") + f" and {written.report_path}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "configure": cmd_configure,
@@ -400,6 +442,7 @@ COMMANDS = {
     "extract-lora": cmd_extract_lora,
     "merge-lora": cmd_merge_lora,
     "compare-lora": cmd_compare_lora,
+    "import-config": cmd_import_config,
 }
 
 

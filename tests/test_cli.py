@@ -271,7 +271,7 @@ def test_example_config_resolves_and_validates(example: Path, tmp_path: Path, mo
     dataset_list = Path(raw.get("data_backend_config") or raw.get("--data_backend_config"))
     assert dataset_list.is_file(), f"{relative}: data_backend_config {dataset_list} is not inside config/examples"
     for entry in json.loads(dataset_list.read_text(encoding="utf-8")):
-        if entry.get("dataset_type", "image") in ("image", "video") and not entry.get("disabled"):
+        if entry.get("dataset_type", "image") in ("image", "video", "conditioning") and not entry.get("disabled"):
             Path(entry["instance_data_dir"]).mkdir(parents=True, exist_ok=True)
 
     run = resolve_run(["--config", str(relative)], environ={}, root=tmp_path)

@@ -24,7 +24,7 @@ from simpletuner.models.registry import FAMILIES, FamilyInfo
 from simpletuner.options import all_options, options_by_name
 from simpletuner.options.adapter_rules import ADAPTER_OPTIONS, PEFT_ONLY
 from simpletuner.options.memory_rules import DEVICE_MOVING, EXCLUSIVE, GROUP_OFFLOAD_OPTIONS, RAMTORCH_OPTIONS
-from simpletuner.options.quantization_rules import PRESETS, TEXT_ENCODER_COUNTS, has_package, preset_of
+from simpletuner.options.quantization_rules import PRESETS, has_package, preset_of
 from simpletuner.options.validation import LORA_ONLY_OPTIONS
 
 #: The questions of a first run (with Enter on each, an SD1.x LoRA takes about 15 answers). Dataset
@@ -91,7 +91,7 @@ def _text_encoder_slot(name: str, setup: Setup) -> str | None:
     match = re.fullmatch(r"text_encoder_(\d)_precision", name)
     family = setup.family
     if match and family is not None:
-        count = TEXT_ENCODER_COUNTS.get(family.name)
+        count = family.planner.text_encoder_count if family.planner is not None else None
         if count is not None and int(match.group(1)) > count:
             return f"{family.name} has {count} text encoder(s)"
     return None
@@ -207,9 +207,7 @@ def value_applies(name: str, value: str, setup: Setup) -> bool:
         if setup.machine.accelerator == "mps":
             return preset.backend != "bnb" and "fp8" not in value
     if name == "lora_format" and value == "comfyui" and setup.family is not None:
-        from simpletuner.models.lora_formats import COMFYUI_NAMING
-
-        return setup.family.name in COMFYUI_NAMING
+        return setup.family.comfy_naming is not None
     return True
 
 

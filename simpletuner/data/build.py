@@ -240,6 +240,13 @@ def _prepare_dataset(cfg: ImageDatasetConfig, settings: DataSettings, model, mem
                           verify="vae" not in stages)
     buckets = _without(buckets, {path for path, _ in report.skipped})
     buckets = _moved(buckets, report.moved)
+    flipped, flip_skipped = None, []
+    if cfg.random_flip:
+        placed_at = {record.path: cache.anchor_of(record) for records in buckets.values() for record in records}
+        flipped, flip_skipped = _cache_flipped(cfg, settings, model, memory, backend, buckets, placed_at,
+                                               show_progress, verify="vae" not in stages,
+                                               feature_encoders=feature_encoders)
+        buckets = _without(buckets, {path for path, _ in flip_skipped})
     cond_failures = _cache_conditioning(conditioning, buckets, cache, settings, show_progress)
     buckets = _without(buckets, {path for path, _ in cond_failures})
     logger.info("dataset %s: latents: %d reused, %d built", cfg.id, report.reused, report.built)
@@ -252,7 +259,7 @@ def _prepare_dataset(cfg: ImageDatasetConfig, settings: DataSettings, model, mem
     summary = DatasetSummary(
         id=cfg.id,
         found=len(scan.records) + len(scan.skipped),
-        skipped=list(scan.skipped) + excluded + unpaired + list(report.skipped) + cond_failures
+        skipped=list(scan.skipped) + excluded + unpaired + list(report.skipped) + flip_skipped + cond_failures
         + [item for feature_report in feature_reports.values() for item in feature_report.skipped],
         buckets={size: len(records) for size, records in buckets.items()},
         latents_built=report.built, latents_reused=report.reused, latents_deferred=report.deferred,
@@ -265,8 +272,27 @@ def _prepare_dataset(cfg: ImageDatasetConfig, settings: DataSettings, model, mem
         is_regularisation=cfg.is_regularisation_data, conditioning=list(conditioning),
         clear_each_epoch=cfg.vae_cache_clear_each_epoch,
         reanchor=lambda record, epoch: crop_anchor(record, cfg, epoch),
-        records=[record for records in buckets.values() for record in records], features=features)
+        records=[record for records in buckets.values() for record in records], features=features, flipped=flipped)
     return PreparedDataset(cfg, buckets, summary, cache, dataset_role)
+
+
+def _cache_flipped(cfg: ImageDatasetConfig, settings: DataSettings, model, memory: TensorMemory, backend: Backend,
+                   buckets: dict[Size, list[ImageRecord]], anchors: dict, show_progress: bool, verify: bool,
+                   feature_encoders: tuple | list) -> tuple[VaeCache, list]:
+    """``random_flip``: the latents of every crop mirrored, in ``<cache_dir_vae>/flipped`` (its own
+    content index, so the plain cache's size bookkeeping is untouched). Returns the cache and the
+    images it could not encode."""
+    if feature_encoders:
+        raise DatasetConfigError(f"dataset {cfg.id!r}: random_flip cannot be used with a regularizer that caches "
+                                 "teacher features per image (they are taken from the unflipped crops); turn one off")
+    folder = f"{cfg.cache_dir_vae.rstrip('/')}/flipped"
+    cache = VaeCache(folder, cfg.id, cfg.instance_data_dir, crop=cfg.crop, memory=memory, images=backend,
+                     entries=_entries_for(folder, cfg, settings.compress), options=_vae_options(settings),
+                     label="flipped latents", flip=True)
+    report = cache.ensure(buckets, model, settings.vae_batch_size, progress=show_progress, anchors=anchors,
+                          verify=verify)
+    logger.info("dataset %s: flipped latents: %d reused, %d built", cfg.id, report.reused, report.built)
+    return cache, list(report.skipped)
 
 
 def _cache_features(encoder, cfg: ImageDatasetConfig, settings: DataSettings, memory: TensorMemory, backend: Backend,

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from simpletuner.data.caption_variants import CaptionShuffle, expand_captions
 from simpletuner.data.config import DatasetConfigError, ImageDatasetConfig
 
 _SED = re.compile(r"^s/(.*)/(.*)/$")
@@ -96,6 +97,9 @@ class CaptionRules:
         prepend / only: ``prepend_instance_prompt`` / ``only_instance_prompt``.
         split_lines: each line of a caption file is a separate variant (``disable_multiline_split``
             turns this off and joins the lines into one caption).
+        shuffle: ``caption_shuffle``: each prompt becomes its shuffled variants (caption_variants.py).
+        fallback: the caption of an image without a caption file (the words of a ``folder_repeats``
+            subfolder, as kohya uses them); None skips such images.
     """
 
     filters: tuple[CaptionFilter, ...] = ()
@@ -103,6 +107,8 @@ class CaptionRules:
     prepend: bool = False
     only: bool = False
     split_lines: bool = True
+    shuffle: CaptionShuffle | None = None
+    fallback: str | None = None
 
     @classmethod
     def for_dataset(cls, cfg: ImageDatasetConfig, shared_filters: str | tuple[str, ...] | None = None
@@ -114,7 +120,8 @@ class CaptionRules:
         filters = load_filter_list(cfg.caption_filter_list, owner) + load_filter_list(shared_filters, owner)
         prepend = bool(cfg.prepend_instance_prompt) and cfg.caption_strategy != "instanceprompt"
         return cls(filters=filters, instance_prompt=(cfg.instance_prompt or "").strip() or None, prepend=prepend,
-                   only=bool(cfg.only_instance_prompt), split_lines=not cfg.disable_multiline_split)
+                   only=bool(cfg.only_instance_prompt), split_lines=not cfg.disable_multiline_split,
+                   shuffle=cfg.caption_shuffle, fallback=cfg.folder_prompt)
 
     def apply(self, caption: str) -> str | None:
         """The prompt for one raw caption; None when filtering leaves nothing."""
@@ -128,8 +135,10 @@ class CaptionRules:
         return caption
 
     def apply_all(self, captions: list[str]) -> tuple[str, ...]:
-        """Every non-empty prompt from ``captions``, duplicates removed, order kept."""
-        return tuple(dict.fromkeys(c for c in (self.apply(caption) for caption in captions) if c))
+        """Every non-empty prompt from ``captions``, duplicates removed, order kept (each replaced by
+        its shuffled variants with ``caption_shuffle``)."""
+        prompts = tuple(dict.fromkeys(c for c in (self.apply(caption) for caption in captions) if c))
+        return expand_captions(prompts, self.shuffle)
 
 
 def caption_for_epoch(captions: tuple[str, ...], fallback: str, seed: int, epoch: int, path: object) -> str:

@@ -158,7 +158,14 @@ class ImageDatasetConfig:
     only_instance_prompt: bool | None = default_of("only_instance_prompt")
     caption_filter_list: str | tuple[str, ...] | None = default_of("caption_filter_list")
     disable_multiline_split: bool = default_of("disable_multiline_split")
+    #: ``caption_shuffle``, parsed (simpletuner.data.caption_variants.CaptionShuffle), or None
+    caption_shuffle: Any = default_of("caption_shuffle")
+    random_flip: bool = default_of("random_flip")
+    folder_repeats: bool = default_of("folder_repeats")
+    #: set on the datasets ``folder_repeats`` makes: the folder's words, the caption of images without one
+    folder_prompt: str | None = None
     is_regularisation_data: bool = default_of("is_regularisation_data")
+    regularisation_target: str = default_of("regularisation_target")
     vae_cache_clear_each_epoch: bool = default_of("vae_cache_clear_each_epoch")
     hash_filenames: bool = default_of("hash_filenames")
     skip_file_discovery: tuple[str, ...] | None = default_of("skip_file_discovery")
@@ -327,7 +334,12 @@ def parse_dataset_plan(entries: list, source: str = "<memory>") -> DatasetPlan:
         parsed = _parse_entry(entry, index, source)
         _check_unique_id(parsed.id, index, seen_ids, source)
         if isinstance(parsed, ImageDatasetConfig):
-            images.append(parsed)
+            from simpletuner.data.folder_repeats import expand_folder_repeats
+
+            for dataset in expand_folder_repeats(parsed, _where(source, entry, index)):
+                if dataset is not parsed:
+                    _check_unique_id(dataset.id, index, seen_ids, source)
+                images.append(dataset)
         else:
             text_embeds.append(parsed)
     _check_conditioning_links(images, source)
@@ -371,9 +383,32 @@ def _parse_image(entry: dict, values: dict[str, Any], where: str) -> ImageDatase
         values["resolution"] = float(values["resolution"])
     _check_geometry(where, values)
     _check_sampling(where, values)
+    _check_regularisation(where, values)
+    if values.get("caption_shuffle") is not None:
+        from simpletuner.data.caption_variants import parse_caption_shuffle
+
+        values["caption_shuffle"] = parse_caption_shuffle(values["caption_shuffle"], where)
+    _check_random_flip(where, values)
+    if values.get("folder_repeats") and (values["conditioning_data"] or "repeats" in entry
+                                         or values["metadata_backend"] != "discovery"):
+        raise DatasetConfigError(f"{where}: folder_repeats takes the repeats from the subfolder names and lists the "
+                                 "files itself; remove `repeats`, `conditioning_data` or the table metadata_backend")
     if not values["disabled"]:
         _check_paths_exist(where, values)
     return ImageDatasetConfig(**values)
+
+
+def _check_random_flip(where: str, values: dict[str, Any]) -> None:
+    """``random_flip`` keeps one flipped copy of each crop; combinations that would pair it with
+    unflipped data (masks, control images) or re-draw crops it was made from are refused."""
+    if not values.get("random_flip"):
+        return
+    if values.get("conditioning_data"):
+        raise DatasetConfigError(f"{where}: random_flip cannot be combined with conditioning_data: the paired "
+                                 "masks or control images are not flipped with the image; remove one of them")
+    if values.get("vae_cache_clear_each_epoch"):
+        raise DatasetConfigError(f"{where}: random_flip cannot be combined with vae_cache_clear_each_epoch (the "
+                                 "flipped latents are not re-cropped each epoch); remove one of them")
 
 
 def check_instance_prompt(where: str, values: dict[str, Any]) -> None:
@@ -412,6 +447,15 @@ def _check_sampling(where: str, values: dict[str, Any]) -> None:
         raise DatasetConfigError(
             f"{where}: key 'end_step' ({values['end_step']!r}) must be greater than 'start_step' "
             f"({values['start_step']!r})"
+        )
+
+
+def _check_regularisation(where: str, values: dict[str, Any]) -> None:
+    """A regularisation target only means something on a regularisation dataset."""
+    if values["regularisation_target"] != "data" and not values["is_regularisation_data"]:
+        raise DatasetConfigError(
+            f"{where}: key 'regularisation_target' ({values['regularisation_target']!r}) only applies to a "
+            "regularisation dataset; add \"is_regularisation_data\": true or remove the key"
         )
 
 

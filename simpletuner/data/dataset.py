@@ -12,6 +12,7 @@ and ``--dataloader_prefetch`` moves that work to a background thread (:mod:`simp
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,8 @@ class DatasetRole:
         records: every record of the dataset (to re-anchor them).
         features: caches of per-image features some regularizer reads (e.g. CREPA's DINOv2 tokens),
             by the batch key they go under; built like the latents, from the same crops.
+        flipped: ``random_flip``: the latents of the mirrored crops; each image trains on them or
+            on the plain ones by :func:`draws_flipped`.
     """
 
     is_regularisation: bool = False
@@ -129,6 +132,25 @@ class DatasetRole:
     reanchor: Callable[[ImageRecord, int], tuple[float, float]] | None = None
     records: list[ImageRecord] = field(default_factory=list)
     features: dict[str, VaeCache] = field(default_factory=dict)
+    flipped: VaeCache | None = None
+
+
+def draws_flipped(seed: int, epoch: int, path: object) -> bool:
+    """Whether an image trains on its mirrored latents in ``epoch``: a fair coin seeded by (seed,
+    epoch, path), so resuming and prefetching draw the same side."""
+    return random.Random(f"random-flip:{seed}:{epoch}:{path}").random() < 0.5
+
+
+def _with_flips(latents: list, records: list[ImageRecord], size, flipped: VaeCache, seed: int, epoch: int
+                ) -> tuple[list, list[bool]]:
+    """``latents`` with the mirrored entries swapped in where :func:`draws_flipped` says so; a
+    mirrored entry that cannot be loaded (None) drops the image like a plain one would."""
+    sides = [draws_flipped(seed, epoch, record.path) for record in records]
+    chosen = [index for index, side in enumerate(sides) if side and latents[index] is not None]
+    if chosen:
+        for index, tensors in zip(chosen, flipped.load_batch([records[index] for index in chosen], size)):
+            latents[index] = tensors
+    return latents, sides
 
 
 @dataclass
@@ -293,8 +315,11 @@ class TrainingData:
         size = self.bucket_of[records[0]]
         cache = self.latent_caches[draw.dataset_id]
         latents = cache.load_batch(records, size)
-        kept = [index for index, tensors in enumerate(latents) if tensors is not None]
         role = self.roles.get(draw.dataset_id) or DatasetRole()
+        sides = None
+        if role.flipped is not None:
+            latents, sides = _with_flips(latents, records, size, role.flipped, self.seed, draw.epoch)
+        kept = [index for index, tensors in enumerate(latents) if tensors is not None]
         features: dict[str, list] = {}
         for key, feature_cache in role.features.items():
             if kept:
@@ -333,6 +358,8 @@ class TrainingData:
             batch["frame_rate"] = torch.tensor([cache.clip_frame_rate(r) for r in records], dtype=torch.float32)
         batch["dataset_id"] = draw.dataset_id
         batch["is_regularisation_data"] = role.is_regularisation
+        if sides is not None:
+            batch["flipped"] = [sides[index] for index in kept]
         batch.update(extra)
         return batch
 

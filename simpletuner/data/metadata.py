@@ -239,6 +239,8 @@ def _scan_item(item: SourceItem, cfg: ImageDatasetConfig, backend: Backend, rule
             reason = item.caption_reason
         else:
             raw = caption_variants_for(item.key, cfg, backend, split_lines=rules.split_lines)
+            if raw is None and rules.fallback and cfg.caption_strategy == "textfile":
+                raw = [rules.fallback]  # a folder_repeats subfolder's words
             reason = None if raw is not None else _missing_caption_reason(backend, item.key, cfg)
         captions = rules.apply_all(raw) if raw is not None else ()
         if raw is not None and not captions:

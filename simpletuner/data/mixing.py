@@ -9,6 +9,9 @@ with probability proportional to its weight, among the datasets active at the cu
   dataset is not exhausted ten times slower than a small one unless you ask for it;
 - ``uniform``: weight = ``probability`` alone.
 
+Regularisation (prior-preservation) datasets are drawn the same way; because a batch never mixes
+datasets, the loss side (methods/prior_preservation.py) can weight and retarget whole batches.
+
 Draw number ``n`` uses its own generator seeded by (seed, n), so the choice sequence is a pure
 function of the seed and resuming only needs the draw counter. This module imports without torch.
 """

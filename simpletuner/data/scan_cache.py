@@ -58,6 +58,10 @@ def scan_settings_fingerprint(cfg: ImageDatasetConfig, rules: CaptionRules) -> s
     }
     if cfg.dataset_type == "video":  # another file list (videos); image datasets keep their fingerprint
         parts["dataset_type"] = "video"
+    if rules.shuffle is not None:  # other captions; datasets without it keep their fingerprint
+        parts["caption_shuffle"] = rules.shuffle.describe()
+    if rules.fallback is not None:
+        parts["caption_fallback"] = rules.fallback
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 

@@ -29,6 +29,9 @@ class DatasetConfigError(ConfigError):
 
 # --- choices ---------------------------------------------------------------------------------------
 
+#: ``regularisation_target``: what a regularisation dataset is trained towards (methods/prior_preservation.py).
+REGULARISATION_TARGETS = ("data", "base_model")
+
 #: ``image``: trained on; ``video``: trained on, clips of frames (:mod:`simpletuner.data.video`);
 #: ``conditioning``: paired to image datasets by relative path (masks, control images), never sampled
 #: alone; ``eval``: loaded and cached for evaluation, never trained on; ``text_embeds``: where prompt
@@ -321,6 +324,10 @@ DATASET_KEYS: tuple[DatasetKey, ...] = (
        "[Caption filters](#caption-filters)."),
     _K("disable_multiline_split", "bool", False, "Join the lines of a caption file into one caption instead of "
        "treating each line as a variant (one variant is trained per epoch)."),
+    _K("caption_shuffle", "object", None, "Cache shuffled versions of each caption and train one per epoch: "
+       "`{\"variants\": 4, \"keep_tokens\": 1, \"separator\": \",\", \"seed\": 0}` keeps the first `keep_tokens` "
+       "tags in place and shuffles the rest (kohya's `shuffle_caption` + `keep_tokens`); see [Shuffled captions]"
+       "(#shuffled-captions).", applies_to=("image", "video", "eval")),
     _K("resolution", "number", None, "Training size of this dataset, in the unit of `resolution_type`.",
        minimum=0, exclusive_minimum=True, maximum=MAX_EDGE, inherits="resolution"),
     _K("resolution_type", "optional_str", None, "`pixel` (shorter side in pixels), `pixel_area` (side of a square "
@@ -331,6 +338,9 @@ DATASET_KEYS: tuple[DatasetKey, ...] = (
        choices=CROP_ASPECTS),
     _K("crop_aspect_buckets", "number_list", None, "Aspect ratios (width / height) for `closest` and `random`, e.g. "
        "`[0.75, 1.0, 1.33]`.", minimum=0, exclusive_minimum=True, maximum=MAX_ASPECT_RATIO),
+    _K("random_flip", "bool", False, "Also cache the latents of each image mirrored left to right, and train on "
+       "one or the other by a seeded draw per image and epoch (kohya's `flip_aug`); see [Random flips]"
+       "(#random-flips).", applies_to=("image",)),
     _K("crop_style", "str", "center", "With `crop`: where the crop window sits: `center`, `corner` (top-left) or "
        "`random` (per image, the same on every run).", choices=CROP_STYLES),
     _K("minimum_image_size", "number", None, "Leave out images smaller than this, in the unit of `resolution_type`.",
@@ -356,10 +366,20 @@ DATASET_KEYS: tuple[DatasetKey, ...] = (
        "greater than `start_step`.", minimum=1),
     _K("repeats", "int", 0, "Extra passes per epoch: `0` means each image is seen once per epoch, `2` three times. "
        "See [Too small for the batch](#too-small-for-the-batch).", minimum=0, maximum=MAX_REPEATS),
-    _K("is_regularisation_data", "bool", False, "Mark this dataset's batches as regularisation (prior-preservation) "
-       "data: every batch carries `batch[\"is_regularisation_data\"]` (`true` here, `false` elsewhere) and "
-       "`batch[\"dataset_id\"]`, so a training method can treat them differently.",
+    _K("folder_repeats", "bool", False, "kohya's folder convention: each subfolder named `<N>_<words>` (e.g. `10_sks "
+       "dog`) becomes a dataset of its own that repeats N times, whose images without a caption file are trained on "
+       "`<words>`; see [Folder repeats](#folder-repeats).", applies_to=("image",), backends=("local",)),
+    _K("is_regularisation_data", "bool", False, "Use this dataset for prior preservation (DreamBooth-style class "
+       "images): its batches are drawn at its `probability` like any dataset, never mixed with other datasets in "
+       "one batch, and their loss is multiplied by `--prior_loss_weight`. See `regularisation_target` for what "
+       "they are trained towards.",
        aliases=("is_regularization_data",)),
+    _K("regularisation_target", "str", "data", "What a regularisation dataset's batches are trained towards: "
+       "`data` (the usual denoising target on its images, classic prior preservation) or `base_model` (the frozen "
+       "base model's own prediction for the same noisy input and caption, with the adapter switched off, so the "
+       "adapter keeps the base's behaviour on these prompts; LoRA / LyCORIS only). Needs "
+       "`is_regularisation_data: true`.", choices=REGULARISATION_TARGETS,
+       aliases=("regularization_target",)),
     _K("cache_dir_vae", "optional_str", None, "Where this dataset's latents (and its stored scan) are cached: a "
        "folder, or `s3://bucket/prefix` for a bucket.",
        default_note="`<--cache_dir_vae>/<id>`, else `<--cache_dir>/vae/<id>`"),

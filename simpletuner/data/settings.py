@@ -263,6 +263,12 @@ def check_global_data_options(config, plan=None) -> None:
             if not cfg.disabled:
                 resolve_dataset(cfg, config)
         check_conditioning_sampling(plan, config.conditioning_multidataset_sampling)
+        from simpletuner.methods.prior_preservation import check_regularisation_targets
+
+        check_regularisation_targets(config, plan)
+        from simpletuner.options.controlnet_rules import check_controlnet_datasets
+
+        check_controlnet_datasets(config, plan)  # --controlnet: every trained dataset has control images
 
 
 def check_conditioning_sampling(plan, sampling: str | None) -> None:

@@ -23,11 +23,15 @@ from the resolved config. An estimate has these parts:
 The training peak is the larger of the forward/backward peak (weights + optimizer state + gradients
 that persist between steps + activations) and the optimizer step (weights + optimizer state +
 gradients). Block swap takes the swapped blocks' frozen weights off the accelerator except one block
-at a time.
+at a time; RamTorch its streamed Linear weights except one layer.
 
 Given ``--memory_budget``, :func:`propose` tries combinations of precision, gradient checkpointing,
 text-encoder/VAE offload, block swap and batch size (with gradient accumulation keeping the
 effective batch) and returns the one with the smallest expected slowdown that fits.
+
+:func:`describe` adds two sections from their own modules: per-rank numbers when FSDP2 or ZeRO
+shard the run (:mod:`simpletuner.memory.sharding`; the budget is then checked per rank) and the host
+RAM plan (:mod:`simpletuner.memory.host`).
 """
 
 from __future__ import annotations
@@ -40,16 +44,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from simpletuner.memory.units import format_size, parse_size
-from simpletuner.models.registry import family_info
+from simpletuner.models.registry import FAMILIES, family_info
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U8": 1, "BOOL": 1}
 #: LoRA targets when the family preset cannot be read without torch: the attention projections,
 #: which is every family's default preset.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-#: Text tokens each family's cached prompt holds when ``--tokenizer_max_length`` is unset.
-TEXT_TOKENS = {"sd1x": 77, "sd2x": 77, "sdxl": 77, "kolors": 256, "deepfloyd": 77, "flux": 512, "sd3": 77 + 154,
-               "pixart_sigma": 300}
+#: Text tokens each family's cached prompt holds when ``--tokenizer_max_length`` is unset: a snapshot of
+#: the family table (``PlannerShape.text_tokens`` + ``fixed_text_tokens``); :func:`text_tokens` reads the table.
+TEXT_TOKENS = {name: info.planner.fixed_text_tokens + info.planner.text_tokens
+               for name, info in FAMILIES.items() if info.planner is not None}
 #: Quantized bytes per Linear / Conv2d weight element, scales included (int8: one scale per output row;
 #: 4-bit: one scale per group of 64 or so).
 QUANTIZED_BYTES = {8: 1.02, 4: 0.55, 2: 0.3}
@@ -230,6 +235,8 @@ class PlanSettings:
     use_ema: bool
     ema_on_cpu: bool
     frames: int = 1  # the longest clip of a video dataset (1 for images)
+    ramtorch_percent: int = 0  # --ramtorch: share of the matching Linear layers streamed (0: off)
+    ramtorch_targets: tuple[str, ...] = ()  # --ramtorch_target_modules (empty: every Linear)
 
     @classmethod
     def from_config(cls, config, dataset_plan=None) -> "PlanSettings":
@@ -258,6 +265,8 @@ class PlanSettings:
             text_tokens=text_tokens(config),
             use_ema=bool(config.use_ema), ema_on_cpu=bool(config.ema_cpu_only or config.ema_device == "cpu"),
             frames=training_frames(config, dataset_plan),
+            ramtorch_percent=int(config.ramtorch_transformer_percent or 100) if config.ramtorch else 0,
+            ramtorch_targets=tuple(config.ramtorch_target_modules or ()),
         )
 
 
@@ -296,12 +305,14 @@ def training_edge(config, dataset_plan=None) -> int:
 
 
 def text_tokens(config) -> int:
-    """Text tokens per cached prompt: ``--tokenizer_max_length`` or the family's default (SD3 joins
-    77 CLIP tokens and its T5 tokens)."""
-    length = config.tokenizer_max_length
-    if config.model_family == "sd3":
-        return 77 + int(length or 154)
-    return int(length or TEXT_TOKENS.get(config.model_family, 77))
+    """Text tokens per cached prompt: ``--tokenizer_max_length`` or the family's default, plus the
+    tokens the family always adds (SD3 joins 77 CLIP tokens to its T5 tokens); 77 for a family the
+    table has no planner shape for."""
+    info = FAMILIES.get(config.model_family or "")
+    shape = info.planner if info is not None else None
+    if shape is None:
+        return int(config.tokenizer_max_length or 77)
+    return shape.fixed_text_tokens + int(config.tokenizer_max_length or shape.text_tokens)
 
 
 def _precision_bits(precision: str) -> int | None:
@@ -331,9 +342,20 @@ def optimizer_state_bytes(optimizer: str, param_bytes: int) -> float:
 
 
 def architecture(inventory: ModelInventory) -> str:
+    """Which fitted activation coefficients apply: the ``activation_kind`` the family table gives the
+    denoiser's class (``PlannerShape``), else ``unet`` or ``transformer`` by the class name."""
+    shape = planner_shape(inventory)
+    if shape is not None:
+        return shape.activation_kind
+    return "unet" if "UNet" in inventory.denoiser.config.get("_class_name", "") else "transformer"
+
+
+def planner_shape(inventory: ModelInventory):
+    """The family table's :class:`~simpletuner.models.registry.PlannerShape` for the inventory's denoiser
+    class; None for a class no registered family uses."""
     name = inventory.denoiser.config.get("_class_name", "")
-    return {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
-            "PixArtTransformer2DModel": "pixart"}.get(name, "unet" if "UNet" in name else "transformer")
+    return next((info.planner for info in FAMILIES.values()
+                 if info.planner is not None and info.planner.denoiser_class == name), None)
 
 
 def latent_grid(inventory: ModelInventory, width: int, height: int) -> tuple[int, int, int]:
@@ -344,7 +366,8 @@ def latent_grid(inventory: ModelInventory, width: int, height: int) -> tuple[int
     if "scale_factor_spatial" in vae.config:  # a video VAE (Wan) states its compression
         scale = int(vae.config["scale_factor_spatial"])
         return int(vae.config.get("z_dim", 16)), height // scale, width // scale
-    scale = 2 ** (len(vae.config.get("block_out_channels", [1, 1, 1, 1])) - 1)
+    stages = vae.config.get("block_out_channels") or vae.config.get("encoder_block_out_channels")  # AutoencoderDC
+    scale = 2 ** (len(stages or [1, 1, 1, 1]) - 1)
     return int(vae.config.get("latent_channels", 4)), height // scale, width // scale
 
 
@@ -399,11 +422,11 @@ def activation_shape(inventory: ModelInventory, settings: PlanSettings) -> Activ
         return ActivationShape(image, text, inputs, units)
     patch = config.get("patch_size", 2) or 1
     patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch)  # video transformers: (t, h, w)
-    if kind == "flux":
-        patch = 2  # FLUX packs 2x2 latent cells into one token (its config says patch_size 1)
-        depth = config.get("num_layers", 19) + config.get("num_single_layers", 38)
-    else:
-        depth = config.get("num_layers", 24)
+    shape = planner_shape(inventory)
+    if shape is not None and shape.token_patch:
+        patch = shape.token_patch  # e.g. FLUX packs 2x2 latent cells into one token (its config says patch_size 1)
+    depth_keys = shape.block_count_keys if shape is not None else ("num_layers",)
+    depth = sum(int(config.get(key) or 0) for key in depth_keys) or 24
     width = config.get("num_attention_heads", 24) * config.get("attention_head_dim", 64)
     tokens = (lat_h // patch) * (lat_w // patch) * latent_frames(inventory, settings.frames)
     return ActivationShape(tokens * width * depth, settings.text_tokens * width * depth,
@@ -458,6 +481,21 @@ def _weights(component: ComponentInfo, precision: str, training_bytes: int) -> f
     return quantized * QUANTIZED_BYTES[bits] + (component.parameters - quantized) * training_bytes
 
 
+def _ramtorch_streamed(denoiser: ComponentInfo, settings: PlanSettings, element: int, notes: list[str]) -> float:
+    """Bytes of the denoiser's weights RamTorch keeps in CPU memory instead: the streamed Linear weights,
+    less the largest one (one layer at a time visits the accelerator). The host plan counts them."""
+    if not settings.ramtorch_percent:
+        return 0.0
+    from simpletuner.memory.host import streamed_linear_weights
+
+    streamed = streamed_linear_weights(denoiser, list(settings.ramtorch_targets) or None, settings.ramtorch_percent)
+    if not streamed:
+        return 0.0
+    total = sum(t.numel for t in streamed) * element
+    notes.append(f"RamTorch: {len(streamed)} Linear weights ({format_size(total)}) wait in CPU memory")
+    return total - max(t.numel for t in streamed) * element
+
+
 def lora_parameters(component: ComponentInfo, targets: tuple[str, ...], rank: int) -> int:
     count = 0
     for tensor in component.linear_weights():
@@ -481,7 +519,7 @@ def estimate(inventory: ModelInventory, settings: PlanSettings) -> MemoryEstimat
         per_block = [p * training_bytes for _, p, _ in blocks]
         swapped = sum(per_block) - max(per_block, default=0)  # one block at a time visits the accelerator
         notes.append(f"block swap: {len(blocks)} blocks ({format_size(sum(per_block))}) wait in CPU memory")
-    parts["denoiser weights"] = denoiser_weights - swapped
+    parts["denoiser weights"] = denoiser_weights - swapped - _ramtorch_streamed(denoiser, settings, training_bytes, notes)
     encoders = inventory.text_encoders()
     encoder_weights = sum(_weights(c, settings.text_encoder_precisions[index] if index < 4 else "no_change", training_bytes)
                           for index, c in enumerate(encoders.values()))
@@ -500,9 +538,12 @@ def estimate(inventory: ModelInventory, settings: PlanSettings) -> MemoryEstimat
         trainable = denoiser.parameters
         trainable_bytes = training_bytes
     if settings.train_text_encoder:
-        encoder_params = sum(c.parameters for c in encoders.values())
+        # only the encoders the family trains (SD3's and FLUX's T5 stays frozen)
+        info = FAMILIES.get(inventory.family)
+        trained = {n: c for n, c in encoders.items() if info is None or n in info.text_encoders}
+        encoder_params = sum(c.parameters for c in trained.values())
         trainable += (sum(lora_parameters(c, ("q_proj", "k_proj", "v_proj", "out_proj"), settings.lora_rank)
-                          for c in encoders.values()) if settings.model_type == "lora" else encoder_params)
+                          for c in trained.values()) if settings.model_type == "lora" else encoder_params)
     gradients = trainable * trainable_bytes
     optimizer = trainable * optimizer_state_bytes(settings.optimizer, trainable_bytes)
     parts["optimizer state"] = optimizer
@@ -618,8 +659,12 @@ def propose(inventory: ModelInventory, base: PlanSettings, budget: int, config=N
 # --- the report ----------------------------------------------------------------------------------
 
 
-def describe(config, budget: str | None = None, dataset_plan=None) -> str:
-    """The text ``simpletuner plan-memory`` and ``--dry-run`` print (``dataset_plan``: the run's checked list)."""
+def describe(config, budget: str | None = None, dataset_plan=None, host_ram: int | None = None,
+             machines: int = 1) -> str:
+    """The text ``simpletuner plan-memory`` and ``--dry-run`` print (``dataset_plan``: the run's checked list):
+    the accelerator estimate, the per-rank numbers under FSDP2 / ZeRO (memory/sharding.py) and the host
+    RAM plan (memory/host.py; ``host_ram`` replaces the RAM of the machine it runs on, ``machines`` is the
+    launcher's machine count, over which ``--num_processes`` is spread)."""
     try:
         inventory = read_inventory(config)
     except (FileNotFoundError, OSError, ValueError) as error:
@@ -635,11 +680,16 @@ def describe(config, budget: str | None = None, dataset_plan=None) -> str:
              + (", gradient checkpointing" if settings.gradient_checkpointing else "")]
     lines += result.table()
     lines += [f"  note: {note}" for note in result.notes]
+    from simpletuner.memory.sharding import plan_sharding
+
+    sharding = plan_sharding(result, inventory, config)
     budget = budget if budget is not None else config.memory_budget
     if budget:
         limit = parse_size(budget)
         if result.peak <= limit:
             lines.append(f"  fits in {format_size(limit)} as configured")
+        elif sharding is not None and max(sharding.training_peak, result.startup_peak) <= limit:
+            lines.append(f"  fits in {format_size(limit)} per rank as configured ({sharding.engine}, see below)")
         else:
             proposal = propose(inventory, settings, limit, config)
             if proposal is None:
@@ -649,4 +699,12 @@ def describe(config, budget: str | None = None, dataset_plan=None) -> str:
                 lines.append(f"  to fit in {format_size(limit)}: {proposal.flags()}")
                 lines.append(f"    estimated peak {format_size(proposal.estimate.peak)}, about "
                              f"{proposal.cost:.2f}x the step time")
+    if sharding is not None:
+        lines += sharding.lines()
+    from simpletuner.memory.host import plan_host
+    from simpletuner.memory.sharding import shard_degree
+
+    host = plan_host(inventory, settings, config, dataset_plan, shards=shard_degree(config), ram=host_ram,
+                     machines=machines)
+    lines += host.lines()
     return "\n".join(lines)

@@ -37,7 +37,12 @@ def method_names() -> list[str]:
 
 
 def build_method(name: str, model, config):
-    """The method ``name`` for this run's model and config."""
+    """The method ``name`` for this run's model and config. ``--controlnet`` runs SFT through a trained
+    ControlNet (simpletuner/methods/controlnet.py) in place of plain SFT."""
+    if name == "sft" and config.controlnet:
+        from simpletuner.methods.controlnet import build as build_controlnet
+
+        return build_controlnet(model, config)
     if name in _registered:
         return _registered[name](model, config)
     if name not in BUILTIN_METHODS:

@@ -38,6 +38,27 @@ class CleanFirstFrame:
     noise_level: float = 0.0
 
 
+class ComponentLoading:
+    """How a family's components come off disk: diffusers' / transformers' own ``from_pretrained`` and
+    ``from_single_file``, unchanged.
+
+    Why a class: quantized loading (``--quantize_via pipeline``, GGUF denoisers) needs to add
+    arguments to exactly the calls of one model while it loads. :func:`simpletuner.models.quantize.load_model`
+    hands that model a :class:`~simpletuner.models.quantize.QuantizedLoading` for the length of its
+    ``load()``; the library classes themselves are never touched, so another model loading in the
+    same process is unaffected.
+    """
+
+    def from_pretrained(self, family: "ModelFamily", role: str | None, model_class: Any, path: str, **kwargs):
+        """``model_class.from_pretrained(path, **kwargs)``; ``role`` names the component (see
+        :meth:`ModelFamily.load_component`) for loaders that treat some components differently."""
+        return model_class.from_pretrained(path, **kwargs)
+
+    def from_single_file(self, family: "ModelFamily", role: str | None, model_class: Any, file: str, **kwargs):
+        """``model_class.from_single_file(file, **kwargs)`` (an original checkpoint diffusers converts)."""
+        return model_class.from_single_file(file, **kwargs)
+
+
 class ModelFamily(ABC):
     """Owns the components of one model and the operations the trainer needs on them."""
 
@@ -58,6 +79,8 @@ class ModelFamily(ABC):
         self.device = device
         self.weight_dtype = weight_dtype
         self.denoiser: torch.nn.Module | None = None
+        #: How :meth:`load_component` loads; swapped per model (never per library class) for quantized loading.
+        self.loading: ComponentLoading = ComponentLoading()
 
     # --- identity ------------------------------------------------------------------------------
 
@@ -254,6 +277,94 @@ class ModelFamily(ABC):
     def save_full(self, folder: Path, denoiser: torch.nn.Module) -> Path:
         """Write a complete pipeline folder with ``denoiser`` in place of the base one."""
 
+    # --- ControlNet (--controlnet: models/controlnet.py, methods/controlnet.py) ----------------------
+    # A family that lists ``controlnet_class`` in its FamilyInfo implements these three; the config
+    # rules refuse ``--controlnet`` for every other family before a model loads.
+
+    #: the ControlNet a ``--controlnet`` run trains (set by methods/controlnet.py), None otherwise
+    controlnet: torch.nn.Module | None = None
+
+    def controlnet_from_denoiser(self, overrides: dict[str, Any] | None) -> torch.nn.Module:
+        """A new ControlNet initialised from the denoiser, its config overridden by ``overrides``."""
+        raise NotImplementedError(f"{self.family} has no ControlNet support")
+
+    def controlnet_predict(self, controlnet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                           text: dict[str, torch.Tensor], control_pixels: torch.Tensor,
+                           batch: dict | None = None) -> torch.Tensor:
+        """:meth:`predict` with ``controlnet``'s residuals added, conditioned on ``control_pixels``
+        (B, 3, H, W) in [-1, 1]; fed exactly as the family's diffusers ControlNet pipeline feeds them."""
+        raise NotImplementedError(f"{self.family} has no ControlNet support")
+
+    def controlnet_pipeline(self, controlnet: torch.nn.Module, denoiser: torch.nn.Module | None = None):
+        """The family's diffusers ControlNet pipeline around ``controlnet`` (validation)."""
+        raise NotImplementedError(f"{self.family} has no ControlNet support")
+
+    def controlnet_image_argument(self) -> str:
+        """The name under which the ControlNet (or ``--control``) pipeline's ``__call__`` takes the control image."""
+        return "image"
+
+    # --- loading components ------------------------------------------------------------------------
+    # Family files load every model component through these methods rather than calling
+    # ``SomeClass.from_pretrained`` themselves, so quantized loading (quantize.QuantizedLoading) reaches
+    # every family without the family knowing about it.
+
+    def component_loading(self) -> ComponentLoading:
+        """The loader in effect for this model (a family built without ``ModelFamily.__init__`` gets the plain one)."""
+        return getattr(self, "loading", None) or ComponentLoading()
+
+    def load_component(self, role: str | None, model_class: Any, path: str, **kwargs):
+        """One model component from a folder or hub id: ``model_class.from_pretrained(path, **kwargs)``
+        through this model's loader. ``role`` is what the component is to quantization: ``"denoiser"``,
+        a text encoder's pipeline name (``"text_encoder"``, ``"text_encoder_2"``, ...), or anything
+        else (``"vae"``, None) for components that are never quantized."""
+        return self.component_loading().from_pretrained(self, role, model_class, path, **kwargs)
+
+    def load_denoiser(self, model_class: Any, path: str, **kwargs):
+        """The trained network (UNet or transformer), see :meth:`load_component`. ``path`` may also be
+        a ``.gguf`` file, or a folder whose denoiser subfolder holds one (loaded quantized)."""
+        return self.load_component("denoiser", model_class, path, **kwargs)
+
+    def load_text_encoder(self, name: str, model_class: Any, path: str, **kwargs):
+        """Text encoder ``name`` (its pipeline component name, which ``--text_encoder_N_precision`` refers to)."""
+        return self.load_component(name, model_class, path, **kwargs)
+
+    def load_single_file_component(self, role: str | None, model_class: Any, file: str, **kwargs):
+        """A component from one original checkpoint file (``model_class.from_single_file``)."""
+        return self.component_loading().from_single_file(self, role, model_class, file, **kwargs)
+
+    def place(self, module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """Move a loaded component to ``self.device`` and, given ``dtype``, cast it. A component the
+        loader quantized (``hf_quantizer`` set) keeps the dtype it was loaded in: diffusers refuses to
+        cast a quantized model, and its unquantized parts were loaded in the right type already."""
+        if dtype is not None and getattr(module, "hf_quantizer", None) is None:
+            return module.to(self.device, dtype=dtype)
+        return module.to(self.device)
+
+    def place_in_weight_dtype(self, modules: list[torch.nn.Module], vae: torch.nn.Module | None = None) -> None:
+        """:meth:`place` each module in ``self.weight_dtype``; the ``vae`` stays fp32 below bf16
+        (fp16 SD-style VAEs overflow), see :func:`simpletuner.models.components.vae_dtype`."""
+        from simpletuner.models.components import vae_dtype
+
+        for module in modules:
+            self.place(module, vae_dtype(self.weight_dtype) if module is vae else self.weight_dtype)
+
+    def load_single_file_pipeline(self, pipeline_class: Any, needs: str = "the diffusers configs",
+                                  errors: tuple[type[BaseException], ...] = (OSError, ValueError)):
+        """A whole pipeline from one original checkpoint (``--pretrained_model_name_or_path`` a file).
+
+        A single file holds weights only; diffusers takes the component configs (and whatever the
+        file lacks) from the flavour's hub folder, read from the local Hugging Face cache when
+        offline. A source it cannot read becomes one message naming the file, what it ``needs`` and
+        the option that picks another source."""
+        config_source = self.info.flavours[self.config.model_flavour or self.info.default_flavour]
+        try:
+            return pipeline_class.from_single_file(self.model_path, config=config_source)
+        except errors as error:
+            raise RuntimeError(
+                f"{self.model_path}: a single-file checkpoint needs {needs} of {config_source} "
+                f"(pick another with --model_flavour), which could not be loaded: {error}"
+            ) from error
+
     # --- shared helpers ----------------------------------------------------------------------------
 
     def vae_scale_factor(self) -> int:
@@ -268,9 +379,9 @@ class ModelFamily(ABC):
         if self.config.pretrained_vae_model_name_or_path:
             vae_path = self.config.pretrained_vae_model_name_or_path
             subfolder = "vae" if (Path(vae_path) / "vae").is_dir() else None
-            return AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder)
-        return AutoencoderKL.from_pretrained(path, subfolder="vae", revision=self.config.revision,
-                                             variant=self.config.variant)
+            return self.load_component("vae", AutoencoderKL, vae_path, subfolder=subfolder)
+        return self.load_component("vae", AutoencoderKL, path, subfolder="vae", revision=self.config.revision,
+                                   variant=self.config.variant)
 
     def pixels_per_token(self) -> int:
         """Pixels per side of one denoiser input position: a latent cell, or for transformers that

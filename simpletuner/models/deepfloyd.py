@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from simpletuner.models.base import ModelFamily
+from simpletuner.models.components import component_source, load_t5
 from simpletuner.objectives.targets import configure_training_scheduler, inference_scheduler_overrides
 
 logger = logging.getLogger(__name__)
@@ -115,39 +116,29 @@ class DeepFloydIF(ModelFamily):
                 "DeepFloyd stage II upscales a low-resolution image, and validation has no image to give it; "
                 "remove --validation_prompt (the trained LoRA or pipeline still loads in IFSuperResolutionPipeline)"
             )
-        self.text_encoder.to(self.device, dtype=self.weight_dtype)
-        self.unet.to(self.device)  # loaded in the weight dtype already
+        self.place(self.text_encoder, self.weight_dtype)
+        self.place(self.unet)  # loaded in the weight dtype already
         self.denoiser = self.unet
         self.freeze_encoders()
 
-    def _source(self, override: str | None, component: str) -> tuple[str, str | None, dict[str, Any]]:
-        """(path, subfolder, from_pretrained extras) of a component: ``override`` when given (its
-        ``component`` subfolder when it is a pipeline folder), else the base model's subfolder."""
-        if override:
-            if Path(override).is_dir():
-                return override, component if (Path(override) / component).is_dir() else None, {}
-            return override, component, {}  # a hub id: a pipeline repository, like the base model
-        return self.model_path, component, {"revision": self.config.revision}
-
     def _load_t5(self):
-        from transformers import AutoTokenizer, T5EncoderModel
+        """T5 from the base model or ``--pretrained_t5_model_name_or_path`` (components.load_t5)."""
+        from transformers import AutoTokenizer
 
-        path, subfolder, extra = self._source(self.config.pretrained_t5_model_name_or_path, "text_encoder")
-        tokenizer_folder = "tokenizer" if subfolder else None
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder=tokenizer_folder, **extra)
-        if self.config.variant and not self.config.pretrained_t5_model_name_or_path:
-            extra["variant"] = self.config.variant
-        return tokenizer, T5EncoderModel.from_pretrained(path, subfolder=subfolder, **extra)
+        return load_t5(self, tokenizer_class=AutoTokenizer)
 
     def _load_unet(self):
+        """The UNet from the base model, or ``--pretrained_unet_model_name_or_path`` (a pipeline folder
+        or the UNet's own folder) / ``--pretrained_unet_subfolder``."""
         from diffusers import UNet2DConditionModel
 
-        path, subfolder, extra = self._source(self.config.pretrained_unet_model_name_or_path, "unet")
+        override = self.config.pretrained_unet_model_name_or_path
+        path, subfolder = component_source(override, "unet") if override else (self.model_path, "unet")
         if self.config.pretrained_unet_subfolder:
             subfolder = self.config.pretrained_unet_subfolder
-        if self.config.variant and not self.config.pretrained_unet_model_name_or_path:
-            extra["variant"] = self.config.variant
-        return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, torch_dtype=self.weight_dtype, **extra)
+        extra = {} if override else self.base_source()
+        return self.load_denoiser(UNet2DConditionModel, path, subfolder=subfolder, torch_dtype=self.weight_dtype,
+                                  **extra)
 
     def _load_image_noising_scheduler(self):
         from diffusers import DDPMScheduler

@@ -192,6 +192,10 @@ class Flux(ModelFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.transformer = self._load_transformer()  # first: a bad single file fails before the 10 GB of T5
+        if self.config.control:  # --control: room for the control tokens in the input (models/flux_control.py)
+            from simpletuner.models.flux_control import widen_input_embedding
+
+            widen_input_embedding(self.transformer)
         self.tokenizer, self.text_encoder = self._load_clip()
         self.tokenizer_2, self.text_encoder_2 = self._load_t5()
         self.vae = self._load_vae()
@@ -231,8 +235,8 @@ class Flux(ModelFamily):
 
         tokenizer = CLIPTokenizer.from_pretrained(self.config_source, subfolder="tokenizer",
                                                   **self.base_source(weights=False))
-        encoder = CLIPTextModel.from_pretrained(self.config_source, subfolder="text_encoder", dtype=self.weight_dtype,
-                                                **self.base_source())
+        encoder = self.load_text_encoder("text_encoder", CLIPTextModel, self.config_source, subfolder="text_encoder",
+                                         dtype=self.weight_dtype, **self.base_source())
         return tokenizer, encoder
 
     @property
@@ -266,16 +270,26 @@ class Flux(ModelFamily):
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """CLIP's pooled output, T5's hidden states and T5's attention mask, tokenized like the
         pipeline (T5 without an attention mask inside the encoder, as ``FluxPipeline`` runs it)."""
+        return self.text_conditioning(prompts)
+
+    def text_conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """:meth:`encode_prompts` with gradients flowing into CLIP-L, the encoder ``--train_text_encoder``
+        trains (as diffusers' and kohya's FLUX scripts do); T5 always runs without gradients."""
         clip = self.tokenizer(prompts, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
                               return_tensors="pt")
         pooled = self.text_encoder(clip.input_ids.to(self.device), output_hidden_states=False).pooler_output
         tokens = self.tokenizer_2(prompts, padding="max_length", max_length=self.text_settings["t5_tokens"],
                                   truncation=True, return_tensors="pt")
         mask = tokens.attention_mask.to(self.device)
-        embeds = self.text_encoder_2(tokens.input_ids.to(self.device), output_hidden_states=False)[0]
+        with torch.no_grad():
+            embeds = self.text_encoder_2(tokens.input_ids.to(self.device), output_hidden_states=False)[0]
         if self.text_settings["t5_padding"] == "zero":
             embeds = embeds * mask.to(embeds.dtype).unsqueeze(-1)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled.to(embeds.dtype), "attention_mask": mask}
+
+    def trainable_text_encoders(self) -> dict[str, torch.nn.Module]:
+        """CLIP-L, whose pooled output conditions every block; T5 stays frozen."""
+        return {"text_encoder": self.text_encoder}
 
     def training_guidance(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
         """The guidance embedding input for a batch; None for transformers without one."""
@@ -289,6 +303,11 @@ class Flux(ModelFamily):
         count, channels, height, width = noisy_latents.shape
         dtype, device = noisy_latents.dtype, noisy_latents.device
         tokens = FluxPipeline._pack_latents(noisy_latents, count, channels, height, width)
+        if self.config.control:  # --control: each token carries the control image's cells after its own
+            from simpletuner.methods.controlnet import control_pixels_of
+            from simpletuner.models.flux_control import control_tokens
+
+            tokens = torch.cat([tokens, control_tokens(self, control_pixels_of(batch), dtype)], dim=2)
         image_ids = FluxPipeline._prepare_latent_image_ids(count, height // 2, width // 2, device, dtype)
         embeds = text["prompt_embeds"]
         text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
@@ -320,6 +339,10 @@ class Flux(ModelFamily):
         )
 
     def build_pipeline(self, denoiser: torch.nn.Module | None = None):
+        if self.config.control:  # --control: diffusers' own control pipeline, given ``control_image``
+            from simpletuner.models.flux_control import validation_pipeline_class
+
+            return validation_pipeline_class()(**self._components(denoiser))
         pipeline = FluxValidationPipeline(**self._components(denoiser))
         pipeline.family = self
         return pipeline
@@ -334,8 +357,11 @@ class Flux(ModelFamily):
         return {} if real is None else {"true_cfg_scale": float(real)}
 
     def validation_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """:meth:`encode_prompts` for validation, each distinct prompt encoded once per run (the
-        text encoders never train here, so the embeds cannot go stale)."""
+        """:meth:`encode_prompts` for validation, each distinct prompt encoded once per run while the
+        text encoders stay frozen; with ``--train_text_encoder`` every validation encodes afresh, so
+        the images show the encoder as trained so far."""
+        if self.config.train_text_encoder:
+            self._validation_prompts.clear()
         missing = [p for p in dict.fromkeys(prompts) if p not in self._validation_prompts]
         if missing:
             encoded = self.encode_prompts(missing)
@@ -350,10 +376,30 @@ class Flux(ModelFamily):
 
     def save_lora(self, folder: Path, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any],
                   text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+        """``FluxPipeline.save_lora_weights``: ``transformer.*`` and, with ``--train_text_encoder``,
+        CLIP-L's ``text_encoder.*`` keys, the layout ``FluxPipeline.load_lora_weights`` reads."""
         # add_lora records dropout 0 in the config, so images made after load_lora_weights are deterministic
-        return save_transformer_lora(self, FluxPipeline, folder, lora_state, metadata, text_encoder_states)
+        clip_state = (text_encoder_states or {}).get("text_encoder")
+        if not clip_state:
+            return save_transformer_lora(self, FluxPipeline, folder, lora_state, metadata, text_encoder_states)
+        from simpletuner.models.sdxl import inference_lora_config
+
+        FluxPipeline.save_lora_weights(
+            folder, transformer_lora_layers=lora_state, safe_serialization=True,
+            transformer_lora_adapter_metadata=metadata.get("lora_config"), text_encoder_lora_layers=clip_state,
+            text_encoder_lora_adapter_metadata=inference_lora_config(metadata.get("text_encoder_lora_config")))
+        return folder / "pytorch_lora_weights.safetensors"
+
+    def controlnet_image_argument(self) -> str:
+        return "control_image"  # FluxControlPipeline's name for it (--control)
 
     def save_full(self, folder: Path, denoiser: torch.nn.Module) -> Path:
+        """A ``FluxPipeline`` folder, or with ``--control`` a ``FluxControlPipeline`` one."""
+        if self.config.control:
+            from diffusers import FluxControlPipeline
+
+            FluxControlPipeline(**self._components(denoiser)).save_pretrained(folder, safe_serialization=True)
+            return folder
         FluxPipeline(**self._components(denoiser)).save_pretrained(folder, safe_serialization=True)
         return folder
 

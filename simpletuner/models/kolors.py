@@ -52,8 +52,8 @@ class Kolors(StableDiffusionXL):
 
         source = dict(revision=self.config.revision)
         self.tokenizer = ChatGLMTokenizer.from_pretrained(path, subfolder="tokenizer", **source)
-        self.text_encoder = ChatGLMModel.from_pretrained(path, subfolder="text_encoder", variant=self.config.variant,
-                                                         **source)
+        self.text_encoder = self.load_text_encoder("text_encoder", ChatGLMModel, path, subfolder="text_encoder",
+                                                   variant=self.config.variant, **source)
         self.tokenizer_2 = self.text_encoder_2 = None
 
     def pooled_width(self) -> int:

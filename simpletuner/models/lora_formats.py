@@ -6,7 +6,7 @@ Three layouts exist:
   ``<component>.<module path>.lora_A.weight`` / ``.lora_B.weight`` (``.lora_magnitude_vector`` with
   DoRA), the adapter config (rank, alpha, targets) in the ``lora_adapter_metadata`` of the file.
 * ``comfyui``: what ComfyUI's own loader maps completely. Its names differ per family, so each family
-  declares a :class:`ComfyNaming` in :data:`COMFYUI_NAMING`. For UNet families that is kohya's layout
+  declares a :class:`ComfyNaming` in its ``FamilyInfo.comfy_naming`` (the family table). For UNet families that is kohya's layout
   (``lora_unet_<module path, dots as underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
   text encoders ``lora_te_`` or ``lora_te1_``/``lora_te2_``), which diffusers' ``load_lora_weights`` reads
   too. ``diffusion_model.`` + diffusers module names is *not* such a layout: ComfyUI maps native names
@@ -14,7 +14,7 @@ Three layouts exist:
 * ``lycoris``: LyCORIS' own ``lycoris_<module path with underscores>.<algo tensors>`` (``hada_w1_a``,
   ``lokr_w1``, ...), written and read by the lycoris package.
 
-With ``--lora_format`` unset, families in :data:`LOADS_EVERYWHERE` write the ``comfyui`` layout, the one
+With ``--lora_format`` unset, families whose ComfyUI layout also loads in diffusers (``loads_everywhere``) write the ``comfyui`` layout, the one
 file both diffusers and ComfyUI load completely at the trained strength; the others write ``diffusers``.
 
 The converters only ever look names up in the live model's module tree: a key that names no module is
@@ -25,9 +25,13 @@ an error, never silently dropped. This module imports torch lazily; :data:`COMFY
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from simpletuner.models.lora_naming import (CLIP_ROOTS, KOHYA_SD, KOHYA_SUFFIXES, PEFT_SUFFIXES,  # noqa: F401
+                                          WAN_NATIVE_NAMES, ComfyNaming)
+from simpletuner.models.registry import FAMILIES
 
 LORA_FORMATS = ("diffusers", "comfyui")
 
@@ -38,98 +42,35 @@ META_CONFIG = "simpletuner_lora_config"  # JSON: the adapter config (rank, alpha
 
 #: Tensor-name endings only LyCORIS writes (LoHa, LoKr, full, IA3, norms).
 LYCORIS_MARKERS = (".hada_", ".lokr_", ".diff", ".diff_b", ".on_input", ".w_norm", ".b_norm", ".oft_", ".scalar")
-PEFT_SUFFIXES = {"lora_A.weight": "down", "lora_B.weight": "up"}
-KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up"}
 
 
 class LoraFormatError(ValueError):
     """A LoRA file that does not fit the model (unknown keys, wrong layout); the message names the file."""
 
 
-@dataclass(frozen=True)
-class ComfyNaming:
-    """How a family's adapter keys are named in the layout ComfyUI loads.
-
-    Attributes:
-        prefixes: pipeline component name (``unet``, ``transformer``, ``text_encoder``) -> key prefix.
-        style: ``kohya``: ``<prefix>_<path with . as _>.lora_down.weight`` / ``.lora_up.weight``;
-            ``dotted``: ``<prefix>.<path>.lora_A.weight`` / ``.lora_B.weight``. Both write ``.alpha``.
-        renames: ``(diffusers fragment, native fragment)`` pairs applied to module paths, for families
-            whose native checkpoint names differ from diffusers' (e.g. Wan's ``attn1.to_q`` ->
-            ``self_attn.q``). Applied in order when saving, in reverse when loading.
-    """
-
-    prefixes: Mapping[str, str]
-    style: str = "kohya"
-    renames: tuple[tuple[str, str], ...] = field(default=())
-    roots: Mapping[str, str] = field(default_factory=dict)
-
-    def rooted_path(self, component: str, path: str, module) -> str:
-        """``path`` under the component's declared root module when the live model lacks that level.
-
-        ComfyUI names CLIP text-encoder weights ``text_model.encoder.layers...``; transformers 5's
-        ``CLIPTextModel`` no longer has the ``text_model`` level (``CLIPTextModelWithProjection`` still
-        does), so its module paths start at ``encoder.``. The file must carry ComfyUI's names either way.
-        """
-        root = self.roots.get(component)
-        if not root or module is None or hasattr(module, root):
-            return path
-        return f"{root}.{path}"
-
-    @property
-    def suffixes(self) -> dict[str, str]:
-        return dict(KOHYA_SUFFIXES) if self.style == "kohya" else dict(PEFT_SUFFIXES)
-
-    def module_key(self, component: str, path: str) -> str:
-        for diffusers_name, native_name in self.renames:
-            path = path.replace(diffusers_name, native_name)
-        prefix = self.prefixes[component]
-        return f"{prefix}_{path.replace('.', '_')}" if self.style == "kohya" else f"{prefix}.{path}"
+#: Family -> its ComfyUI naming, derived from the family table (``FamilyInfo.comfy_naming``). A family
+#: without one cannot use ``--lora_format comfyui`` (config validation says so). Code that must see the
+#: live table (tests that register a family) calls :func:`comfyui_naming`.
+COMFYUI_NAMING: dict[str, ComfyNaming] = {name: info.comfy_naming for name, info in FAMILIES.items()
+                                          if info.comfy_naming is not None}
 
 
-#: CLIP text encoders: ComfyUI's key map names their layers under ``text_model.`` (see ``rooted_path``).
-CLIP_ROOTS = {"text_encoder": "text_model", "text_encoder_2": "text_model"}
+def comfyui_naming(family: str | None) -> ComfyNaming | None:
+    """The ComfyUI naming the family table gives ``family`` (None: no ComfyUI layout)."""
+    info = FAMILIES.get(family or "")
+    return info.comfy_naming if info is not None else None
 
-KOHYA_SD = ComfyNaming({"unet": "lora_unet", "text_encoder": "lora_te"}, roots=CLIP_ROOTS)
 
-#: Wan's diffusers module names -> the original checkpoint's (ComfyUI's) names inside each block. The
-#: longer ``to_out.0`` comes before the projections so no rename rewrites another's result.
-WAN_NATIVE_NAMES = (
-    ("attn1.to_out.0", "self_attn.o"), ("attn1.to_q", "self_attn.q"), ("attn1.to_k", "self_attn.k"),
-    ("attn1.to_v", "self_attn.v"), ("attn2.to_out.0", "cross_attn.o"), ("attn2.to_q", "cross_attn.q"),
-    ("attn2.to_k", "cross_attn.k"), ("attn2.to_v", "cross_attn.v"), ("attn2.add_k_proj", "cross_attn.k_img"),
-    ("attn2.add_v_proj", "cross_attn.v_img"), ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
-)
+def loads_everywhere(family: str | None) -> bool:
+    """Whether the family's ComfyUI-layout file also loads completely in diffusers (alpha included), so
+    it is the default layout (``FamilyInfo.comfy_loads_in_diffusers``; checked in
+    tests/adapters/test_load_everywhere.py against diffusers and ComfyUI's recorded key map)."""
+    info = FAMILIES.get(family or "")
+    return bool(info is not None and info.comfy_naming is not None and info.comfy_loads_in_diffusers)
 
-#: Family -> its ComfyUI naming. A family without an entry cannot use ``--lora_format comfyui`` (config
-#: validation says so). Add one line here when a family's layout is known (see STACK.md for the ones
-#: checked against ComfyUI; Wan, for example, wants native names under ``diffusion_model.``, a
-#: ``dotted`` naming with ``renames``).
-COMFYUI_NAMING: dict[str, ComfyNaming] = {
-    "sd1x": KOHYA_SD,
-    "sd2x": KOHYA_SD,
-    # SDXL: kohya names per STACK.md; diffusers loads them (tests/adapters/test_adapter_types.py)
-    "sdxl": ComfyNaming({"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
-                        roots=CLIP_ROOTS),
-    # ComfyUI's model_lora_keys_unet maps `transformer.<diffusers path>` for PixArt (its "default
-    # format"); the comfyui layout adds the `.alpha` tensors ComfyUI needs when alpha != rank.
-    "pixart_sigma": ComfyNaming({"transformer": "transformer"}, style="dotted"),
-    # Flux: ComfyUI and diffusers both load `transformer.<diffusers path>` with lora_A/lora_B (STACK.md)
-    "flux": ComfyNaming({"transformer": "transformer"}, style="dotted"),
-    # Wan: ComfyUI maps only the native names under `diffusion_model.` (`blocks.N.self_attn.q`, `cross_attn.k_img`,
-    # `ffn.0`, ...); diffusers converts that layout back on load (STACK.md)
-    "wan": ComfyNaming({"transformer": "diffusion_model"}, style="dotted", renames=WAN_NATIVE_NAMES),
-    # LTX-Video: ComfyUI maps `diffusion_model.<native path>`; native block names equal diffusers' (attn1.to_q,
-    # ff.net.2, ...), only the patch and timestep embedders differ
-    "ltxvideo": ComfyNaming({"transformer": "diffusion_model"}, style="dotted",
-                            renames=(("proj_in", "patchify_proj"), ("time_embed", "adaln_single"))),
-}
 
-#: Families whose ComfyUI layout diffusers' ``load_lora_weights`` also reads completely, alpha included
-#: (kohya names for the SD UNets and CLIP encoders, ``transformer.<path>`` + ``.alpha`` for Flux). Their
-#: files are written in that layout unless ``--lora_format`` says otherwise, so one file works in both.
-#: Checked in tests/adapters/test_load_everywhere.py against diffusers and ComfyUI's recorded key map.
-LOADS_EVERYWHERE = frozenset({"sd1x", "sd2x", "sdxl", "flux"})
+#: The families :func:`loads_everywhere` is true for, derived from the family table.
+LOADS_EVERYWHERE = frozenset(name for name in FAMILIES if loads_everywhere(name))
 
 
 def default_lora_format(family: str | None, lora_type: str | None = "standard", use_dora: bool = False) -> str:
@@ -138,7 +79,7 @@ def default_lora_format(family: str | None, lora_type: str | None = "standard", 
     DoRA magnitudes have no place in the ComfyUI layout, and LyCORIS files keep LyCORIS' own names
     (diffusers reads no LyCORIS at all), so both stay ``diffusers``.
     """
-    if family in LOADS_EVERYWHERE and not use_dora and (lora_type or "standard") != "lycoris":
+    if loads_everywhere(family) and not use_dora and (lora_type or "standard") != "lycoris":
         return "comfyui"
     return "diffusers"
 
@@ -383,7 +324,8 @@ def _has_prefix(key: str, prefixes: tuple[str, ...], style: str) -> bool:
 def guess_naming(keys: list[str], components: list[str]) -> ComfyNaming | None:
     """The declared ComfyUI naming whose prefixes for ``components`` match the most keys."""
     best, best_hits = None, 0
-    for naming in {id(n): n for n in COMFYUI_NAMING.values()}.values():
+    namings = (info.comfy_naming for info in FAMILIES.values() if info.comfy_naming is not None)
+    for naming in {id(n): n for n in namings}.values():
         prefixes = tuple(naming.prefixes[c] for c in components if c in naming.prefixes)
         hits = sum(_has_prefix(k, prefixes, naming.style) for k in keys) if prefixes else 0
         if hits > best_hits:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from simpletuner.models.base import ModelFamily, checkpoint_every_nth_block
-from simpletuner.models.components import component_source
+from simpletuner.models.components import component_source, load_t5
 from simpletuner.objectives.targets import configure_training_scheduler, inference_scheduler_overrides
 
 logger = logging.getLogger(__name__)
@@ -77,34 +77,18 @@ class PixArtSigma(ModelFamily):
         self.transformer = self._load_transformer()
         self.vae = self.load_vae(self.model_path)
         self._load_schedulers()
-        for module in (self.text_encoder, self.vae, self.transformer):
-            # the VAE stays fp32 below bf16 (fp16 VAEs overflow), as for the other SD-VAE families
-            half_vae = module is self.vae and self.weight_dtype not in (torch.float32, torch.bfloat16)
-            module.to(self.device, dtype=torch.float32 if half_vae else self.weight_dtype)
+        self.place_in_weight_dtype([self.text_encoder, self.vae, self.transformer], vae=self.vae)
         self.denoiser = self.transformer
         self.freeze_encoders()
         logger.info("pixart_sigma text: %d T5 tokens (padding %s)", self.text_settings["max_tokens"],
                     self.text_settings["t5_padding"])
 
-    def _base_source(self) -> dict[str, Any]:
-        return dict(revision=self.config.revision)
-
     def _load_text_encoder(self):
         """T5 tokenizer and encoder from the base model, or from ``--pretrained_t5_model_name_or_path``
         (a pipeline folder with ``tokenizer``/``text_encoder`` subfolders, or a plain T5 folder)."""
-        from transformers import T5EncoderModel, T5Tokenizer
+        from transformers import T5Tokenizer
 
-        override = self.config.pretrained_t5_model_name_or_path
-        if override:
-            path, encoder_folder = component_source(override, "text_encoder")
-            _, tokenizer_folder = component_source(override, "tokenizer")
-            tokenizer = T5Tokenizer.from_pretrained(path, subfolder=tokenizer_folder)
-            return tokenizer, T5EncoderModel.from_pretrained(path, subfolder=encoder_folder)
-        path = self.model_path
-        tokenizer = T5Tokenizer.from_pretrained(path, subfolder="tokenizer", **self._base_source())
-        encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", variant=self.config.variant,
-                                                 **self._base_source())
-        return tokenizer, encoder
+        return load_t5(self, tokenizer_class=T5Tokenizer)
 
     def _load_transformer(self):
         """The DiT from the base model, or ``--pretrained_transformer_model_name_or_path`` /
@@ -118,10 +102,10 @@ class PixArtSigma(ModelFamily):
             subfolder = ""  # explicitly the root of the source
         if override:
             path, folder = (override, subfolder) if subfolder is not None else component_source(override, "transformer")
-            return PixArtTransformer2DModel.from_pretrained(path, subfolder=folder or None)
+            return self.load_denoiser(PixArtTransformer2DModel, path, subfolder=folder or None)
         folder = "transformer" if subfolder is None else subfolder
-        return PixArtTransformer2DModel.from_pretrained(self.model_path, subfolder=folder or None,
-                                                        variant=self.config.variant, **self._base_source())
+        return self.load_denoiser(PixArtTransformer2DModel, self.model_path, subfolder=folder or None,
+                                  **self.base_source())
 
     def _load_schedulers(self) -> None:
         """Training: DDPM on the checkpoint's beta schedule. Validation: the scheduler class the
@@ -129,7 +113,7 @@ class PixArtSigma(ModelFamily):
         import diffusers
         from diffusers import DDPMScheduler
 
-        shipped = DDPMScheduler.load_config(self.model_path, subfolder="scheduler", **self._base_source())
+        shipped = DDPMScheduler.load_config(self.model_path, subfolder="scheduler", **self.base_source(weights=False))
         self._inference_scheduler_class = getattr(diffusers, shipped.get("_class_name", ""), None) or \
             diffusers.DPMSolverMultistepScheduler
         self._shipped_scheduler_config = dict(shipped)

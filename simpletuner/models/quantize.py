@@ -13,9 +13,10 @@ Three ways to quantize (``--quantize_via``):
   full-precision weights must fit there first).
 * ``pipeline``: diffusers / transformers quantize while loading (``quantization_config`` passed to
   ``from_pretrained``, refined per component by ``--quantization_config``), so the full-precision
-  weights never sit on the device. Families load components themselves, so while ``load()`` runs the
-  ``from_pretrained`` classmethods are wrapped to pass the config for the component being loaded
-  (matched by its pipeline folder name). A component a family loads some other way (a single-file
+  weights never sit on the device. Families load every component through
+  :meth:`ModelFamily.load_component` naming its role, and while ``load()`` runs the model's loader is
+  a :class:`QuantizedLoading` that adds the config for the components being quantized; library
+  classes are never patched. A component a family loads some other way (a single-file pipeline
   checkpoint) is quantized right after loading, as with ``cpu``.
 
 Backends: optimum-quanto (``quantize`` + ``freeze``), torchao (``quantize_`` with its config objects)
@@ -40,7 +41,6 @@ What may be combined on which device is decided at config validation
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 from pathlib import Path
@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from simpletuner.models.base import ComponentLoading
 from simpletuner.options.quantization_rules import (
     PRESETS,
     TORCHAO_CLASSES,
@@ -85,9 +86,12 @@ def load_model(model, config) -> dict[str, str]:
     """
     wanted = component_precisions(config)
     settings = parse_quantization_config(config.quantization_config, wanted) if config.quantization_config else {}
-    hooks = LoaderHooks(model, config, wanted, settings)
-    with hooks.installed():
+    loading = QuantizedLoading(config, wanted, settings)
+    previous, model.loading = model.component_loading(), loading
+    try:
         model.load()
+    finally:
+        model.loading = previous  # later loads of this model (e.g. another expert at validation) load plainly
     if config.fuse_qkv_projections:
         # between loading and quantizing: quantized weights cannot be concatenated (models/qkv_fusion.py)
         from simpletuner.models.qkv_fusion import QkvFusion, describe
@@ -95,7 +99,7 @@ def load_model(model, config) -> dict[str, str]:
         fusion = QkvFusion.apply(model.denoiser)
         logger.info("fused the attention projections of the %s: %s", model.denoiser_name,
                     ", ".join(f"{count} x {name}" for name, count in describe(fusion).items()))
-    done = dict(hooks.done)
+    done = dict(loading.done)
     for role, name in wanted.items():
         if role in done:
             continue
@@ -490,130 +494,78 @@ def quantized_layers(module: torch.nn.Module) -> int:
 # --- load-time quantization (--quantize_via pipeline) and GGUF files ------------------------------------------
 
 
-class LoaderHooks:
-    """While a family loads: pass ``quantization_config`` to diffusers' and transformers'
-    ``from_pretrained`` for the components being quantized through the pipeline, and load a
-    ``.gguf`` denoiser with diffusers' GGUF quantizer.
+class QuantizedLoading(ComponentLoading):
+    """The loader :func:`load_model` gives one model while it loads: passes ``quantization_config`` to
+    diffusers' and transformers' ``from_pretrained`` for the components quantized through the pipeline,
+    and loads a ``.gguf`` denoiser with diffusers' GGUF quantizer.
 
-    A component is recognised by the pipeline folder it is loaded from (``subfolder``, or the
-    folder's own name): ``model.denoiser_name`` or ``text_encoder``, ``text_encoder_2``, ... The
-    quantized modules tolerate the family casting them to their own dtype while it loads (diffusers
-    refuses any dtype cast of a quantized model).
+    Families name each component's role when they load it (:meth:`ModelFamily.load_component`), so
+    nothing is guessed from folder names and nothing outside this model's own calls is affected.
+    ``done`` records what was quantized while loading, role -> description.
     """
 
-    def __init__(self, model, config, wanted: dict[str, str], settings: dict[str, dict[str, Any]]):
-        self.model = model
+    def __init__(self, config, wanted: dict[str, str], settings: dict[str, dict[str, Any]]):
         self.config = config
-        self.pipeline = {role: name for role, name in wanted.items()} if config.quantize_via == "pipeline" else {}
+        self.pipeline = dict(wanted) if config.quantize_via == "pipeline" else {}
         self.settings = settings
+        self.gguf_possible = bool(gguf_sources(config))
         self.done: dict[str, str] = {}
-        self._guarded: list[torch.nn.Module] = []
 
-    def wanted(self) -> bool:
-        return bool(self.pipeline) or self._gguf_possible()
-
-    def _gguf_possible(self) -> bool:
-        return bool(gguf_sources(self.config))
-
-    @contextlib.contextmanager
-    def installed(self):
-        if not self.wanted():
-            yield self
-            return
+    def from_pretrained(self, family, role, model_class, path, **kwargs):
+        if role == "denoiser" and (self.gguf_possible or str(path).endswith(".gguf")):
+            gguf = self._gguf_file(path, kwargs.get("subfolder"))
+            if gguf is not None:
+                config_path, config_folder = (family.model_path, family.denoiser_name) \
+                    if str(path).endswith(".gguf") else (path, kwargs.get("subfolder"))
+                return self._load_gguf(family, model_class, gguf, config_path, config_folder)
+        if role not in self.pipeline or "quantization_config" in kwargs:
+            return model_class.from_pretrained(path, **kwargs)
         import diffusers
-        import transformers
-        from diffusers.loaders.single_file_model import FromOriginalModelMixin
 
-        replaced = []
-        for owner, attribute, wrapper in ((diffusers.ModelMixin, "from_pretrained", self._diffusers_from_pretrained),
-                                          (transformers.PreTrainedModel, "from_pretrained",
-                                           self._transformers_from_pretrained),
-                                          (FromOriginalModelMixin, "from_single_file", self._from_single_file)):
-            original = owner.__dict__[attribute]
-            replaced.append((owner, attribute, original))
-            setattr(owner, attribute, classmethod(_bind(wrapper, original.__func__)))
-        try:
-            yield self
-        finally:
-            for owner, attribute, original in replaced:
-                setattr(owner, attribute, original)
-            for module in self._guarded:
-                module.__dict__.pop("to", None)
+        diffusers_side = issubclass(model_class, diffusers.ModelMixin)
+        kwargs["quantization_config"] = self._pipeline_config(family, role, diffusers_side)
+        for name in ("dtype", "torch_dtype"):
+            kwargs.pop(name, None)
+        kwargs["torch_dtype" if diffusers_side else "dtype"] = self._dtype(family, role)
+        return self._finish(role, model_class.from_pretrained(path, **kwargs))
 
-    # --- which component is loading ---
-
-    def _role(self, path, subfolder: str | None) -> str | None:
-        if path is None or not isinstance(path, (str, Path)):
-            return None
-        name = subfolder or Path(str(path)).name
-        if name == self.model.denoiser_name:
-            return "denoiser"
-        if name == "text_encoder" or (name.startswith("text_encoder_") and name[-1].isdigit()):
-            return name
-        return None
-
-    def _dtype(self, role: str) -> torch.dtype:
-        if role == "denoiser" and self.config.base_model_default_dtype:
-            return DTYPES[self.config.base_model_default_dtype]
-        return self.model.weight_dtype
-
-    # --- the wrapped loaders ---
-
-    def _diffusers_from_pretrained(self, original, cls, path=None, *args, **kwargs):
-        subfolder = kwargs.get("subfolder")
-        gguf = self._gguf_file(path, subfolder)
-        if gguf is not None:
-            config_path, config_folder = (self.model.model_path, self.model.denoiser_name) \
-                if str(path).endswith(".gguf") else (path, subfolder)
-            return self._load_gguf(cls, gguf, config_path, config_folder)
-        role = self._role(path, subfolder)
-        if role not in self.pipeline or "quantization_config" in kwargs:
-            return original(cls, path, *args, **kwargs)
-        kwargs["quantization_config"] = self._pipeline_config(role, diffusers_side=True)
-        kwargs.pop("dtype", None)
-        kwargs["torch_dtype"] = self._dtype(role)
-        return self._finish(role, original(cls, path, *args, **kwargs))
-
-    def _transformers_from_pretrained(self, original, cls, path=None, *args, **kwargs):
-        role = self._role(path, kwargs.get("subfolder"))
-        if role not in self.pipeline or "quantization_config" in kwargs:
-            return original(cls, path, *args, **kwargs)
-        kwargs["quantization_config"] = self._pipeline_config(role, diffusers_side=False)
-        kwargs.pop("torch_dtype", None)
-        kwargs["dtype"] = self._dtype(role)
-        return self._finish(role, original(cls, path, *args, **kwargs))
-
-    def _from_single_file(self, original, cls, path=None, *args, **kwargs):
-        if path is not None and str(path).endswith(".gguf") and "quantization_config" not in kwargs:
+    def from_single_file(self, family, role, model_class, file, **kwargs):
+        if role == "denoiser" and str(file).endswith(".gguf") and "quantization_config" not in kwargs:
             from diffusers import GGUFQuantizationConfig
 
-            dtype = self._dtype("denoiser")
-            kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=dtype)
+            dtype = self._dtype(family, "denoiser")
             kwargs.pop("dtype", None)
-            kwargs["torch_dtype"] = dtype
-            self.done["denoiser"] = f"gguf ({Path(str(path)).name})"
-            return self._guard(original(cls, path, *args, **kwargs))
-        return original(cls, path, *args, **kwargs)
+            kwargs.update(quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), torch_dtype=dtype)
+            self.done["denoiser"] = f"gguf ({Path(str(file)).name})"
+        return model_class.from_single_file(file, **kwargs)
 
-    def _gguf_file(self, path, subfolder: str | None) -> Path | None:
+    def _dtype(self, family, role: str) -> torch.dtype:
+        if role == "denoiser" and self.config.base_model_default_dtype:
+            return DTYPES[self.config.base_model_default_dtype]
+        return family.weight_dtype
+
+    # --- GGUF ---
+
+    @staticmethod
+    def _gguf_file(path, subfolder: str | None) -> Path | None:
+        """The ``.gguf`` a denoiser load points at: the path itself, or the only weights of its folder."""
         if path is None or not isinstance(path, (str, Path)):
             return None
         if str(path).endswith(".gguf"):
             return Path(str(path))
-        if self._role(path, subfolder) != "denoiser":
-            return None
-        folder = Path(str(path)) / subfolder if subfolder else Path(str(path))
-        return gguf_denoiser_file(folder)
+        return gguf_denoiser_file(Path(str(path)) / subfolder if subfolder else Path(str(path)))
 
-    def _load_gguf(self, cls, file: Path, config_path, config_folder):
+    def _load_gguf(self, family, model_class, file: Path, config_path, config_folder):
         from diffusers import GGUFQuantizationConfig
 
-        dtype = self._dtype("denoiser")
-        module = cls.from_single_file(str(file), config=str(config_path), subfolder=config_folder,
-                                      quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
-                                      torch_dtype=dtype)
+        dtype = self._dtype(family, "denoiser")
+        module = model_class.from_single_file(str(file), config=str(config_path), subfolder=config_folder,
+                                              quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+                                              torch_dtype=dtype)
         self.done["denoiser"] = f"gguf ({file.name})"
-        return self._guard(module)
+        return module
+
+    # --- --quantize_via pipeline ---
 
     def _finish(self, role: str, module):
         """A component the loader quantized. diffusers' and transformers' QuantoConfig, TorchAoConfig and
@@ -634,25 +586,10 @@ class LoaderHooks:
         elif weights:
             _convolutions_left(module, preset.backend)
         self.done[role] = f"{self.pipeline[role]} (pipeline)"
-        return self._guard(module)
-
-    def _guard(self, module):
-        """Let the family's ``module.to(dtype=...)`` pass while it loads: a quantized module keeps
-        the dtype it was loaded in (removed again when loading ends)."""
-        original = module.to
-
-        def to(*args, **kwargs):
-            kwargs.pop("dtype", None)
-            args = tuple(arg for arg in args if not isinstance(arg, torch.dtype))
-            return original(*args, **kwargs) if args or kwargs else module
-
-        module.to = to
-        self._guarded.append(module)
         return module
 
-    # --- the configs handed to the loaders ---
-
-    def _pipeline_config(self, role: str, diffusers_side: bool):
+    def _pipeline_config(self, family, role: str, diffusers_side: bool):
+        """The ``quantization_config`` object of one component, in the loading library's own class."""
         preset = PRESETS[self.pipeline[role]]
         entry = entry_for(self.settings, role)
         library = __import__("diffusers" if diffusers_side else "transformers")
@@ -665,13 +602,6 @@ class LoaderHooks:
         if preset.backend == "torchao":
             quant_type = torchao_config(preset, activations, entry.pop("quant_type", None))
             return library.TorchAoConfig(quant_type=quant_type, **entry)
-        entry.setdefault("bnb_4bit_compute_dtype", self._dtype(role))
+        entry.setdefault("bnb_4bit_compute_dtype", self._dtype(family, role))
         return library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=preset.weights,
                                           **{k: v for k, v in entry.items() if k != "load_in_4bit"})
-
-
-def _bind(wrapper, original):
-    def loader(cls, *args, **kwargs):
-        return wrapper(original, cls, *args, **kwargs)
-
-    return loader

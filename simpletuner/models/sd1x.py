@@ -37,33 +37,23 @@ class StableDiffusion1x(ModelFamily):
             source = dict(revision=self.config.revision)
             path = self.model_path
             self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **source)
-            self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=self.config.variant, **source)
-            self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=self.config.variant, **source)
+            self.text_encoder = self.load_text_encoder("text_encoder", CLIPTextModel, path, subfolder="text_encoder",
+                                                       variant=self.config.variant, **source)
+            self.unet = self.load_denoiser(UNet2DConditionModel, path, subfolder="unet", variant=self.config.variant,
+                                           **source)
             self.vae = self.load_vae(path)
             self._scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **source)
         self._checkpoint_prediction_type = self._scheduler.config.get("prediction_type")
         self._scheduler.register_to_config(prediction_type=self.prediction_type)
         self._scheduler = configure_training_scheduler(self._scheduler, self.config)  # spacing, zero terminal SNR
-        for module in (self.text_encoder, self.vae, self.unet):
-            module.to(self.device)
-            if self.weight_dtype != torch.float32:  # the VAE stays fp32 below bf16: fp16 VAEs overflow
-                module.to(dtype=self.weight_dtype if module is not self.vae or self.weight_dtype == torch.bfloat16 else torch.float32)
+        self.place_in_weight_dtype([self.text_encoder, self.vae, self.unet], vae=self.vae)
         self.denoiser = self.unet
         self.freeze_encoders()
 
     def _load_single_file(self) -> None:
         from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-        # A single file holds weights only; the component configs come from the flavour's hub folder
-        # (read from the local Hugging Face cache when offline).
-        config_source = self.info.flavours[self.config.model_flavour or self.info.default_flavour]
-        try:
-            pipeline = StableDiffusionPipeline.from_single_file(self.model_path, config=config_source)
-        except (OSError, ValueError) as error:
-            raise RuntimeError(
-                f"{self.model_path}: a single-file checkpoint needs the diffusers configs of {config_source} "
-                f"(pick another with --model_flavour), which could not be loaded: {error}"
-            ) from error
+        pipeline = self.load_single_file_pipeline(StableDiffusionPipeline)
         self.tokenizer, self.text_encoder = pipeline.tokenizer, pipeline.text_encoder
         self.unet = pipeline.unet
         self.vae = self.load_vae(self.model_path) if self.config.pretrained_vae_model_name_or_path else pipeline.vae
@@ -110,6 +100,42 @@ class StableDiffusion1x(ModelFamily):
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
             unet=denoiser if denoiser is not None else self.denoiser, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+    # --- ControlNet (--controlnet; models/controlnet.py) ----------------------------------------------
+
+    def controlnet_from_denoiser(self, overrides: dict[str, Any] | None) -> torch.nn.Module:
+        """diffusers' ``ControlNetModel.from_unet`` layout (models/controlnet.py), ``overrides`` on top,
+        weights from the UNet."""
+        from diffusers import ControlNetModel
+
+        from simpletuner.models.controlnet import new_controlnet, unet_controlnet_layout
+
+        layout = unet_controlnet_layout(self.unet, self.vae_scale_factor())
+        return new_controlnet(ControlNetModel, layout, self.unet, overrides)
+
+    def controlnet_predict(self, controlnet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                           text: dict[str, torch.Tensor], control_pixels: torch.Tensor,
+                           batch: dict | None = None) -> torch.Tensor:
+        """The pipeline feeds the control image in [0, 1] (its control processor does not normalise)."""
+        hidden = text["prompt_embeds"]
+        control = ((control_pixels + 1) / 2).to(noisy_latents.device, controlnet.dtype)
+        down, mid = controlnet(noisy_latents.to(controlnet.dtype), timesteps,
+                               encoder_hidden_states=hidden.to(controlnet.dtype), controlnet_cond=control,
+                               return_dict=False)
+        dtype = noisy_latents.dtype
+        return self.denoiser(noisy_latents, timesteps, encoder_hidden_states=hidden,
+                             down_block_additional_residuals=[residual.to(dtype) for residual in down],
+                             mid_block_additional_residual=mid.to(dtype), return_dict=False)[0]
+
+    def controlnet_pipeline(self, controlnet: torch.nn.Module, denoiser: torch.nn.Module | None = None):
+        from diffusers import StableDiffusionControlNetPipeline
+
+        base = self.build_pipeline(denoiser)
+        return StableDiffusionControlNetPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+            controlnet=controlnet, scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
         )
 
     def lora_target_modules(self) -> list[str]:

@@ -83,16 +83,14 @@ class StableDiffusion3(ModelFamily):
             self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **source)
             self.tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **source)
             self.tokenizer_3 = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3", **source)
-            self.text_encoder = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", **weights)
-            self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights)
-            self.text_encoder_3 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", **weights)
-            self.transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **weights)
+            for name, encoder_class in (("text_encoder", CLIPTextModelWithProjection),
+                                        ("text_encoder_2", CLIPTextModelWithProjection),
+                                        ("text_encoder_3", T5EncoderModel)):
+                setattr(self, name, self.load_text_encoder(name, encoder_class, path, subfolder=name, **weights))
+            self.transformer = self.load_denoiser(SD3Transformer2DModel, path, subfolder="transformer", **weights)
             self.vae = self.load_vae(path)
             self._scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **source)
-        for module in self.frozen_modules() + [self.transformer]:
-            module.to(self.device)
-            if self.weight_dtype != torch.float32:  # bf16 (fp16 is refused at validation)
-                module.to(dtype=self.weight_dtype)
+        self.place_in_weight_dtype(self.frozen_modules() + [self.transformer])  # bf16 or fp32 (fp16 is refused)
         self.denoiser = self.transformer
         self.flow_patch_size = self.transformer.config.patch_size
         self.freeze_encoders()
@@ -104,16 +102,10 @@ class StableDiffusion3(ModelFamily):
         from diffusers import StableDiffusion3Pipeline
         from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-        # SD 3.5 single files hold the MMDiT and the VAE; diffusers takes the component configs (and
-        # the text encoders, which the files usually lack) from the flavour's hub folder.
-        config_source = self.info.flavours[self.config.model_flavour or self.info.default_flavour]
-        try:
-            pipeline = StableDiffusion3Pipeline.from_single_file(self.model_path, config=config_source)
-        except (OSError, ValueError, SingleFileComponentError) as error:
-            raise RuntimeError(
-                f"{self.model_path}: a single-file checkpoint needs the diffusers configs and text encoders of "
-                f"{config_source} (pick another with --model_flavour), which could not be loaded: {error}"
-            ) from error
+        # SD 3.5 single files hold the MMDiT and the VAE; the text encoders, which the files usually
+        # lack, come from the flavour's hub folder with the configs.
+        pipeline = self.load_single_file_pipeline(StableDiffusion3Pipeline, needs="the diffusers configs and text encoders",
+                                                  errors=(OSError, ValueError, SingleFileComponentError))
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3",
                      "transformer"):
             setattr(self, name, getattr(pipeline, name))
@@ -135,6 +127,23 @@ class StableDiffusion3(ModelFamily):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self._encode(prompts)
+
+    def text_conditioning(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Live encoding for ``--train_text_encoder``: gradients flow into the two CLIPs (trained as
+        diffusers' SD3 DreamBooth script trains them). Dropped captions arrive as ``""`` and get
+        :meth:`unconditional_text`, as they would from the text cache, so ``--sd3_*_uncond_behaviour
+        zero`` still applies."""
+        text = self._encode(prompts)
+        dropped = torch.tensor([prompt == "" for prompt in prompts], device=text["prompt_embeds"].device)
+        if not bool(dropped.any()):
+            return text
+        unconditional = self.unconditional_text(text)
+        return {key: torch.where(dropped.view(-1, *([1] * (value.dim() - 1))), unconditional[key], value)
+                for key, value in text.items()}
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Both CLIPs with whatever gradient mode the caller runs in; T5 always without gradients."""
         clip_hidden, pooled = [], []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             tokens = tokenizer(prompts, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
@@ -142,15 +151,25 @@ class StableDiffusion3(ModelFamily):
             output = encoder(tokens.input_ids.to(self.device), output_hidden_states=True)
             clip_hidden.append(output.hidden_states[-2])  # the penultimate layer, as the pipeline uses
             pooled.append(output.text_embeds)
+        with torch.no_grad():
+            t5 = self._t5_hidden_states(prompts)
+        clip = torch.cat(clip_hidden, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {"prompt_embeds": torch.cat([clip.to(t5.dtype), t5], dim=-2),
+                "pooled_prompt_embeds": torch.cat(pooled, dim=-1)}
+
+    def _t5_hidden_states(self, prompts: list[str]) -> torch.Tensor:
+        """T5's last hidden states at ``--tokenizer_max_length`` tokens, padding zeroed with ``--t5_padding zero``."""
         tokens = self.tokenizer_3(prompts, padding="max_length", max_length=self.text_settings["t5_tokens"],
                                   truncation=True, add_special_tokens=True, return_tensors="pt")
         t5 = self.text_encoder_3(tokens.input_ids.to(self.device))[0]
         if self.text_settings["t5_padding"] == "zero":
             t5 = t5 * tokens.attention_mask.to(t5.device, t5.dtype).unsqueeze(-1)
-        clip = torch.cat(clip_hidden, dim=-1)
-        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return {"prompt_embeds": torch.cat([clip.to(t5.dtype), t5], dim=-2),
-                "pooled_prompt_embeds": torch.cat(pooled, dim=-1)}
+        return t5
+
+    def trainable_text_encoders(self) -> dict[str, torch.nn.Module]:
+        """CLIP-L and CLIP-G; T5 stays frozen (no reference trainer trains it by default)."""
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
 
     def unconditional_text(self, empty_prompt: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The empty prompt's embeds with its CLIP part (CLIP tokens and pooled embedding) and/or its
@@ -199,15 +218,84 @@ class StableDiffusion3(ModelFamily):
         pipeline.encode_prompt = types.MethodType(_training_encode_prompt(self, pipeline.encode_prompt), pipeline)
         return pipeline
 
+    # --- ControlNet (--controlnet; models/controlnet.py) ----------------------------------------------
+
+    def controlnet_from_denoiser(self, overrides: dict[str, Any] | None) -> torch.nn.Module:
+        """The transformer's config as ``SD3ControlNetModel`` (no extra conditioning channels: the control
+        image enters as VAE latents), ``overrides`` on top (e.g. ``{"num_layers": 6}``); the embeddings
+        and blocks copied from the transformer and the control-input embedding zeroed, as diffusers'
+        ``from_transformer`` does."""
+        from diffusers import SD3ControlNetModel
+
+        from simpletuner.models.controlnet import new_controlnet
+
+        layout = {**dict(self.denoiser.config), "extra_conditioning_channels": 0}
+        return new_controlnet(SD3ControlNetModel, layout, self.denoiser, overrides, zero_init=("pos_embed_input",))
+
+    def control_latents(self, controlnet: torch.nn.Module, control_pixels: torch.Tensor) -> torch.Tensor:
+        """The control image as the pipeline gives it to the ControlNet: a VAE latent sample, scaled, and
+        shifted only when the ControlNet's config says it feeds real pooled projections (diffusers
+        skips the shift for the zero-pooled InstantX layout, the default here)."""
+        with torch.no_grad():
+            latents = self.vae.encode(control_pixels.to(self.device, self.vae.dtype)).latent_dist.sample()
+        shift = 0.0 if controlnet.config.force_zeros_for_pooled_projection else (self.vae.config.shift_factor or 0.0)
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    def controlnet_predict(self, controlnet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                           text: dict[str, torch.Tensor], control_pixels: torch.Tensor,
+                           batch: dict | None = None) -> torch.Tensor:
+        embeds, pooled = text["prompt_embeds"], text["pooled_prompt_embeds"]
+        dtype = controlnet.dtype
+        control_pooled = torch.zeros_like(pooled) if controlnet.config.force_zeros_for_pooled_projection else pooled
+        control_text = embeds.to(dtype) if controlnet.config.joint_attention_dim is not None else None
+        residuals = controlnet(hidden_states=noisy_latents.to(dtype), timestep=timesteps,
+                               encoder_hidden_states=control_text, pooled_projections=control_pooled.to(dtype),
+                               controlnet_cond=self.control_latents(controlnet, control_pixels).to(dtype),
+                               return_dict=False)[0]
+        return self.denoiser(
+            hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=embeds, pooled_projections=pooled,
+            block_controlnet_hidden_states=[residual.to(noisy_latents.dtype) for residual in residuals],
+            return_dict=False,
+        )[0]
+
+    def controlnet_pipeline(self, controlnet: torch.nn.Module, denoiser: torch.nn.Module | None = None):
+        """diffusers' SD3 ControlNet pipeline, encoding prompts as training did (see :meth:`build_pipeline`)."""
+        from diffusers import StableDiffusion3ControlNetPipeline
+
+        base = self._pipeline(denoiser)
+        pipeline = StableDiffusion3ControlNetPipeline(
+            transformer=base.transformer, scheduler=base.scheduler, vae=base.vae,
+            text_encoder=base.text_encoder, tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2,
+            tokenizer_2=base.tokenizer_2, text_encoder_3=base.text_encoder_3, tokenizer_3=base.tokenizer_3,
+            controlnet=controlnet,
+        )
+        pipeline.encode_prompt = types.MethodType(_training_encode_prompt(self, pipeline.encode_prompt), pipeline)
+        return pipeline
+
+    def controlnet_image_argument(self) -> str:
+        return "control_image"
+
     def lora_target_modules(self) -> list[str]:
         return list(TRANSFORMER_ATTENTION_TARGETS)
 
-    def save_lora(self, folder: Path, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    def save_lora(self, folder: Path, lora_state: dict[str, torch.Tensor], metadata: dict[str, Any],
+                  text_encoder_states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+        """``StableDiffusion3Pipeline.save_lora_weights``: ``transformer.*`` and, with
+        ``--train_text_encoder``, ``text_encoder.*`` / ``text_encoder_2.*`` keys in one file that the
+        pipeline's ``load_lora_weights`` reads back."""
         from diffusers import StableDiffusion3Pipeline
 
+        from simpletuner.models.sdxl import inference_lora_config
+
+        states = text_encoder_states or {}
+        encoder_config = inference_lora_config(metadata.get("text_encoder_lora_config"))
         StableDiffusion3Pipeline.save_lora_weights(
             folder, transformer_lora_layers=lora_state, safe_serialization=True,
             transformer_lora_adapter_metadata=metadata.get("lora_config"),
+            text_encoder_lora_layers=states.get("text_encoder"),
+            text_encoder_lora_adapter_metadata=encoder_config if states.get("text_encoder") else None,
+            text_encoder_2_lora_layers=states.get("text_encoder_2"),
+            text_encoder_2_lora_adapter_metadata=encoder_config if states.get("text_encoder_2") else None,
         )
         return folder / "pytorch_lora_weights.safetensors"
 

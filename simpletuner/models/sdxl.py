@@ -125,10 +125,7 @@ class StableDiffusionXL(ModelFamily):
         self._checkpoint_prediction_type = self._scheduler.config.get("prediction_type")
         self._scheduler.register_to_config(prediction_type=self.prediction_type)
         self._scheduler = configure_training_scheduler(self._scheduler, self.config)
-        for module in self.frozen_modules() + [self.unet]:
-            module.to(self.device)
-            if self.weight_dtype != torch.float32 and (module is not self.vae or self.weight_dtype == torch.bfloat16):
-                module.to(dtype=self.weight_dtype)  # the VAE stays fp32 below bf16: fp16 VAEs overflow
+        self.place_in_weight_dtype(self.frozen_modules() + [self.unet], vae=self.vae)
         self.denoiser = self.unet
         self.is_refiner = self._takes_aesthetic_score()
         if self.config.unet_attention_slice:
@@ -156,10 +153,11 @@ class StableDiffusionXL(ModelFamily):
         weights = dict(variant=self.config.variant, **source)
         has_first = (self._pipeline_index(path).get("text_encoder") or [None])[0] is not None
         self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **source) if has_first else None
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights) \
-            if has_first else None
+        self.text_encoder = self.load_text_encoder("text_encoder", CLIPTextModel, path, subfolder="text_encoder",
+                                                   **weights) if has_first else None
         self.tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **source)
-        self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights)
+        self.text_encoder_2 = self.load_text_encoder("text_encoder_2", CLIPTextModelWithProjection, path,
+                                                     subfolder="text_encoder_2", **weights)
 
     def _load_unet(self, path: str):
         """The UNet, from ``--pretrained_unet_model_name_or_path`` / ``_subfolder`` when given."""
@@ -171,7 +169,7 @@ class StableDiffusionXL(ModelFamily):
                                             config.pretrained_unet_subfolder)
         if config.variant and not override:
             extra["variant"] = config.variant
-        return UNet2DConditionModel.from_pretrained(unet_path, **extra)
+        return self.load_denoiser(UNet2DConditionModel, unet_path, **extra)
 
     def _load_vae(self, path: str):
         from diffusers import AutoencoderKL
@@ -180,7 +178,7 @@ class StableDiffusionXL(ModelFamily):
         vae_path, extra = component_source(override, "vae", path, self.config.revision)
         if self.config.variant and not override:
             extra["variant"] = self.config.variant
-        return AutoencoderKL.from_pretrained(vae_path, **extra)
+        return self.load_component("vae", AutoencoderKL, vae_path, **extra)
 
     def single_file_pipeline_class(self):
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -191,16 +189,7 @@ class StableDiffusionXL(ModelFamily):
     def _load_single_file(self) -> None:
         from diffusers import DDPMScheduler
 
-        # A single file holds weights only; diffusers takes the component configs from the flavour's
-        # hub folder (the local Hugging Face cache when offline).
-        config_source = self.info.flavours[self.config.model_flavour or self.info.default_flavour]
-        try:
-            pipeline = self.single_file_pipeline_class().from_single_file(self.model_path, config=config_source)
-        except (OSError, ValueError) as error:
-            raise RuntimeError(
-                f"{self.model_path}: a single-file checkpoint needs the diffusers configs of {config_source} "
-                f"(pick another with --model_flavour), which could not be loaded: {error}"
-            ) from error
+        pipeline = self.load_single_file_pipeline(self.single_file_pipeline_class())
         for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"):
             setattr(self, name, getattr(pipeline, name, None))
         self.force_zeros = bool(pipeline.config.get("force_zeros_for_empty_prompt", False))
@@ -308,7 +297,10 @@ class StableDiffusionXL(ModelFamily):
         unet = denoiser if denoiser is not None else self.denoiser
         parts = dict(vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
                      tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=unet, scheduler=scheduler,
-                     force_zeros_for_empty_prompt=self.force_zeros)
+                     force_zeros_for_empty_prompt=self.force_zeros,
+                     # diffusers adds its own watermarker whenever invisible-watermark is installed (and
+                     # fails on images under 256x256 pixels); --enable_watermark decides (validation/watermark.py)
+                     add_watermarker=False)
         if self.is_refiner:
             cls = refiner_validation_pipeline_class() if validation else StableDiffusionXLImg2ImgPipeline
             return cls(requires_aesthetics_score=True, **parts)
@@ -321,6 +313,49 @@ class StableDiffusionXL(ModelFamily):
     def pipeline_call_arguments(self) -> dict[str, Any]:
         """The refiner samples with the aesthetic score it was trained with."""
         return {"aesthetic_score": self.aesthetic_score()} if self.is_refiner else {}
+
+    # --- ControlNet (--controlnet; models/controlnet.py) ----------------------------------------------
+
+    def controlnet_from_denoiser(self, overrides: dict[str, Any] | None) -> torch.nn.Module:
+        """diffusers' ``ControlNetModel.from_unet`` layout (with SDXL's text-time embedding), its
+        conditioning embedding halving the control image as often as the VAE does, ``overrides`` on
+        top, weights from the UNet."""
+        from diffusers import ControlNetModel
+
+        from simpletuner.models.controlnet import new_controlnet, unet_controlnet_layout
+
+        if self.is_refiner:
+            raise ValueError("--controlnet: diffusers has no ControlNet pipeline for the SDXL refiner; train the "
+                             "ControlNet on the base model")
+        layout = unet_controlnet_layout(self.unet, self.vae_scale_factor())
+        return new_controlnet(ControlNetModel, layout, self.unet, overrides)
+
+    def controlnet_predict(self, controlnet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                           text: dict[str, torch.Tensor], control_pixels: torch.Tensor,
+                           batch: dict | None = None) -> torch.Tensor:
+        """As StableDiffusionXLControlNetPipeline: the control image in [0, 1], the same micro-conditioning
+        for the ControlNet and the UNet."""
+        dtype = controlnet.dtype
+        added = {"text_embeds": text["pooled_prompt_embeds"], "time_ids": self.add_time_ids(noisy_latents, batch)}
+        control = ((control_pixels + 1) / 2).to(noisy_latents.device, dtype)
+        down, mid = controlnet(noisy_latents.to(dtype), timesteps,
+                               encoder_hidden_states=text["prompt_embeds"].to(dtype), controlnet_cond=control,
+                               added_cond_kwargs={key: value.to(dtype) for key, value in added.items()},
+                               return_dict=False)
+        return self.denoiser(noisy_latents, timesteps, encoder_hidden_states=text["prompt_embeds"],
+                             added_cond_kwargs=added,
+                             down_block_additional_residuals=[residual.to(noisy_latents.dtype) for residual in down],
+                             mid_block_additional_residual=mid.to(noisy_latents.dtype), return_dict=False)[0]
+
+    def controlnet_pipeline(self, controlnet: torch.nn.Module, denoiser: torch.nn.Module | None = None):
+        from diffusers import StableDiffusionXLControlNetPipeline
+
+        base = self.build_pipeline(denoiser)
+        return StableDiffusionXLControlNetPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+            tokenizer_2=base.tokenizer_2, unet=base.unet, controlnet=controlnet, scheduler=base.scheduler,
+            force_zeros_for_empty_prompt=self.force_zeros, add_watermarker=False,
+        )
 
     def lora_target_modules(self) -> list[str]:
         return list(UNET_ATTENTION_TARGETS)

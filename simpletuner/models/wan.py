@@ -191,8 +191,9 @@ class Wan(ModelFamily):
         self.experts = self._load_transformers(index)  # first: a wrong expert choice fails before UMT5 loads
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, subfolder="tokenizer",
                                                        **self.base_source(weights=False))
-        self.text_encoder = UMT5EncoderModel.from_pretrained(self.model_path, subfolder="text_encoder",
-                                                             dtype=self.weight_dtype, **self.base_source())
+        self.text_encoder = self.load_text_encoder("text_encoder", UMT5EncoderModel, self.model_path,
+                                                   subfolder="text_encoder", dtype=self.weight_dtype,
+                                                   **self.base_source())
         self.vae = self._load_vae()
         scheduler_class = getattr(diffusers, index["scheduler"][1])
         self._scheduler = scheduler_class.from_pretrained(self.model_path, subfolder="scheduler",
@@ -202,8 +203,9 @@ class Wan(ModelFamily):
 
             self.image_processor = CLIPImageProcessor.from_pretrained(self.model_path, subfolder="image_processor",
                                                                       **self.base_source(weights=False))
-            self.image_encoder = CLIPVisionModel.from_pretrained(self.model_path, subfolder="image_encoder",
-                                                                 dtype=self.weight_dtype, **self.base_source())
+            self.image_encoder = self.load_component("image_encoder", CLIPVisionModel, self.model_path,
+                                                     subfolder="image_encoder", dtype=self.weight_dtype,
+                                                     **self.base_source())
         for module in (self.text_encoder, self.vae, self.image_encoder, *self.experts.values()):
             if module is not None:
                 module.to(self.device)
@@ -255,14 +257,15 @@ class Wan(ModelFamily):
         return experts
 
     def _load_transformer(self, name: str, override: str | None):
+        """One expert (pipeline component ``name``); every expert this run loads is part of its denoiser."""
         from diffusers import WanTransformer3DModel
 
         dtype = {"torch_dtype": self.weight_dtype}
         if override:
             subfolder = self.config.pretrained_transformer_subfolder
             path, folder = (override, subfolder) if subfolder else component_source(override, name)
-            return WanTransformer3DModel.from_pretrained(path, subfolder=folder, **dtype)
-        return WanTransformer3DModel.from_pretrained(self.model_path, subfolder=name, **dtype, **self.base_source())
+            return self.load_denoiser(WanTransformer3DModel, path, subfolder=folder, **dtype)
+        return self.load_denoiser(WanTransformer3DModel, self.model_path, subfolder=name, **dtype, **self.base_source())
 
     def _vae_channels(self) -> int:
         """The VAE's latent channels, from its config file (the VAE itself loads later)."""

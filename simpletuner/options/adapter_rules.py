@@ -191,13 +191,20 @@ def check_lora_files(config) -> None:
     kind this run trains."""
     if config.model_type != "lora":
         return
-    from simpletuner.models.lora_formats import COMFYUI_NAMING, LoraFormatError, detect_format, read_safetensors_header
+    from simpletuner.models.lora_formats import LoraFormatError, comfyui_naming, detect_format, read_safetensors_header
+    from simpletuner.models.registry import families_where, family_info
 
     if config.lora_format == "comfyui":
-        naming = COMFYUI_NAMING.get(config.model_family)
+        naming = comfyui_naming(config.model_family)
         if naming is None:
+            reason = family_info(config.model_family).comfy_refusal
+            if reason:
+                raise ConfigError(f"`--lora_format comfyui` is not available for `--model_family "
+                                  f"{config.model_family}`: {reason}; use `--lora_format diffusers` (the layout its "
+                                  "diffusers pipeline loads)")
+            declared = sorted(families_where(lambda info: info.comfy_naming is not None))
             raise ConfigError(f"`--lora_format comfyui` has no key layout declared for `--model_family "
-                              f"{config.model_family}` yet (declared: {', '.join(sorted(COMFYUI_NAMING))}); use "
+                              f"{config.model_family}` yet (declared: {', '.join(declared)}); use "
                               "`--lora_format diffusers`")
         if config.use_dora:
             raise ConfigError("`--lora_format comfyui` and `--use_dora` conflict: ComfyUI normalises DoRA magnitudes "

@@ -171,21 +171,21 @@ def check_memory_budget(config) -> None:
             raise ConfigError(f"`--memory_budget`: {error}") from None
 
 
-#: Families whose attention diffusers fuses into the same computation (checked by tests/memory/test_qkv_fusion.py).
-QKV_FUSION_FAMILIES = ("sd1x", "sd2x", "sdxl", "kolors", "pixart_sigma", "flux")
-QKV_FUSION_REFUSED = {
-    "sd3": "diffusers' fused joint-attention processor skips SD3.5's query/key normalisation and its second "
-           "attention layer, so the fused model would compute something else",
-    "deepfloyd": "its UNet's attention has added key/value projections, which diffusers cannot fuse",
-}
+def qkv_fusion_refusal(family: str | None) -> str:
+    """Why ``--fuse_qkv_projections`` cannot work for ``family`` (``FamilyInfo.qkv_fusion_refusal``); empty
+    when diffusers fuses its attention into the same computation (tests/memory/test_qkv_fusion.py)."""
+    from simpletuner.models.registry import FAMILIES
+
+    info = FAMILIES.get(family or "")
+    return info.qkv_fusion_refusal if info is not None else "its attention layers have no fused form here yet"
 
 
 def check_qkv_fusion(config) -> None:
     if not config.fuse_qkv_projections:
         return
     family = config.model_family
-    if family not in QKV_FUSION_FAMILIES:
-        why = QKV_FUSION_REFUSED.get(family, "its attention layers have no fused form here yet")
+    why = qkv_fusion_refusal(family)
+    if why:
         raise ConfigError(f"`--fuse_qkv_projections` is not available for {family}: {why}. Remove it")
     if config.model_type == "lora" and config.lora_type == "lycoris":
         raise ConfigError("`--fuse_qkv_projections` with `--lora_type lycoris`: a LyCORIS factorisation of the fused "

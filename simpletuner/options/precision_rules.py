@@ -96,10 +96,13 @@ def cpu_backward_message(name: str) -> str:
 
 
 def check_vae_dtype(config) -> None:
-    """DeepFloyd denoises pixels and has no VAE whose type could be set."""
-    if config.vae_dtype not in (None, "default") and config.model_family == "deepfloyd":
-        raise ConfigError(f"`--vae_dtype {config.vae_dtype}` has no effect: DeepFloyd IF works on pixels and has no "
-                          "VAE; remove it")
+    """A pixel-space family (``FamilyInfo.pixel_space``, e.g. DeepFloyd) has no VAE whose type could be set."""
+    from simpletuner.models.registry import FAMILIES
+
+    info = FAMILIES.get(config.model_family or "")
+    if config.vae_dtype not in (None, "default") and info is not None and info.pixel_space:
+        raise ConfigError(f"`--vae_dtype {config.vae_dtype}` has no effect: the {config.model_family} model works "
+                          "on pixels and has no VAE; remove it")
 
 
 PRECISION_RULES: tuple[Callable, ...] = (check_mixed_precision, check_attention_mechanism, check_vae_dtype)

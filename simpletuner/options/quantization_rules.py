@@ -75,16 +75,37 @@ TORCHAO_CLASSES = {
     ("fp8", False): "Float8WeightOnlyConfig", ("fp8", True): "Float8DynamicActivationFloat8WeightConfig",
     ("int4", False): "Int4WeightOnlyConfig",
 }
-#: Families whose denoiser class diffusers can load from a single (GGUF) file in diffusers 0.42
-#: (``SINGLE_FILE_LOADABLE_CLASSES``); tests/quantization checks the list against diffusers.
-GGUF_DENOISERS = {"sd1x": "UNet2DConditionModel", "sd2x": "UNet2DConditionModel", "sdxl": "UNet2DConditionModel",
-                  "kolors": "UNet2DConditionModel", "deepfloyd": "UNet2DConditionModel",
-                  "sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+def gguf_denoiser(family: str | None) -> str | None:
+    """The denoiser class diffusers can load from a single (GGUF) file for ``family``, from the family
+    table (``PlannerShape.gguf_single_file``; tests/quantization checks it against diffusers'
+    ``SINGLE_FILE_LOADABLE_CLASSES``); None when it cannot."""
+    from simpletuner.models.registry import FAMILIES
+
+    info = FAMILIES.get(family or "")
+    shape = info.planner if info is not None else None
+    return shape.denoiser_class if shape is not None and shape.gguf_single_file else None
+
+
+def text_encoder_count(family: str | None) -> int | None:
+    """How many text encoders ``family`` loads (``PlannerShape.text_encoder_count``); None: unknown here,
+    checked when it loads."""
+    from simpletuner.models.registry import FAMILIES
+
+    info = FAMILIES.get(family or "")
+    return info.planner.text_encoder_count if info is not None and info.planner is not None else None
+
+
+def _registered_families() -> tuple[str, ...]:
+    from simpletuner.models.registry import FAMILIES
+
+    return tuple(FAMILIES)
+
+
+#: Snapshots of the family table at import (the rules call :func:`gguf_denoiser` / :func:`text_encoder_count`).
+GGUF_DENOISERS = {name: gguf_denoiser(name) for name in _registered_families() if gguf_denoiser(name)}
 GGUF_MIN_DIFFUSERS = (0, 32)
-#: How many text encoders each family loads (``--text_encoder_N_precision`` beyond that is refused);
-#: a family missing here is checked when it loads.
-TEXT_ENCODER_COUNTS = {"sd1x": 1, "sd2x": 1, "sdxl": 2, "kolors": 1, "deepfloyd": 1, "sd3": 3, "flux": 2,
-                       "pixart_sigma": 1, "wan": 1}
+TEXT_ENCODER_COUNTS = {name: text_encoder_count(name) for name in _registered_families()
+                       if text_encoder_count(name) is not None}
 DENOISER_SOURCE_OPTIONS = ("pretrained_unet_model_name_or_path", "pretrained_transformer_model_name_or_path")
 
 
@@ -203,14 +224,14 @@ def _version_text(distribution: str) -> str:
 
 
 def check_text_encoder_slots(config) -> None:
-    count = TEXT_ENCODER_COUNTS.get(config.model_family)
+    count = text_encoder_count(config.model_family)
     if count is None:
         return
     for index in TEXT_ENCODER_SLOTS[count:]:
         value = getattr(config, f"text_encoder_{index}_precision")
         if preset_of(value):
             raise ConfigError(f"`--text_encoder_{index}_precision {value}`: {config.model_family} has "
-                              f"{count} text encoder{'s' if count > 1 else ''}; remove it")
+                              f"{count} text encoder{'s' if count != 1 else ''}; remove it")
 
 
 def check_quantized_training(config) -> None:
@@ -403,9 +424,10 @@ def check_gguf(config) -> None:
     if not sources:
         return
     where = sources[0]
-    if config.model_family not in GGUF_DENOISERS:
+    if gguf_denoiser(config.model_family) is None:
+        supported = sorted(name for name in _registered_families() if gguf_denoiser(name))
         raise ConfigError(f"{where}: diffusers cannot load the {config.model_family} denoiser from a single GGUF file "
-                          f"(supported here: {', '.join(sorted(GGUF_DENOISERS))})")
+                          f"(supported here: {', '.join(supported)})")
     if not has_package("gguf"):
         raise ConfigError(f"{where}: reading GGUF files needs the gguf package; pip install gguf")
     version = _distribution_version("diffusers")

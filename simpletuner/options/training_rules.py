@@ -28,7 +28,8 @@ def check_text_encoder_training(config) -> None:
         return
     info = family_info(config.model_family)
     if not info.text_encoders:
-        raise ConfigError(f"`--train_text_encoder` is not supported for {info.name}: its text encoders stay frozen")
+        reason = info.text_encoder_refusal or "its text encoders stay frozen"
+        raise ConfigError(f"`--train_text_encoder` is not supported for {info.name}: {reason}")
     if config.text_encoder_lr is not None and config.text_encoder_lr <= 0:
         raise ConfigError(f"`--text_encoder_lr` = {config.text_encoder_lr} must be positive")
     if config.text_encoder_limit is not None and config.text_encoder_limit < 1:
@@ -83,6 +84,9 @@ def check_loss_extras(config) -> None:
                                   "timesteps with `--flow_loss_weighting` instead. Remove it")
         if config.loss_type != "l2":
             raise ConfigError(f"`--loss_type {config.loss_type}` is not available for flow matching yet; use l2")
+    if config.hidream_load_balancing_loss_weight is not None and not config.hidream_use_load_balancing_loss:
+        raise ConfigError("`--hidream_load_balancing_loss_weight` has no effect without "
+                          "`--hidream_use_load_balancing_loss true`; add it or remove the weight")
 
 
 def check_run_length_and_memory(config) -> None:

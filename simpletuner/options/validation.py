@@ -18,9 +18,12 @@ from simpletuner.options.messages import show_value
 from simpletuner.options.spec import MAX_PROCESSES, MAX_SEED
 from simpletuner.options.causal_rules import CAUSAL_RULES
 from simpletuner.options.checkpoint_rules import CHECKPOINT_RULES, checkpoint_warnings
+from simpletuner.options.controlnet_rules import CONTROLNET_RULES
 from simpletuner.options.crepa_rules import CREPA_RULES
 from simpletuner.options.urepa_rules import UREPA_RULES
 from simpletuner.options.alignment_rules import ALIGNMENT_RULES
+from simpletuner.options.deepspeed_rules import DEEPSPEED_RULES
+from simpletuner.options.distributed_rules import DISTRIBUTED_RULES
 from simpletuner.options.deepfloyd_rules import check_deepfloyd, deepfloyd_warnings
 from simpletuner.options.eval_rules import EVAL_RULES, eval_warnings
 from simpletuner.options.flux_rules import check_flux, flux_warnings
@@ -32,6 +35,7 @@ from simpletuner.options.quantization_rules import QUANTIZATION_RULES, quantizat
 from simpletuner.options.reporting_rules import REPORTING_RULES
 from simpletuner.options.scheduled_sampling_rules import SCHEDULED_SAMPLING_RULES
 from simpletuner.options.sdxl_rules import check_sdxl, sdxl_warnings
+from simpletuner.options.sequence_parallel_rules import SEQUENCE_PARALLEL_RULES
 from simpletuner.options.training_rules import TRAINING_RULES
 from simpletuner.options.tread_rules import TREAD_RULES
 from simpletuner.options.validation_rules import VALIDATION_RULES, validation_option_warnings
@@ -88,6 +92,9 @@ def check_supported_values(config) -> None:
 
 def check_family(config) -> None:
     info = family_info(config.model_family)
+    if config.model_flavour in info.refused_flavours:
+        raise ConfigError(f"`--model_flavour {config.model_flavour}` is not supported for {info.name} yet: "
+                          f"{info.refused_flavours[config.model_flavour]}")
     if config.model_flavour is not None and config.model_flavour not in info.flavours:
         raise ConfigError(
             f"`--model_flavour {config.model_flavour}` is not a flavour of {info.name}; "
@@ -404,8 +411,8 @@ RULES: tuple[Callable, ...] = (
     check_required, check_unimplemented, check_family, check_family_options, *PRECISION_RULES, check_supported_values, check_conflicts,
     check_run_length, check_output_dir, check_device_seeds,
     check_loss_settings, check_ema_settings, check_optimizer_settings,
-    check_timestep_settings, check_flow_options, *TRAINING_RULES, *CREPA_RULES, *UREPA_RULES, *ALIGNMENT_RULES, *SCHEDULED_SAMPLING_RULES, *CAUSAL_RULES, *TREAD_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, *LTX_RULES, *WAN_RULES, check_sdxl,
-    *QUANTIZATION_RULES, *MEMORY_RULES, *CHECKPOINT_RULES,
+    check_timestep_settings, check_flow_options, *TRAINING_RULES, *CREPA_RULES, *UREPA_RULES, *ALIGNMENT_RULES, *SCHEDULED_SAMPLING_RULES, *CAUSAL_RULES, *CONTROLNET_RULES, *TREAD_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, *LTX_RULES, *WAN_RULES, check_sdxl,
+    *QUANTIZATION_RULES, *MEMORY_RULES, *DEEPSPEED_RULES, *DISTRIBUTED_RULES, *SEQUENCE_PARALLEL_RULES, *CHECKPOINT_RULES,
     check_validation_settings, *VALIDATION_RULES, *VIDEO_VALIDATION_RULES, *EVAL_RULES, *REPORTING_RULES, *PUBLISHING_RULES,
 )
 

@@ -6,21 +6,29 @@ from __future__ import annotations
 
 from typing import Callable
 
-from simpletuner.models.registry import family_info
+from simpletuner.models.registry import FAMILIES, family_info
 from simpletuner.options import ConfigError
 
-#: Families whose pipeline ``__call__`` takes ``guidance_rescale`` (checked against diffusers in the tests).
-GUIDANCE_RESCALE_FAMILIES = ("sd1x", "sd2x", "sdxl")
-#: Families whose ``--validation_guidance`` is a value fed to the model (no unconditional pass).
-EMBEDDED_GUIDANCE_FAMILIES = ("flux",)
-#: Families whose pipeline ``__call__`` takes ``skip_guidance_layers`` (skip-layer guidance); checked
-#: against diffusers in the tests.
-SKIP_LAYER_GUIDANCE_FAMILIES = ("sd3",)
-#: Families whose pipeline calls ``callback_on_step_end`` and whose latents a Tiny AutoEncoder decodes
-#: (``--validation_preview``); PixArt's pipeline has no such callback, video and pixel families no TAE.
-PREVIEW_FAMILIES = ("sd1x", "sd2x", "sdxl", "kolors", "sd3", "flux")
-#: The families that make video (``ModelFamily.encodes_video``; checked in the tests).
-VIDEO_FAMILIES = ("ltxvideo", "wan")
+def can(family: str | None, capability: str) -> bool:
+    """Whether the family table says ``family``'s validation pipeline has ``capability`` (a field of
+    :class:`~simpletuner.models.registry.ValidationCapabilities`, or ``video``)."""
+    info = FAMILIES.get(family or "")
+    if info is None:
+        return False
+    return info.video if capability == "video" else bool(getattr(info.validation, capability))
+
+
+def families_that(capability: str) -> tuple[str, ...]:
+    """The registered families with ``capability`` (see :func:`can`), for messages and the runner."""
+    return tuple(name for name in FAMILIES if can(name, capability))
+
+
+#: Snapshots of the family table at import, kept for callers that list them (the rules call :func:`can`).
+GUIDANCE_RESCALE_FAMILIES = families_that("guidance_rescale")
+EMBEDDED_GUIDANCE_FAMILIES = families_that("embedded_guidance")
+SKIP_LAYER_GUIDANCE_FAMILIES = families_that("skip_layer_guidance")
+PREVIEW_FAMILIES = families_that("step_preview")
+VIDEO_FAMILIES = families_that("video")
 
 #: ``--validation_noise_scheduler`` names -> diffusers class, for noise-prediction (DDPM) families ...
 DDPM_SCHEDULERS = {
@@ -68,9 +76,9 @@ def check_validation_guidance(config) -> None:
     family = config.model_family
     rescale = config.validation_guidance_rescale
     if rescale is not None:
-        if family not in GUIDANCE_RESCALE_FAMILIES:
+        if not can(family, "guidance_rescale"):
             raise ConfigError(f"`--validation_guidance_rescale {rescale}`: the {family} pipeline has no guidance "
-                              f"rescale; it works for {', '.join(GUIDANCE_RESCALE_FAMILIES)}. Remove it")
+                              f"rescale; it works for {', '.join(families_that('guidance_rescale'))}. Remove it")
         if not 0 <= rescale <= 1:
             raise ConfigError(f"`--validation_guidance_rescale` = {rescale} must be between 0 and 1 (0.7 is usual)")
     if not config.validation_disable_unconditional:
@@ -78,7 +86,7 @@ def check_validation_guidance(config) -> None:
     if rescale is not None:
         raise ConfigError(f"`--validation_guidance_rescale {rescale}` rescales classifier-free guidance, which "
                           "`--validation_disable_unconditional` turns off; remove one of them")
-    if family in EMBEDDED_GUIDANCE_FAMILIES:
+    if can(family, "embedded_guidance"):
         if config.validation_guidance_real is not None:
             raise ConfigError(f"`--validation_guidance_real {config.validation_guidance_real}` needs the unconditional "
                               "pass that `--validation_disable_unconditional` turns off; remove one of them")
@@ -156,9 +164,9 @@ def check_skip_layer_guidance(config) -> None:
                               "turns on (e.g. [7, 8, 9]); add it or remove the tuning option")
         return
     family = config.model_family
-    if family not in SKIP_LAYER_GUIDANCE_FAMILIES:
+    if not can(family, "skip_layer_guidance"):
         raise ConfigError(f"`--validation_guidance_skip_layers`: the {family} pipeline has no skip-layer guidance; it "
-                          f"works for {', '.join(SKIP_LAYER_GUIDANCE_FAMILIES)}. Remove it")
+                          f"works for {', '.join(families_that('skip_layer_guidance'))}. Remove it")
     if not layers or not all(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0
                              for layer in layers):
         raise ConfigError(f"`--validation_guidance_skip_layers` = {layers!r} must be a non-empty list of transformer "
@@ -182,10 +190,10 @@ def check_validation_preview(config) -> None:
         raise ConfigError("`--validation_preview` shows the built-in sampler at work, which `--validation_method "
                           "external-script` replaces; remove one of them")
     family = config.model_family
-    if family not in PREVIEW_FAMILIES:
+    if not can(family, "step_preview"):
         raise ConfigError(f"`--validation_preview`: {family} has no Tiny AutoEncoder preview (its pipeline has no "
                           f"step callback or its latents no Tiny AutoEncoder); it works for "
-                          f"{', '.join(PREVIEW_FAMILIES)}. Remove it")
+                          f"{', '.join(families_that('step_preview'))}. Remove it")
 
 
 def check_validation_adapters(config) -> None:
@@ -220,7 +228,7 @@ def check_validation_adapters(config) -> None:
 def check_using_datasets(config) -> None:
     """Starting pictures need an img2img (image) or image-to-video (video) pipeline; the stitch side
     needs starting pictures in an image grid."""
-    from simpletuner.validation.dataset_inputs import I2V_FAMILIES, IMG2IMG_FAMILIES, dataset_pictures
+    from simpletuner.validation.dataset_inputs import dataset_pictures
 
     family = config.model_family
     side = config.validation_stitch_input_location
@@ -229,10 +237,11 @@ def check_using_datasets(config) -> None:
             raise ConfigError(f"`--validation_stitch_input_location {side}` places the starting picture of "
                               "`--validation_using_datasets` beside each image; add that or remove it")
         return
-    if family not in IMG2IMG_FAMILIES + I2V_FAMILIES:
+    if not (can(family, "img2img") or can(family, "image_to_video")):
+        starters = families_that("img2img") + families_that("image_to_video")
         raise ConfigError(f"`--validation_using_datasets`: {family} has no image-to-image or image-to-video pipeline; "
-                          f"it works for {', '.join(IMG2IMG_FAMILIES + I2V_FAMILIES)}. Remove it")
-    if side and family in I2V_FAMILIES:
+                          f"it works for {', '.join(starters)}. Remove it")
+    if side and can(family, "image_to_video"):
         raise ConfigError(f"`--validation_stitch_input_location {side}`: {family} starts clips from the picture (it is "
                           "their first frame already); remove it")
     if config.validation_dataset_file:
@@ -253,6 +262,21 @@ def check_validation_compile(config) -> None:
                           "external-script` replaces; remove one of them")
 
 
+def check_watermark(config) -> None:
+    """The watermark needs its package, and marks still images only: video frames would lose it to the
+    encoder's compression, so a video family is refused instead of silently shipping unmarked clips."""
+    if not config.enable_watermark:
+        return
+    if can(config.model_family, "video"):
+        raise ConfigError(f"`--enable_watermark` marks still images; {config.model_family} validates with videos, "
+                          "whose compression would wipe the mark. Remove it")
+    from simpletuner.validation.watermark import EXTRA, watermark_available
+
+    if not watermark_available():
+        raise ConfigError(f"`--enable_watermark` needs the invisible-watermark package, which is not installed: "
+                          f"run `pip install '{EXTRA}'`, or remove the option")
+
+
 def check_audio_only(config) -> None:
     if config.validation_audio_only:
         raise ConfigError(f"`--validation_audio_only`: {config.model_family} renders no audio, and no model family in "
@@ -261,7 +285,7 @@ def check_audio_only(config) -> None:
 
 def validation_option_warnings(config) -> list[str]:
     warnings = []
-    if config.validation_disable_unconditional and config.model_family not in EMBEDDED_GUIDANCE_FAMILIES \
+    if config.validation_disable_unconditional and not can(config.model_family, "embedded_guidance") \
             and _set(config, "validation_negative_prompt"):
         warnings.append("`--validation_negative_prompt` is only used by the unconditional pass, which "
                         "`--validation_disable_unconditional` turns off")
@@ -276,5 +300,5 @@ VALIDATION_RULES: tuple[Callable, ...] = (
     check_validation_schedule, check_validation_seeds, check_validation_guidance, check_validation_scheduler,
     check_prompt_libraries, check_external_validation, check_skip_layer_guidance, check_validation_preview,
     check_audio_only, check_validation_adapters, check_using_datasets,
-    check_validation_compile,
+    check_validation_compile, check_watermark,
 )

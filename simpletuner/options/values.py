@@ -20,8 +20,9 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 #: String options a config file may also give as a list of lines (joined with newlines).
 LINE_LIST_OPTIONS = ("modelspec_comment",)
-#: String options whose value may name several of their choices, separated by commas (``tensorboard,wandb``);
-#: each name is checked against the choices, and the value is kept as one string without blanks.
+#: String options whose value may name several of their choices, separated by commas (``tensorboard,wandb``),
+#: or in a config file as a list of names; each name is checked against the choices, and the value is kept
+#: as one string without blanks.
 COMMA_SEPARATED_CHOICES = ("report_to",)
 _KIND_WORDS = {
     "str": "a string",
@@ -130,6 +131,8 @@ def _coerce_kind(option: Option, value: Any) -> Any:
     if kind == "str":
         if isinstance(value, list) and option.name in LINE_LIST_OPTIONS and all(isinstance(v, str) for v in value):
             return "\n".join(value)
+        if isinstance(value, list) and option.name in COMMA_SEPARATED_CHOICES and all(isinstance(v, str) for v in value):
+            return ",".join(value)  # config.json's ["tensorboard", "wandb"] is tensorboard,wandb
         if isinstance(value, (dict, list, bool)):
             raise ValueError(value)
         return str(value)

@@ -66,7 +66,7 @@ class CardFacts:
 
     family: str
     base_model: str
-    model_type: str  # "lora" or "full"
+    model_type: str  # "lora", "full" or "controlnet" (--controlnet: the product is a controlnet/ folder)
     weights: str  # path of the product relative to the output dir ("pytorch_lora_weights.safetensors", "pipeline")
     steps: int
     images_seen: int
@@ -86,7 +86,8 @@ class CardFacts:
 
 
 def front_matter(facts: CardFacts) -> dict:
-    tags = ["diffusers", "simpletuner", "lora" if facts.model_type == "lora" else "full", facts.family,
+    kind = facts.model_type if facts.model_type in ("lora", "controlnet") else "full"
+    tags = ["diffusers", "simpletuner", kind, facts.family,
             "text-to-image"]
     if not facts.safe_for_work:
         tags.append(NSFW_TAG)
@@ -112,13 +113,30 @@ def _yaml(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _family_lora_usage(family: str, base: str, source: str, weights: str) -> list[str]:
+    """The family table's LoRA-loading lines (``FamilyInfo.lora_usage``) for families whose pipeline has
+    no ``load_lora_weights``, filled in; empty for the others (and for a family not in the table)."""
+    from simpletuner.models.registry import FAMILIES
+
+    info = FAMILIES.get(family)
+    lines = info.lora_usage if info is not None else ()
+    return ["import torch", *(line.format(base=base, source=source, weights=weights) for line in lines)] if lines else []
+
+
 def _usage(facts: CardFacts) -> str:
     source = json.dumps(facts.repo_id or "path/to/output_dir")
     base = json.dumps(facts.base_model)
+    if facts.model_type == "controlnet":
+        return ("The ControlNet is in `controlnet/`: load it with the family's diffusers ControlNet class "
+                "(`ControlNetModel`, `SD3ControlNetModel`) and pass it, with the base model, to the family's "
+                "ControlNet pipeline (`StableDiffusionControlNetPipeline`, `StableDiffusionXLControlNetPipeline`, "
+                "`StableDiffusion3ControlNetPipeline`) "
+                "together with a control image. See documentation/CONTROLNET.md.")
     if facts.model_type == "lora":
         code = ["import torch", "from diffusers import DiffusionPipeline", "",
                 f"pipeline = DiffusionPipeline.from_pretrained({base}, torch_dtype=torch.bfloat16).to(\"cuda\")",
                 f"pipeline.load_lora_weights({source}, weight_name={json.dumps(facts.weights)})"]
+        code = _family_lora_usage(facts.family, base, source, json.dumps(facts.weights)) or code
     elif facts.repo_id:
         code = ["import torch", "from diffusers import DiffusionPipeline",
                 "from huggingface_hub import snapshot_download", "",
@@ -141,7 +159,7 @@ def _usage(facts: CardFacts) -> str:
 
 def render_model_card(facts: CardFacts) -> str:
     what = (f"a {'LyCORIS' if facts.lora_type == 'lycoris' else 'LoRA'} adapter" if facts.model_type == "lora"
-            else "a full fine-tune")
+            else "a ControlNet" if facts.model_type == "controlnet" else "a full fine-tune")
     parts = ["---", _yaml(front_matter(facts)), "---", ""]
     title = facts.repo_id.split("/")[-1] if facts.repo_id else f"{facts.family} {facts.model_type}"
     parts += [f"# {title}", ""]
@@ -155,6 +173,8 @@ def render_model_card(facts: CardFacts) -> str:
     rows = [("Base model", f"`{facts.base_model}`"), ("Model family", facts.family)]
     if facts.model_type == "lora":
         rows.append(("Training type", f"{facts.lora_type} LoRA, rank {facts.lora_rank}, alpha {facts.lora_alpha}"))
+    elif facts.model_type == "controlnet":
+        rows.append(("Training type", "ControlNet (all ControlNet weights; the base model stays frozen)"))
     else:
         rows.append(("Training type", "full (all denoiser weights)"))
     rows += [("Optimizer steps", str(facts.steps)), ("Images seen", str(facts.images_seen)),
@@ -193,7 +213,7 @@ def facts_from_trainer(trainer, result) -> CardFacts:
     processes = trainer.accelerator.num_processes if hasattr(trainer, "accelerator") else 1
     return CardFacts(
         family=config.model_family, base_model=mask_url_credentials(str(trainer.model.model_path)),
-        model_type=config.model_type,
+        model_type="controlnet" if config.controlnet else config.model_type,
         weights=weights, steps=step, images_seen=trainer.state.num_images_seen,
         resolution=f"{config.resolution:g} ({config.resolution_type})", optimizer=config.optimizer,
         learning_rate=float(config.learning_rate), mixed_precision=config.mixed_precision,

@@ -41,6 +41,8 @@ BUILTIN_REGULARIZERS: tuple[RegularizerEntry, ...] = (
     RegularizerEntry("urepa", "simpletuner.regularizers.urepa:build", lambda config: bool(config.urepa_enabled),
                      features="simpletuner.regularizers.urepa:teacher_features"),
     RegularizerEntry("tread", "simpletuner.regularizers.tread:build", lambda config: bool(config.tread_config)),
+    RegularizerEntry("load_balancing", "simpletuner.regularizers.load_balancing:build",
+                     lambda config: bool(config.hidream_use_load_balancing_loss)),
 )
 
 _registered: dict[str, RegularizerEntry] = {}

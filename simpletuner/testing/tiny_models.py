@@ -23,10 +23,20 @@ ASSET_DIR = Path(__file__).with_name("assets")
 #: VAE weights the project trained itself on the shapes dataset (``make-tiny-model --train-vae-steps``).
 DEMO_VAE_ASSET = ASSET_DIR / "demo_vae.safetensors"
 
-#: Families with a tiny offline model. sd1x/sd2x are built here; every other family has its recipe in
-#: ``simpletuner/testing/tiny/<family>.py`` (a ``build_tiny_pipeline(seed)`` returning the pipeline).
-SUPPORTED_TINY_FAMILIES = ("sd1x", "sd2x", "sdxl", "kolors", "deepfloyd", "sd3", "flux", "pixart_sigma", "ltxvideo",
-                           "wan")
+#: The Stable Diffusion 1.x/2.x families whose demo recipe is built here (their ``tiny/<family>.py`` calls it).
+DEMO_FAMILIES = ("sd1x", "sd2x")
+
+
+def tiny_families() -> tuple[str, ...]:
+    """Families with a tiny offline model: those the family table gives a ``tiny_builder`` module (a
+    ``build_tiny_pipeline(seed)`` returning ``(pipeline, vae_source)``)."""
+    from simpletuner.models.registry import FAMILIES
+
+    return tuple(name for name, info in FAMILIES.items() if info.tiny_builder)
+
+
+#: Snapshot of :func:`tiny_families` at import (the CLI's ``--family`` choices).
+SUPPORTED_TINY_FAMILIES = tiny_families()
 
 VAE_CONFIG = dict(
     in_channels=3,
@@ -87,8 +97,15 @@ def scheduler_config(family: str) -> dict:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="v_prediction" if family == "sd2x" else "epsilon",
+        prediction_type=_default_prediction_type(family),
     )
+
+
+def _default_prediction_type(family: str) -> str:
+    """The family's default training target (the first of its prediction types in the family table)."""
+    from simpletuner.models.registry import family_info
+
+    return family_info(family).prediction_types[0]
 
 
 def build_tiny_pipeline(family: str, seed: int = 0, vae_train_steps: int = 0):
@@ -100,8 +117,9 @@ def build_tiny_pipeline(family: str, seed: int = 0, vae_train_steps: int = 0):
 
     from simpletuner.testing.tokenizers import build_clip_tokenizer
 
-    if family not in SUPPORTED_TINY_FAMILIES:
-        raise ValueError(f"make-tiny-model: family {family!r} is not available yet; choose one of {SUPPORTED_TINY_FAMILIES}")
+    if family not in DEMO_FAMILIES:
+        raise ValueError(f"the demo recipe builds {' and '.join(DEMO_FAMILIES)}, not {family!r}; other families have "
+                         "their own recipe in simpletuner/testing/tiny/")
     tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
@@ -161,16 +179,28 @@ def measure_vae_psnr(vae, count: int = 32, seed: int = 1234) -> float:
     return float(10 * np.log10(1.0 / max(mse, 1e-12)))
 
 
+def _build_with_family_recipe(family: str, seed: int, vae_train_steps: int):
+    """Run the tiny builder the family table names for ``family``; only a recipe with a VAE of its own
+    to train accepts ``vae_train_steps``, elsewhere asking for it is an error rather than ignored."""
+    import importlib
+    import inspect
+
+    if family not in tiny_families():
+        raise ValueError(f"make-tiny-model: no tiny {family!r} model; choose one of {', '.join(tiny_families())}")
+    from simpletuner.models.registry import family_info
+
+    build = importlib.import_module(family_info(family).tiny_builder).build_tiny_pipeline
+    if not vae_train_steps:
+        return build(seed)
+    if "vae_train_steps" not in inspect.signature(build).parameters:
+        raise ValueError(f"make-tiny-model: --train-vae-steps trains the demo VAE of "
+                         f"{' and '.join(DEMO_FAMILIES)}; the tiny {family} model has no such VAE, remove it")
+    return build(seed, vae_train_steps=vae_train_steps)
+
+
 def make_tiny_model(family: str, out: str | Path, seed: int = 0, vae_train_steps: int = 0) -> TinyModelReport:
     """Write a tiny pipeline folder for ``family`` and report its size and VAE quality."""
-    if family not in SUPPORTED_TINY_FAMILIES:
-        raise ValueError(f"make-tiny-model: no tiny {family!r} model; choose one of {', '.join(SUPPORTED_TINY_FAMILIES)}")
-    if family in ("sd1x", "sd2x"):
-        pipeline, vae_source = build_tiny_pipeline(family, seed=seed, vae_train_steps=vae_train_steps)
-    else:
-        import importlib
-
-        pipeline, vae_source = importlib.import_module(f"simpletuner.testing.tiny.{family}").build_tiny_pipeline(seed)
+    pipeline, vae_source = _build_with_family_recipe(family, seed, vae_train_steps)
     out = Path(out)
     pipeline.save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer", "tokenizer_2"):

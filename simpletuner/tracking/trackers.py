@@ -170,7 +170,8 @@ class AcceleratorTrackers(NullTracker):
         if "wandb" in requested:
             folder = Path(os.environ.get("WANDB_DIR") or logging_folder(self.config, self.output_dir))
             folder.mkdir(parents=True, exist_ok=True)
-            kwargs["wandb"] = {"name": self.config.tracker_run_name, "dir": str(folder)}
+            kwargs["wandb"] = {"name": self.config.tracker_run_name, "dir": str(folder),
+                               "id": wandb_run_id(logging_folder(self.config, self.output_dir)), "resume": "allow"}
         if "comet_ml" in requested:
             kwargs["comet_ml"] = {"experiment_config": _comet_experiment_config(self.config)}
         return kwargs
@@ -211,6 +212,27 @@ class AcceleratorTrackers(NullTracker):
         self.finished = True
         for tracker in self.accelerator.trackers:
             tracker.finish()
+
+
+#: The file in the logging folder that keeps the wandb run's id, so that a resumed run continues it
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(folder: Path) -> str:
+    """The id of this output folder's wandb run: the one an earlier (interrupted) process wrote to
+    ``folder``, or a new one, saved there. A resumed run therefore appends to the same wandb run, with
+    ``resume="allow"``, instead of starting a second one; ``--overwrite_output_dir`` sets the logging
+    folder aside and with it the id, so an overwritten run starts a new wandb run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / WANDB_RUN_ID_FILE
+    if path.is_file() and (saved := path.read_text(encoding="utf-8").strip()):
+        return saved
+    import secrets
+    import string
+
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # wandb's id form
+    path.write_text(run_id + "\n", encoding="utf-8")
+    return run_id
 
 
 def _comet_experiment_config(config):

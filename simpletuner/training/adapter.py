@@ -78,7 +78,7 @@ def validation_strength(model):
 
 
 def _naming(config) -> formats.ComfyNaming | None:
-    return formats.COMFYUI_NAMING.get(config.model_family)
+    return formats.comfyui_naming(config.model_family)
 
 
 def _matches(name: str, target: str) -> bool:

@@ -370,6 +370,11 @@ def resolve_resume_path(output_dir: Path, request: str | None) -> Path | None:
         return None
     if request == "latest":
         return _latest_trusted(output_dir)
+    if request.strip().lower().startswith("s3://"):  # training/remote_checkpoint.py brings it here first
+        raise CheckpointError(
+            f"--resume_from_checkpoint {request}: an S3 checkpoint is downloaded by `simpletuner train` before the "
+            "run starts; from Python, call simpletuner.training.remote_checkpoint.stage_remote_checkpoint and resume "
+            "from the folder it returns")
     path = Path(request)
     if not path.is_absolute() and not path.exists():
         path = output_dir / request

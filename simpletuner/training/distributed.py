@@ -209,7 +209,8 @@ def check_engine(accelerator) -> None:
 
     Checkpoints and final weights are written by the main process from its own copy of the model and
     optimizer. That is complete under DDP, FSDP with NO_SHARD and DeepSpeed ZeRO stage 0, where
-    every process holds everything; with sharding it would silently save a fraction.
+    every process holds everything, and under FSDP2, whose weights and optimizer state are gathered
+    first (training/fsdp.py); with other sharding it would silently save a fraction.
     """
     from accelerate.utils import DistributedType
 
@@ -229,11 +230,12 @@ def check_engine(accelerator) -> None:
         plugin = accelerator.state.fsdp_plugin
         strategy = plugin.sharding_strategy if plugin.sharding_strategy is not None else plugin.reshard_after_forward
         name = getattr(strategy, "name", str(strategy))
-        if getattr(plugin, "fsdp_version", 1) == 2 or name != "NO_SHARD":
+        version = getattr(plugin, "fsdp_version", 1)
+        if version == 1 and name != "NO_SHARD":
             raise ConfigError(
-                f"FSDP (version {getattr(plugin, 'fsdp_version', 1)}, {name}) shards the weights across processes, and "
-                "simpletuner cannot save sharded weights yet. Use fsdp_sharding_strategy NO_SHARD with FSDP 1, or "
-                "plain multi-GPU training (remove --use_fsdp from ACCELERATE_EXTRA_ARGS / the accelerate config)"
+                f"FSDP version 1 ({name}) flattens the weights into shards that simpletuner cannot save. Use "
+                "`--fsdp_enable true` (FSDP2, gathered checkpoints) instead of --use_fsdp in ACCELERATE_EXTRA_ARGS / "
+                "the accelerate config, or fsdp_sharding_strategy NO_SHARD"
             )
 
 

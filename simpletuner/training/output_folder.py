@@ -37,6 +37,7 @@ from typing import Any, Mapping
 
 from simpletuner.options import ConfigError, options_by_name
 from simpletuner.training import checkpoint as ckpt
+from simpletuner.training.remote_checkpoint import STAGING_FOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +241,8 @@ def _plan_overwrite(config, output_dir: Path, request: str | None, now: datetime
     resume = None if (request in (None, "latest") or ckpt.asks_for_fresh_start(request)) else request
     if resume is not None:
         target = _resume_target(output_dir, resume)
-        if target is not None and _inside(target, output_dir):
+        staged_from_s3 = target is not None and _inside(target, output_dir / STAGING_FOLDER)  # not moved away
+        if target is not None and _inside(target, output_dir) and not staged_from_s3:
             raise ConfigError(f"`--overwrite_output_dir` moves the checkpoints of {output_dir} away, including "
                               f"`--resume_from_checkpoint {resume}`; remove one of the two options")
         resume = str(target) if target is not None else None

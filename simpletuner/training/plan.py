@@ -29,7 +29,10 @@ def vae_scale_factor_of(model_path: str | None) -> int:
         vae = json.loads(config_file.read_text(encoding="utf-8"))
         if "scale_factor_spatial" in vae:  # video VAEs (Wan) state it; 16 for Wan 2.2's 5B VAE
             return int(vae["scale_factor_spatial"])
-        return 2 ** (len(vae["block_out_channels"]) - 1)
+        if "temperal_downsample" in vae:  # Qwen-Image's 3-D VAE halves space once per entry (diffusers' spelling)
+            return 2 ** len(vae["temperal_downsample"])
+        stages = vae.get("block_out_channels") or vae["encoder_block_out_channels"]  # AutoencoderDC (Sana)
+        return 2 ** (len(stages) - 1)
     return 8
 
 

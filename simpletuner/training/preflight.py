@@ -22,6 +22,7 @@ from typing import Any, Mapping
 from simpletuner.options import ConfigError
 from simpletuner.options.messages import show_value
 from simpletuner.training.output_folder import FolderPlan, apply_folder_plan, plan_output_folder
+from simpletuner.training.remote_checkpoint import is_remote as is_remote_request
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,11 @@ def run_preflight(run, act: bool = True, is_main_process: bool = True,
     config = run.config
     model_notes, warnings = check_model_sources(config, environ)
     check_datasets_have_images(config, run.dataset_plan)
+    if is_remote_request(config.resume_from_checkpoint):
+        if not act:
+            folder, note = _dry_run_remote_resume(config)
+            return PreflightReport(config, folder, notes=[*model_notes, summary_line("start", note)], warnings=warnings)
+        config = config.replace(resume_from_checkpoint=str(_stage_remote_resume(config, environ)))
     folder = plan_output_folder(config, getattr(run, "command_line", frozenset()))
     note = folder.note
     if act:
@@ -64,6 +70,30 @@ def run_preflight(run, act: bool = True, is_main_process: bool = True,
     elif folder.action == "overwrite":
         note += " (a real run does this; this dry run moved nothing)"
     return PreflightReport(config, folder, notes=[*model_notes, summary_line("start", note)], warnings=warnings)
+
+
+def _stage_remote_resume(config, environ: Mapping[str, str]) -> Path:
+    """``--resume_from_checkpoint s3://...``: the local copy to resume from (local rank 0 downloads it,
+    the other local ranks wait for it; see :mod:`simpletuner.training.remote_checkpoint`)."""
+    from simpletuner.training.remote_checkpoint import RemoteCheckpointError, stage_remote_checkpoint
+
+    try:
+        return stage_remote_checkpoint(config.resume_from_checkpoint, Path(config.output_dir).expanduser(),
+                                       config.publishing_config, downloads=environ.get("LOCAL_RANK", "0") == "0")
+    except RemoteCheckpointError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _dry_run_remote_resume(config) -> tuple[FolderPlan, str]:
+    """What a real run would download, checked in S3 without writing anything."""
+    from simpletuner.training.remote_checkpoint import RemoteCheckpointError, describe_remote_checkpoint
+
+    output_dir = Path(config.output_dir).expanduser()
+    try:
+        note = describe_remote_checkpoint(config.resume_from_checkpoint, output_dir, config.publishing_config)
+    except RemoteCheckpointError as error:
+        raise ConfigError(str(error)) from None
+    return FolderPlan(output_dir, "continue", note, config.resume_from_checkpoint), note
 
 
 def summary_line(label: str, text: str) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from simpletuner.training import checkpoint as ckpt
 from simpletuner.training import distributed
+from simpletuner.training import sequence_parallel
 from simpletuner.training.checkpoint_schedule import ROLLING, CheckpointSchedule
 from simpletuner.training.memory import clear_accelerator_cache
 from simpletuner.training.nan_guard import NanGuard, first_nonfinite, loss_spike
@@ -77,18 +78,25 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from simpletuner.tracking.trackers import accelerator_tracking_arguments
+        from simpletuner.training import fsdp
+        from simpletuner.training.deepspeed import deepspeed_plugin
 
         config = self.config
         if config.torch_num_threads:
             torch.set_num_threads(config.torch_num_threads)
         configure_tf32(bool(config.disable_tf32))
+        sharding = fsdp.fsdp_plugin(config)  # --fsdp_enable: FSDP2 through accelerate (training/fsdp.py)
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             dynamo_backend="no",  # the denoiser is compiled in place below (distributed.compile_denoiser)
+            deepspeed_plugin=deepspeed_plugin(config),  # --zero_stage / --deepspeed_config (training/deepspeed.py)
+            fsdp_plugin=sharding, parallelism_config=fsdp.parallelism_config(config),  # --hsdp_*_dim
             **accelerator_tracking_arguments(config, self.output_dir),  # --report_to: accelerate's trackers
         )
         enable_fp16_loss_scaling(self.accelerator)  # fp16 on CPU: autocast + GradScaler (training/precision.py)
+        fsdp.mark_fsdp_on_cpu(self.accelerator, sharding)
+        fsdp.check_started(self.accelerator, sharding)
         distributed.check_engine(self.accelerator)
         self.is_main = self.accelerator.is_main_process
         from simpletuner.tracking.webhooks import build_notifier
@@ -98,6 +106,9 @@ class Trainer:
             # --seed_for_each_device: rank r uses seed + r (different noise per process, still reproducible)
             set_seed(config.seed, device_specific=bool(config.seed_for_each_device))
         self.batch_seed_base = distributed.seed_base(config.seed)  # each batch's noise: (base, global index)
+        # --sp_size: groups of processes share a batch; the data is sharded by group (training/sequence_parallel.py)
+        self.data_ranks = sequence_parallel.data_ranks(self.accelerator.num_processes, self.accelerator.process_index,
+                                                       config.sp_size)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temp_folders(self.output_dir)
@@ -115,6 +126,7 @@ class Trainer:
         self._build_data_debugging()
         self.trainable = self._prepare_trainable()
         self.memory.before_optimization(self.model)  # unsloth checkpointing, block swap, RamTorch (training/offload.py)
+        sequence_parallel.enable_sequence_parallel(self.model.denoiser, config.sp_size, self.accelerator.device)
         distributed.compile_denoiser(self.model.denoiser, getattr(self.launcher, "dynamo_backend", None), config)
         self._build_optimization()
         self._build_observers()
@@ -162,7 +174,7 @@ class Trainer:
         with self.accelerator.main_process_first(), self.memory.startup(self.model):  # --offload_during_startup
             return build_training_data(self.config, self.model, self.dataset_plan,
                                        show_progress=self.show_progress and self.is_main,
-                                       num_processes=self.accelerator.num_processes, rank=self.accelerator.process_index,
+                                       num_processes=self.data_ranks.size, rank=self.data_ranks.rank,
                                        feature_encoders=cached_features(self.model, self.config))
 
     def _build_data_debugging(self) -> None:
@@ -183,7 +195,7 @@ class Trainer:
             model_family=config.model_family, model_flavour=config.model_flavour, model_type=config.model_type,
             model=str(self.model.model_path), max_steps=self.max_steps, steps_per_epoch=self.steps_per_epoch,
             start_step=self.state.global_step,
-            batch_size=config.train_batch_size * config.gradient_accumulation_steps * self.accelerator.num_processes,
+            batch_size=config.train_batch_size * config.gradient_accumulation_steps * self.data_ranks.size,
             learning_rate=config.learning_rate, output_dir=str(self.output_dir),
         )
 
@@ -193,7 +205,10 @@ class Trainer:
 
         config = self.config
         denoiser = self.model.denoiser
-        if config.model_type == "lora":
+        if config.controlnet:  # the ControlNet trains (methods/controlnet.py); the denoiser stays frozen
+            self.lora_config = self.adapter = None
+            denoiser.requires_grad_(False)
+        elif config.model_type == "lora":
             # PEFT or LyCORIS, targets, init, --init_lora: simpletuner/training/adapter.py
             self.adapter = attach_adapter(self.model, config, current_step=lambda: self.state.global_step)
             self.lora_config = self.adapter.lora_config
@@ -219,10 +234,13 @@ class Trainer:
         switches on (simpletuner/regularizers/registry.py), hooked into the model; returns the trainable
         parameters of the modules they bring besides the model (none for SFT), which join the optimizer."""
         from simpletuner.methods.registry import build_method
+        from simpletuner.methods.prior_preservation import with_prior_preservation
         from simpletuner.regularizers.base import Regularizers
         from simpletuner.regularizers.registry import build_regularizers
 
         self.method = build_method(self.config.training_method, self.model, self.config)
+        # regularisation datasets: weighted by --prior_loss_weight, optionally against the base model
+        self.method = with_prior_preservation(self.method, self.model, self.config, self.dataset_plan)
         self.method.encode_text_live = self.text_encoders is not None
         self.regularizers = Regularizers(build_regularizers(self.model, self.config), self.model,
                                          process_mean=partial(distributed.mean_over_processes, self.accelerator))
@@ -243,7 +261,7 @@ class Trainer:
         from simpletuner.training.optim import build_optimizer
 
         config = self.config
-        batches_per_process = self.data.sampler.batches_per_epoch() // self.accelerator.num_processes
+        batches_per_process = self.data.sampler.batches_per_epoch() // self.data_ranks.size
         self.steps_per_epoch = max(1, batches_per_process // config.gradient_accumulation_steps)
         self.max_steps = planned_max_steps(config, self.steps_per_epoch)
         method_parameters = self._build_method()
@@ -252,12 +270,14 @@ class Trainer:
             extra_groups.append((self.text_encoders.parameters(), self.text_encoders.learning_rate()))
         if method_parameters:
             extra_groups.append((method_parameters, config.learning_rate))
-        optimizer = build_optimizer(config, self.denoiser_parameters, num_processes=self.accelerator.num_processes,
+        optimizer = build_optimizer(config, self.denoiser_parameters, num_processes=self.data_ranks.size,
                                     extra_groups=extra_groups)
         self.learning_rate = float(optimizer.param_groups[0]["lr"])  # after --lr_scale, which only build_optimizer applies
         # The LR schedule is stepped once per optimizer step, on every process, so it is not prepared.
         self.lr_scheduler = build_lr_scheduler(config, optimizer, self.max_steps)
+        self._before_sharding()
         self.model.denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
+        self._after_sharding()
         if self.text_encoders is not None and self.accelerator.num_processes > 1:
             for name, encoder in self.text_encoders.encoders.items():  # DDP keeps their gradients in sync
                 setattr(self.model, name, self.accelerator.prepare(encoder))
@@ -267,6 +287,36 @@ class Trainer:
                 logger.info("--gradient_precision fp32: the trained weights are fp32 already, nothing to do")
         self.ema = EmaWeights(self.trainable, settings=EmaSettings.from_config(config)) if config.use_ema else None
         self.trainable = self.trainable + method_parameters  # clipped and checked like the model's; not averaged
+
+    def _before_sharding(self) -> None:
+        """FSDP2: pick the block classes to shard, and load a resumed checkpoint's weights while the
+        denoiser is still whole (the optimizer state follows in ``_maybe_resume``)."""
+        from simpletuner.training import fsdp
+
+        self.sharded = None
+        if not fsdp.is_fsdp(self.accelerator):
+            return
+        fsdp.set_block_classes(self.accelerator, self.model.denoiser)
+        folder = ckpt.resolve_resume_path(self.output_dir, self.config.resume_from_checkpoint)
+        if folder is not None:
+            self._load_checkpoint_weights(folder)
+
+    def _after_sharding(self) -> None:
+        """FSDP2 replaced every parameter of the denoiser by its slice: track the new ones."""
+        from simpletuner.training import fsdp
+
+        if not fsdp.is_fsdp(self.accelerator):
+            return
+        self.denoiser_parameters = fsdp.trained_parameters(self.model.denoiser)
+        self.trainable = list(self.denoiser_parameters)
+        self.sharded = fsdp.ShardedSaving(self.model.denoiser, self.optimizer, self.is_main)
+
+    def _gathered_for_saving(self, with_optimizer: bool):
+        """FSDP2: every process gathers the full weights (and optimizer state) so the main process writes
+        the same files as one process would; otherwise nothing to do."""
+        if getattr(self, "sharded", None) is None:
+            return contextlib.nullcontext()
+        return self.sharded.gathered(with_optimizer)
 
     def _build_observers(self) -> None:
         from simpletuner.tracking import build_tracker
@@ -287,6 +337,10 @@ class Trainer:
                                   if config.validation_epoch_interval and not config.validation_disable else None),
             on_startup=bool(config.validation_on_startup),
         )
+        if config.controlnet or config.control:  # the first control image, for validation (validation/controlnet.py)
+            from simpletuner.validation.controlnet import attach_validation_image
+
+            attach_validation_image(self.model, self.data)
         from simpletuner.training.clip_eval import ClipEvaluation
         from simpletuner.training.evaluation import EvalLoss, EvalSchedule
 
@@ -315,7 +369,10 @@ class Trainer:
         from simpletuner.training.state_parts import StatePart, StateParts
 
         parts = self.state_parts = StateParts()
-        parts.register(StatePart("optimizer.pt", self.optimizer.state_dict, self._restore_optimizer))
+        if getattr(self, "sharded", None) is not None:  # FSDP2: the gathered state, keyed by parameter names
+            parts.register(StatePart("optimizer.pt", self.sharded.optimizer_state, self.sharded.restore_optimizer))
+        else:
+            parts.register(StatePart("optimizer.pt", self.optimizer.state_dict, self._restore_optimizer))
         parts.register(StatePart("lr_scheduler.pt", self.lr_scheduler.state_dict, self.lr_scheduler.load_state_dict))
         if self.ema is not None:  # a checkpoint from a run without EMA: the average starts from the weights
             parts.register(StatePart("ema.pt", self.ema.state_dict, self.ema.load_state_dict, optional=True))
@@ -342,8 +399,12 @@ class Trainer:
         """Write ``checkpoint-<step>`` (``rolling`` marks one from ``--checkpointing_rolling_steps``), prune
         each kind to its own limit, then start ``--post_checkpoint_script``. The free-space check runs
         first, so a run stopped for lack of space has written nothing."""
-        if not self.is_main:
-            return None
+        with self._gathered_for_saving(with_optimizer=True):  # FSDP2: every process takes part
+            if not self.is_main:
+                return None
+            return self._write_checkpoint(rolling)
+
+    def _write_checkpoint(self, rolling: bool) -> Path | None:
         step = self.state.global_step
         self._refuse_nonfinite_weights(step)
         if self.disk_guard is not None:
@@ -367,7 +428,9 @@ class Trainer:
 
     def _refuse_nonfinite_weights(self, step: int) -> None:
         """No checkpoint is ever written from weights holding NaN or inf: resuming it could only fail."""
-        found = first_nonfinite(self.trainable)
+        from simpletuner.training.fsdp import local_tensors
+
+        found = first_nonfinite(local_tensors(self.trainable))  # FSDP2: this process's slices
         if found is None:
             return
         index, count = found
@@ -393,6 +456,8 @@ class Trainer:
         from safetensors.torch import save_model
 
         writers = self.state_parts.writers()  # optimizer, schedule, EMA, method, sampler, RNGs
+        if self.config.controlnet:  # the ControlNet's weights are the method's state; the denoiser is frozen
+            return writers
         if self.config.model_type == "lora":
             writers[WEIGHTS_FILE] = lambda path: self._save_lora(path.parent)
         else:
@@ -409,7 +474,8 @@ class Trainer:
                 "model_type": self.config.model_type, "model_family": self.config.model_family,
                 "fuse_qkv_projections": bool(self.config.fuse_qkv_projections), "rolling": rolling,
                 RUN_CONFIG_KEY: run_identity(self.config),  # what a later start compares (output_folder.py)
-                **distributed.topology(self.config, self.accelerator.num_processes)}
+                # data-parallel groups: with --sp_size the processes of a group share each batch
+                **distributed.topology(self.config, self.data_ranks.size)}
 
     def wait_for_post_checkpoint_scripts(self) -> None:
         """The end of a run waits for ``--post_checkpoint_script`` runs still going, so none is orphaned."""
@@ -419,8 +485,6 @@ class Trainer:
             self.hub.close()  # --push_to_hub_background: pending uploads finish before the run ends
 
     def _maybe_resume(self) -> None:
-        from safetensors.torch import load_model
-
         folder = ckpt.resolve_resume_path(self.output_dir, self.config.resume_from_checkpoint)
         if folder is None:
             if self.config.resume_from_checkpoint == "latest":
@@ -432,17 +496,14 @@ class Trainer:
                 f"{folder} was saved by a --model_type {state.get('model_type')} run; this run uses "
                 f"--model_type {self.config.model_type}. Use a matching checkpoint or a new --output_dir"
             )
-        distributed.check_resume_topology(folder, state, self.config, self.accelerator.num_processes)
+        distributed.check_resume_topology(folder, state, self.config, self.data_ranks.size)
         fused = bool(state.get("fuse_qkv_projections", False))
         if self.config.model_type == "full" and fused != bool(self.config.fuse_qkv_projections):
             raise ckpt.CheckpointError(
                 f"{folder} holds weights {'with' if fused else 'without'} fused q/k/v projections; set "
                 f"`--fuse_qkv_projections {str(fused).lower()}` to resume it (LoRA checkpoints work either way)")
-        denoiser = self._unwrapped_denoiser()
-        if self.config.model_type == "lora":
-            self.adapter.load_checkpoint(folder / WEIGHTS_FILE)  # any --lora_format; SingLoRA/PiSSA exactly
-        else:
-            load_model(denoiser, str(folder / FULL_WEIGHTS_FILE))
+        if getattr(self, "sharded", None) is None:  # FSDP2 loaded them before sharding (_before_sharding)
+            self._load_checkpoint_weights(folder)
         if self.text_encoders is not None:
             self.text_encoders.load_checkpoint(folder, folder / WEIGHTS_FILE)
         self.state_parts.restore(folder)  # every registered component; .pt files never unpickle code
@@ -454,6 +515,16 @@ class Trainer:
         self.resumed_from = folder
         self.tracker.continue_from(self.state.global_step)  # hide the steps logged after this checkpoint
         logger.info("resumed from %s at step %d", folder, self.state.global_step)
+
+    def _load_checkpoint_weights(self, folder: Path) -> None:
+        from safetensors.torch import load_model
+
+        if self.config.controlnet:
+            pass  # the ControlNet comes back with the method's state
+        elif self.config.model_type == "lora":
+            self.adapter.load_checkpoint(folder / WEIGHTS_FILE)  # any --lora_format; SingLoRA/PiSSA exactly
+        else:
+            load_model(self._unwrapped_denoiser(), str(folder / FULL_WEIGHTS_FILE))
 
     # --- the loop ------------------------------------------------------------------------------------
 
@@ -516,7 +587,7 @@ class Trainer:
             batch = self._next_local_batch()
             with accelerator.accumulate(denoiser):
                 output = self._batch_loss(batch)
-                accelerator.backward(output.loss)
+                accelerator.backward(output.loss * self.data_ranks.loss_scale)  # x sp_size: sequence_parallel.py
                 micro_losses.append(output.loss.detach().item())  # read before the update it may have to stop
                 for name, value in output.logs.items():
                     terms[name] = terms.get(name, 0.0) + float(value) / self.config.gradient_accumulation_steps
@@ -530,7 +601,7 @@ class Trainer:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=bool(self.config.set_grads_to_none))
             self.state.micro_step += 1
-            self.state.num_images_seen += batch["latent_mean"].shape[0] * accelerator.num_processes
+            self.state.num_images_seen += batch["latent_mean"].shape[0] * self.data_ranks.size
         if update:
             self.lr_scheduler.step()
             if self.ema is not None:
@@ -553,7 +624,7 @@ class Trainer:
     def _next_local_batch(self) -> dict:
         """Every process walks the same seeded batch order and keeps every N-th batch, so the
         processes train on different images and the order survives a resume unchanged."""
-        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        processes, rank = self.data_ranks.size, self.data_ranks.rank  # with --sp_size, a group shares one batch
         batch = None
         step = self.state.global_step
         for index in range(processes):
@@ -690,10 +761,31 @@ class Trainer:
         """
         self.accelerator.wait_for_everyone()
         set_optimizer_mode(self.optimizer, "eval")
-        if not self.is_main:
-            return None
+        with self._gathered_for_saving(with_optimizer=False):  # FSDP2: every process takes part
+            if not self.is_main:
+                return None
+            result = self._write_final()
+        logger.info("saved %s", result)
+        if self.validator.enabled and not self.validator.due(self.state.global_step):
+            self.validate(self.state.global_step)
+        self.tracker.close()
+        if self.batch_inspector is not None:
+            self.batch_inspector.end_run()
+        self._publish(result)
+        self.webhooks.send("run_finished", f"training finished at step {self.state.global_step}: {result}",
+                           step=self.state.global_step, num_images_seen=self.state.num_images_seen,
+                           output=str(result), final_loss=self.state.losses[-1] if self.state.losses else None,
+                           seconds_per_step=self.step_time_median())
+        return result
+
+    def _write_final(self) -> Path:
+        """The main process writes the LoRA file or pipeline folder (and EMA weights beside it)."""
         with self.memory.saving(self.model, getattr(self.text_encoders, "encoders", None)):  # --offload_during_save
-            if self.config.model_type == "lora":
+            if self.config.controlnet:  # a controlnet/ folder diffusers loads (methods/controlnet.py)
+                from simpletuner.methods.controlnet import save_controlnet
+
+                result = save_controlnet(self.model, self.output_dir)
+            elif self.config.model_type == "lora":
                 result = self._save_lora(self.output_dir)
                 if self.ema is not None:
                     with self.ema.applied():
@@ -707,17 +799,6 @@ class Trainer:
                 if self.ema is not None:
                     with self.ema.applied(), self._unfused_layout():
                         self.model.save_full(self.output_dir / "ema" / "pipeline", self._unwrapped_denoiser())
-        logger.info("saved %s", result)
-        if self.validator.enabled and not self.validator.due(self.state.global_step):
-            self.validate(self.state.global_step)
-        self.tracker.close()
-        if self.batch_inspector is not None:
-            self.batch_inspector.end_run()
-        self._publish(result)
-        self.webhooks.send("run_finished", f"training finished at step {self.state.global_step}: {result}",
-                           step=self.state.global_step, num_images_seen=self.state.num_images_seen,
-                           output=str(result), final_loss=self.state.losses[-1] if self.state.losses else None,
-                           seconds_per_step=self.step_time_median())
         return result
 
     def _publish(self, result: Path) -> None:
@@ -741,7 +822,7 @@ class Trainer:
         denoiser = self._unwrapped_denoiser()
         total = sum(p.numel() for p in denoiser.parameters())
         trainable = sum(p.numel() for p in self.trainable)
-        effective = config.train_batch_size * config.gradient_accumulation_steps * self.accelerator.num_processes
+        effective = config.train_batch_size * config.gradient_accumulation_steps * self.data_ranks.size
         lines = [
             "=== simpletuner run ===",
             f"model:        {config.model_family} ({self.model.model_path}), prediction {self.model.prediction_type}",
@@ -750,7 +831,9 @@ class Trainer:
             + f", {trainable:,} of {total:,} parameters trainable ({100 * trainable / max(total, 1):.2f}%)",
             f"precision:    {config.mixed_precision}, device {self.accelerator.device}, processes {self.accelerator.num_processes}",
             f"batch:        {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation x "
-            f"{self.accelerator.num_processes} processes = {effective} images per step",
+            + (f"{self.data_ranks.size} groups of {config.sp_size} processes (sequence parallel)"
+               if config.sp_size > 1 else f"{self.accelerator.num_processes} processes")
+            + f" = {effective} images per step",
             f"steps:        {self.max_steps} ({self.steps_per_epoch} per epoch), starting at {self.state.global_step}",
             f"optimizer:    {config.optimizer}, lr {config.learning_rate}"
             + (f" scaled to {self.learning_rate:g}" if config.lr_scale else "") + f" ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-#: Image families whose pipeline has an img2img sibling in diffusers (checked in the tests).
-IMG2IMG_FAMILIES = ("sd1x", "sd2x", "sdxl", "kolors", "sd3", "flux")
-#: Video families: the pictures become first frames of an image-to-video flavour.
-I2V_FAMILIES = ("ltxvideo", "wan")
+from simpletuner.models.registry import families_where
+
+#: Image families whose pipeline has an img2img sibling in diffusers (checked in the tests); read from
+#: the family table (``ValidationCapabilities.img2img``).
+IMG2IMG_FAMILIES = families_where(lambda info: info.validation.img2img)
+#: Video families: the pictures become first frames of an image-to-video flavour
+#: (``ValidationCapabilities.image_to_video``).
+I2V_FAMILIES = families_where(lambda info: info.validation.image_to_video)
 
 
 def _source_datasets(plan, dataset_id: str | None, plan_source):

@@ -111,6 +111,9 @@ class ValidationSettings:
     resolutions: list[tuple[int, int]]
     #: per prompt: its library shortname (used in file names), or None for ``--validation_prompt``
     names: list[str | None] | None = None
+    #: per prompt: the settings its library entry carries (seed, steps, guidance, width, height,
+    #: negative_prompt; see prompt_library.PROMPT_SETTINGS), {} for a prompt that uses the run's
+    prompt_settings: list[dict] | None = None
     randomize: bool = False
     #: ``--validation_seed_source``: "gpu" puts the generators on the accelerator, anything else on the CPU
     seed_source: str | None = None
@@ -134,6 +137,10 @@ class ValidationSettings:
     stitch_location: str | None = None
     #: ``--validation_torch_compile``: sample through ``torch.compile`` of the denoiser
     compile: bool = False
+    #: ``--enable_watermark``: stamp an invisible watermark on every image (validation/watermark.py)
+    watermark: bool = False
+    #: ``--control``: the family's channel-control pipeline gets the run's control image (validation/controlnet.py)
+    channel_control: bool = False
 
     @classmethod
     def from_config(cls, config, fallback_edge: int, family_defaults: dict | None = None) -> "ValidationSettings":
@@ -149,11 +156,15 @@ class ValidationSettings:
                 return family_defaults[name]
             return getattr(config, name)
 
+        from simpletuner.validation.prompt_library import library_prompt_settings
+
         prompts = [config.validation_prompt] if config.validation_prompt else []
         names: list[str | None] = [None] * len(prompts)
         for shortname, prompt in library_prompts(config).items():
             prompts.append(prompt)
             names.append(shortname)
+        own_settings = library_prompt_settings(config)
+        prompt_settings = [own_settings.get(name, {}) if name else {} for name in names]
         guidance = value("validation_guidance")
         # guidance 1.0 is the pipelines' switch for "no unconditional pass"; an embedded guidance
         # value (Flux) is not classifier-free guidance and stays as it is
@@ -179,6 +190,7 @@ class ValidationSettings:
             seed=config.validation_seed if config.validation_seed is not None else (config.seed or 0),
             resolutions=parse_resolutions(config.validation_resolution, fallback_edge),
             names=names,
+            prompt_settings=prompt_settings if any(prompt_settings) else None,
             randomize=bool(config.validation_randomize),
             seed_source=config.validation_seed_source,
             guidance_rescale=config.validation_guidance_rescale,
@@ -192,6 +204,8 @@ class ValidationSettings:
             inputs=inputs,
             stitch_location=config.validation_stitch_input_location,
             compile=bool(config.validation_torch_compile),
+            watermark=bool(config.enable_watermark),
+            channel_control=bool(config.control),
         )
 
     def passes(self) -> "list[AdapterRun | None]":
@@ -281,13 +295,20 @@ def validation_scheduler(name: str, current, flow_matching: bool):
 
 def generate_images(pipeline, prompts: list[str], settings: ValidationSettings, device,
                     size: tuple[int, int], batch_size: int = 16, extra_arguments: dict | None = None,
-                    seed: int | None = None, step_callback=None, inputs: list | None = None) -> list:
+                    seed: int | None = None, step_callback=None, inputs: list | None = None,
+                    prompt_settings: list[dict] | None = None) -> list:
     """One image per prompt, each with its own seeded generator (image ``i`` uses ``seed + i``;
     ``seed`` defaults to ``settings.seed``) so results do not depend on batching and never touch the
     global random state (which would break exact resume). ``step_callback(start, count)`` may give a
     pipeline ``callback_on_step_end`` for the prompts ``start`` to ``start + count`` (previews).
-    ``inputs`` (img2img): per prompt, the picture to start from, already at ``size``."""
+    ``inputs`` (img2img): per prompt, the picture to start from, already at ``size``.
+    ``prompt_settings``: per prompt, a library entry's own seed / steps / guidance / size / negative
+    prompt; such prompts are drawn one by one with those (its seed replaces ``seed + i``)."""
     import torch
+
+    if prompt_settings and any(prompt_settings):
+        return _generate_with_own_settings(pipeline, prompts, settings, device, size, extra_arguments, seed,
+                                           step_callback, inputs, prompt_settings)
 
     base_seed = settings.seed if seed is None else seed
     where = generator_device(settings, device)
@@ -317,6 +338,26 @@ def generate_images(pipeline, prompts: list[str], settings: ValidationSettings, 
     return images
 
 
+def _generate_with_own_settings(pipeline, prompts, settings, device, size, extra_arguments, seed, step_callback,
+                                inputs, prompt_settings: list[dict]) -> list:
+    """:func:`generate_images` one prompt at a time, each with its entry's settings over the run's."""
+    import dataclasses
+
+    base_seed = settings.seed if seed is None else seed
+    images = []
+    for index, (prompt, own) in enumerate(zip(prompts, prompt_settings)):
+        one = dataclasses.replace(
+            settings, num_inference_steps=own.get("steps", settings.num_inference_steps),
+            guidance=own.get("guidance", settings.guidance),
+            negative_prompt=own.get("negative_prompt", settings.negative_prompt))
+        own_size = (own.get("width", size[0]), own.get("height", size[1]))
+        callback = (lambda start, count, offset=index: step_callback(offset, count)) if step_callback else None
+        images += generate_images(pipeline, [prompt], one, device, own_size, extra_arguments=extra_arguments,
+                                  seed=own.get("seed", base_seed + index), step_callback=callback,
+                                  inputs=inputs[index:index + 1] if inputs is not None else None)
+    return images
+
+
 @dataclass
 class Validator:
     """Runs validation at the configured interval and keeps the base model's images for comparison."""
@@ -341,6 +382,8 @@ class Validator:
     #: ``--validation_torch_compile``: the compiled wrapper of the denoiser, made once and reused (it
     #: shares the live weights, so later validations see the trained values without recompiling)
     _compiled: object = None
+    #: ``--enable_watermark``'s encoder, made at the first validation and kept
+    _watermarker: object = None
 
     @property
     def enabled(self) -> bool:
@@ -398,10 +441,17 @@ class Validator:
         for network in networks:
             network.eval()
         pipeline = model.build_pipeline(denoiser)
+        from simpletuner.validation.controlnet import controlnet_validation
+
+        pipeline, control_arguments = controlnet_validation(model, pipeline, denoiser,  # --controlnet / --control
+                                                            channel_control=self.settings.channel_control)
         if self.settings.inputs is not None and not model.encodes_video:
             from simpletuner.validation.dataset_inputs import img2img_pipeline
 
             pipeline = img2img_pipeline(pipeline)
+        from simpletuner.validation.watermark import without_builtin_watermark
+
+        pipeline = without_builtin_watermark(pipeline)
         pipeline.set_progress_bar_config(disable=True)
         if self.settings.compile:
             self._use_compiled_denoiser(pipeline, model, denoiser)
@@ -409,6 +459,7 @@ class Validator:
             pipeline.scheduler = validation_scheduler(self.settings.scheduler, pipeline.scheduler,
                                                       model.prediction_type == "flow_matching")
         prompts = [p for p in self.settings.prompts for _ in range(self.settings.num_images)]
+        own_settings = [s for s in (self.settings.prompt_settings or []) for _ in range(self.settings.num_images)]
         names = self._file_names(step)
         folder = self.output_dir / "validation" / label
         folder.mkdir(parents=True, exist_ok=True)
@@ -416,7 +467,7 @@ class Validator:
         self.last_seed = seed
         logger.info("validation %s: seed %d (image i uses seed %d + i, generators on %s)", folder.name, seed, seed,
                     generator_device(self.settings, self.device).type)
-        arguments = {**model.pipeline_call_arguments(), **self.settings.call_arguments()}
+        arguments = {**model.pipeline_call_arguments(), **self.settings.call_arguments(), **control_arguments}
         results = {}
         from simpletuner.training.adapter import validation_strength
 
@@ -434,7 +485,9 @@ class Validator:
                     inputs = self._inputs(size)
                     images = generate_images(pipeline, prompts, self.settings, self.device, size,
                                              extra_arguments=arguments, seed=seed,
-                                             step_callback=previews(size) if previews else None, inputs=inputs)
+                                             step_callback=previews(size) if previews else None, inputs=inputs,
+                                             prompt_settings=own_settings or None)
+                    images = self._watermarked(images)
                     results[size] = images
                     self._write(folder, size, names, images, step, caption, tracker_key, inputs)
                 self._write_record(folder, step, seed, prompts, names)
@@ -442,6 +495,16 @@ class Validator:
             network.train(was_training)
         logger.info("validation images for step %d written to %s", step, folder)
         return results
+
+    def _watermarked(self, images: list) -> list:
+        """``images`` stamped with ``--enable_watermark``'s invisible mark, or as they are."""
+        if not self.settings.watermark:
+            return images
+        if self._watermarker is None:
+            from simpletuner.validation.watermark import Watermarker
+
+            self._watermarker = Watermarker()
+        return self._watermarker.apply(images)
 
     def _use_compiled_denoiser(self, pipeline, model, denoiser) -> None:
         """Put ``torch.compile(denoiser)`` into the pipeline in place of the denoiser. Compiling is slow

@@ -99,9 +99,10 @@ def test_delete_model_after_load_warns_for_a_local_folder(tmp_path):
 
 
 def test_still_unsupported_memory_options_are_refused(tmp_path):
-    for flag in ("ramtorch_controlnet", "vae_enable_patch_conv"):
-        with pytest.raises(ConfigError, match="not supported yet"):
-            resolve(tmp_path, **{flag: "true"})
+    with pytest.raises(ConfigError, match="not supported yet"):
+        resolve(tmp_path, vae_enable_patch_conv="true")
+    with pytest.raises(ConfigError, match="RamTorch keeps only frozen weights in CPU memory"):
+        resolve(tmp_path, ramtorch_controlnet="true")  # every ControlNet weight trains
 
 
 @pytest.mark.parametrize("family,flags,words", [

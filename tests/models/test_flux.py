@@ -391,7 +391,6 @@ def test_flux_options_are_accepted_for_flux_and_refused_elsewhere(project):
     ({"validation_guidance_real": 0.5}, "must be at least 1.0"),
     ({"tokenizer_max_length": 600}, "must be between 1 and 512"),
     ({"model_flavour": "pro"}, "choose one of: dev, schnell, krea"),
-    ({"train_text_encoder": "true"}, "not supported for flux"),
 ])
 def test_config_mistakes_for_flux_are_named(project, overrides, message):
     assert message in error_of(project, **overrides)

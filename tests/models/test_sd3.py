@@ -240,7 +240,6 @@ def test_sd3_options_are_accepted_for_sd3_and_refused_elsewhere(project):
      "`--timestep_bias_strategy` shapes a DDPM noise schedule; sd3 trains flow matching"),
     ({"rescale_betas_zero_snr": "true"}, "`--rescale_betas_zero_snr` shapes a DDPM noise schedule"),
     ({"prediction_type": "epsilon"}, "`--prediction_type epsilon` is not supported for sd3; use one of: flow_matching"),
-    ({"train_text_encoder": "true"}, "`--train_text_encoder` is not supported for sd3"),
     ({"model_flavour": "xl"}, "choose one of: medium, large, large-turbo, 3.0-medium"),
     ({"snr_gamma": 5}, "`--snr_gamma` is defined on a DDPM noise schedule"),
 ])

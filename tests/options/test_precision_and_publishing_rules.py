@@ -60,7 +60,7 @@ def test_precision_vae_dtype_is_refused_for_a_family_without_vae(tmp_path) -> No
     dataset_list = write_minimal_dataset_list(tmp_path)
     message = error_of(tmp_path, ["--model_family", "deepfloyd", "--output_dir", str(tmp_path / "out"),
                                   "--data_backend_config", str(dataset_list), "--vae_dtype", "fp16"])
-    assert message == ("`--vae_dtype fp16` has no effect: DeepFloyd IF works on pixels and has no VAE; remove it")
+    assert message == ("`--vae_dtype fp16` has no effect: the deepfloyd model works on pixels and has no VAE; remove it")
 
 
 # --- publishing ----------------------------------------------------------------------------------------

@@ -113,5 +113,5 @@ def test_options_markdown_lists_every_option_and_marks_unimplemented() -> None:
     for option in all_options():
         assert f"| `--{option.name}`" in text
     assert "(also read as `--checkpointing_steps`)" in text
-    controlnet_row = next(line for line in text.splitlines() if line.startswith("| `--controlnet`"))
-    assert "| not yet |" in controlnet_row
+    unimplemented_row = next(line for line in text.splitlines() if line.startswith("| `--sla_config`"))
+    assert "| not yet |" in unimplemented_row

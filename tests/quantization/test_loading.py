@@ -41,7 +41,7 @@ def test_pipeline_quantizes_while_loading_and_restores_the_loaders(project, tiny
     assert type(model.unet.conv_out) is torch.nn.Conv2d  # excluded like the linears
     assert type(model.text_encoder.encoder.layers[0].self_attn.q_proj).__name__ == "QLinear"
     assert model.unet.conv_in.weight.dtype == torch.bfloat16  # loaded in the compute type
-    assert "to" not in model.unet.__dict__ and "to" not in model.text_encoder.__dict__  # load-time guards gone
+    assert "to" not in model.unet.__dict__ and "to" not in model.text_encoder.__dict__  # no patched instances
     assert (diffusers.ModelMixin.__dict__["from_pretrained"], transformers.PreTrainedModel.__dict__["from_pretrained"]) \
         == originals
     assert model.denoiser is model.unet
@@ -82,31 +82,96 @@ def test_gguf_denoiser_folder_loads_quantized_and_close_to_the_original(project,
 
 def test_gguf_override_file_goes_through_from_single_file(project, tiny_sd1x, tmp_path):
     """The `.gguf` given as the denoiser's own path (what --pretrained_transformer_model_name_or_path
-    holds for Flux/SD3): from_pretrained on that file is routed to diffusers' GGUF loader."""
+    holds for Flux/SD3): loading the denoiser from that file goes to diffusers' GGUF loader."""
     from diffusers import UNet2DConditionModel
 
-    from simpletuner.models.quantize import LoaderHooks
+    from simpletuner.models.quantize import QuantizedLoading
+    from simpletuner.models.sd1x import StableDiffusion1x
     from simpletuner.testing.gguf import write_denoiser_gguf
 
     file = write_denoiser_gguf(UNet2DConditionModel.from_pretrained(tiny_sd1x, subfolder="unet"), tmp_path / "u.gguf",
                                quant_type="Q4_0")
     config = run_config(project, tiny_sd1x, "unused")
-
-    class Family:
-        denoiser_name, model_path, weight_dtype = "unet", str(tiny_sd1x), torch.float32
-
-    hooks = LoaderHooks(Family(), config, {}, {})
-    hooks.wanted = lambda: True
-    with hooks.installed():
-        unet = UNet2DConditionModel.from_pretrained(str(file), subfolder="unet")
+    family = StableDiffusion1x(config, torch.device("cpu"), torch.float32)
+    family.loading = loading = QuantizedLoading(config, {}, {})
+    unet = family.load_denoiser(UNet2DConditionModel, str(file), subfolder="unet")
     assert type(unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight).__name__ == "GGUFParameter"
-    assert hooks.done == {"denoiser": "gguf (u.gguf)"}
+    assert loading.done == {"denoiser": "gguf (u.gguf)"}
+    loading.done.clear()  # the same file asked for as a single-file checkpoint goes the same way
+    unet = family.load_single_file_component("denoiser", UNet2DConditionModel, str(file), config=str(tiny_sd1x),
+                                             subfolder="unet")
+    assert type(unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight).__name__ == "GGUFParameter"
+    assert loading.done == {"denoiser": "gguf (u.gguf)"}
+
+
+def library_loaders():
+    import diffusers
+    import transformers
+    from diffusers.loaders.single_file_model import FromOriginalModelMixin
+
+    return (diffusers.ModelMixin.__dict__["from_pretrained"], transformers.PreTrainedModel.__dict__["from_pretrained"],
+            FromOriginalModelMixin.__dict__["from_single_file"])
+
+
+def probing_family(on_first_load=None):
+    """sd1x recording the library loaders each time it loads a component (and running
+    ``on_first_load`` in the middle of its own loading, once)."""
+    from simpletuner.models.sd1x import StableDiffusion1x
+
+    class Probe(StableDiffusion1x):
+        seen: list = []
+
+        def load_component(self, role, model_class, path, **kwargs):
+            self.seen.append(library_loaders())
+            if on_first_load is not None and len(self.seen) == 1:
+                on_first_load()
+            return super().load_component(role, model_class, path, **kwargs)
+
+    return Probe
+
+
+@pytest.mark.parametrize("how", ["pipeline", "gguf"])
+def test_quantized_loading_never_patches_the_library_loaders(project, tiny_sd1x, tmp_path, how):
+    from simpletuner.testing.gguf import make_gguf_pipeline_folder
+
+    before = library_loaders()
+    if how == "gguf":
+        folder, flags = make_gguf_pipeline_folder(tiny_sd1x, tmp_path / "gguf-model"), {}
+    else:
+        folder, flags = tiny_sd1x, dict(base_model_precision="int8-quanto", text_encoder_1_precision="int8-quanto",
+                                        quantize_via="pipeline")
+    config = run_config(project, folder, "unused", **flags)
+    family = probing_family()
+    model = family(config, torch.device("cpu"), torch.float32)
+    done = load_model(model, config)
+    assert done["unet"] == ("gguf (diffusion_pytorch_model.gguf)" if how == "gguf" else "int8-quanto (pipeline)")
+    assert len(family.seen) >= 3 and all(seen == before for seen in family.seen)  # during loading too
+    assert library_loaders() == before
+
+
+def test_a_model_loaded_while_another_loads_quantized_stays_unquantized(project, tiny_sd1x):
+    """Quantized loading belongs to the model being loaded: a plain model loaded in the middle of
+    it, in the same process, gets full-precision components."""
+    from simpletuner.models.sd1x import StableDiffusion1x
+
+    plain_config = run_config(project, tiny_sd1x, "unused")
+    plain = StableDiffusion1x(plain_config, torch.device("cpu"), torch.float32)
+    family = probing_family(on_first_load=lambda: load_model(plain, plain_config))
+    config = run_config(project, tiny_sd1x, "unused", base_model_precision="int8-quanto",
+                        text_encoder_1_precision="int8-quanto", quantize_via="pipeline")
+    quantized = family(config, torch.device("cpu"), torch.float32)
+    assert load_model(quantized, config) == {"unet": "int8-quanto (pipeline)", "text_encoder": "int8-quanto (pipeline)"}
+    assert quantized_layers(quantized.unet) > 0 and quantized_layers(quantized.text_encoder) > 0
+    assert plain.quantization == {}
+    assert quantized_layers(plain.unet) == 0 and quantized_layers(plain.text_encoder) == 0
+    assert not getattr(plain.unet, "is_quantized", False) and getattr(plain.text_encoder, "hf_quantizer", None) is None
+    assert type(to_q(plain).weight) is torch.nn.Parameter
 
 
 def test_a_text_encoder_the_family_lacks_is_a_clear_error(project, tiny_sd1x, monkeypatch):
     from simpletuner.options import quantization_rules
 
-    monkeypatch.setattr(quantization_rules, "TEXT_ENCODER_COUNTS", {})  # as for a family the table lacks
+    monkeypatch.setattr(quantization_rules, "text_encoder_count", lambda family: None)  # as for a family the table lacks
     with pytest.raises(QuantizationError, match="has no text_encoder_2"):
         loaded(project, tiny_sd1x, text_encoder_2_precision="int8-quanto")
 
@@ -124,3 +189,36 @@ def test_quantized_text_encoders_get_their_own_text_cache_keys(project, tiny_sd1
     quantized = parts(text_encoder_1_precision="nf4-bnb")
     assert quantized != plain and quantized["text_encoder_1_precision"] == "nf4-bnb"
     assert parts(text_encoder_1_precision="int8-quanto") != quantized
+
+
+LOAD_TIME_FAMILIES = ["sd1x", "sdxl", "kolors", "sd3", "deepfloyd", "pixart_sigma", "flux", "ltxvideo", "wan"]
+
+
+@pytest.mark.parametrize("family", LOAD_TIME_FAMILIES)
+def test_every_family_names_its_components_so_the_pipeline_route_quantizes_them_while_loading(tmp_path, family):
+    """Each family file loads its denoiser and text encoders through the base class, naming them: with
+    `--quantize_via pipeline` every one of them comes back quantized by the library loader (none falls
+    back to quantizing after loading), and the library loaders are the same objects afterwards."""
+    from simpletuner.models.registry import load_family_class
+    from simpletuner.options.quantization_rules import text_encoder_name
+    from simpletuner.testing.config import make_config
+    from simpletuner.testing.tiny_models import make_tiny_model
+
+    make_tiny_model(family, tmp_path / "model", seed=0)
+    plain = load_family_class(family)(make_config(model_family=family,
+                                                  pretrained_model_name_or_path=str(tmp_path / "model")),
+                                      torch.device("cpu"), torch.float32)
+    plain.load()
+    encoders = list(plain.text_encoder_modules())
+    assert encoders, family
+    config = make_config(model_family=family, pretrained_model_name_or_path=str(tmp_path / "model"),
+                         quantize_via="pipeline", base_model_precision="int8-quanto",
+                         **{f"text_encoder_{index}_precision": "int8-quanto" for index in range(1, len(encoders) + 1)})
+    assert [text_encoder_name(index) for index in range(1, len(encoders) + 1)] == encoders
+    before = library_loaders()
+    model = load_family_class(family)(config, torch.device("cpu"), torch.float32)
+    done = load_model(model, config)
+    assert done == {model.denoiser_name: "int8-quanto (pipeline)", **{name: "int8-quanto (pipeline)" for name in encoders}}
+    for module in (model.denoiser, *model.text_encoder_modules().values()):
+        assert getattr(module, "hf_quantizer", None) is not None and quantized_layers(module) > 0
+    assert library_loaders() == before

@@ -166,6 +166,28 @@ def test_wandb_without_wandb_dir_writes_under_the_logging_folder(tmp_path, wandb
     assert read_offline_run(tmp_path / "logs").values("loss/train") == [(1, 1)]
 
 
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, wandb_offline):
+    """The second process on the same output folder (a resume) logs to the first one's wandb run id; a
+    run in another output folder gets its own."""
+    import wandb
+
+    from simpletuner.tracking.trackers import WANDB_RUN_ID_FILE
+
+    for steps in ((1, 2), (3, 4)):
+        tracker = trackers_for(tmp_path / "out", report_to="wandb")
+        for step in steps:
+            tracker.log_scalars({"loss/train": float(step)}, step)
+        tracker.close()
+        wandb.teardown()
+    run_id = (tmp_path / "out" / "logs" / WANDB_RUN_ID_FILE).read_text().strip()
+    logs = sorted(path.name for path in wandb_offline.glob("**/offline-run-*/run-*.wandb"))
+    assert logs == [f"run-{run_id}.wandb"] * 2
+    other = trackers_for(tmp_path / "other", report_to="wandb")
+    other.log_scalars({"loss/train": 1.0}, 1)
+    other.close()
+    assert (tmp_path / "other" / "logs" / WANDB_RUN_ID_FILE).read_text().strip() != run_id
+
+
 # --- comet_ml ----------------------------------------------------------------------------------------
 
 
@@ -281,7 +303,11 @@ def test_a_tracker_list_is_read_from_a_config_file_and_the_command_line():
 
     from_file = merge_sources({"report_to": " tensorboard , wandb "}, {}, "config.json", [])
     from_cli = merge_sources({}, {"report_to": "wandb,tensorboard"}, "config.json", [])
+    as_list = merge_sources({"report_to": ["tensorboard", "wandb", "tensorboard"]}, {}, "config.json", [])
     assert (from_file.report_to, from_cli.report_to) == ("tensorboard,wandb", "wandb,tensorboard")
+    assert as_list.report_to == "tensorboard,wandb"  # a JSON list in config.json, repeats dropped
+    with pytest.raises(ConfigError, match=r"`report_to` = 'mlflow' is not one of"):
+        merge_sources({"report_to": ["wandb", "mlflow"]}, {}, "config.json", [])
     for rule in REPORTING_RULES:
         rule(from_file)  # tensorboard and wandb are dependencies: the list passes every reporting check
 

@@ -190,10 +190,12 @@ def test_dry_run_names_machines_and_extra_args(tmp_path, capsys):
 torch = pytest.importorskip("torch")
 
 
-def fake_trainer(rank: int, processes: int, records, batch_size: int = 2):
-    """A Trainer with just what ``_next_local_batch`` uses: the real sampler and mixer, a fake accelerator."""
+def fake_trainer(rank: int, processes: int, records, batch_size: int = 2, sp_size: int = 1):
+    """A Trainer with just what ``_next_local_batch`` uses: the real sampler and mixer, a fake accelerator
+    (``sp_size``: groups of that many processes share a batch, as with ``--sp_size``)."""
     from simpletuner.data.mixing import DatasetMixer, DatasetSchedule
     from simpletuner.data.sampler import BucketBatchSampler
+    from simpletuner.training.sequence_parallel import data_ranks
     from simpletuner.training.trainer import LoopState, Trainer
 
     mixer = DatasetMixer({"d": BucketBatchSampler({(64, 64): records}, batch_size, seed=5)},
@@ -215,6 +217,7 @@ def fake_trainer(rank: int, processes: int, records, batch_size: int = 2):
 
     trainer = Trainer.__new__(Trainer)
     trainer.accelerator = SimpleNamespace(num_processes=processes, process_index=rank)
+    trainer.data_ranks = data_ranks(processes, rank, sp_size)
     trainer.state = LoopState()
     trainer.data = Data()
     trainer.batch_seed_base = 7
@@ -347,8 +350,9 @@ def test_engines_that_shard_state_are_refused_until_simpletuner_can_save_it():
     check_engine(accelerator(DistributedType.FSDP, fsdp_plugin=fsdp(ShardingStrategy.NO_SHARD)))
     with pytest.raises(ConfigError, match="DeepSpeed ZeRO stage 2 splits the optimizer state across processes"):
         check_engine(accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=2)))
-    with pytest.raises(ConfigError, match=r"FSDP \(version 1, FULL_SHARD\) shards the weights"):
+    with pytest.raises(ConfigError, match=r"FSDP version 1 \(FULL_SHARD\) flattens the weights .* Use "
+                                          r"`--fsdp_enable true`"):
         check_engine(accelerator(DistributedType.FSDP, fsdp_plugin=fsdp(ShardingStrategy.FULL_SHARD)))
-    with pytest.raises(ConfigError, match=r"FSDP \(version 2, True\)"):
-        check_engine(accelerator(DistributedType.FSDP, fsdp_plugin=SimpleNamespace(
-            sharding_strategy=None, reshard_after_forward=True, fsdp_version=2)))
+    # FSDP2 is gathered before saving (training/fsdp.py, tests/training/test_fsdp.py)
+    check_engine(accelerator(DistributedType.FSDP, fsdp_plugin=SimpleNamespace(
+        sharding_strategy=None, reshard_after_forward=True, fsdp_version=2)))

@@ -203,15 +203,19 @@ class VaeCache:
         options: VaeCacheOptions | None = None,
         compress: bool = False,
         label: str = "latents",
+        flip: bool = False,
     ) -> None:
         """``images`` reads the dataset's files (a local folder at ``data_root`` by default);
         ``entries`` stores the cache (``cache_dir`` on disk, or the bucket of an ``s3://`` URL,
-        gzipped when ``compress``); ``label`` names what it holds in progress bars."""
+        gzipped when ``compress``); ``label`` names what it holds in progress bars. ``flip``
+        (``random_flip``) caches the latents of each crop mirrored left to right: the pixels are
+        flipped before encoding, and the flag is part of every entry's fingerprint."""
         remote = is_remote_cache(cache_dir)
         self.cache_dir = cache_dir if remote else Path(cache_dir)
         self.dataset_id = dataset_id
         self.label = label
         self.crop = crop
+        self.flip = flip
         self.memory = memory if memory is not None else TensorMemory()
         self.images = images if images is not None else LocalBackend(Path(data_root or "."))
         if entries is None:
@@ -395,10 +399,12 @@ class VaeCache:
 
     def _fingerprint(self, record: ImageRecord, size: Size, model_parts: dict | None = None,
                      anchor: tuple[float, float] | None = None, crop: bool | None = None) -> str:
+        # ``flipped`` only when set, so the entries of unflipped caches keep their keys
+        flipped = {"flipped": True} if self.flip else {}
         return fingerprint(kind="vae_latents", content_sha256=self._content[record.path], size=list(size),
                            crop=self.crop if crop is None else crop,
                            anchor=list(anchor if anchor is not None else self._anchor(record)),
-                           model=model_parts if model_parts is not None else self._model_parts)
+                           model=model_parts if model_parts is not None else self._model_parts, **flipped)
 
     def _reconcile(self, record: ImageRecord, size: Size, key: str, report: CacheReport
                    ) -> tuple[dict[str, torch.Tensor] | None, Size]:
@@ -475,8 +481,10 @@ class VaeCache:
             return exc
 
     def _load_pixels(self, source: Path | bytes, size: Size, record: ImageRecord) -> torch.Tensor:
-        """Decode, resize and crop one image to ``size`` (a video cache decodes a clip instead)."""
-        return load_image_tensor(source, size, anchor=self._anchor(record), name=str(record.path))
+        """Decode, resize and crop one image to ``size`` (a video cache decodes a clip instead),
+        mirrored left to right for a ``flip`` cache (the crop window stays where it was chosen)."""
+        pixels = load_image_tensor(source, size, anchor=self._anchor(record), name=str(record.path))
+        return pixels.flip(-1) if self.flip else pixels
 
     def _decoded(self, jobs: list[tuple[Size, ImageRecord]]):
         """(size, record, pixels or error) for each job, in order, with I/O and decoding run ahead."""

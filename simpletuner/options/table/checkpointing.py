@@ -66,7 +66,8 @@ OPTIONS: list[Option] = [
         kind="str",
         default=None,
         help="Continue a previous run: latest (the newest complete checkpoint in output_dir; starts fresh when there is none), "
-        "a checkpoint folder name inside output_dir or a path to one, or none (never resume). Unset, a run resumes by "
+        "a checkpoint folder name inside output_dir or a path to one, s3://bucket/prefix/checkpoint-N (or s3://bucket/prefix/ "
+        "for its newest checkpoint; downloaded into output_dir/resumed-from-s3 first), or none (never resume). Unset, a run resumes by "
         "itself when output_dir holds checkpoints of the same config and refuses to start when they belong to another "
         "config; latest on the command line continues them anyway.",
         group=_G,

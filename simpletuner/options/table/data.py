@@ -103,7 +103,8 @@ OPTIONS: list[Option] = [
         minimum=1, maximum=512,
         help="Advanced: force a different maximum token count for caption tokenisation. SD3: the T5 token count "
         "(default 154, at most 512; CLIP always takes 77); DeepFloyd: default and maximum 77; Flux: the T5 token count "
-        "(default 512, or 256 for models without a guidance embedding such as [schnell]). Changing it rebuilds the "
+        "(default 512, or 256 for models without a guidance embedding such as [schnell]); OmniGen: prompt tokens including "
+        "its chat template (default 512; a longer caption loses its end). Changing it rebuilds the "
         "text-embed cache.",
         group=_G,
         implemented=True,

@@ -144,8 +144,10 @@ OPTIONS: list[Option] = [
         name="ramtorch_controlnet",
         kind="bool",
         default=False,
-        help="Apply RamTorch to ControlNet linear layers while training a ControlNet.",
+        help="Apply RamTorch to ControlNet linear layers while training a ControlNet. Refused: RamTorch streams "
+        "frozen weights only, and every ControlNet weight trains.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="ramtorch_transformer_percent",

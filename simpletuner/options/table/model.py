@@ -117,8 +117,11 @@ OPTIONS: list[Option] = [
         name="pretrained_gemma_model_name_or_path",
         kind="str",
         default=None,
-        help="Where to load the Gemma text encoder from for families that use one, without changing the base model path.",
+        help="Where to load the Gemma text encoder (and its tokenizer) from for the families that read captions with "
+        "Gemma (sana, lumina2), without changing the base model path: a pipeline folder with tokenizer/ and "
+        "text_encoder/, a plain Gemma folder, or a hub id.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="revision",
@@ -140,29 +143,40 @@ OPTIONS: list[Option] = [
         name="controlnet",
         kind="bool",
         default=False,
-        help="Train a ControlNet branch (full or LoRA) next to the main network.",
+        help="Train a ControlNet for the base model instead of the model itself (sd1x, sd2x, sdxl, sd3; needs "
+        "`--model_type full` and a dataset paired with a `controlnet` conditioning dataset). The base model stays "
+        "frozen; the ControlNet is saved to <output_dir>/controlnet. See documentation/CONTROLNET.md.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="controlnet_model_name_or_path",
         kind="str",
         default=None,
-        help="Existing ControlNet weights to start from instead of a freshly initialised branch.",
+        help="Existing ControlNet to continue training (a diffusers ControlNet folder, a hub id, or an earlier run's "
+        "output folder) instead of a new one initialised from the base model.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="controlnet_custom_config",
         kind="json",
         default=None,
-        help="JSON object (or file) overriding the architecture settings of a newly created ControlNet.",
+        help="JSON object (or file) overriding settings of the new ControlNet's diffusers config, e.g. "
+        "{\"num_layers\": 6} for an SD3 ControlNet with fewer blocks. Only for a new ControlNet.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="control",
         kind="bool",
         default=False,
-        help="Train with the control image concatenated to the input channels instead of through a separate branch.",
+        help="Train the model with the control image's latents concatenated to its input channels instead of through "
+        "a separate branch, as FLUX.1 Canny/Depth [dev] do (flux; `--model_type full`; a dataset paired with a "
+        "`controlnet` conditioning dataset). The input layer is widened with zero weights; the output is a "
+        "FluxControlPipeline folder. See documentation/CONTROLNET.md.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="tread_config",

@@ -81,6 +81,129 @@ OPTIONS: list[Option] = [
         implemented=True,
     ),
     Option(
+        name="zero_stage",
+        kind="int",
+        default=None,
+        minimum=1,
+        maximum=3,
+        help="Train with DeepSpeed ZeRO through accelerate: 1 splits the optimizer state across processes, 2 also the "
+        "gradients, 3 also the weights. Needs the deepspeed package (pip install 'simpletuner[deepspeed]'); refused "
+        "with block swap, RamTorch, group offload, quantized bases and (stage 3) EMA. Until checkpoints can be saved "
+        "sharded, the trainer still stops at start-up under stages 1-3; see documentation/DISTRIBUTED.md.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="deepspeed_config",
+        kind="json",
+        default=None,
+        help="A DeepSpeed JSON config, inline or as a file, for what zero_stage does not cover (offload_optimizer, "
+        "offload_param, bucket sizes); needs a zero_optimization section. Batch size, gradient accumulation, clipping "
+        "and precision come from the usual options and may be \"auto\" in it; optimizer and scheduler sections are "
+        "refused (simpletuner builds both).",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="fsdp_enable",
+        kind="bool",
+        default=False,
+        help="Shard the denoiser's weights, gradients and optimizer state across the processes with FSDP2 "
+        "(torch's fully_shard, through accelerate's FSDP plugin). Needs more than one process; LoRA and full "
+        "training; see documentation/DISTRIBUTED.md for what it cannot be combined with.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="fsdp_version",
+        kind="int",
+        default=2,
+        minimum=1,
+        maximum=2,
+        help="FSDP generation; only 2 (per-parameter sharding with DTensor) is supported, 1 is refused.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="fsdp_reshard_after_forward",
+        kind="bool",
+        default=True,
+        help="Free the gathered weights of each block after its forward pass and gather them again for the "
+        "backward pass: least memory. false keeps them until the backward pass (less communication, like ZeRO-2).",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="fsdp_state_dict_type",
+        kind="str",
+        default="full",
+        choices=("full", "sharded"),
+        help="How checkpoints hold the sharded weights and optimizer state: full gathers them and the main process "
+        "writes the usual files; sharded is not available yet and is refused with the reason.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="fsdp_cpu_ram_efficient_loading",
+        kind="bool",
+        default=False,
+        help="Load the full weights in CPU memory on the main process only and send each process its shard. "
+        "Not available yet: refused with the reason.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="fsdp_transformer_layer_cls_to_wrap",
+        kind="str",
+        default=None,
+        help="Comma-separated class names of the blocks sharded as one unit (each gathered just before it runs). "
+        "Unset: the class of the denoiser's repeated blocks, found at start-up.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="hsdp_replicate_dim",
+        kind="int",
+        default=None,
+        minimum=1,
+        help="HSDP: how many replicas of the sharded model (the outer dimension of the device mesh, usually the "
+        "number of machines). With hsdp_shard_dim, their product must equal num_processes; needs fsdp_enable.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="hsdp_shard_dim",
+        kind="int",
+        default=None,
+        minimum=1,
+        help="HSDP: over how many processes each replica is sharded (the inner dimension of the device mesh, "
+        "usually the GPUs of one machine). Needs fsdp_enable.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="sp_size",
+        kind="int",
+        default=1,
+        minimum=1,
+        help="Sequence parallel (video families that support it: wan): split each clip's tokens across this many "
+        "processes, which exchange them around attention (Ulysses all-to-all), so long clips fit in less memory per "
+        "GPU. num_processes must be a multiple of it; the processes of one group train the same batch, so "
+        "num_processes / sp_size groups train different batches. See documentation/DISTRIBUTED.md.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
+        name="tp_size",
+        kind="int",
+        default=1,
+        minimum=1,
+        help="Tensor parallel size. Only 1 (off) is accepted: diffusers has no tensor-parallel plan for the video "
+        "families and its tensor parallelism runs only on GPUs; larger values are refused with the reason.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
         name="local_rank",
         kind="int",
         default=None,

@@ -297,6 +297,17 @@ OPTIONS: list[Option] = [
         implemented=True,
     ),
     Option(
+        name="prior_loss_weight",
+        kind="float",
+        default=1.0,
+        minimum=0,
+        help="Multiplies the loss of batches from regularisation (prior-preservation) datasets, those with "
+        "`is_regularisation_data: true` in the dataset list; 1 weighs them like training batches, 0 leaves them "
+        "out of the gradient.",
+        group=_G,
+        implemented=True,
+    ),
+    Option(
         name="noise_offset",
         kind="float",
         default=0.1,
@@ -757,24 +768,32 @@ OPTIONS: list[Option] = [
         name="sana_complex_human_instruction",
         kind="json",
         default=None,
-        help="Instruction text prepended to prompts for Sana's Gemma encoder, as a list of lines, a string or a file path.",
+        help="Instruction text Sana puts in front of every caption before Gemma reads it (the pipeline does the same "
+        "at inference): a list of lines, the text itself, or a .json / .txt file; [] for none. Default: the "
+        "instruction of diffusers' SanaPipeline.",
         group=_G,
+        implemented=True,
     ),
     # --- HiDream -----------------------------------------------------------------------------
     Option(
         name="hidream_use_load_balancing_loss",
         kind="bool",
         default=False,
-        help="Experimental: add the mixture-of-experts load-balancing loss when training HiDream.",
+        help="HiDream: add the mixture-of-experts routers' auxiliary load-balancing loss (the sum over routers of "
+        "mean router probability x share of choices per expert, 1.0 per router when the routing is even) to the "
+        "training loss, logged as load_balancing/loss and load_balancing/balance.",
         group=_G,
+        implemented=True,
     ),
     Option(
         name="hidream_load_balancing_loss_weight",
         kind="float",
         default=None,
         minimum=0,
-        help="Multiplier on the HiDream load-balancing loss.",
+        help="Multiplier on the HiDream load-balancing loss (default 0.01, the aux_loss_alpha HiDream's routers are "
+        "built with).",
         group=_G,
+        implemented=True,
     ),
     # --- LTX Video ---------------------------------------------------------------------------
     Option(

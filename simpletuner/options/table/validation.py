@@ -480,8 +480,11 @@ OPTIONS: list[Option] = [
         name="enable_watermark",
         kind="bool",
         default=False,
-        help="Embed an invisible watermark in generated samples (needs the invisible-watermark package, not a "
-        "dependency yet).",
+        help="Stamp an invisible watermark (the 48-bit DWT-DCT mark of the SDXL reference code) on every validation "
+        "image, so detectors can tell later that it was generated. Needs the invisible-watermark package "
+        "(pip install 'simpletuner[watermark]'); images under 256x256 pixels of area are written unmarked. "
+        "Image families only. See documentation/VALIDATION.md.",
         group=_G,
+        implemented=True,
     ),
 ]

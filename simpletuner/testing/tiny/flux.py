@@ -15,6 +15,8 @@ their relative position, see :mod:`simpletuner.models.flux`).
 
 from __future__ import annotations
 
+from simpletuner.testing.tiny.vae import four_stage_vae_config
+
 #: The pooled CLIP embedding and the T5 tokens have different widths on purpose.
 CLIP_WIDTH, T5_WIDTH = 32, 48
 #: The longest T5 prompt FLUX.1 [dev] takes; the tiny tokenizer accepts as many.
@@ -33,22 +35,8 @@ TRANSFORMER_CONFIG = dict(
     axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim, like (16, 56, 56) sums to 128
 )
 
-VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 16, 16, 16),
-    layers_per_block=1,
-    latent_channels=16,
-    norm_num_groups=4,
-    sample_size=64,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    mid_block_add_attention=False,
-    shift_factor=0.1159,  # FLUX.1's values
-    scaling_factor=0.3611,
-)
+#: FLUX.1's VAE values
+VAE_CONFIG = four_stage_vae_config(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
 
 #: FLUX.1 [dev]'s scheduler: shift interpolated from the image token count (256 -> 0.5, 4096 -> 1.15).
 SCHEDULER_CONFIG = dict(

@@ -10,6 +10,8 @@ matching Euler scheduler with shift 3.
 
 from __future__ import annotations
 
+from simpletuner.testing.tiny.vae import four_stage_vae_config
+
 #: CLIP-L stands in at width 32, CLIP-G at 48: the pooled embedding is their concatenation (80).
 CLIP_L_WIDTH, CLIP_G_WIDTH = 32, 48
 T5_WIDTH = 96
@@ -30,32 +32,8 @@ TRANSFORMER_CONFIG = dict(
     qk_norm="rms_norm",
 )
 
-VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 16, 16, 16),
-    layers_per_block=1,
-    latent_channels=16,
-    norm_num_groups=4,
-    sample_size=64,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    mid_block_add_attention=False,
-    shift_factor=0.0609,  # SD 3.x's values
-    scaling_factor=1.5305,
-)
-
-
-def _clip(tokenizer, width: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    return CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=width, hidden_act="gelu",
-    ))
+#: SD 3.x's VAE values
+VAE_CONFIG = four_stage_vae_config(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609)
 
 
 def build_tiny_pipeline(seed: int = 0):
@@ -68,16 +46,16 @@ def build_tiny_pipeline(seed: int = 0):
         StableDiffusion3Pipeline,
     )
 
-    from simpletuner.testing.tiny.text_encoders import tiny_t5_encoder
+    from simpletuner.testing.tiny.text_encoders import tiny_clip_with_projection, tiny_t5_encoder
     from simpletuner.testing.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
     tokenizer = build_clip_tokenizer()
     tokenizer_2 = build_clip_tokenizer()
     tokenizer_3 = build_t5_tokenizer(model_max_length=256)
     torch.manual_seed(seed)
-    text_encoder = _clip(tokenizer, CLIP_L_WIDTH)
+    text_encoder = tiny_clip_with_projection(tokenizer, CLIP_L_WIDTH)
     torch.manual_seed(seed + 1)
-    text_encoder_2 = _clip(tokenizer_2, CLIP_G_WIDTH)
+    text_encoder_2 = tiny_clip_with_projection(tokenizer_2, CLIP_G_WIDTH)
     torch.manual_seed(seed + 2)
     text_encoder_3 = tiny_t5_encoder(tokenizer_3, T5_WIDTH, head_width=16)
     torch.manual_seed(seed + 3)

@@ -1,0 +1,227 @@
+"""FSDP2 (torch's ``fully_shard``) through accelerate's FSDP plugin: the denoiser's weights, gradients
+and optimizer state split across the processes.
+
+accelerate does the sharding (``Accelerator.prepare``), the gradient reduction and the clipping; this
+module only builds the plugin from the ``--fsdp_*`` options and handles what the trainer does with
+whole weights: checkpoints and the final LoRA / pipeline. Those are gathered: every process takes part
+in gathering the full weights and the full optimizer state, the main process writes them in the same
+files as a single-process run, and a resume loads the weights before sharding and the optimizer state
+after it. So a checkpoint of a sharded run resumes with any process count.
+
+On the CPU, accelerate 1.16 keeps the gloo processes as MULTI_CPU (DDP) and ignores the plugin
+(its FSDP switch only exists for GPU-like backends), although torch's fully_shard runs on gloo (see
+documentation/DISTRIBUTED.md, "What was proven on the CPU"). :func:`mark_fsdp_on_cpu` marks the
+state FSDP after the Accelerator is built, so the same accelerate code shards, saves and reduces on
+the CPU as on GPUs; this is what lets the tests compare a sharded run with one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def fsdp_plugin(config):
+    """accelerate's FSDP plugin for ``--fsdp_enable``, or None. The block classes are filled in when the
+    denoiser is known (:func:`set_block_classes`)."""
+    if not config.fsdp_enable:
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=bool(config.fsdp_reshard_after_forward),
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=block_class_names_from_option(config),
+        state_dict_type="FULL_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+    )
+
+
+def parallelism_config(config):
+    """HSDP's 2-D device mesh (replicas x shards) for accelerate, or None for plain FSDP2."""
+    if not config.fsdp_enable or config.hsdp_replicate_dim is None:
+        return None
+    if not torch.cuda.is_available():
+        from simpletuner.options import ConfigError
+
+        raise ConfigError("`--hsdp_replicate_dim` / `--hsdp_shard_dim` need GPU processes: accelerate 1.16 builds a "
+                          "device mesh (ParallelismConfig) only for GPU-like backends and refuses it for CPU processes "
+                          "(MULTI_CPU). On the CPU, remove both options: `--fsdp_enable` alone shards over all "
+                          "processes (the 1 x N mesh)")
+    from accelerate.parallelism_config import ParallelismConfig
+
+    return ParallelismConfig(dp_replicate_size=config.hsdp_replicate_dim, dp_shard_size=config.hsdp_shard_dim)
+
+
+def block_class_names_from_option(config) -> list[str] | None:
+    value = config.fsdp_transformer_layer_cls_to_wrap
+    return [name.strip() for name in str(value).split(",") if name.strip()] if value else None
+
+
+def mark_fsdp_on_cpu(accelerator, plugin) -> None:
+    """Make accelerate's state FSDP on gloo CPU processes (see the module docstring); no-op elsewhere."""
+    if plugin is None:
+        return
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    state = AcceleratorState()
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    logger.info("FSDP2 on %d CPU processes (gloo)", accelerator.num_processes)
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_started(accelerator, plugin) -> None:
+    """--fsdp_enable needs several processes: one process has nothing to shard across."""
+    if plugin is None:
+        return
+    from simpletuner.options import ConfigError
+
+    if accelerator.num_processes < 2:
+        raise ConfigError("`--fsdp_enable` shards the weights across processes, but this run has one process. Set "
+                          "TRAINING_NUM_PROCESSES=2 or more in config/config.env (or `--num_processes`), or remove "
+                          "`--fsdp_enable`")
+    if not is_fsdp(accelerator):
+        raise ConfigError(f"`--fsdp_enable`: accelerate chose {accelerator.distributed_type} instead of FSDP; remove "
+                          "engine flags (--multi_gpu, --use_deepspeed) from ACCELERATE_EXTRA_ARGS")
+
+
+def set_block_classes(accelerator, denoiser: torch.nn.Module) -> list[str]:
+    """Shard each repeated block of the denoiser as one unit unless the option named the classes.
+
+    A block's weights are then gathered just before it runs and freed after it (the memory saving of
+    FSDP); everything outside the blocks goes into the root unit."""
+    from simpletuner.training.distributed import repeated_blocks
+
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.transformer_cls_names_to_wrap:
+        return list(plugin.transformer_cls_names_to_wrap)
+    names = sorted({type(block).__name__ for block in repeated_blocks(denoiser)})
+    if not names:
+        logger.warning("FSDP2: %s has no repeated blocks; the whole denoiser is one unit (gathered at once)",
+                       type(denoiser).__name__)
+    plugin.transformer_cls_names_to_wrap = names
+    logger.info("FSDP2 shards these block classes as units: %s", ", ".join(names) or "(none)")
+    return names
+
+
+def trained_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The sharded module's trained parameters: fully_shard replaces every parameter object, so lists taken
+    before ``prepare`` point at the old, unsharded ones."""
+    return [parameter for parameter in module.parameters() if parameter.requires_grad]
+
+
+def local_tensors(parameters) -> list[torch.Tensor]:
+    """This process's slices (for checks that must not start a collective on one process alone)."""
+    from torch.distributed.tensor import DTensor
+
+    return [p.to_local() if isinstance(p, DTensor) else p for p in parameters]
+
+
+@contextlib.contextmanager
+def gathered_weights(module: torch.nn.Module, is_main: bool) -> Iterator[None]:
+    """Inside, on the main process: the module's parameters are the full weights (plain tensors), so the
+    usual saving code (peft, safetensors, diffusers) writes exactly what one process would. Every process
+    must enter: the gathering is collective.
+
+    FSDP2 turns the module back into its slices before every ``state_dict()`` (a pre-save hook), so
+    gathering in place with ``unshard()`` is undone by the first save. The full state dict is gathered
+    instead (onto the main process, in CPU memory), and the slices are put back on the way out.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        yield
+        return
+    device = next(module.parameters()).device
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    try:
+        for name, tensor in full.items():
+            owner_name, _, attribute = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            sharded = owner._parameters.get(attribute)
+            if sharded is None:  # a buffer: FSDP2 leaves buffers whole
+                continue
+            # a copy with its own storage: gathered tensors can be views of one buffer, which safetensors refuses
+            whole = tensor.detach().to(device).clone()
+            owner._parameters[attribute] = torch.nn.Parameter(whole, requires_grad=sharded.requires_grad)
+            swapped.append((owner, attribute, sharded))
+        yield
+    finally:
+        for owner, attribute, sharded in reversed(swapped):
+            owner._parameters[attribute] = sharded
+
+
+def full_optimizer_state(module: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """The whole optimizer state keyed by parameter names, on the main process (empty elsewhere).
+    Collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, _inner(optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(module: torch.nn.Module, optimizer, state: dict[str, Any]) -> None:
+    """Give every process its slice of a gathered optimizer state (every process calls it with the file)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, _inner(optimizer), state, options=StateDictOptions(full_state_dict=True))
+
+
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class ShardedSaving:
+    """What a sharded run gathers before the main process writes a checkpoint or the final weights.
+
+    ``gathered()`` is entered by every process; inside it the optimizer state (gathered first, while the
+    weights are still sharded) is available as :meth:`optimizer_state` for the checkpoint's optimizer.pt.
+    """
+
+    def __init__(self, module: torch.nn.Module, optimizer, is_main: bool) -> None:
+        self.module = module
+        self.optimizer = optimizer
+        self.is_main = is_main
+        self._optimizer_state: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def gathered(self, with_optimizer: bool) -> Iterator[None]:
+        if with_optimizer:
+            self._optimizer_state = full_optimizer_state(self.module, self.optimizer)
+        try:
+            with gathered_weights(self.module, self.is_main):
+                yield
+        finally:
+            self._optimizer_state = None
+
+    def optimizer_state(self) -> dict[str, Any]:
+        if self._optimizer_state is None:
+            raise RuntimeError("the sharded optimizer state is only available inside ShardedSaving.gathered()")
+        return self._optimizer_state
+
+    def restore_optimizer(self, state: dict[str, Any]) -> None:
+        if any(not isinstance(key, str) for key in state.get("state", {})):
+            from simpletuner.training.checkpoint import CheckpointError
+
+            raise CheckpointError("this checkpoint's optimizer.pt was written without `--fsdp_enable` (its state is "
+                                  "keyed by parameter position, a sharded run's by parameter name); resume it without "
+                                  "`--fsdp_enable`, or start a new --output_dir")
+        load_full_optimizer_state(self.module, self.optimizer, state)
