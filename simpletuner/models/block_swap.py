@@ -161,6 +161,22 @@ class WeightSwapper:
             for module in unit.module.modules():
                 module.__dict__.pop("_apply", None)
 
+    def swapped_names(self, root: torch.nn.Module) -> list[str]:
+        """Qualified names, relative to ``root``, of the frozen parameters and buffers this swapper keeps
+        on the swap device (empty when none of its units lies inside ``root``).
+
+        DDP checks that every parameter of the module it wraps sits on one device type and broadcasts
+        them at start-up; these names let it leave the swapped ones alone (they never train and are
+        the same on every process, loaded from the same files)."""
+        keys_by_owner: dict[int, list[str]] = {}
+        for unit in self.units:
+            for slot in unit.slots:
+                keys_by_owner.setdefault(id(slot.owner), []).append(slot.key)
+        names = []
+        for prefix, module in root.named_modules(remove_duplicate=False):
+            names += [f"{prefix}.{key}" if prefix else key for key in keys_by_owner.get(id(module), ())]
+        return names
+
     @property
     def swapped_bytes(self) -> int:
         """Bytes that live on the swap device instead of the compute device."""

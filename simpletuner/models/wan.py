@@ -159,6 +159,19 @@ class WanExperts(torch.nn.Module):
         return (output,)
 
 
+def refuse_two_experts_on_several_processes() -> None:
+    """The config rule (options/wan_rules.py) refuses both experts with ``--num_processes`` above 1; a
+    process count that comes from config.env only shows here. Each sample goes to one expert, so a
+    process can finish a step with no gradient for the other, and the replicas would drift apart."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(f"this run trains both Wan 2.2 experts on {dist.get_world_size()} processes, which DDP "
+                           "cannot keep in step (a step can leave one expert without gradients on some process); "
+                           "train one expert per run (`--refiner_training`, with `--refiner_training_invert_schedule` "
+                           "for the high-noise one) or use one process (TRAINING_NUM_PROCESSES=1 in config.env)")
+
+
 class Wan(ModelFamily):
     family = "wan"
     denoiser_name = "transformer"
@@ -285,6 +298,7 @@ class Wan(ModelFamily):
 
     def _trained_denoiser(self) -> torch.nn.Module:
         if len(self.experts) == 2:
+            refuse_two_experts_on_several_processes()
             self.pair = WanExperts(self.experts["transformer"], self.experts["transformer_2"],
                                    self.shape.boundary_ratio * self.num_train_timesteps())
             return self.pair

@@ -111,17 +111,10 @@ def check_block_swap(config) -> None:
         raise ConfigError("`--musubi_blocks_to_swap` keeps frozen weights off the accelerator; with `--model_type full` "
                           "every weight trains (its gradient and optimizer state stay on the accelerator). Use "
                           "`--model_type lora` or remove it")
-    _check_single_process("musubi_blocks_to_swap", config)
     _check_unquantized("musubi_blocks_to_swap", config)
     if not DEVICE_PATTERN.match(str(config.musubi_block_swap_device)):
         raise ConfigError(f"`--musubi_block_swap_device {config.musubi_block_swap_device}` is not a device; use cpu or "
                           "cuda:N")
-
-
-def _check_single_process(name: str, config) -> None:
-    if (config.num_processes or 1) > 1:
-        raise ConfigError(f"`--{name}` with `--num_processes` {config.num_processes} is not supported yet: DDP needs "
-                          "every weight on one device. Train on one process or remove it")
 
 
 def _check_unquantized(name: str, config) -> None:
@@ -144,7 +137,6 @@ def check_ramtorch(config) -> None:
     if config.model_type != "lora":
         raise ConfigError("`--ramtorch` streams frozen weights; with `--model_type full` every weight trains. Use "
                           "`--model_type lora` or remove it")
-    _check_single_process("ramtorch", config)
     _check_unquantized("ramtorch", config)
     for name in ("ramtorch_transformer_percent", "ramtorch_text_encoder_percent"):
         value = getattr(config, name)

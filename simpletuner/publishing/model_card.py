@@ -77,6 +77,8 @@ class CardFacts:
     lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_type: str = "standard"
+    #: ``--control``: the pipeline takes a control image (channel-concatenated control, FluxControlPipeline)
+    control: bool = False
     batch: str = ""
     prompts: list[str] = field(default_factory=list)
     grids: list[str] = field(default_factory=list)  # relative to the output dir
@@ -148,7 +150,11 @@ def _usage(facts: CardFacts) -> str:
                 "pipeline = DiffusionPipeline.from_pretrained(\"path/to/output_dir/pipeline\", "
                 "torch_dtype=torch.bfloat16).to(\"cuda\")"]
     prompt = json.dumps(facts.prompts[0] if facts.prompts else "a photo of ...")
-    code.append(f"image = pipeline({prompt}).images[0]")
+    if facts.control:  # the trained input layer expects the control image's latents beside the noise
+        code[1:1] = ["from diffusers.utils import load_image"]
+        code.append(f"image = pipeline({prompt}, control_image=load_image(\"control.png\")).images[0]")
+    else:
+        code.append(f"image = pipeline({prompt}).images[0]")
     code.append("image.save(\"output.png\")")
     text = "```python\n" + "\n".join(code) + "\n```"
     if facts.lora_type == "lycoris":
@@ -218,7 +224,7 @@ def facts_from_trainer(trainer, result) -> CardFacts:
         resolution=f"{config.resolution:g} ({config.resolution_type})", optimizer=config.optimizer,
         learning_rate=float(config.learning_rate), mixed_precision=config.mixed_precision,
         lora_rank=config.lora_rank, lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
-        lora_type=config.lora_type or "standard",
+        lora_type=config.lora_type or "standard", control=bool(config.control),
         batch=f"{config.train_batch_size} x {config.gradient_accumulation_steps} accumulation x {processes} processes",
         prompts=prompts, grids=grids, note=config.model_card_note,
         safe_for_work=bool(config.model_card_safe_for_work), repo_id=config.hub_model_id if config.push_to_hub else None,

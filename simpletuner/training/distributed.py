@@ -96,6 +96,28 @@ def check_rank_sync(accelerator, step: int, local_loss: float, parameters: list[
     return digest
 
 
+def ddp_ignored_names(module: torch.nn.Module) -> list[str]:
+    """The parameter and buffer names DDP will leave alone when it wraps ``module``."""
+    return list(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+
+
+def hide_from_ddp(module: torch.nn.Module, names: Iterable[str]) -> None:
+    """Have DDP ignore ``names`` (parameters or buffers of ``module``) when it wraps ``module``.
+
+    For frozen weights kept off the accelerator (block swap, RamTorch): DDP refuses a module whose
+    parameters sit on more than one device type, frozen ones included, and broadcasts every parameter
+    and buffer from rank 0 at start-up and buffers before each forward. Ignored tensors skip all three;
+    frozen weights need none of it (no gradient to reduce, loaded identically on every process).
+    Must run before ``accelerator.prepare`` wraps the module; names already hidden are kept."""
+    names = set(names)
+    if not names:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        module, sorted(names | set(ddp_ignored_names(module))))
+
+
 # --- checkpoints and process counts ---------------------------------------------------------------------
 
 def topology(config, num_processes: int) -> dict[str, int]:

@@ -326,14 +326,20 @@ class MemorySavers:
         except (FileNotFoundError, OSError, ValueError) as error:
             logger.info("--memory_budget: no estimate (%s)", error)
             return
+        from simpletuner.memory.sharding import plan_sharding
+
         settings = planner.PlanSettings.from_config(self.config, self.dataset_plan)
         estimate, budget = planner.estimate(inventory, settings), parse_size(self.config.memory_budget)
-        if estimate.peak <= budget:
-            self.notes.append(f"estimated peak {format_size(estimate.peak)} within --memory_budget {format_size(budget)}")
+        sharded = plan_sharding(estimate, inventory, self.config)  # FSDP2 / ZeRO: each rank holds a share
+        peak = sharded.training_peak if sharded is not None else estimate.peak
+        where = " per rank" if sharded is not None else ""
+        if peak <= budget:
+            self.notes.append(f"estimated peak{where} {format_size(peak)} within --memory_budget {format_size(budget)}")
             return
-        proposal = planner.propose(inventory, settings, budget, self.config)
-        logger.warning("the memory planner estimates a peak of %s, above --memory_budget %s%s", format_size(estimate.peak),
-                       format_size(budget), f"; to fit: {proposal.flags()}" if proposal else "; nothing it tries fits")
+        proposal = planner.propose(inventory, settings, budget, self.config) if sharded is None else None
+        advice = f"; to fit: {proposal.flags()}" if proposal else "; nothing it tries fits" if sharded is None else ""
+        logger.warning("the memory planner estimates a peak%s of %s, above --memory_budget %s%s", where,
+                       format_size(peak), format_size(budget), advice)
 
     def _place(self, model) -> None:
         """Put each component where it lives during training (the family loaded on load_device())."""
@@ -450,6 +456,22 @@ class MemorySavers:
             total = sum(swapper.swapped_bytes for swapper in self.ramtorch_swappers)
             layers = sum(len(swapper.units) for swapper in self.ramtorch_swappers)
             self.notes.append(f"RamTorch: {layers} layers ({total / 2**20:.1f} MiB) stream from CPU memory")
+        self._hide_swapped_weights_from_ddp(model)
+
+    def _hide_swapped_weights_from_ddp(self, model) -> None:
+        """Swapped frozen weights wait off the accelerator; DDP (several processes) must not see them."""
+        swappers = [swapper for swapper in (self.block_swapper, *self.ramtorch_swappers) if swapper is not None]
+        if not swappers:
+            return
+        from simpletuner.training.distributed import hide_from_ddp
+
+        hidden = 0
+        for module in (model.denoiser, *text_encoders_of(model).values()):
+            names = [name for swapper in swappers for name in swapper.swapped_names(module)]
+            hide_from_ddp(module, names)
+            hidden += len(names)
+        logger.info("with several processes, DDP ignores the %d swapped frozen tensors (they stay off the accelerator)",
+                    hidden)
 
     # --- saving -----------------------------------------------------------------------------------
 

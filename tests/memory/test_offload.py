@@ -271,3 +271,20 @@ def test_memory_budget_at_start_up_warns_with_a_proposal(memory_config, caplog):
     roomy = MemorySavers(config.replace(memory_budget="1GiB"), torch.device("cpu"))
     roomy.after_load(model)
     assert "within --memory_budget 1.00 GiB" in roomy.describe()
+
+
+def test_memory_budget_under_fsdp_is_checked_per_rank(memory_config, caplog):
+    """With FSDP2 over 4 processes each rank holds a quarter of the weights and optimizer state, so the
+    check compares the per-rank peak, which is below the single-process one."""
+    from simpletuner.memory import planner
+    from simpletuner.memory.sharding import plan_sharding
+
+    model = StubFamily()
+    config = memory_config("flux", resolution=128, image_size=128, train_batch_size=4, memory_budget="1GiB",
+                           fsdp_enable=True, num_processes=4)
+    estimate = planner.estimate(planner.read_inventory(config), planner.PlanSettings.from_config(config))
+    per_rank = plan_sharding(estimate, planner.read_inventory(config), config).training_peak
+    assert per_rank < estimate.peak
+    savers = MemorySavers(config, torch.device("cpu"))
+    savers.after_load(model)
+    assert "estimated peak per rank" in savers.describe() and "within --memory_budget 1.00 GiB" in savers.describe()

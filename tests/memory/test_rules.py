@@ -53,7 +53,6 @@ CONFLICTS = [
     ({"musubi_blocks_to_swap": 2, "model_type": "full", "lora_rank": None}, ("--musubi_blocks_to_swap", "--model_type full")),
     ({"musubi_blocks_to_swap": 2, "base_model_precision": "int8-quanto"},
      ("--musubi_blocks_to_swap", "--base_model_precision int8-quanto")),
-    ({"musubi_blocks_to_swap": 2, "num_processes": 2}, ("--musubi_blocks_to_swap", "--num_processes")),
     ({"ramtorch_text_encoder": "true"}, ("--ramtorch_text_encoder", "--ramtorch true")),
     ({"memory_budget": "lots"}, ("--memory_budget", "24GiB")),
 ]

@@ -463,3 +463,17 @@ def test_the_other_flavours_train_through_the_cli(root, monkeypatch, variant, fl
     assert prefixes == ({"transformer", "transformer_2"} if two else {"transformer"})
     assert trainer.model.shape.clean_first_frame is False
     assert trainer.model.shape.channel_conditioning == variant.startswith("i2v")
+
+
+def test_two_experts_on_several_processes_are_refused_when_the_count_comes_from_the_launcher(monkeypatch):
+    """config.env's TRAINING_NUM_PROCESSES never reaches the config rule; the family refuses at load."""
+    import torch.distributed as dist
+
+    from simpletuner.models.wan import refuse_two_experts_on_several_processes
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    refuse_two_experts_on_several_processes()  # one process: fine
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.raises(RuntimeError, match="both Wan 2.2 experts on 2 processes.*`--refiner_training`"):
+        refuse_two_experts_on_several_processes()

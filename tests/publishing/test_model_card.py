@@ -74,6 +74,14 @@ def test_hub_base_model_and_full_model_usage() -> None:
     assert "\n# full-model\n" in full
 
 
+def test_a_channel_control_card_passes_a_control_image() -> None:
+    card = render_model_card(facts(family="flux", model_type="full", weights="pipeline", lora_rank=None, control=True,
+                                   prompts=["a red square"]))
+    assert "from diffusers.utils import load_image" in card
+    assert 'pipeline("a red square", control_image=load_image("control.png"))' in card
+    assert "control_image" not in render_model_card(facts())
+
+
 def test_modelspec_comment_lines_and_environment(monkeypatch) -> None:
     from simpletuner.options.table.publishing import OPTIONS
     from simpletuner.options.values import _coerce_kind
