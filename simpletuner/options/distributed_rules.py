@@ -53,17 +53,13 @@ def check_fsdp_details_need_fsdp(config) -> None:
 
 
 def check_fsdp_settings(config) -> None:
-    """The FSDP settings simpletuner can carry out (version 2, full-state checkpoints, the usual loading)."""
+    """The FSDP settings simpletuner can carry out (version 2, the usual loading)."""
     if not config.fsdp_enable:
         return
     if config.fsdp_version != 2:
         raise ConfigError(f"`--fsdp_version {config.fsdp_version}` is not supported: simpletuner shards with FSDP2 "
                           "(torch's fully_shard), whose weights stay ordinary parameters that LoRA, clipping and "
                           "saving handle alike; FSDP1 flattens them into buffers. Use `--fsdp_version 2`")
-    if config.fsdp_state_dict_type == "sharded":
-        raise ConfigError("`--fsdp_state_dict_type sharded` is not available yet: checkpoints of a sharded run are "
-                          "gathered and written whole by the main process (`--fsdp_state_dict_type full`), so they "
-                          "resume with any process count. Use `--fsdp_state_dict_type full`")
     if config.fsdp_cpu_ram_efficient_loading:
         raise ConfigError("`--fsdp_cpu_ram_efficient_loading true` is not available yet: every process loads the "
                           "whole model before it is sharded. Remove it (or set it to false)")

@@ -104,8 +104,10 @@ def check_block_swap(config) -> None:
         return
     info = family_info(config.model_family)
     if info.latent_patch_size <= 1:
-        raise ConfigError(f"`--musubi_blocks_to_swap` swaps repeated transformer blocks; {info.name}'s denoiser is a "
-                          "UNet. Use `--gradient_checkpointing`, a quantized `--base_model_precision` or "
+        what = "is a UNet" if info.planner is not None and info.planner.activation_kind == "unet" else \
+            "has blocks that block swap has not been tested on"
+        raise ConfigError(f"`--musubi_blocks_to_swap` swaps repeated transformer blocks; {info.name}'s denoiser {what}. "
+                          "Use `--gradient_checkpointing`, a quantized `--base_model_precision` or "
                           "`--enable_model_cpu_offload` instead")
     if config.model_type != "lora":
         raise ConfigError("`--musubi_blocks_to_swap` keeps frozen weights off the accelerator; with `--model_type full` "

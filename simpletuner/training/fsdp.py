@@ -6,7 +6,10 @@ module only builds the plugin from the ``--fsdp_*`` options and handles what the
 whole weights: checkpoints and the final LoRA / pipeline. Those are gathered: every process takes part
 in gathering the full weights and the full optimizer state, the main process writes them in the same
 files as a single-process run, and a resume loads the weights before sharding and the optimizer state
-after it. So a checkpoint of a sharded run resumes with any process count.
+after it. So a checkpoint of a sharded run resumes with any process count. With
+``--fsdp_state_dict_type sharded`` nothing is gathered for a checkpoint: every process writes its own
+slices with torch's distributed checkpoint (DCP) into ``checkpoint-<step>/sharded/`` and reads them
+back on resume, which needs the same process count (the final LoRA / pipeline is still gathered).
 
 On the CPU, accelerate 1.16 keeps the gloo processes as MULTI_CPU (DDP) and ignores the plugin
 (its FSDP switch only exists for GPU-like backends), although torch's fully_shard runs on gloo (see
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -196,11 +201,49 @@ class ShardedSaving:
     weights are still sharded) is available as :meth:`optimizer_state` for the checkpoint's optimizer.pt.
     """
 
-    def __init__(self, module: torch.nn.Module, optimizer, is_main: bool) -> None:
+    def __init__(self, module: torch.nn.Module, optimizer, is_main: bool, shards: bool = False,
+                 wait_for_everyone=None) -> None:
         self.module = module
         self.optimizer = optimizer
         self.is_main = is_main
+        #: --fsdp_state_dict_type sharded: checkpoints hold each process's slices (DCP), not gathered files
+        self.shards = shards
+        self.wait_for_everyone = wait_for_everyone
         self._optimizer_state: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def for_checkpoint(self, output_dir: Path, step: int) -> Iterator[None]:
+        """Entered by every process around a checkpoint save. Gathered checkpoints gather; sharded ones
+        write every process's shards into :func:`shard_staging_folder` first, and inside, the main process
+        moves them into the checkpoint (:meth:`shard_writers`). Shards left behind by a failed save are
+        removed on the way out."""
+        if not self.shards:
+            with self.gathered(with_optimizer=True):
+                yield
+            return
+        import torch.distributed.checkpoint as dcp
+
+        staging = shard_staging_folder(output_dir, step)
+        if self.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # from a save of this step that was killed
+        self.wait_for_everyone()
+        dcp.save(sharded_state(self.module, self.optimizer), checkpoint_id=str(staging))
+        self.wait_for_everyone()  # every process's shard and the metadata are on disk
+        try:
+            yield
+        finally:
+            if self.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def shard_writers(self, output_dir: Path, step: int) -> dict[str, Any]:
+        """The checkpoint writer's entry for the shards: move the staged folder in (the manifest written
+        after it then lists every shard file)."""
+        staging = shard_staging_folder(output_dir, step)
+        return {SHARDED_FOLDER: lambda path: shutil.move(str(staging), str(path))}
+
+    def restore_shards(self, checkpoint: Path) -> None:
+        """Every process reads its slices of the weights and optimizer state back (collective)."""
+        load_sharded_state(self.module, self.optimizer, checkpoint / SHARDED_FOLDER)
 
     @contextlib.contextmanager
     def gathered(self, with_optimizer: bool) -> Iterator[None]:
@@ -225,3 +268,76 @@ class ShardedSaving:
                                   "keyed by parameter position, a sharded run's by parameter name); resume it without "
                                   "`--fsdp_enable`, or start a new --output_dir")
         load_full_optimizer_state(self.module, self.optimizer, state)
+
+
+# --- --fsdp_state_dict_type sharded: checkpoints written by every process with torch DCP -----------------
+
+#: Folder inside ``checkpoint-<step>`` holding the DCP files (one ``.distcp`` per process and ``.metadata``).
+SHARDED_FOLDER = "sharded"
+
+
+def writes_shards(config) -> bool:
+    """True when checkpoints hold each process's slices instead of the gathered weights."""
+    return bool(config.fsdp_enable) and config.fsdp_state_dict_type == "sharded"
+
+
+def shard_staging_folder(output_dir: Path, step: int) -> Path:
+    """Where every process writes its shards before the main process moves them into the checkpoint.
+
+    The name starts like the checkpoint writer's own temporary folders, so the shards of a save killed
+    half-way are removed at the next start like any other half-written checkpoint, and are never
+    resumed from: only the checkpoint's manifest (written last, listing the shard files) makes them part
+    of one."""
+    from simpletuner.training.checkpoint import TEMP_PREFIX
+
+    return output_dir / f"{TEMP_PREFIX}{step}-{SHARDED_FOLDER}"
+
+
+def _trained_names(module: torch.nn.Module) -> set[str]:
+    return {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+
+
+def sharded_state(module: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """This process's slices of the trained weights and their optimizer state, keyed by parameter names
+    (DCP's layout). Frozen weights are left out: they come back from the base model."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    trained = _trained_names(module)
+    weights = {name: tensor for name, tensor in get_model_state_dict(module).items() if name in trained}
+    return {"model": weights, "optimizer": get_optimizer_state_dict(module, _inner(optimizer))}
+
+
+def load_sharded_state(module: torch.nn.Module, optimizer, folder: Path) -> None:
+    """Read a sharded checkpoint back into the sharded module and optimizer. Collective: every process
+    calls it. The template from :func:`sharded_state` tells DCP which slice each process wants."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = sharded_state(module, optimizer)
+    dcp.load(state, checkpoint_id=str(folder))
+    set_model_state_dict(module, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(module, _inner(optimizer), state["optimizer"])
+
+
+def check_sharded_resume(folder: Path, state: dict[str, Any], sharded_run: bool, num_processes: int) -> None:
+    """A sharded checkpoint resumes only as a sharded run with the process count that wrote it, and a
+    gathered one only without ``--fsdp_state_dict_type sharded``: each holds what the other lacks."""
+    from simpletuner.training.checkpoint import CheckpointError
+
+    has_shards = (folder / SHARDED_FOLDER).is_dir()
+    saved = state.get("num_processes")
+    if has_shards and not sharded_run:
+        raise CheckpointError(
+            f"{folder} was written with `--fsdp_state_dict_type sharded` by {saved} processes: its weights and "
+            f"optimizer state are only in {SHARDED_FOLDER}/ (torch DCP shards). Resume it with `--fsdp_enable true "
+            f"--fsdp_state_dict_type sharded` and TRAINING_NUM_PROCESSES={saved}, or start a new --output_dir")
+    if has_shards and saved != num_processes:
+        raise CheckpointError(
+            f"{folder} holds the shards of {saved} processes, and this run has {num_processes}: a sharded checkpoint "
+            f"resumes with the process count that wrote it. Set TRAINING_NUM_PROCESSES={saved} (config/config.env), "
+            "or use `--fsdp_state_dict_type full` for checkpoints that resume with any count")
+    if sharded_run and not has_shards:
+        raise CheckpointError(
+            f"{folder} was written gathered (no {SHARDED_FOLDER}/ folder), and this run uses `--fsdp_state_dict_type "
+            "sharded`; resume it with `--fsdp_state_dict_type full`, or start a new --output_dir")

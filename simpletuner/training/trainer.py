@@ -298,7 +298,7 @@ class Trainer:
             return
         fsdp.set_block_classes(self.accelerator, self.model.denoiser)
         folder = ckpt.resolve_resume_path(self.output_dir, self.config.resume_from_checkpoint)
-        if folder is not None:
+        if folder is not None and not (folder / fsdp.SHARDED_FOLDER).is_dir():  # shards load after sharding
             self._load_checkpoint_weights(folder)
 
     def _after_sharding(self) -> None:
@@ -309,7 +309,9 @@ class Trainer:
             return
         self.denoiser_parameters = fsdp.trained_parameters(self.model.denoiser)
         self.trainable = list(self.denoiser_parameters)
-        self.sharded = fsdp.ShardedSaving(self.model.denoiser, self.optimizer, self.is_main)
+        self.sharded = fsdp.ShardedSaving(self.model.denoiser, self.optimizer, self.is_main,
+                                          shards=fsdp.writes_shards(self.config),
+                                          wait_for_everyone=self.accelerator.wait_for_everyone)
 
     def _gathered_for_saving(self, with_optimizer: bool):
         """FSDP2: every process gathers the full weights (and optimizer state) so the main process writes
@@ -317,6 +319,13 @@ class Trainer:
         if getattr(self, "sharded", None) is None:
             return contextlib.nullcontext()
         return self.sharded.gathered(with_optimizer)
+
+    def _prepared_for_checkpoint(self):
+        """FSDP2: every process gathers, or writes its shards (--fsdp_state_dict_type sharded), before the
+        main process writes the checkpoint; otherwise nothing to do."""
+        if getattr(self, "sharded", None) is None:
+            return contextlib.nullcontext()
+        return self.sharded.for_checkpoint(self.output_dir, self.state.global_step)
 
     def _build_observers(self) -> None:
         from simpletuner.tracking import build_tracker
@@ -369,10 +378,11 @@ class Trainer:
         from simpletuner.training.state_parts import StatePart, StateParts
 
         parts = self.state_parts = StateParts()
-        if getattr(self, "sharded", None) is not None:  # FSDP2: the gathered state, keyed by parameter names
-            parts.register(StatePart("optimizer.pt", self.sharded.optimizer_state, self.sharded.restore_optimizer))
-        else:
+        if getattr(self, "sharded", None) is None:
             parts.register(StatePart("optimizer.pt", self.optimizer.state_dict, self._restore_optimizer))
+        elif not self.sharded.shards:  # FSDP2: the gathered state, keyed by parameter names
+            parts.register(StatePart("optimizer.pt", self.sharded.optimizer_state, self.sharded.restore_optimizer))
+        # (FSDP2 with --fsdp_state_dict_type sharded: the optimizer state is in the DCP shards, fsdp.py)
         parts.register(StatePart("lr_scheduler.pt", self.lr_scheduler.state_dict, self.lr_scheduler.load_state_dict))
         if self.ema is not None:  # a checkpoint from a run without EMA: the average starts from the weights
             parts.register(StatePart("ema.pt", self.ema.state_dict, self.ema.load_state_dict, optional=True))
@@ -399,7 +409,7 @@ class Trainer:
         """Write ``checkpoint-<step>`` (``rolling`` marks one from ``--checkpointing_rolling_steps``), prune
         each kind to its own limit, then start ``--post_checkpoint_script``. The free-space check runs
         first, so a run stopped for lack of space has written nothing."""
-        with self._gathered_for_saving(with_optimizer=True):  # FSDP2: every process takes part
+        with self._prepared_for_checkpoint():  # FSDP2: every process takes part
             if not self.is_main:
                 return None
             return self._write_checkpoint(rolling)
@@ -456,6 +466,8 @@ class Trainer:
         from safetensors.torch import save_model
 
         writers = self.state_parts.writers()  # optimizer, schedule, EMA, method, sampler, RNGs
+        if getattr(self, "sharded", None) is not None and self.sharded.shards:  # weights + optimizer: DCP shards
+            return {**writers, **self.sharded.shard_writers(self.output_dir, self.state.global_step)}
         if self.config.controlnet:  # the ControlNet's weights are the method's state; the denoiser is frozen
             return writers
         if self.config.model_type == "lora":
@@ -496,6 +508,9 @@ class Trainer:
                 f"{folder} was saved by a --model_type {state.get('model_type')} run; this run uses "
                 f"--model_type {self.config.model_type}. Use a matching checkpoint or a new --output_dir"
             )
+        from simpletuner.training import fsdp
+
+        fsdp.check_sharded_resume(folder, state, fsdp.writes_shards(self.config), self.accelerator.num_processes)
         distributed.check_resume_topology(folder, state, self.config, self.data_ranks.size)
         fused = bool(state.get("fuse_qkv_projections", False))
         if self.config.model_type == "full" and fused != bool(self.config.fuse_qkv_projections):
@@ -504,6 +519,8 @@ class Trainer:
                 f"`--fuse_qkv_projections {str(fused).lower()}` to resume it (LoRA checkpoints work either way)")
         if getattr(self, "sharded", None) is None:  # FSDP2 loaded them before sharding (_before_sharding)
             self._load_checkpoint_weights(folder)
+        elif self.sharded.shards:  # --fsdp_state_dict_type sharded: every process reads its slices
+            self.sharded.restore_shards(folder)
         if self.text_encoders is not None:
             self.text_encoders.load_checkpoint(folder, folder / WEIGHTS_FILE)
         self.state_parts.restore(folder)  # every registered component; .pt files never unpickle code

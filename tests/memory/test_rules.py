@@ -70,6 +70,8 @@ def test_conflicting_memory_options_fail_naming_both_flags(tmp_path, gpu, flags,
 def test_block_swap_needs_a_transformer_family(tmp_path):
     with pytest.raises(ConfigError, match="UNet"):
         resolve(tmp_path, family="sd1x", musubi_blocks_to_swap=2)
+    with pytest.raises(ConfigError, match="sana's denoiser has blocks that block swap has not been tested on"):
+        resolve(tmp_path, family="sana", musubi_blocks_to_swap=2)  # a transformer, but not one block swap knows
 
 
 def test_gpu_only_options_are_refused_where_no_gpu_is_visible(tmp_path, monkeypatch):

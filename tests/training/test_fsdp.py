@@ -38,6 +38,7 @@ def check(config) -> None:
 def test_defaults_pass_and_details_need_fsdp():
     check(make_config())
     check(fsdp())
+    check(fsdp(fsdp_state_dict_type="sharded"))
     with pytest.raises(ConfigError, match=r"`--fsdp_reshard_after_forward` only applies when the weights are sharded; "
                                           r"add `--fsdp_enable true`"):
         check(make_config(fsdp_reshard_after_forward=False))
@@ -45,7 +46,6 @@ def test_defaults_pass_and_details_need_fsdp():
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"fsdp_version": 1}, r"`--fsdp_version 1` is not supported: .*Use `--fsdp_version 2`"),
-    ({"fsdp_state_dict_type": "sharded"}, r"`--fsdp_state_dict_type sharded` is not available yet"),
     ({"fsdp_cpu_ram_efficient_loading": True}, r"`--fsdp_cpu_ram_efficient_loading true` is not available yet"),
     ({"num_processes": 1}, r"`--num_processes 1` starts one"),
     ({"musubi_blocks_to_swap": 2}, r"`--musubi_blocks_to_swap` cannot be combined with `--fsdp_enable`: block swap"),
@@ -81,6 +81,26 @@ def test_options_become_accelerates_fsdp2_plugin_and_mesh(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     mesh = parallelism_config(hsdp)
     assert (mesh.dp_replicate_size, mesh.dp_shard_size) == (2, 2)
+
+
+def test_sharded_checkpoints_resume_only_as_they_were_written(tmp_path):
+    from simpletuner.training.checkpoint import CheckpointError
+    from simpletuner.training.fsdp import check_sharded_resume
+
+    sharded, gathered = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
+    (sharded / "sharded").mkdir(parents=True)
+    gathered.mkdir()
+    check_sharded_resume(sharded, {"num_processes": 2}, sharded_run=True, num_processes=2)
+    check_sharded_resume(gathered, {"num_processes": 2}, sharded_run=False, num_processes=1)
+    with pytest.raises(CheckpointError, match=r"checkpoint-2 holds the shards of 2 processes, and this run has 3: .*"
+                                              r"Set TRAINING_NUM_PROCESSES=2 .* or use `--fsdp_state_dict_type full`"):
+        check_sharded_resume(sharded, {"num_processes": 2}, sharded_run=True, num_processes=3)
+    with pytest.raises(CheckpointError, match=r"written with `--fsdp_state_dict_type sharded` by 2 processes: its "
+                                              r"weights and optimizer state are only in sharded/"):
+        check_sharded_resume(sharded, {"num_processes": 2}, sharded_run=False, num_processes=2)
+    with pytest.raises(CheckpointError, match=r"checkpoint-4 was written gathered \(no sharded/ folder\).*resume it "
+                                              r"with `--fsdp_state_dict_type full`"):
+        check_sharded_resume(gathered, {"num_processes": 2}, sharded_run=True, num_processes=2)
 
 
 # --- 2 processes against 1 ----------------------------------------------------------------------------
@@ -139,3 +159,40 @@ def test_fsdp2_full_training_matches_one_process(tiny_model, tmp_path):
     assert max_difference(sharded, single) < 1e-5
     base = load_file(str(tiny_model / "unet" / "diffusion_pytorch_model.safetensors"))
     assert max_difference(sharded, base) > 1e-6  # it trained
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_checkpoints_resume_exactly_and_only_with_the_same_process_count(tiny_model, tmp_path):
+    from simpletuner.training.checkpoint import CheckpointError, _read_manifest_files, list_checkpoints
+
+    sharded = ("--fsdp_state_dict_type", "sharded")
+    root = make_project(tmp_path, tiny_model, TWO_PROCESSES, fsdp_enable=True, max_train_steps=4,
+                        checkpoint_step_interval=2, max_grad_norm=1.0)
+    cli(root, *sharded, "--output_dir", str(tmp_path / "whole"))  # uninterrupted: steps 1-4
+    out = root / "out"
+    cli(root, *sharded, "--max_train_steps", "2")  # stopped after checkpoint-2 ...
+    checkpoint = out / "checkpoint-2"
+    shard_files = sorted(p.name for p in (checkpoint / "sharded").iterdir())
+    assert shard_files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (checkpoint / "pytorch_lora_weights.safetensors").exists()  # nothing gathered
+    assert not (checkpoint / "optimizer.pt").exists()
+    listed = _read_manifest_files(checkpoint)
+    assert {f"sharded/{name}" for name in shard_files} <= set(listed)
+    assert {"lr_scheduler.pt", "sampler.json", "random_states.pt", "training_state.json"} <= set(listed)
+    assert not list(out.glob(".tmp-checkpoint-*"))  # the staged shards were moved in
+
+    # a different process count (one process, without sharding) is refused before anything loads
+    with pytest.raises(CheckpointError, match=r"checkpoint-2 was written with `--fsdp_state_dict_type sharded` by 2 "
+                                              r"processes: .* TRAINING_NUM_PROCESSES=2"):
+        in_process(root, "--fsdp_enable", "false", "--gradient_accumulation_steps", "2",
+                   "--resume_from_checkpoint", "latest")
+
+    output = cli(root, *sharded, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")  # ... and resumed
+    assert "resumed from" in output and "checkpoint-2 at step 2" in output
+    resumed = lora(out / "pytorch_lora_weights.safetensors")  # the final LoRA is gathered as usual
+    whole = lora(tmp_path / "whole" / "pytorch_lora_weights.safetensors")
+    assert resumed.keys() == whole.keys() and max_difference(resumed, whole) < 1e-6
+
+    # a shard missing (a save cut short, a lost file) makes the folder no checkpoint at all
+    (checkpoint / "sharded" / "__1_0.distcp").unlink()
+    assert [info.step for info in list_checkpoints(out)] == [4]

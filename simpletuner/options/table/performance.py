@@ -139,7 +139,9 @@ OPTIONS: list[Option] = [
         default="full",
         choices=("full", "sharded"),
         help="How checkpoints hold the sharded weights and optimizer state: full gathers them and the main process "
-        "writes the usual files; sharded is not available yet and is refused with the reason.",
+        "writes the usual files (resumable with any process count); sharded has every process write its own slices "
+        "with torch DCP into checkpoint-N/sharded/ (no gathering, less memory and time on the main process), "
+        "resumable only with the same process count. The final LoRA / pipeline is gathered either way.",
         group=_G,
         implemented=True,
     ),
