@@ -109,7 +109,19 @@ def check_deepspeed_installed(config) -> None:
                           "kernels), or remove the option to train without ZeRO")
 
 
+def check_deepspeed_can_save(config) -> None:
+    """ZeRO stages 1-3 split state the checkpoints are written from (training/distributed.py
+    ``check_engine`` says the same at start-up for engines set up by hand in accelerate): refused here,
+    before anything loads, instead of after the model is built."""
+    if _uses_deepspeed(config) and _stage(config) >= 1:
+        given = "`--zero_stage`" if config.zero_stage is not None else "`--deepspeed_config`"
+        raise ConfigError(f"{given}: DeepSpeed ZeRO stage {_stage(config)} splits training state across processes, "
+                          "and simpletuner cannot save split DeepSpeed state yet (checkpoints are written from the "
+                          "main process's copy), so it is not supported yet. Use `--fsdp_enable` (FSDP2) to shard, "
+                          "or remove the option")
+
+
 DEEPSPEED_RULES: tuple[Callable, ...] = (
     check_deepspeed_config, check_deepspeed_weight_placement, check_deepspeed_quantized_base,
-    check_deepspeed_training_parts, check_deepspeed_installed,
+    check_deepspeed_training_parts, check_deepspeed_installed, check_deepspeed_can_save,
 )

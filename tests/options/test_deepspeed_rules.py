@@ -117,6 +117,14 @@ def test_a_missing_deepspeed_package_names_the_extra_to_install():
         deepspeed_plugin(zero())
 
 
+def test_zero_stages_are_refused_at_validation_until_their_state_can_be_saved(monkeypatch):
+    for stage in (1, 2, 3):
+        with pytest.raises(ConfigError, match=rf"`--zero_stage`: DeepSpeed ZeRO stage {stage} splits training state.*"
+                                              r"not supported yet.*`--fsdp_enable`"):
+            rules.check_deepspeed_can_save(zero(zero_stage=stage))
+    rules.check_deepspeed_can_save(make_config())  # no DeepSpeed: nothing to refuse
+
+
 @needs_no_deepspeed
 def test_validation_of_a_whole_config_stops_at_the_missing_package(tmp_path):
     from simpletuner.options.resolve import resolve_run

@@ -88,8 +88,8 @@ OPTIONS: list[Option] = [
         maximum=3,
         help="Train with DeepSpeed ZeRO through accelerate: 1 splits the optimizer state across processes, 2 also the "
         "gradients, 3 also the weights. Needs the deepspeed package (pip install 'simpletuner[deepspeed]'); refused "
-        "with block swap, RamTorch, group offload, quantized bases and (stage 3) EMA. Until checkpoints can be saved "
-        "sharded, the trainer still stops at start-up under stages 1-3; see documentation/DISTRIBUTED.md.",
+        "with block swap, RamTorch, group offload, quantized bases and (stage 3) EMA. Until DeepSpeed state can be "
+        "saved sharded, stages 1-3 are refused at config validation; see documentation/DISTRIBUTED.md.",
         group=_G,
         implemented=True,
     ),
