@@ -6,12 +6,19 @@ sends to the trackers under ``loss/<term>``, and it may bring trainable modules 
 distillation method's fake-score network, a discriminator head); their parameters join the optimizer
 and their weights, like any state the method keeps, travel in the checkpoint through
 :meth:`TrainingMethod.state_dict` and come back on resume through :meth:`TrainingMethod.load_state_dict`.
+
+Distillation widened the seam once (issue 17), in two places. A method may train modules on a loss of
+its own, with its own optimizer and schedule (a fake score, a discriminator), stepping them inside
+``compute_loss``; the trainer then hands it a :class:`MethodContext` through the optional ``bind``. And
+a step may leave the model alone (DMD2 moves the student every ``student_update_freq`` steps, its
+critic every step): :attr:`LossOutput.updates_model` tells the trainer to skip the model's backward,
+optimizer step and EMA update for that step. Both keep the loop free of any method's name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -22,6 +29,18 @@ class LossOutput:
 
     loss: torch.Tensor
     logs: dict[str, float] = field(default_factory=dict)
+    #: False on a step whose loss trains only the method's own modules: no backward, optimizer step or
+    #: EMA update for the model (the LR schedule still advances, it counts steps).
+    updates_model: bool = True
+
+
+@dataclass
+class MethodContext:
+    """What the trainer gives a method that optimizes modules of its own (optional ``bind(context)``)."""
+
+    #: averages the given parameters' gradients over the processes (identity on one process)
+    average_gradients: Callable[[list[torch.nn.Parameter]], None]
+    max_steps: int
 
 
 @runtime_checkable

@@ -16,6 +16,10 @@ from typing import Any, Callable
 BUILTIN_METHODS: dict[str, str] = {
     "sft": "simpletuner.methods.sft:build",
     "causal_sft": "simpletuner.methods.causal_sft:build",
+    "dmd2": "simpletuner.methods.distillation.score_distillation:build_dmd2",
+    "f_distill": "simpletuner.methods.distillation.score_distillation:build_f_distill",
+    "ladd": "simpletuner.methods.distillation.score_distillation:build_ladd",
+    "lcm": "simpletuner.methods.distillation.lcm:build",
 }
 
 _registered: dict[str, Callable[[Any, Any], Any]] = {}
@@ -34,6 +38,16 @@ def unregister_method(name: str) -> None:
 
 def method_names() -> list[str]:
     return [*BUILTIN_METHODS, *_registered]
+
+
+def method_of(config) -> str:
+    """The method a config asks for: ``--training_method``, or spec 002's ``--distillation_method``
+    (``dmd`` is DMD2, ``lcm`` LCM; the config rules refuse the names that cannot be built)."""
+    from simpletuner.methods.distillation.settings import DISTILLATION_METHOD_ALIASES
+
+    if config.distillation_method:
+        return DISTILLATION_METHOD_ALIASES[config.distillation_method]
+    return config.training_method
 
 
 def build_method(name: str, model, config):

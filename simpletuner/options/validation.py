@@ -23,6 +23,7 @@ from simpletuner.options.crepa_rules import CREPA_RULES
 from simpletuner.options.urepa_rules import UREPA_RULES
 from simpletuner.options.alignment_rules import ALIGNMENT_RULES
 from simpletuner.options.deepspeed_rules import DEEPSPEED_RULES
+from simpletuner.options.distillation_rules import DISTILLATION_RULES
 from simpletuner.options.distributed_rules import DISTRIBUTED_RULES
 from simpletuner.options.deepfloyd_rules import check_deepfloyd, deepfloyd_warnings
 from simpletuner.options.eval_rules import EVAL_RULES, eval_warnings
@@ -411,7 +412,7 @@ RULES: tuple[Callable, ...] = (
     check_required, check_unimplemented, check_family, check_family_options, *PRECISION_RULES, check_supported_values, check_conflicts,
     check_run_length, check_output_dir, check_device_seeds,
     check_loss_settings, check_ema_settings, check_optimizer_settings,
-    check_timestep_settings, check_flow_options, *TRAINING_RULES, *CREPA_RULES, *UREPA_RULES, *ALIGNMENT_RULES, *SCHEDULED_SAMPLING_RULES, *CAUSAL_RULES, *CONTROLNET_RULES, *TREAD_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, *LTX_RULES, *WAN_RULES, check_sdxl,
+    check_timestep_settings, check_flow_options, *TRAINING_RULES, *CREPA_RULES, *UREPA_RULES, *ALIGNMENT_RULES, *SCHEDULED_SAMPLING_RULES, *CAUSAL_RULES, *DISTILLATION_RULES, *CONTROLNET_RULES, *TREAD_RULES, *ADAPTER_RULES, check_deepfloyd, check_flux, *LTX_RULES, *WAN_RULES, check_sdxl,
     *QUANTIZATION_RULES, *MEMORY_RULES, *DEEPSPEED_RULES, *DISTRIBUTED_RULES, *SEQUENCE_PARALLEL_RULES, *CHECKPOINT_RULES,
     check_validation_settings, *VALIDATION_RULES, *VIDEO_VALIDATION_RULES, *EVAL_RULES, *REPORTING_RULES, *PUBLISHING_RULES,
 )

@@ -85,6 +85,8 @@ class CardFacts:
     note: str | None = None
     safe_for_work: bool = False
     repo_id: str | None = None
+    #: a distilled few-step student: its method and how to sample it (steps, guidance, scheduler, timesteps)
+    distilled: dict | None = None
 
 
 def front_matter(facts: CardFacts) -> dict:
@@ -150,17 +152,42 @@ def _usage(facts: CardFacts) -> str:
                 "pipeline = DiffusionPipeline.from_pretrained(\"path/to/output_dir/pipeline\", "
                 "torch_dtype=torch.bfloat16).to(\"cuda\")"]
     prompt = json.dumps(facts.prompts[0] if facts.prompts else "a photo of ...")
+    sampling = _student_sampling(facts.distilled)
+    if facts.distilled and facts.distilled.get("scheduler"):
+        code[1] = code[1] + f", {facts.distilled['scheduler']}"
+        code.append(f"pipeline.scheduler = {facts.distilled['scheduler']}.from_config(pipeline.scheduler.config)")
     if facts.control:  # the trained input layer expects the control image's latents beside the noise
         code[1:1] = ["from diffusers.utils import load_image"]
         code.append(f"image = pipeline({prompt}, control_image=load_image(\"control.png\")).images[0]")
     else:
-        code.append(f"image = pipeline({prompt}).images[0]")
+        code.append(f"image = pipeline({prompt}{sampling}).images[0]")
     code.append("image.save(\"output.png\")")
     text = "```python\n" + "\n".join(code) + "\n```"
     if facts.lora_type == "lycoris":
         text += ("\n\nThis is a LyCORIS adapter: diffusers' `load_lora_weights` cannot read it; load it with "
                  "the `lycoris` package (`create_lycoris_from_weights`) or a UI that supports LyCORIS.")
     return text
+
+
+def _student_sampling(distilled: dict | None) -> str:
+    """The pipeline keyword arguments a distilled student samples with (empty for an ordinary model)."""
+    if not distilled:
+        return ""
+    arguments = f", num_inference_steps={distilled['steps']}, guidance_scale={distilled['guidance']:g}"
+    if distilled.get("timesteps"):
+        arguments += f", timesteps={list(distilled['timesteps'])}"
+    return arguments
+
+
+def _distillation_section(distilled: dict) -> list[str]:
+    lines = ["## Sampling", "",
+             f"This is a few-step student distilled with {distilled['method']}: sample it with "
+             f"**{distilled['steps']} step{'s' if distilled['steps'] != 1 else ''}** and guidance scale "
+             f"**{distilled['guidance']:g}** (the teacher's classifier-free guidance is part of the student)."]
+    if distilled.get("scheduler"):
+        timesteps = f" at timesteps {list(distilled['timesteps'])}" if distilled.get("timesteps") else ""
+        lines.append(f"Use `{distilled['scheduler']}`{timesteps}, the path it was trained on.")
+    return lines + [""]
 
 
 def render_model_card(facts: CardFacts) -> str:
@@ -197,6 +224,8 @@ def render_model_card(facts: CardFacts) -> str:
         parts.append("")
         for grid in facts.grids:
             parts += [f"![validation grid]({grid})", ""]
+    if facts.distilled:
+        parts += _distillation_section(facts.distilled)
     parts += ["## How to use", "", _usage(facts), ""]
     return "\n".join(parts)
 
@@ -228,7 +257,22 @@ def facts_from_trainer(trainer, result) -> CardFacts:
         batch=f"{config.train_batch_size} x {config.gradient_accumulation_steps} accumulation x {processes} processes",
         prompts=prompts, grids=grids, note=config.model_card_note,
         safe_for_work=bool(config.model_card_safe_for_work), repo_id=config.hub_model_id if config.push_to_hub else None,
+        distilled=_distilled(trainer),
     )
+
+
+def _distilled(trainer) -> dict | None:
+    """How a distilled student samples, from its method's validation defaults (None for other methods)."""
+    from simpletuner.methods.registry import method_of
+
+    method = getattr(trainer, "method", None)
+    defaults = method.validation_defaults() if hasattr(method, "validation_defaults") else None
+    if not defaults:
+        return None
+    return {"method": method_of(trainer.config), "steps": defaults["validation_num_inference_steps"],
+            "guidance": float(defaults.get("validation_guidance", trainer.config.validation_guidance)),
+            "scheduler": defaults.get("sampling_scheduler"),
+            "timesteps": defaults.get("sampling_timesteps")}
 
 
 def write_model_card(trainer, result) -> Path:

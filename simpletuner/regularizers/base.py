@@ -162,7 +162,7 @@ class Regularizers:
                 continue
             loss = loss + term.loss
             logs.update({f"{regularizer.name}/{key}": value for key, value in term.logs.items()})
-        return LossOutput(loss, logs)
+        return LossOutput(loss, logs, updates_model=output.updates_model)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for regularizer in self.items for module in regularizer.trainable_modules().values()

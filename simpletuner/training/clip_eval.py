@@ -94,7 +94,7 @@ class ClipEvaluation:
         from simpletuner.training.adapter import validation_strength
         from simpletuner.training.distributed import unwrap_parallel
         from simpletuner.training.evaluation import eval_mode
-        from simpletuner.validation.runner import generate_images, validation_scheduler
+        from simpletuner.validation.runner import generate_images, use_sampling_scheduler
 
         denoiser = unwrap_parallel(model.denoiser)
         settings = replace(self.settings, num_images=1)
@@ -106,9 +106,7 @@ class ClipEvaluation:
         with torch.random.fork_rng(devices=devices), eval_mode(denoiser, *model.trainable_text_encoders().values()):
             pipeline = model.build_pipeline(denoiser)
             pipeline.set_progress_bar_config(disable=True)
-            if settings.scheduler:
-                pipeline.scheduler = validation_scheduler(settings.scheduler, pipeline.scheduler,
-                                                          model.prediction_type == "flow_matching")
+            use_sampling_scheduler(pipeline, settings, model.prediction_type == "flow_matching")
             with torch.no_grad(), autocast, validation_strength(model):
                 return generate_images(pipeline, self.prompts, settings, self.device, settings.resolutions[0],
                                        extra_arguments=arguments, seed=settings.seed)

@@ -233,12 +233,13 @@ class Trainer:
         """The ``--training_method`` (simpletuner/methods/registry.py) and the regularizers the config
         switches on (simpletuner/regularizers/registry.py), hooked into the model; returns the trainable
         parameters of the modules they bring besides the model (none for SFT), which join the optimizer."""
-        from simpletuner.methods.registry import build_method
+        from simpletuner.methods.base import MethodContext
+        from simpletuner.methods.registry import build_method, method_of
         from simpletuner.methods.prior_preservation import with_prior_preservation
         from simpletuner.regularizers.base import Regularizers
         from simpletuner.regularizers.registry import build_regularizers
 
-        self.method = build_method(self.config.training_method, self.model, self.config)
+        self.method = build_method(method_of(self.config), self.model, self.config)
         # regularisation datasets: weighted by --prior_loss_weight, optionally against the base model
         self.method = with_prior_preservation(self.method, self.model, self.config, self.dataset_plan)
         self.method.encode_text_live = self.text_encoders is not None
@@ -253,6 +254,8 @@ class Trainer:
         # outside DDP: same start on every process, gradients averaged in optimization_step
         distributed.broadcast_parameters(self.accelerator, parameters)
         self.method_parameters = parameters
+        if hasattr(self.method, "bind"):  # a method with optimizers of its own (distillation's critic)
+            self.method.bind(MethodContext(partial(distributed.average_gradients, self.accelerator), self.max_steps))
         return parameters
 
     def _build_optimization(self) -> None:
@@ -335,8 +338,9 @@ class Trainer:
         self.tracker = build_tracker(self.accelerator, config, self.output_dir, self.is_main, self.config_file)
         edge = max(max(size) for size in self.data.sampler.bucket_sizes)
         self.validator = Validator(
-            settings=ValidationSettings.from_config(config, fallback_edge=edge,
-                                                    family_defaults=self.model.validation_defaults()),
+            settings=ValidationSettings.from_config(config, fallback_edge=edge,  # a distilled student's own sampling
+                                                    family_defaults={**self.model.validation_defaults(),
+                                                                     **self._method_validation_defaults()}),
             output_dir=self.output_dir, tracker=self.tracker,
             interval=None if config.validation_disable else config.validation_step_interval,
             benchmark_enabled=not config.disable_benchmark and not config.validation_disable,
@@ -358,6 +362,11 @@ class Trainer:
         # --evaluation_type clip: a CLIP score of images sampled from the validation prompts (clip_eval.py)
         self.clip_eval = ClipEvaluation.from_config(config, self.validator.settings, self.accelerator.device)
         self.eval_schedule = EvalSchedule(config.eval_steps_interval, config.eval_epoch_interval, self.steps_per_epoch)
+
+    def _method_validation_defaults(self) -> dict:
+        """A method's sampling defaults (a few-step student: its step count, guidance 1, its scheduler)."""
+        defaults = getattr(self.method, "validation_defaults", None)
+        return defaults() if defaults is not None else {}
 
     def _build_checkpointing(self) -> None:
         """When checkpoints are due (needs ``steps_per_epoch``), and the free-space check and user script
@@ -600,28 +609,31 @@ class Trainer:
         terms: dict[str, float] = {}
         grad_norm = None
         update = True
+        model_updated = True
         for _ in range(self.config.gradient_accumulation_steps):
             batch = self._next_local_batch()
             with accelerator.accumulate(denoiser):
                 output = self._batch_loss(batch)
-                accelerator.backward(output.loss * self.data_ranks.loss_scale)  # x sp_size: sequence_parallel.py
+                model_updated = output.updates_model  # False: the method trained only its own modules
+                if model_updated:
+                    accelerator.backward(output.loss * self.data_ranks.loss_scale)  # x sp_size: sequence_parallel.py
                 micro_losses.append(output.loss.detach().item())  # read before the update it may have to stop
                 for name, value in output.logs.items():
                     terms[name] = terms.get(name, 0.0) + float(value) / self.config.gradient_accumulation_steps
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and model_updated:
                     distributed.average_gradients(accelerator, self.method_parameters)
                     if self.grad_accumulator is not None:
                         self.grad_accumulator.write_back()
                     grad_norm = clip_gradients(accelerator, self.trainable, self.config)
                     update = self.nan_guard.update_allowed(accelerator, micro_losses)
-                if update or accelerator.scaler is not None:  # fp16's loss scaler drops non-finite steps itself
+                if model_updated and (update or accelerator.scaler is not None):  # fp16's scaler drops non-finite steps
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=bool(self.config.set_grads_to_none))
             self.state.micro_step += 1
             self.state.num_images_seen += batch["latent_mean"].shape[0] * self.data_ranks.size
         if update:
             self.lr_scheduler.step()
-            if self.ema is not None:
+            if self.ema is not None and model_updated:
                 self.ema.update()
             if self.text_encoders is not None:
                 self.text_encoders.maybe_freeze(self.state.global_step + 1, self.optimizer, self.lr_scheduler)

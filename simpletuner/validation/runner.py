@@ -141,6 +141,10 @@ class ValidationSettings:
     watermark: bool = False
     #: ``--control``: the family's channel-control pipeline gets the run's control image (validation/controlnet.py)
     channel_control: bool = False
+    #: a distilled student's sampler (the method's ``validation_defaults``): the diffusers scheduler class
+    #: the pipeline's scheduler is rebuilt as, and the timesteps it samples at
+    sampling_scheduler: str | None = None
+    sampling_timesteps: list[int] | None = None
 
     @classmethod
     def from_config(cls, config, fallback_edge: int, family_defaults: dict | None = None) -> "ValidationSettings":
@@ -206,6 +210,8 @@ class ValidationSettings:
             compile=bool(config.validation_torch_compile),
             watermark=bool(config.enable_watermark),
             channel_control=bool(config.control),
+            sampling_scheduler=(family_defaults or {}).get("sampling_scheduler"),
+            sampling_timesteps=(family_defaults or {}).get("sampling_timesteps"),
         )
 
     def passes(self) -> "list[AdapterRun | None]":
@@ -217,6 +223,8 @@ class ValidationSettings:
     def call_arguments(self) -> dict:
         """Pipeline keyword arguments that only some options add."""
         arguments = dict(self.skip_layer_guidance)
+        if self.sampling_timesteps:
+            arguments["timesteps"] = list(self.sampling_timesteps)
         if self.guidance_rescale is not None:
             arguments["guidance_rescale"] = float(self.guidance_rescale)
         return arguments
@@ -278,6 +286,17 @@ def fresh_seed() -> int:
     import secrets
 
     return secrets.randbelow(2**31 - 1)
+
+
+def use_sampling_scheduler(pipeline, settings: ValidationSettings, flow_matching: bool) -> None:
+    """Give ``pipeline`` the scheduler validation samples with: ``--validation_noise_scheduler``'s, else a
+    distilled student's own (rebuilt from the pipeline's config); otherwise it keeps its own."""
+    if settings.scheduler:
+        pipeline.scheduler = validation_scheduler(settings.scheduler, pipeline.scheduler, flow_matching)
+    elif settings.sampling_scheduler:
+        import diffusers
+
+        pipeline.scheduler = getattr(diffusers, settings.sampling_scheduler).from_config(pipeline.scheduler.config)
 
 
 def validation_scheduler(name: str, current, flow_matching: bool):
@@ -455,9 +474,7 @@ class Validator:
         pipeline.set_progress_bar_config(disable=True)
         if self.settings.compile:
             self._use_compiled_denoiser(pipeline, model, denoiser)
-        if self.settings.scheduler:
-            pipeline.scheduler = validation_scheduler(self.settings.scheduler, pipeline.scheduler,
-                                                      model.prediction_type == "flow_matching")
+        use_sampling_scheduler(pipeline, self.settings, model.prediction_type == "flow_matching")
         prompts = [p for p in self.settings.prompts for _ in range(self.settings.num_images)]
         own_settings = [s for s in (self.settings.prompt_settings or []) for _ in range(self.settings.num_images)]
         names = self._file_names(step)

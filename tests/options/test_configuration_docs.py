@@ -26,8 +26,8 @@ ERROR_EXAMPLES = {
     "command line: `model_type` = 'dora' is not one of: full, lora": ["--model_type", "dora"],
     "config/config.json: malformed JSON at line 4, column 1: Expecting property name enclosed in double quotes":
         ["--config", "config/broken.json"],
-    "`--distillation_config` is not supported yet (got {'steps': 4}); remove it from your config or command line":
-        ["--distillation_config", '{"steps": 4}'],
+    "`--sla_config` is not supported yet (got {'topk': 4}); remove it from your config or command line":
+        ["--sla_config", '{"topk": 4}'],
     "`--validation_noise_scheduler perflow` is not supported yet; supported values: ddim, ddpm, euler, euler-a, unipc, "
     "dpm++": ["--validation_noise_scheduler", "perflow"],
     "`--model_flavour 2.1` is not a flavour of sd1x; choose one of: 1.5, 1.4, dreamshaper, realvis":

@@ -118,8 +118,8 @@ def test_config_file_must_hold_an_object(tmp_path: Path) -> None:
 
 
 def test_unimplemented_option_set_to_non_default(tmp_path: Path, base: dict) -> None:
-    message = error_of(tmp_path, base_argv(base) + ["--distillation_config", '{"routes": []}'])
-    assert message.startswith("`--distillation_config` is not supported yet (got {'routes': []})")
+    message = error_of(tmp_path, base_argv(base) + ["--sla_config", '{"routes": []}'])
+    assert message.startswith("`--sla_config` is not supported yet (got {'routes': []})")
     assert message.endswith("remove it from your config or command line")
 
 

@@ -100,11 +100,12 @@ OPTIONS: list[Option] = [
         default="sft",
         help="How the loss of a batch is computed: sft is supervised fine-tuning, the denoising loss on your "
         "dataset; causal_sft trains video models to continue a clip chunk by chunk (a noise level per frame chunk, "
-        "a context prefix at context_noise; documentation/TRAINING.md). Other methods plug in by name "
-        "(simpletuner/methods/registry.py).",
+        "a context prefix at context_noise; documentation/TRAINING.md); dmd2, f_distill, ladd and lcm distil the "
+        "model into a few-step student, set with distillation_config (documentation/DISTILLATION.md). Other methods "
+        "plug in by name (simpletuner/methods/registry.py).",
         group=_G,
         # the built-in names of simpletuner/methods/registry.py (a test keeps them equal)
-        choices=("sft", "causal_sft"),
+        choices=("sft", "causal_sft", "dmd2", "f_distill", "ladd", "lcm"),
         implemented=True,
     ),
     Option(
