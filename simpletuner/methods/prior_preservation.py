@@ -99,6 +99,12 @@ def with_prior_preservation(method, model, config, dataset_plan):
     plan = RegularisationPlan.from_dataset_plan(dataset_plan)
     if not plan.targets:
         return method
+    from simpletuner.methods.distillation.settings import DISTILLATION_METHODS
+    from simpletuner.methods.registry import method_of
+
+    if method_of(config) in DISTILLATION_METHODS:
+        raise ValueError(f"regularisation datasets weigh a denoising loss; `--training_method {method_of(config)}` "
+                         "learns from the teacher instead. Drop \"is_regularisation_data\" from the dataset list")
     return PriorPreservation(method, model, plan, float(config.prior_loss_weight), config)
 
 

@@ -20,6 +20,8 @@ BUILTIN_METHODS: dict[str, str] = {
     "f_distill": "simpletuner.methods.distillation.score_distillation:build_f_distill",
     "ladd": "simpletuner.methods.distillation.score_distillation:build_ladd",
     "lcm": "simpletuner.methods.distillation.lcm:build",
+    "causvid": "simpletuner.methods.distillation.causal_distillation:build_causvid",
+    "self_forcing": "simpletuner.methods.distillation.causal_distillation:build_self_forcing",
 }
 
 _registered: dict[str, Callable[[Any, Any], Any]] = {}

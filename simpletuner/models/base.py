@@ -410,6 +410,10 @@ class ModelFamily(ABC):
             parts["vae_tiling"] = "on"  # blended tile seams change the latents (slicing does not)
         if self.config.vae_dtype not in (None, "default"):
             parts["vae_dtype"] = str(self.config.vae_dtype)  # latents encoded in fp16/bf16 differ from fp32 ones
+        else:  # the family's choice, which follows --mixed_precision: a half-precision VAE keys its latents too
+            half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(getattr(getattr(self, "vae", None), "dtype", None))
+            if half is not None:
+                parts["vae_dtype"] = half
         return parts
 
     def _encoder_identity(self) -> dict[str, str]:

@@ -30,13 +30,16 @@ def families_with_frame_timesteps() -> list[str]:
 
 
 def check_causal_options_need_the_method(config) -> None:
-    """A causal option under another method would be silently ignored."""
-    if config.training_method == CAUSAL_METHOD:
+    """A causal option under another method would be silently ignored (the causal distillation methods,
+    causvid and self_forcing, read them too)."""
+    readers = (CAUSAL_METHOD, "causvid", "self_forcing")
+    if config.training_method in readers:
         return
     changed = [name for name in CAUSAL_SFT_OPTIONS if _set(config, name)]
     if changed:
         raise ConfigError(f"`--{changed[0]}` only applies to `--training_method {CAUSAL_METHOD}`, but the method is "
-                          f"{config.training_method}; set `--training_method {CAUSAL_METHOD}` or remove it")
+                          f"{config.training_method}; set `--training_method {CAUSAL_METHOD}` or remove it (the causal "
+                          "distillation methods causvid and self_forcing read it too)")
 
 
 def check_causal_family(config) -> None:

@@ -1,5 +1,5 @@
-"""Rules for the distillation methods (``--training_method dmd2 / f_distill / ladd / lcm``, spec 002's
-``--distillation_method``) and ``--distillation_config``. Torch-free, checked before a model loads.
+"""Rules for the distillation methods (``--training_method dmd2 / f_distill / ladd / lcm / causvid /
+self_forcing``, spec 002's ``--distillation_method``) and ``--distillation_config``. Torch-free, checked before a model loads.
 
 A distillation run switches adapters on one base model (teacher, student, fake score) and steps a critic
 optimizer of its own inside the method (simpletuner/methods/distillation/). What cannot share that
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from simpletuner.methods.distillation.settings import (DISTILLATION_METHOD_ALIASES, DISTILLATION_METHODS,
-                                                       UNDEFINED_DISTILLATION_METHODS, distillation_settings)
+from simpletuner.methods.distillation.settings import (CAUSAL_DISTILLATION_METHODS, DISTILLATION_METHOD_ALIASES,
+                                                       DISTILLATION_METHODS, UNDEFINED_DISTILLATION_METHODS,
+                                                       distillation_settings)
 from simpletuner.options import ConfigError
 
 #: Options whose feature hooks into the one denoiser forward a method runs per batch; a distillation
@@ -21,6 +22,12 @@ FORWARD_FEATURES = ("crepa_enabled", "urepa_enabled", "layersync_enabled", "trea
 #: f-distill's own settings, and LADD's.
 F_DISTILL_KEYS = ("f_div", "ratio_lower", "ratio_upper")
 LADD_KEYS = ("gan_r1_reg_weight", "gan_r1_reg_alpha")
+#: Self-Forcing's own settings.
+SELF_FORCING_KEYS = ("enable_gradient_in_rollout", "same_step_across_blocks")
+#: The families and checkpoints the chunk cache (simpletuner/models/wan_causal.py) drives: one Wan transformer,
+#: text-to-video (a two-expert or image-to-video checkpoint conditions or routes on the whole clip).
+CAUSAL_DISTILLATION_FAMILIES = ("wan",)
+CAUSAL_DISTILLATION_FLAVOURS = ("t2v-1.3b-2.1", "t2v-14b-2.1")
 
 
 def _on(config, name: str) -> bool:
@@ -45,7 +52,8 @@ def check_method_names(config) -> None:
                           f"but `--training_method {config.training_method}` is set too; keep one of them")
     if config.distillation_config and distillation_method(config) is None:
         raise ConfigError("`--distillation_config` is only read by the distillation methods (dmd2, f_distill, ladd, "
-                          f"lcm), but the method is {config.training_method}; set `--training_method` or remove it")
+                          f"lcm, causvid, self_forcing), but the method is {config.training_method}; set "
+                          "`--training_method` or remove it")
 
 
 def check_distillation_combinations(config) -> None:
@@ -55,9 +63,13 @@ def check_distillation_combinations(config) -> None:
     from simpletuner.options.validation_rules import VIDEO_FAMILIES
 
     what = f"`--training_method {method}`"
-    if config.model_family in VIDEO_FAMILIES:
-        raise ConfigError(f"{what} distils image families; {config.model_family} is a video family, whose causal "
-                          "distillation (CausVid, Self-Forcing) is not built yet")
+    if method in CAUSAL_DISTILLATION_METHODS:
+        check_causal_distillation_family(config, what, config.model_family in VIDEO_FAMILIES)
+    elif config.model_family in VIDEO_FAMILIES:
+        extra = (" or `--training_method causvid` / `self_forcing` for a causal student"
+                 if config.model_family in CAUSAL_DISTILLATION_FAMILIES else "")
+        raise ConfigError(f"{what} distils image families; {config.model_family} is a video family, whose "
+                          f"distillation is {' / '.join(CAUSAL_DISTILLATION_METHODS)} (Wan text-to-video only){extra}")
     if config.model_family == "deepfloyd":
         raise ConfigError(f"{what} is not built for DeepFloyd IF, whose stages predict a learned variance beside the "
                           "noise; distil another family")
@@ -75,6 +87,30 @@ def check_distillation_combinations(config) -> None:
                               "and the fake score on every batch, which that option does not expect. Remove it")
     if (config.sp_size or 1) > 1:
         raise ConfigError(f"{what} cannot be combined with `--sp_size {config.sp_size}`; remove it")
+    if (config.eval_steps_interval or config.eval_epoch_interval) and not config.eval_loss_disable:
+        raise ConfigError(f"{what}: the evaluation loss is a denoising loss, which a few-step student is not trained "
+                          "to lower; set `--eval_loss_disable true` (the CLIP score still runs) or remove the eval "
+                          "interval")
+
+
+def check_causal_distillation_family(config, what: str, video: bool) -> None:
+    """CausVid / Self-Forcing generate video chunk by chunk through the Wan chunk cache."""
+    family = config.model_family
+    if not video:
+        raise ConfigError(f"{what} distils a video model into a causal student that generates clips chunk by chunk; "
+                          f"{family} is an image family. Use `--training_method dmd2` (or f_distill, ladd) for it")
+    if family not in CAUSAL_DISTILLATION_FAMILIES:
+        raise ConfigError(f"{what} needs a key/value cache of context chunks, which is built for Wan's transformer "
+                          f"({', '.join(CAUSAL_DISTILLATION_FAMILIES)}) only; {family} cannot run it. Use "
+                          "`--model_family wan` or `--training_method causal_sft`")
+    flavour = config.model_flavour
+    if flavour is not None and flavour not in CAUSAL_DISTILLATION_FLAVOURS:
+        raise ConfigError(f"{what} drives one Wan text-to-video transformer chunk by chunk; `--model_flavour "
+                          f"{flavour}` is not one (two experts or image-to-video conditioning on the whole clip). Use "
+                          f"{' or '.join(CAUSAL_DISTILLATION_FLAVOURS)}")
+    if config.refiner_training:
+        raise ConfigError(f"{what} trains a single-transformer Wan checkpoint; `--refiner_training` is for the two "
+                          "experts of Wan 2.2 A14B. Remove it")
 
 
 def check_distillation_settings(config) -> None:
@@ -92,6 +128,9 @@ def check_distillation_settings(config) -> None:
     if method != "ladd" and given & set(LADD_KEYS):
         raise ConfigError(f"--distillation_config `{sorted(given & set(LADD_KEYS))[0]}` is LADD's R1 penalty; `--training_method "
                           f"{method}` does not read it. Remove it or use ladd")
+    if method != "self_forcing" and given & set(SELF_FORCING_KEYS):
+        raise ConfigError(f"--distillation_config `{sorted(given & set(SELF_FORCING_KEYS))[0]}` is Self-Forcing's; "
+                          f"`--training_method {method}` does not read it. Remove it or use self_forcing")
     if method == "ladd" and "gan_loss_weight_gen" in given:
         raise ConfigError("--distillation_config `gan_loss_weight_gen` weighs DMD2's adversarial term; LADD's loss is "
                           "adversarial only. Remove it")

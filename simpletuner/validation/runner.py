@@ -507,7 +507,7 @@ class Validator:
                     images = self._watermarked(images)
                     results[size] = images
                     self._write(folder, size, names, images, step, caption, tracker_key, inputs)
-                self._write_record(folder, step, seed, prompts, names)
+                self._write_record(folder, step, seed, prompts, names, type(pipeline.scheduler).__name__)
         for network, was_training in zip(networks, training_modes):
             network.train(was_training)
         logger.info("validation images for step %d written to %s", step, folder)
@@ -595,13 +595,17 @@ class Validator:
                 stems.append(f"{len(stems):02d}" if shortname is None else f"{shortname}_{n:02d}")
         return stems
 
-    def _write_record(self, folder: Path, step: int, seed: int, prompts: list[str], names: list[str]) -> None:
-        """``validation.json``: the seed and prompt of every image, enough to reproduce any of them."""
+    def _write_record(self, folder: Path, step: int, seed: int, prompts: list[str], names: list[str],
+                      scheduler: str) -> None:
+        """``validation.json``: the seed and prompt of every image and how they were sampled, enough to
+        reproduce any of them (a per-prompt library entry may override the steps and guidance)."""
         import json
 
         record = {
             "step": step, "seed": seed, "seed_source": self.settings.seed_source or "cpu",
-            "randomized": self.settings.randomize,
+            "randomized": self.settings.randomize, "scheduler": scheduler,
+            "num_inference_steps": self.settings.num_inference_steps, "guidance": self.settings.guidance,
+            **({"timesteps": list(self.settings.sampling_timesteps)} if self.settings.sampling_timesteps else {}),
             "images": {stem: {"prompt": prompt, "seed": seed + index}
                        for index, (stem, prompt) in enumerate(zip(names, prompts))},
         }

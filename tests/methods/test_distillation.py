@@ -302,7 +302,9 @@ def test_saved_student_loads_in_diffusers_and_its_card_names_the_sampling(projec
     assert not any("fake_score" in key for key in load_file(output / "pytorch_lora_weights.safetensors"))
     card = (output / "README.md").read_text()
     assert "**2 steps**" in card and "timesteps=[999, 499]" in card and "EulerDiscreteScheduler" in card
-    assert json.loads((output / "validation" / "step_2" / "validation.json").read_text())  # sampled with the student
+    record = json.loads((output / "validation" / "step_2" / "validation.json").read_text())  # sampled as the student
+    assert (record["scheduler"], record["num_inference_steps"], record["guidance"], record["timesteps"]) == \
+        ("EulerDiscreteScheduler", 2, 1.0, [999, 499])
     pipeline = StableDiffusionPipeline.from_pretrained(project / "model", safety_checker=None)
     pipeline.load_lora_weights(output, weight_name="pytorch_lora_weights.safetensors")
     pipeline.scheduler = EulerDiscreteScheduler.from_config(pipeline.scheduler.config)
@@ -333,6 +335,7 @@ def test_saved_student_loads_in_diffusers_and_its_card_names_the_sampling(projec
     ({"training_method": "dmd2", "model_family": "deepfloyd"}, "learned variance"),
     ({"training_method": "dmd2", "model_family": "wan"}, "video family"),
     ({"training_method": "ladd", "crepa_enabled": "true"}, "--crepa_enabled"),
+    ({"training_method": "dmd2", "eval_steps_interval": 10}, "eval_loss_disable"),
 ])
 def test_impossible_distillation_settings_are_refused(tmp_path, overrides, fragment):
     from simpletuner.options.resolve import resolve_run
@@ -369,3 +372,16 @@ def test_gradient_checkpointing_gives_the_student_the_same_step(project):
     for name, parameter in checkpointed.model.denoiser.named_parameters():
         if "lora_" in name:
             torch.testing.assert_close(parameter, theirs[name], rtol=1e-5, atol=1e-6)
+
+
+def test_regularisation_datasets_are_refused_for_a_distillation_method(project, tmp_path):
+    from simpletuner.data.config import load_dataset_plan
+    from simpletuner.methods.prior_preservation import with_prior_preservation
+
+    entries = json.loads((project / "multidatabackend.json").read_text())
+    entries.insert(1, {**entries[0], "id": "prior", "is_regularisation_data": True})
+    datasets = tmp_path / "datasets.json"
+    datasets.write_text(json.dumps(entries))
+    config = distil_config(project, "prior", data_backend_config=str(datasets))
+    with pytest.raises(ValueError, match="learns from the teacher"):
+        with_prior_preservation(object(), None, config, load_dataset_plan(config.data_backend_config))

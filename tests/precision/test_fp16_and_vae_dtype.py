@@ -88,3 +88,23 @@ def test_default_vae_dtype_keeps_the_family_choice() -> None:
         vae = torch.nn.Linear(2, 2)
 
     assert apply_vae_dtype(Model(), "default") is None and Model.vae.weight.dtype == torch.float32
+
+
+def test_latents_of_a_half_precision_vae_get_their_own_cache_key(project: Path) -> None:
+    """``--vae_dtype default`` follows ``--mixed_precision``: latents a bf16 VAE encoded must not be reused by a
+    run whose VAE encodes in fp32 (and the reverse), while an explicit ``--vae_dtype bf16`` shares their key."""
+    from simpletuner.training.trainer import Trainer
+
+    keys = {}
+    for name, overrides in {"fp32": {}, "bf16": {"vae_dtype": "bf16"}}.items():
+        trainer = Trainer(config_for(project, f"key-{name}", **overrides), show_progress=False)
+        trainer.setup()
+        try:
+            keys[name] = trainer.model.latent_fingerprint_parts()
+            if name == "fp32":
+                trainer.model.vae.to(torch.bfloat16)  # what the family's default does under bf16 mixed precision
+                keys["default-bf16"] = trainer.model.latent_fingerprint_parts()
+        finally:
+            trainer.data.close()
+    assert "vae_dtype" not in keys["fp32"]
+    assert keys["default-bf16"]["vae_dtype"] == keys["bf16"]["vae_dtype"] == "bf16"

@@ -12,7 +12,9 @@ from typing import Any
 from simpletuner.options import ConfigError
 
 #: Methods of the distillation family (``--training_method``), and what ``--distillation_method`` maps to.
-DISTILLATION_METHODS = ("dmd2", "f_distill", "ladd", "lcm")
+DISTILLATION_METHODS = ("dmd2", "f_distill", "ladd", "lcm", "causvid", "self_forcing")
+#: The causal video methods among them (a chunk-by-chunk student; causal_distillation.py).
+CAUSAL_DISTILLATION_METHODS = ("causvid", "self_forcing")
 DISTILLATION_METHOD_ALIASES = {"dmd": "dmd2", "lcm": "lcm"}
 #: spec 002's names the spec documents do not define enough to build.
 UNDEFINED_DISTILLATION_METHODS = ("dcm", "perflow")
@@ -23,7 +25,7 @@ SAMPLE_T_KINDS = ("uniform", "logit_normal")
 
 @dataclass(frozen=True)
 class DistillationSettings:
-    student_sample_steps: int = 1
+    student_sample_steps: int = 1  # per chunk for causvid / self_forcing, which usually use 4
     student_timesteps: tuple[int, ...] | None = None
     student_update_freq: int = 5
     guidance_scale: float | None = None  # None: the run's --validation_guidance
@@ -41,6 +43,9 @@ class DistillationSettings:
     # LCM
     lcm_skip_steps: int = 20
     lcm_huber_c: float = 0.001
+    # Self-Forcing: where the gradient enters each chunk's rollout
+    enable_gradient_in_rollout: bool = True
+    same_step_across_blocks: bool = False
 
 
 KNOWN_KEYS = {name for name in DistillationSettings.__dataclass_fields__}
@@ -57,6 +62,12 @@ def _float(key: str, value: Any, minimum: float, positive: bool = False) -> floa
         bound = f"> {minimum}" if positive else f">= {minimum}"
         raise ConfigError(f"--distillation_config `{key}` must be a number {bound}, got {value!r}")
     return float(value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"--distillation_config `{key}` must be true or false, got {value!r}")
+    return value
 
 
 def _sample_t(value: Any) -> dict:
@@ -110,6 +121,9 @@ def parse_distillation_config(raw: dict | None) -> DistillationSettings:
     for key in ("fake_score_lr", "lcm_huber_c", "gan_r1_reg_alpha"):
         if raw.get(key) is not None:
             values[key] = _float(key, raw[key], 0.0, positive=True)
+    for key in ("enable_gradient_in_rollout", "same_step_across_blocks"):
+        if key in raw:
+            values[key] = _bool(key, raw[key])
     if "sample_t_cfg" in raw:
         values["sample_t_cfg"] = _sample_t(raw["sample_t_cfg"])
     if "f_div" in raw:

@@ -101,11 +101,12 @@ OPTIONS: list[Option] = [
         help="How the loss of a batch is computed: sft is supervised fine-tuning, the denoising loss on your "
         "dataset; causal_sft trains video models to continue a clip chunk by chunk (a noise level per frame chunk, "
         "a context prefix at context_noise; documentation/TRAINING.md); dmd2, f_distill, ladd and lcm distil the "
-        "model into a few-step student, set with distillation_config (documentation/DISTILLATION.md). Other methods "
+        "model into a few-step student, set with distillation_config (documentation/DISTILLATION.md); causvid and "
+        "self_forcing distil Wan text-to-video into a causal student that generates a clip chunk by chunk. Other methods "
         "plug in by name (simpletuner/methods/registry.py).",
         group=_G,
         # the built-in names of simpletuner/methods/registry.py (a test keeps them equal)
-        choices=("sft", "causal_sft", "dmd2", "f_distill", "ladd", "lcm"),
+        choices=("sft", "causal_sft", "dmd2", "f_distill", "ladd", "lcm", "causvid", "self_forcing"),
         implemented=True,
     ),
     Option(
@@ -113,8 +114,9 @@ OPTIONS: list[Option] = [
         kind="int",
         default=3,
         minimum=1,
-        help="causal_sft: latent frames per chunk; each chunk draws its own noise level. 3 is the block size of "
-        "causal Wan models; 1 gives every latent frame its own level.",
+        help="causal_sft: latent frames per chunk; each chunk draws its own noise level. causvid / self_forcing: "
+        "latent frames the student generates per chunk. 3 is the block size of causal Wan models; 1 gives every "
+        "latent frame its own level.",
         group=_G,
         implemented=True,
     ),
@@ -123,8 +125,8 @@ OPTIONS: list[Option] = [
         kind="float",
         default=0.0,
         minimum=0, maximum=1,
-        help="causal_sft: the noise level (a sigma, 0 = clean) of the context chunks that precede the chunks being "
-        "learnt; use the level your causal sampler re-noises finished chunks to.",
+        help="causal_sft, causvid, self_forcing: the noise level (a sigma, 0 = clean) of the context chunks that "
+        "precede the chunk being learnt or generated; use the level your causal sampler re-noises finished chunks to.",
         group=_G,
         implemented=True,
     ),
