@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-steps", type=int, default=800)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lora-lr", type=float, default=5e-3)
+    parser.add_argument("--lora-caption-dropout", type=float, default=0.1,
+                        help="caption dropout of the LoRA run; the unconditional prediction classifier-free guidance "
+                             "subtracts is trained towards the LoRA set's images when captions are dropped")
     parser.add_argument("--lora-new-images", type=int, default=72)
     parser.add_argument("--lora-old-images", type=int, default=24)
     parser.add_argument("--samples-old", type=int, default=60)
@@ -232,7 +235,8 @@ def run(args, work: Path, old_colours: list[str]) -> int:
         learning_rate=args.lora_lr, max_train_steps=args.lora_steps,
         peft_lora_target_modules=json.dumps(ALL_TARGETS if args.targets == "all" else LORA_TARGETS),
         lr_warmup_steps=min(20, args.lora_steps // 5), checkpoint_step_interval=args.lora_steps + 1,
-        validation_step_interval=args.lora_steps + 1, train_text_encoder=args.text_encoder), preserved=preserved)
+        validation_step_interval=args.lora_steps + 1, train_text_encoder=args.text_encoder,
+        caption_dropout_probability=args.lora_caption_dropout), preserved=preserved)
     lora_seconds = train(lora_config)
     adapted = StableDiffusionPipeline.from_pretrained(base_pipeline_dir)
     adapted.load_lora_weights(str(work / "run-lora"))

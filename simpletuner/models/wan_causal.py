@@ -173,6 +173,11 @@ class ChunkCache:
         self.clear()
 
     @property
+    def mode(self) -> str | None:
+        """``"read"``, ``"write"`` or None (the plain model answers)."""
+        return self._mode
+
+    @property
     def tokens(self) -> int:
         """Cached tokens per block (0 while empty)."""
         return 0 if self.keys[0] is None else int(self.keys[0].shape[1])

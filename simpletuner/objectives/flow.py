@@ -185,6 +185,15 @@ class FlowSigmaSampler:
 # --- the flow-matching objective -------------------------------------------------------------------
 
 
+def with_euler_shift(scheduler_config) -> dict:
+    """A flow scheduler's config for ``FlowMatchEulerDiscreteScheduler``: UniPC / DPM-Solver with flow sigmas
+    (Wan) name their shift ``flow_shift``, which the Euler scheduler would ignore and sample unshifted."""
+    config = dict(scheduler_config)
+    if "shift" not in config and config.get("flow_shift") is not None:
+        config["shift"] = config["flow_shift"]
+    return config
+
+
 def flow_noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """``(1 - sigma) x0 + sigma eps`` with one sigma per sample."""
     sigma = sigmas.to(latents.dtype).view(-1, *([1] * (latents.dim() - 1)))

@@ -1,5 +1,6 @@
 """Rules for the distillation methods (``--training_method dmd2 / f_distill / ladd / lcm / causvid /
-self_forcing``, spec 002's ``--distillation_method``) and ``--distillation_config``. Torch-free, checked before a model loads.
+self_forcing``, spec 002's ``--distillation_method``) and ``--distillation_config``. Torch-free, checked
+before a model loads.
 
 A distillation run switches adapters on one base model (teacher, student, fake score) and steps a critic
 optimizer of its own inside the method (simpletuner/methods/distillation/). What cannot share that
@@ -150,3 +151,19 @@ def check_distillation_settings(config) -> None:
 
 DISTILLATION_RULES: tuple[Callable, ...] = (check_method_names, check_distillation_combinations,
                                             check_distillation_settings)
+
+
+def distillation_warnings(config) -> list[str]:
+    """A distilled student samples without classifier-free guidance; an explicit ``--validation_guidance``
+    still wins in validation, which is rarely what was meant (it is also the teacher's default guidance)."""
+    method = distillation_method(config)
+    if method is None or "validation_guidance" not in config.explicit or config.validation_guidance == 1.0:
+        return []
+    from simpletuner.options.validation_rules import EMBEDDED_GUIDANCE_FAMILIES
+
+    if config.model_family in EMBEDDED_GUIDANCE_FAMILIES:
+        return []
+    return [f"`--validation_guidance {config.validation_guidance:g}` samples the {method} student with classifier-free "
+            "guidance, which it was trained to do without (guidance 1); to set the teacher's guidance use "
+            "`guidance_scale` in `--distillation_config` and leave `--validation_guidance` unset"]
+

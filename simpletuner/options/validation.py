@@ -23,7 +23,7 @@ from simpletuner.options.crepa_rules import CREPA_RULES
 from simpletuner.options.urepa_rules import UREPA_RULES
 from simpletuner.options.alignment_rules import ALIGNMENT_RULES
 from simpletuner.options.deepspeed_rules import DEEPSPEED_RULES
-from simpletuner.options.distillation_rules import DISTILLATION_RULES
+from simpletuner.options.distillation_rules import DISTILLATION_RULES, distillation_warnings
 from simpletuner.options.distributed_rules import DISTRIBUTED_RULES
 from simpletuner.options.deepfloyd_rules import check_deepfloyd, deepfloyd_warnings
 from simpletuner.options.eval_rules import EVAL_RULES, eval_warnings
@@ -404,6 +404,7 @@ def collect_warnings(config) -> list[str]:
     warnings.extend(memory_warnings(config))
     warnings.extend(sdxl_warnings(config))
     warnings.extend(checkpoint_warnings(config))
+    warnings.extend(distillation_warnings(config))
     warnings.extend(validation_option_warnings(config))
     return warnings
 

@@ -296,7 +296,12 @@ def use_sampling_scheduler(pipeline, settings: ValidationSettings, flow_matching
     elif settings.sampling_scheduler:
         import diffusers
 
-        pipeline.scheduler = getattr(diffusers, settings.sampling_scheduler).from_config(pipeline.scheduler.config)
+        from simpletuner.objectives.flow import with_euler_shift
+
+        config = pipeline.scheduler.config
+        if settings.sampling_scheduler == "FlowMatchEulerDiscreteScheduler":
+            config = with_euler_shift(config)  # Wan's UniPC names its shift flow_shift
+        pipeline.scheduler = getattr(diffusers, settings.sampling_scheduler).from_config(config)
 
 
 def validation_scheduler(name: str, current, flow_matching: bool):

@@ -44,11 +44,11 @@ def causal_args(root: Path, output: str, method: str, settings: dict | None = No
     return family_args(root, "wan", output, **{**values, **overrides})
 
 
-def method_for(root: Path, output: str, method: str, settings: dict | None = None):
+def method_for(root: Path, output: str, method: str, settings: dict | None = None, **overrides):
     from simpletuner.options.resolve import resolve_run
     from simpletuner.training.trainer import Trainer
 
-    trainer = Trainer(resolve_run(causal_args(root, output, method, settings)).config, show_progress=False)
+    trainer = Trainer(resolve_run(causal_args(root, output, method, settings, **overrides)).config, show_progress=False)
     trainer.setup()
     return trainer.method
 
@@ -61,7 +61,7 @@ class Calls:
         real = method._predict
 
         def recording(sample, timesteps, text, batch):
-            self.calls.append({"t": float(timesteps[0]), "mode": method.cache._mode, "frames": method.cache.frames,
+            self.calls.append({"t": float(timesteps[0]), "mode": method.cache.mode, "frames": method.cache.frames,
                                "grad": torch.is_grad_enabled(), "sample": sample.detach().clone()})
             return real(sample, timesteps, text, batch)
 
@@ -178,6 +178,18 @@ def test_causvid_writes_the_dataset_clip_and_self_forcing_its_own_chunks(project
             else:
                 expected = generated[:, :, index:index + 1]
             torch.testing.assert_close(write["sample"], expected.float())
+
+
+def test_a_full_students_frozen_teacher_copy_keeps_plain_attention(project):
+    from simpletuner.models.wan_causal import CachedSelfAttention
+
+    method = method_for(project, "full", "self_forcing", {"student_sample_steps": 2}, model_type="full")
+    teacher = method.networks.teacher_copy
+    assert teacher is not None and teacher is not method.model.denoiser
+    assert not any(isinstance(block.attn1.processor, CachedSelfAttention) for block in teacher.blocks)
+    assert all(isinstance(block.attn1.processor, CachedSelfAttention) for block in method.model.denoiser.blocks)
+    generated = generate(method)
+    assert generated.shape == LATENTS and generated.requires_grad
 
 
 def test_the_causal_methods_keep_dmd2s_critic_state_and_validation(project):

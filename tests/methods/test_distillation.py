@@ -385,3 +385,11 @@ def test_regularisation_datasets_are_refused_for_a_distillation_method(project, 
     config = distil_config(project, "prior", data_backend_config=str(datasets))
     with pytest.raises(ValueError, match="learns from the teacher"):
         with_prior_preservation(object(), None, config, load_dataset_plan(config.data_backend_config))
+
+
+def test_an_explicit_validation_guidance_is_warned_about(project):
+    from simpletuner.options.resolve import resolve_run
+
+    run = resolve_run(run_args(project, "out", training_method="dmd2", validation_guidance=5))
+    assert any("guidance_scale" in warning for warning in run.warnings)
+    assert not resolve_run(run_args(project, "out", training_method="dmd2")).warnings

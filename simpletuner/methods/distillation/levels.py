@@ -45,7 +45,9 @@ def flow_inference_sigmas(scheduler, steps: int, image_tokens: int) -> list[floa
     given the ``mu`` diffusers' pipelines compute for ``image_tokens``."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(copy.deepcopy(dict(scheduler.config)))
+    from simpletuner.objectives.flow import with_euler_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(with_euler_shift(copy.deepcopy(dict(scheduler.config))))
     arguments = {}
     config = scheduler.config
     if getattr(config, "use_dynamic_shifting", False):
