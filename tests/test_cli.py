@@ -94,7 +94,7 @@ def test_train_help_lists_options_and_marks_unsupported(capsys: pytest.CaptureFi
     assert "--learning_rate LEARNING_RATE" in out
     assert "--checkpoint_step_interval CHECKPOINT_STEP_INTERVAL, --checkpointing_steps CHECKPOINT_STEP_INTERVAL" in out
     assert "--dry-run" in out
-    unsupported_help = out[out.index("\n  --distillation_config"):]
+    unsupported_help = out[out.index("\n  --vae_enable_patch_conv"):]
     assert "[not supported yet]" in unsupported_help[: unsupported_help.index("\n  --", 1)]
 
 
@@ -138,7 +138,7 @@ def test_options_json_lists_every_option(capsys: pytest.CaptureFixture) -> None:
         "implemented": True, "required": False, "aliases": [], "help": None,
     }
     assert by_name["model_type"]["choices"] == ["full", "lora"]
-    assert by_name["distillation_config"]["implemented"] is False
+    assert by_name["sla_config"]["implemented"] is False
     assert by_name["checkpoint_step_interval"]["aliases"] == ["checkpointing_steps"]
 
 
@@ -146,7 +146,7 @@ def test_options_plain_listing_marks_unsupported(capsys: pytest.CaptureFixture) 
     assert main(["options"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("  --learning_rate ") and "default=0.0001" in line for line in lines)
-    assert any(line.startswith("- --distillation_config ") for line in lines)
+    assert any(line.startswith("- --sla_config ") for line in lines)
     assert lines[-1] == "('-' = declared but not supported yet)"
 
 

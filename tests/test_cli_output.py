@@ -67,7 +67,7 @@ def test_options_term_searches_help_texts_aliases_and_marks_unimplemented(capsys
     expected = [o.name for o in options_by_name().values() if "moving average" in o.help.lower()]
     assert expected and sorted(row["name"] for row in rows) == sorted(expected)
 
-    assert main(["options", "distillation_config"]) == 0
+    assert main(["options", "sla_config"]) == 0
     assert "implemented: not yet (setting it to anything but the default is refused)" in capsys.readouterr().out
 
 

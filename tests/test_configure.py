@@ -443,7 +443,7 @@ def test_non_interactive_unknown_key_names_the_closest(tmp_path: Path, tiny_imag
     ("env.TRAINING_NUM_PROCESSES=0", "must be a whole number of at least 1"),
     ("env.SIMPLETUNER_LOG_LEVEL=LOUD", "SIMPLETUNER_LOG_LEVEL='LOUD'"),  # checked by the launcher's loader
     ("env.TRAINING_NUM_MACHINES=2", "needs TRAINING_MACHINE_RANK"),
-    ('distillation_config={"a": 1}', "`--distillation_config` is not supported yet"),
+    ('sla_config={"a": 1}', "`--sla_config` is not supported yet"),
 ])
 def test_non_interactive_bad_value_leaves_files_untouched(tmp_path: Path, setting: str, message: str) -> None:
     before = write_existing_setup(tmp_path)
@@ -605,7 +605,7 @@ def test_option_question_kinds() -> None:
     seed = option_question("seed", None)
     assert (seed.default, seed.convert("")) == ("", None)
     with pytest.raises(ValueError, match="only asks implemented options"):
-        option_question("distillation_config", None)
+        option_question("sla_config", None)
 
 
 def test_s3_dataset_questions_and_switching_back_to_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,6 +5,8 @@ whose LoRA samples in diffusers with LCMScheduler at 4 steps."""
 
 from __future__ import annotations
 
+import json
+
 import os
 from types import SimpleNamespace
 
@@ -241,7 +243,6 @@ def run_lcm(tmp_path, monkeypatch, family: str, model_type: str = "lora", steps:
 
     from simpletuner.cli import main
     from simpletuner.testing.projects import make_family_project
-    from simpletuner.validation import runner
     from tests.models.conftest import keep_trainer
     from tests.training.conftest import run_args
 
@@ -261,14 +262,6 @@ def run_lcm(tmp_path, monkeypatch, family: str, model_type: str = "lora", steps:
 
     monkeypatch.setattr(lcm.LatentConsistencyDistillation, "__init__", init_and_snapshot)
     monkeypatch.setattr(lcm.LatentConsistencyDistillation, "teacher_step", counted_step)
-    validations, original_scheduler = [], runner.sampling_scheduler
-
-    def recorded_scheduler(pipeline, settings, flow_matching):
-        scheduler = original_scheduler(pipeline, settings, flow_matching)
-        validations.append((type(scheduler).__name__, settings.num_inference_steps, settings.guidance))
-        return scheduler
-
-    monkeypatch.setattr(runner, "sampling_scheduler", recorded_scheduler)
     args = run_args(root, "lcm", model_family=family, model_type=model_type, training_method="lcm",
                     max_train_steps=steps, validation_prompt="a red circle", validation_step_interval=steps,
                     validation_resolution=64,
@@ -282,7 +275,8 @@ def run_lcm(tmp_path, monkeypatch, family: str, model_type: str = "lora", steps:
     assert len(teacher_calls) == steps and trainer.method.guidance_scale == 4.0
     assert all(torch.isfinite(torch.tensor(loss)) for loss in trainer.state.losses)
     expected = "FlowMatchLCMScheduler" if trainer.model.prediction_type == "flow_matching" else "LCMScheduler"
-    assert validations == [(expected, 4, 1.0)]
+    record = json.loads((root / "lcm" / "validation" / f"step_{steps}" / "validation.json").read_text())
+    assert (record["scheduler"], record["num_inference_steps"], record["guidance"]) == (expected, 4, 1.0)
     return root, trainer, frozen, adapter
 
 

@@ -61,17 +61,14 @@ def value_with_gradient(tensor: torch.Tensor, gradient: torch.Tensor, value: tor
     return product - product.detach() + value.detach()
 
 
-def student_targets(model, config) -> list[str]:
+def student_targets(model) -> list[str]:
     """The layers the fake score's adapter sits on: the student LoRA's own layers (so switching adapters
-    never leaves a student layer active inside the fake score), or the family's LoRA targets."""
+    never leaves a student layer active inside the fake score), or, for a full student, the family's
+    default LoRA targets."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     adapted = [name for name, module in model.denoiser.named_modules() if isinstance(module, BaseTunerLayer)]
-    if adapted:
-        return adapted
-    from simpletuner.training.adapter import resolve_target_modules
-
-    return resolve_target_modules(model, config)
+    return adapted or model.lora_target_modules()
 
 
 class ScoreDistillation:
@@ -82,18 +79,16 @@ class ScoreDistillation:
         self.kind = kind
         self.settings = settings or distillation_settings(config)
         self.levels = NoiseLevels.of(model)
-        from simpletuner.options.validation_rules import EMBEDDED_GUIDANCE_FAMILIES
-
         # Flux-style families take guidance as an input embedding (the family's predict passes it), not
         # as two passes: no classifier-free guidance on top unless asked for
-        self.embedded_guidance = config.model_family in EMBEDDED_GUIDANCE_FAMILIES
+        self.embedded_guidance = bool(model.info.validation.embedded_guidance)
         default_guidance = 1.0 if self.embedded_guidance else config.validation_guidance
         self.guidance_scale = float(self.settings.guidance_scale if self.settings.guidance_scale is not None
                                     else default_guidance)
         self.adversarial_generator = kind == "ladd" or self.settings.gan_loss_weight_gen > 0
         self.uses_discriminator = self.adversarial_generator or kind == "f_distill"
         rank = self.settings.fake_score_rank or config.lora_rank or 16
-        self.networks = ScoreNetworks(model, student_targets(model, config), rank,
+        self.networks = ScoreNetworks(model, student_targets(model), rank,
                                       lora_student=config.model_type == "lora", with_fake_score=kind != "ladd")
         self.tap = FeatureTap(model) if self.uses_discriminator else None
         self.critic = Critic(self.networks.fake_parameters, self.settings.fake_score_lr or config.learning_rate,
