@@ -12,8 +12,11 @@ procedural shapes task (documentation/DEMO.md) that is *measured* with the demo'
 4. the table is printed and written as JSON; the exit code is 1 when the 1-step student keeps less than
    90% of the teacher's colour prompt-match.
 
-    python benchmarks/distill_dmd2.py --teacher demo-output [--students 1 4] [--steps 600] [--samples 96]
+    python benchmarks/distill_dmd2.py --teacher demo-output [--students 1 4] [--steps 3000] [--samples 96]
+        [--update-freq 5] [--lr 1e-4] [--fake-lr 1e-3] [--fake-rank 64] [--gan-weight 0]
         [--model-type full|lora] [--work DIR]
+
+The defaults are the settings measured in documentation/DISTILLATION.md.
 
 A plumbing check: ``--steps 6 --samples 12`` (the target is then expected to fail).
 """
@@ -116,7 +119,7 @@ def main() -> int:
     parser.add_argument("--teacher", type=Path, required=True, help="a finished `simpletuner demo --out` folder")
     parser.add_argument("--work", type=Path, default=None, help="where the students go (default: TEACHER/distil)")
     parser.add_argument("--students", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--fake-lr", type=float, default=1e-3)

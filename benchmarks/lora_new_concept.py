@@ -15,6 +15,7 @@ scorer instead of judged by eye:
 
     python benchmarks/lora_new_concept.py [--base-steps 1200] [--lora-steps 800] [--rank 16]
         [--holdout cyan] [--work DIR [--reuse-base]] [--samples-old 60] [--samples-new 30]
+        [--lora-old-images 24] [--lora-caption-dropout 0.1]
 
 A quick smoke run: ``--base-steps 40 --lora-steps 20 --samples-old 10 --samples-new 6`` (the targets
 are then expected to fail; it checks the plumbing).
