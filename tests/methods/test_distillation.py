@@ -393,3 +393,16 @@ def test_an_explicit_validation_guidance_is_warned_about(project):
     run = resolve_run(run_args(project, "out", training_method="dmd2", validation_guidance=5))
     assert any("guidance_scale" in warning for warning in run.warnings)
     assert not resolve_run(run_args(project, "out", training_method="dmd2")).warnings
+
+
+def test_a_flow_shift_named_flow_shift_reaches_the_euler_student_schedule():
+    """Wan's UniPC scheduler names its shift ``flow_shift``; the student's Euler sigmas (and validation's Euler
+    scheduler, built the same way) must keep it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from simpletuner.methods.distillation.levels import flow_inference_sigmas
+
+    unipc = UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    euler.set_timesteps(4)
+    assert flow_inference_sigmas(unipc, 4, image_tokens=64) == pytest.approx([float(s) for s in euler.sigmas[:4]])
