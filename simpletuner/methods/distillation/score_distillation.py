@@ -91,6 +91,8 @@ class ScoreDistillation:
         self.networks = ScoreNetworks(model, student_targets(model), rank,
                                       lora_student=config.model_type == "lora", with_fake_score=kind != "ladd")
         self.tap = FeatureTap(model) if self.uses_discriminator else None
+        # LADD's critic is only a discriminator: beta1 0, as adversarial training usually runs Adam, so its
+        # steps follow the generator's moves without momentum from older ones
         self.critic = Critic(self.networks.fake_parameters, self.settings.fake_score_lr or config.learning_rate,
                              self.settings.fake_score_warmup_steps, weight_decay=float(config.adam_weight_decay or 0.0),
                              betas=(0.0 if kind == "ladd" else 0.9, 0.999), max_grad_norm=config.max_grad_norm)
