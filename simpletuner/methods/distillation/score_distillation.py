@@ -12,8 +12,8 @@ Every step, on a batch of the dataset's prompts (and its latents, the "real" sid
    * DMD2: the distribution-matching gradient. The generated sample is re-noised at a ``sample_t_cfg``
      timestep; the frozen teacher (with classifier-free guidance at ``guidance_scale``) and the fake
      score each estimate the clean sample, and the student's sample descends the gradient
-     ``fake - teacher``, towards the teacher (objectives/distillation.py). ``gan_loss_weight_gen`` adds the non-saturating generator loss of a
-     discriminator head on the fake score's middle-block features;
+     ``fake - teacher``, towards the teacher (objectives/distillation.py). ``gan_loss_weight_gen`` adds
+     the non-saturating generator loss of a discriminator head on the fake score's middle-block features;
    * f-distill: the same gradient, weighted per sample by ``h(r)`` of the chosen f-divergence, with
      ``r`` the teacher/student density ratio the discriminator's logit estimates (clipped to
      ``ratio_lower`` / ``ratio_upper``);

@@ -182,6 +182,7 @@ def lcm_refusal(config) -> str | None:
     foreign = [key for key in score_distillation_only_keys() if key in raw]
     if foreign:
         return (f"--distillation_config sets {', '.join(foreign)}, which only the score-distillation methods "
-                "(dmd2, f_distill, ladd) read; LCM reads guidance_scale, lcm_skip_steps and lcm_huber_c. Remove "
-                f"{'them' if len(foreign) > 1 else 'it'}, or choose a score-distillation --training_method")
+                "(dmd2, f_distill, ladd, causvid, self_forcing) read; LCM reads guidance_scale, lcm_skip_steps and "
+                f"lcm_huber_c. Remove {'them' if len(foreign) > 1 else 'it'}, or choose a score-distillation "
+                "--training_method")
     return None
