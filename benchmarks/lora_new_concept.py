@@ -13,8 +13,8 @@ scorer instead of judged by eye:
 5. score the base + LoRA again, print the table, and exit 1 when a target is missed:
    new colour match >= 0.8, old colour match >= 0.9 x its score before the LoRA.
 
-    python benchmarks/lora_new_concept.py [--base-steps 1200] [--lora-steps 800] [--rank 16]
-        [--holdout cyan] [--work DIR [--reuse-base]] [--samples-old 60] [--samples-new 30]
+    python benchmarks/lora_new_concept.py [--base-steps 2400] [--lora-steps 800] [--rank 16]
+        [--holdout cyan] [--work DIR [--reuse-base]] [--samples-old 96] [--samples-new 48]
         [--lora-old-images 24] [--lora-caption-dropout 0.1]
 
 A quick smoke run: ``--base-steps 40 --lora-steps 20 --samples-old 10 --samples-new 6`` (the targets
@@ -159,7 +159,7 @@ def score(pipeline, prompts: list[str], seed: int = 4321):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--holdout", default="cyan", help="the colour word the base never sees")
-    parser.add_argument("--base-steps", type=int, default=1200)
+    parser.add_argument("--base-steps", type=int, default=2400)
     parser.add_argument("--lora-steps", type=int, default=800)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lora-lr", type=float, default=5e-3)
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                              "subtracts is trained towards the LoRA set's images when captions are dropped")
     parser.add_argument("--lora-new-images", type=int, default=72)
     parser.add_argument("--lora-old-images", type=int, default=24)
-    parser.add_argument("--samples-old", type=int, default=60)
-    parser.add_argument("--samples-new", type=int, default=30)
+    parser.add_argument("--samples-old", type=int, default=96)
+    parser.add_argument("--samples-new", type=int, default=48)
     parser.add_argument("--work", type=Path, default=None, help="keep the run here (default: a temp folder)")
     parser.add_argument("--targets", choices=("attention", "all"), default="attention",
                         help="LoRA targets: the attention and pooled-text path, or also the ResNets' "
