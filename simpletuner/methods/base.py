@@ -40,7 +40,6 @@ class MethodContext:
 
     #: averages the given parameters' gradients over the processes (identity on one process)
     average_gradients: Callable[[list[torch.nn.Parameter]], None]
-    max_steps: int
 
 
 @runtime_checkable

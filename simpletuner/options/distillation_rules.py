@@ -135,6 +135,7 @@ def check_distillation_settings(config) -> None:
     if method == "ladd" and "gan_loss_weight_gen" in given:
         raise ConfigError("--distillation_config `gan_loss_weight_gen` weighs DMD2's adversarial term; LADD's loss is "
                           "adversarial only. Remove it")
+    refuse_unread_settings(method, settings, given)
     if settings.student_timesteps and method != "lcm":
         from simpletuner.models.registry import family_info
 
@@ -147,6 +148,21 @@ def check_distillation_settings(config) -> None:
         message = lcm_refusal(config)
         if message:
             raise ConfigError(message)
+
+
+def refuse_unread_settings(method: str, settings, given: set[str]) -> None:
+    """Settings this run's method would accept and then never read: refused by name, not ignored."""
+    unread = {}
+    if method == "ladd":  # no fake score, and the teacher is never sampled with guidance
+        unread.update({"guidance_scale": "LADD never samples the teacher with guidance",
+                       "fake_score_rank": "LADD has no fake score"})
+        if settings.gan_r1_reg_weight == 0:
+            unread["gan_r1_reg_alpha"] = "the R1 penalty is off (`gan_r1_reg_weight` is 0)"
+    elif method in ("dmd2", "causvid", "self_forcing") and settings.gan_loss_weight_gen == 0:
+        unread["gan_loss_weight_disc"] = "there is no discriminator while `gan_loss_weight_gen` is 0"
+    for key in sorted(given & set(unread)):
+        raise ConfigError(f"--distillation_config `{key}` is not read by `--training_method {method}`: {unread[key]}. "
+                          "Remove it")
 
 
 DISTILLATION_RULES: tuple[Callable, ...] = (check_method_names, check_distillation_combinations,

@@ -255,7 +255,7 @@ class Trainer:
         distributed.broadcast_parameters(self.accelerator, parameters)
         self.method_parameters = parameters
         if hasattr(self.method, "bind"):  # a method with optimizers of its own (distillation's critic)
-            self.method.bind(MethodContext(partial(distributed.average_gradients, self.accelerator), self.max_steps))
+            self.method.bind(MethodContext(partial(distributed.average_gradients, self.accelerator)))
         return parameters
 
     def _build_optimization(self) -> None:

@@ -336,6 +336,9 @@ def test_saved_student_loads_in_diffusers_and_its_card_names_the_sampling(projec
     ({"training_method": "dmd2", "model_family": "wan"}, "video family"),
     ({"training_method": "ladd", "crepa_enabled": "true"}, "--crepa_enabled"),
     ({"training_method": "dmd2", "eval_steps_interval": 10}, "eval_loss_disable"),
+    ({"training_method": "ladd", "distillation_config": '{"guidance_scale": 3}'}, "never samples the teacher"),
+    ({"training_method": "ladd", "distillation_config": '{"gan_r1_reg_alpha": 0.2}'}, "R1 penalty is off"),
+    ({"training_method": "dmd2", "distillation_config": '{"gan_loss_weight_disc": 0.1}'}, "no discriminator"),
 ])
 def test_impossible_distillation_settings_are_refused(tmp_path, overrides, fragment):
     from simpletuner.options.resolve import resolve_run
