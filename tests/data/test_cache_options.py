@@ -10,13 +10,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 from PIL import Image
 
 from simpletuner.data.backends.aws import S3Backend
 from simpletuner.data.backends.local import LocalBackend
 from simpletuner.data.build import build_training_data
-from simpletuner.data.cache.store import BackendEntries, read_entry, write_entry
+from simpletuner.data.cache.store import RESERVED_TENSOR_NAMES, BackendEntries, read_entry, write_entry
 from simpletuner.data.settings import resolve_dataset
 from tests.data.fake_model import FakeModel, local, make_config, make_plan, write_images
 
@@ -59,6 +60,44 @@ def test_compressed_entries_read_back_identically(tmp_path: Path) -> None:
     expected = _all_latents(first)
     for path, latent in _all_latents(plain_reader).items():
         assert torch.equal(latent, expected[path])
+
+
+def _rewrite_in_metadata_only_format(path: Path) -> None:
+    """Turn a current entry into what the store wrote before reserved tensors existed: the same
+    tensors, with fingerprint and checksum only in the safetensors metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys() if name not in RESERVED_TENSOR_NAMES}
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def test_entries_in_the_older_format_are_rebuilt_in_place(tmp_path: Path, caplog) -> None:
+    import logging
+
+    write_images(tmp_path / "d", IMAGES)
+    first = _build(tmp_path)
+    expected = _all_latents(first)
+    entries = _entries(tmp_path / "cache") + _entries(tmp_path / "text")
+    assert len(entries) == IMAGES + first.text_report.built
+    for path in entries:
+        _rewrite_in_metadata_only_format(path)
+
+    with caplog.at_level(logging.DEBUG, logger="simpletuner.data.cache.store"):
+        model = FakeModel()
+        rebuilt = _build(tmp_path, model)
+    assert caplog.text.count("written in an older entry format") == len(entries)
+    summary = rebuilt.summaries[0]
+    assert (summary.latents_built, summary.latents_reused, model.images_encoded) == (IMAGES, 0, IMAGES)
+    assert (rebuilt.text_report.built, rebuilt.text_report.reused) == (first.text_report.built, 0)
+    assert _entries(tmp_path / "cache") + _entries(tmp_path / "text") == entries  # same names, no orphans
+    for path in entries:  # each one rewritten in the current format
+        assert RESERVED_TENSOR_NAMES <= set(safetensors.torch.load_file(str(path)))
+    for path, latent in _all_latents(rebuilt).items():
+        assert torch.equal(latent, expected[path])
+    assert not RESERVED_TENSOR_NAMES.intersection(rebuilt.next_batch())
+    assert _build(tmp_path).summaries[0].latents_reused == IMAGES
 
 
 def test_scan_behaviour_recreate_deletes_stale_entries_and_sync_keeps_their_size(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub; set before diffusers is imported
 
 import errno
+import gzip
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,16 @@ from simpletuner.data.buckets import assign_buckets
 from simpletuner.data.cache import store
 from simpletuner.data.cache import vae as vae_module
 from simpletuner.data.cache.store import (
+    CHECKSUM_TENSOR,
+    FINGERPRINT_TENSOR,
     CacheWriteError,
+    LocalEntries,
+    decode_entry,
+    encode_entry,
     entry_path,
     fingerprint,
     read_entry,
+    tensor_checksum,
     write_entry,
 )
 from simpletuner.data.cache.text import TextEmbedCache
@@ -86,10 +93,110 @@ def test_read_entry_rejects_stale_missing_and_bitrot(tmp_path: Path, caplog) -> 
         assert read_entry(path, "fp2") is None
         assert read_entry(tmp_path / "missing.safetensors", "fp1") is None
     assert "stale" in caplog.text and "missing" in caplog.text
-    data = bytearray(path.read_bytes())
-    data[-10] ^= 0xFF  # flip a byte inside the tensor data: the header is still valid
-    path.write_bytes(bytes(data))
+    path.write_bytes(_flip_byte_inside(path.read_bytes(), tensors["x"]))  # the header is still valid
     assert read_entry(path, "fp1") is None
+
+
+def _flip_byte_inside(data: bytes, tensor: torch.Tensor) -> bytes:
+    """``data`` (an uncompressed entry) with one byte of ``tensor``'s stored bytes inverted."""
+    raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    start = data.find(raw)
+    assert start > 0 and data.find(raw, start + 1) == -1, "the tensor's bytes must occur exactly once"
+    damaged = bytearray(data)
+    damaged[start + len(raw) // 2] ^= 0xFF
+    return bytes(damaged)
+
+
+_TENSORS = {"latent_mean": torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) / 7,
+            "mask": torch.tensor([1, 1, 0], dtype=torch.int64)}
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_entry_bytes_round_trip_with_fingerprint_and_checksum_as_tensors(compress: bool) -> None:
+    data = encode_entry(_TENSORS, {"fingerprint": "fp1", "source": "a.png"}, compress=compress)
+    assert (data[:2] == b"\x1f\x8b") is compress
+    decoded = decode_entry(data, "fp1", "mem://a")
+    assert set(decoded) == set(_TENSORS)  # the reserved tensors never reach the caller
+    assert all(torch.equal(decoded[name], _TENSORS[name]) and decoded[name].dtype == _TENSORS[name].dtype
+               for name in _TENSORS)
+    # what is inside: the fingerprint and a checksum of exactly the caller's tensors, as UTF-8 uint8 tensors
+    raw = safetensors.torch.load(gzip.decompress(data) if compress else data)
+    assert raw[FINGERPRINT_TENSOR].dtype == torch.uint8
+    assert raw[FINGERPRINT_TENSOR].numpy().tobytes() == b"fp1"
+    assert raw[CHECKSUM_TENSOR].numpy().tobytes().decode("utf-8") == tensor_checksum(_TENSORS)
+
+
+def test_file_entries_keep_metadata_for_file_readers_and_read_like_bytes(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    path = tmp_path / "ab" / "entry.safetensors"
+    write_entry(path, _TENSORS, {"fingerprint": "fp1", "source": "a.png"})
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == {"fingerprint": "fp1", "source": "a.png", "checksum": tensor_checksum(_TENSORS)}
+        assert set(handle.keys()) == set(_TENSORS) | {FINGERPRINT_TENSOR, CHECKSUM_TENSOR}
+    assert set(read_entry(path, "fp1")) == set(_TENSORS)
+    local = LocalEntries(tmp_path / "store")
+    local.write("fp2" * 4, _TENSORS, {"fingerprint": "fp2" * 4})
+    assert set(local.read("fp2" * 4)) == set(_TENSORS)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_entry_for_another_fingerprint_is_stale(compress: bool, caplog) -> None:
+    data = encode_entry(_TENSORS, {"fingerprint": "fp1"}, compress=compress)
+    with caplog.at_level(logging.DEBUG, logger=store.__name__):
+        assert decode_entry(data, "fp2", "mem://a") is None
+    assert "cache entry mem://a is stale (fingerprint fp1, expected fp2); rebuilding" in caplog.text
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_tampered_tensor_byte_fails_the_checksum(compress: bool, caplog) -> None:
+    plain = encode_entry(_TENSORS, {"fingerprint": "fp1"})
+    damaged = _flip_byte_inside(plain, _TENSORS["latent_mean"])
+    safetensors.torch.load(damaged)  # still valid safetensors: only the checksum can tell
+    data = gzip.compress(damaged) if compress else damaged
+    with caplog.at_level(logging.DEBUG, logger=store.__name__):
+        assert decode_entry(data, "fp1", "mem://a") is None
+    assert "cache entry mem://a fails its checksum; rebuilding" in caplog.text
+
+
+def _replace_in_tensor_data(data: bytes, text: bytes, new: bytes) -> bytes:
+    """``data`` with the last occurrence of ``text`` replaced: a reserved tensor's bytes, which come
+    after the header (where the same text appears as metadata, left untouched here)."""
+    start = data.rfind(text)
+    assert 0 <= data.find(text) < start, "the text must appear in the metadata and in a reserved tensor"
+    return data[:start] + new + data[start + len(text):]
+
+
+def test_tampered_reserved_tensors_are_refused(caplog) -> None:
+    plain = encode_entry(_TENSORS, {"fingerprint": "fp1"})
+    checksum = tensor_checksum(_TENSORS).encode("utf-8")
+    other = bytes([checksum[0] ^ 0x01]) + checksum[1:]  # still hex text, no longer the checksum
+    with caplog.at_level(logging.DEBUG, logger=store.__name__):
+        assert decode_entry(_replace_in_tensor_data(plain, checksum, other), "fp1", "mem://a") is None
+        assert decode_entry(_replace_in_tensor_data(plain, b"fp1", b"fp9"), "fp1", "mem://b") is None
+        assert decode_entry(_replace_in_tensor_data(plain, b"fp1", b"\xff\xfe1"), "fp1", "mem://c") is None
+    assert "mem://a fails its checksum" in caplog.text
+    assert "mem://b is stale (fingerprint fp9, expected fp1)" in caplog.text  # the tensor wins over metadata
+    assert "mem://c is unreadable (UnicodeDecodeError" in caplog.text
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_entry_in_the_older_metadata_only_format_is_stale(compress: bool, caplog) -> None:
+    # what the store wrote before the reserved tensors: fingerprint and checksum only in the header
+    old = safetensors.torch.save(_TENSORS, metadata={"fingerprint": "fp1", "checksum": tensor_checksum(_TENSORS)})
+    data = gzip.compress(old) if compress else old
+    with caplog.at_level(logging.DEBUG, logger=store.__name__):
+        assert decode_entry(data, "fp1", "mem://old") is None
+    assert ("cache entry mem://old is stale (fingerprint none: written in an older entry format, expected fp1); "
+            "rebuilding") in caplog.text
+
+
+def test_reserved_names_and_missing_fingerprint_are_refused_on_write(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"may not be named __checksum__.*reserved"):
+        encode_entry({"x": torch.ones(2), CHECKSUM_TENSOR: torch.ones(2)}, {"fingerprint": "fp"})
+    with pytest.raises(ValueError, match=r"no 'fingerprint'"):
+        write_entry(tmp_path / "e.safetensors", {"x": torch.ones(2)}, {"source": "a"})
+    assert not list(tmp_path.iterdir())
 
 
 def test_failed_write_leaves_no_temp_file_and_keeps_previous_entry(tmp_path: Path, monkeypatch) -> None:

@@ -1,9 +1,20 @@
 """Cache entries on disk: fingerprinted, written atomically, verified on read.
 
-Every cached tensor set (one image's latents, one caption's embeddings) is one safetensors file
-whose metadata carries the fingerprint it was built for and a checksum of its tensor bytes. A
-reader that finds a missing, truncated, bit-rotted or stale entry gets ``None`` and rebuilds it: a
-cache may cost time, never correctness (see ``DESIGN.md``, "Caches are keyed by a fingerprint").
+Every cached tensor set (one image's latents, one caption's embeddings) is one safetensors file.
+Besides the cached tensors it holds two small reserved tensors, ``__fingerprint__`` and
+``__checksum__``: the UTF-8 text of the fingerprint the entry was built for and of a checksum of the
+cached tensors' bytes, each stored as a 1-D uint8 tensor. They are tensors, not only header metadata,
+because entries are verified from bytes (a gunzipped file, an object fetched from a bucket) and
+safetensors' readers for bytes return tensors but drop the metadata; this way the library parses the
+whole entry and no header is read by hand. The same two values are also written as metadata, for
+people and for file tools such as ``safe_open``, but readers here trust only the tensors. The
+reserved tensors are removed before an entry's tensors reach a caller.
+
+A reader that finds a missing, truncated, bit-rotted or stale entry gets ``None`` and rebuilds it: a
+cache may cost time, never correctness (see ``DESIGN.md``, "Caches are keyed by a fingerprint"). An
+entry written before the reserved tensors existed has no ``__fingerprint__`` tensor, so it counts as
+stale and is rebuilt in place under the same name (the fingerprint, and so the file name, did not
+change).
 
 Writes go to a uniquely named temporary file in the entry's folder and are renamed into place with
 ``os.replace``, so a crash, a full disk or two processes writing the same entry never leave a
@@ -28,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -98,6 +108,15 @@ def entry_path(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / key[:2] / f"{key}.safetensors"
 
 
+#: Reserved tensor names that carry an entry's fingerprint and checksum as UTF-8 bytes (see the module
+#: docstring); callers may not use them and never see them. Introducing them did not bump
+#: CACHE_FORMAT_VERSION on purpose: an older entry lacks them and is refused and rewritten under its
+#: own name, while a new version would change every key and leave the old files behind as orphans.
+FINGERPRINT_TENSOR = "__fingerprint__"
+CHECKSUM_TENSOR = "__checksum__"
+RESERVED_TENSOR_NAMES = frozenset({FINGERPRINT_TENSOR, CHECKSUM_TENSOR})
+
+
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and raw bytes, in name order.
 
@@ -123,22 +142,25 @@ def write_entry(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     """Write ``tensors`` with ``metadata`` (plus a checksum) to ``path`` atomically; gzip the
     file when ``compress``.
 
+    ``metadata`` must hold the entry's ``"fingerprint"``; it and the checksum are stored both as
+    reserved tensors (what readers check) and as safetensors metadata (for people and file tools).
+
     Raises:
+        ValueError: ``metadata`` has no fingerprint, or a tensor uses a reserved name.
         CacheWriteError: the disk refused the write; the temporary file is removed and the
             previous entry under ``path`` (if any) is untouched.
     """
     path = Path(path)
-    prepared = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    full_metadata = {**{str(k): str(v) for k, v in metadata.items()}, "checksum": tensor_checksum(prepared)}
+    stored, full_metadata = _pack_entry(tensors, metadata)
     temp_path: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp_path = _make_temp_file(path)
         if compress:
-            data = safetensors.torch.save(prepared, metadata=full_metadata)
+            data = safetensors.torch.save(stored, metadata=full_metadata)
             temp_path.write_bytes(gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0))
         else:
-            safetensors.torch.save_file(prepared, os.fspath(temp_path), metadata=full_metadata)
+            safetensors.torch.save_file(stored, os.fspath(temp_path), metadata=full_metadata)
         os.replace(temp_path, path)
     except OSError as exc:
         _remove_quietly(temp_path)
@@ -178,9 +200,10 @@ def read_entry(path: Path, expected_fingerprint: str) -> dict[str, torch.Tensor]
     """The tensors stored at ``path``, or None when the caller must rebuild the entry.
 
     None (with a debug log saying why) when the file is missing, unreadable, not valid
-    safetensors (e.g. truncated), built for another fingerprint, or fails its checksum. Entries are
-    small, so the file is read whole and checked by :func:`decode_entry`, the same code that checks
-    entries fetched from object storage.
+    safetensors (e.g. truncated), built for another fingerprint or in the older format without
+    reserved tensors, or fails its checksum. Entries are small, so the file is read whole and
+    checked by :func:`decode_entry`, the same code that checks entries fetched from object storage:
+    a local and a remote reader can never disagree on what a valid entry is.
     """
     path = Path(path)
     try:
@@ -256,41 +279,97 @@ def load_entry(memory: "TensorMemory", cache_dir: "Path | LocalEntries | Backend
 
 
 def encode_entry(tensors: dict[str, torch.Tensor], metadata: dict[str, str], compress: bool = False) -> bytes:
-    """The bytes :func:`write_entry` would write (metadata plus checksum, gzipped if ``compress``)."""
-    prepared = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    full_metadata = {**{str(k): str(v) for k, v in metadata.items()}, "checksum": tensor_checksum(prepared)}
-    data = safetensors.torch.save(prepared, metadata=full_metadata)
+    """The bytes :func:`write_entry` would write (reserved tensors and metadata included, gzipped
+    if ``compress``)."""
+    stored, full_metadata = _pack_entry(tensors, metadata)
+    data = safetensors.torch.save(stored, metadata=full_metadata)
     return gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0) if compress else data
 
 
 def decode_entry(data: bytes, expected_fingerprint: str, where: str) -> dict[str, torch.Tensor] | None:
-    """The tensors in ``data`` (an entry's bytes, plain or gzipped), or None when stale, truncated
-    or corrupt."""
+    """The cached tensors in ``data`` (an entry's bytes, plain or gzipped), or None when stale,
+    truncated or corrupt; ``where`` names the entry in the debug log.
+
+    safetensors parses the whole entry; the fingerprint and checksum are then taken out of the
+    reserved tensors, so the returned dict holds only the tensors the entry was written with. A
+    stale entry is decoded in full before it is refused: entries are small and a stale one is about
+    to be re-encoded, which costs far more.
+    """
     if data[:2] == _GZIP_MAGIC:
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as exc:  # a truncated or damaged compressed entry
-            logger.debug("cache entry %s is unreadable (%s: %s); rebuilding", where, type(exc).__name__, exc)
+            _log_unreadable(where, exc)
             return None
     try:
-        # The one header read by hand left in the project, on purpose: entries arrive as bytes (gunzipped,
-        # or from a remote store), safetensors' ``safe_open`` opens only files, and its bytes readers
-        # (``safetensors.torch.load``, ``safetensors.deserialize``) drop the metadata. Reading the
-        # fingerprint first also skips decoding every tensor of a stale entry.
-        (header_length,) = struct.unpack("<Q", data[:8])
-        metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
-        if metadata.get("fingerprint") != expected_fingerprint:
-            logger.debug("cache entry %s is stale (fingerprint %s, expected %s); rebuilding",
-                         where, metadata.get("fingerprint"), expected_fingerprint)
-            return None
         tensors = safetensors.torch.load(bytes(data))
-    except Exception as exc:  # noqa: BLE001 - struct.error, ValueError, SafetensorError...
-        logger.debug("cache entry %s is unreadable (%s: %s); rebuilding", where, type(exc).__name__, exc)
+        stored_fingerprint = _pop_text(tensors, FINGERPRINT_TENSOR)
+        stored_checksum = _pop_text(tensors, CHECKSUM_TENSOR)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, ValueError (bad reserved tensor)...
+        _log_unreadable(where, exc)
         return None
-    if metadata.get("checksum") != tensor_checksum(tensors):
+    if stored_fingerprint != expected_fingerprint:
+        logger.debug("cache entry %s is stale (fingerprint %s, expected %s); rebuilding", where,
+                     stored_fingerprint if stored_fingerprint is not None else "none: written in an older entry format",
+                     expected_fingerprint)
+        return None
+    if stored_checksum != tensor_checksum(tensors):
         logger.debug("cache entry %s fails its checksum; rebuilding", where)
         return None
     return tensors
+
+
+def _pack_entry(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to store (caller's tensors plus the reserved fingerprint and checksum tensors) and
+    the safetensors metadata (caller's metadata plus the checksum).
+
+    The checksum covers the caller's tensors only, so a reader recomputes it over exactly what it
+    hands back.
+
+    Raises:
+        ValueError: ``metadata`` lacks a fingerprint (such an entry could never be read back), or a
+            tensor uses a reserved name.
+    """
+    clashing = sorted(RESERVED_TENSOR_NAMES.intersection(tensors))
+    if clashing:
+        raise ValueError(f"cache entry tensors may not be named {', '.join(clashing)}: those names are reserved for "
+                         "the entry's fingerprint and checksum; rename the tensors")
+    if "fingerprint" not in metadata:
+        raise ValueError("cache entry metadata has no 'fingerprint'; pass the entry's key as metadata['fingerprint'] "
+                         "so readers can tell a current entry from a stale one")
+    prepared = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    full_metadata = {**{str(k): str(v) for k, v in metadata.items()}, "checksum": tensor_checksum(prepared)}
+    stored = {**prepared,
+              FINGERPRINT_TENSOR: _text_tensor(full_metadata["fingerprint"]),
+              CHECKSUM_TENSOR: _text_tensor(full_metadata["checksum"])}
+    return stored, full_metadata
+
+
+def _text_tensor(text: str) -> torch.Tensor:
+    """``text`` as a 1-D uint8 tensor of its UTF-8 bytes (how reserved values travel in an entry)."""
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def _pop_text(tensors: dict[str, torch.Tensor], name: str) -> str | None:
+    """Remove the reserved tensor ``name`` from ``tensors`` and return its text; None when absent
+    (an entry written before reserved tensors existed).
+
+    Raises:
+        ValueError: the tensor is not 1-D uint8 UTF-8 text (a damaged or foreign entry).
+    """
+    tensor = tensors.pop(name, None)
+    if tensor is None:
+        return None
+    if tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        raise ValueError(f"reserved tensor {name} is {tensor.dtype} with shape {tuple(tensor.shape)}, "
+                         "expected 1-D uint8 text")
+    return tensor.numpy().tobytes().decode("utf-8")
+
+
+def _log_unreadable(where: str, exc: BaseException) -> None:
+    """One wording for every damaged entry, so a log search finds them all."""
+    logger.debug("cache entry %s is unreadable (%s: %s); rebuilding", where, type(exc).__name__, exc)
 
 
 @dataclass(frozen=True)
