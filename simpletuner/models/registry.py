@@ -113,7 +113,8 @@ class FamilyInfo:
         refused_flavours: releases of the family that cannot be trained here yet, flavour -> why (the
             config check names the reason instead of a bare "not a flavour").
         sequence_parallel: ``--sp_size`` can split its denoiser's tokens across processes: diffusers'
-            context-parallel plan for the denoiser also trains (backward through the all-to-all), which
+            context-parallel plan for the denoiser (or simpletuner's own, ``OWN_PLANS`` in
+            training/sequence_parallel.py) also trains (backward through the all-to-all), which
             tests/training/test_sequence_parallel.py proves against a single process.
         lora_usage: Python lines that load one of its LoRAs, shown on the model card, for a family whose
             diffusers pipeline has no ``load_lora_weights`` (``{base}``, ``{source}`` and ``{weights}`` are
@@ -401,6 +402,9 @@ FAMILIES: dict[str, FamilyInfo] = {
         validation=ValidationCapabilities(image_to_video=True),
         video=True,
         block_classes=("LTXVideoTransformerBlock",),
+        # --sp_size trains with simpletuner's own plan (training/sequence_parallel.py: text kept whole,
+        # cross-attention local); diffusers' own LTXVideoTransformer3DModel._cp_plan fails in training
+        sequence_parallel=True,
         # ComfyUI maps `diffusion_model.<native path>`; only the patch and timestep embedders are renamed
         comfy_naming=ComfyNaming({"transformer": "diffusion_model"}, style="dotted", renames=LTX_NATIVE_NAMES),
         module="simpletuner.models.ltxvideo",
