@@ -74,7 +74,7 @@ def test_installed_versions_are_the_locked_ones():
 
 
 #: Extras that cannot be in the lock, with why: their versions are not tested here, so no upper bound is claimed.
-UNLOCKED_EXTRAS = {"deepspeed": "builds CUDA kernels; the CPU test machines cannot install or run it"}
+UNLOCKED_EXTRAS: dict[str, str] = {}
 
 
 def declared_requirements() -> list[Requirement]:

@@ -57,6 +57,8 @@ class HostTerm:
     nbytes: float
     option: str
     phases: tuple[str, ...]
+    #: Held by the main process alone (the others have none of it): counted once in the machine total.
+    main_only: bool = False
 
     def line(self) -> str:
         when = "all phases" if set(self.phases) == set(PHASES) else ", ".join(self.phases)
@@ -73,9 +75,10 @@ class HostPlan:
     notes: list[str] = field(default_factory=list)
     ram_label: str = "this machine's RAM"  # or "--host_ram" when planning for another machine
 
-    def phase_total(self, phase: str) -> float:
-        """Bytes one process holds during ``phase``: every term that exists then."""
-        return sum(term.nbytes for term in self.terms if phase in term.phases)
+    def phase_total(self, phase: str, main: bool = True) -> float:
+        """Bytes one process holds during ``phase``: every term that exists then (the main process's
+        share by default, which is the larger; ``main=False`` for any other process)."""
+        return sum(term.nbytes for term in self.terms if phase in term.phases and (main or not term.main_only))
 
     @property
     def peak_phase(self) -> str:
@@ -87,8 +90,10 @@ class HostPlan:
 
     @property
     def machine_total(self) -> float:
-        """All processes of this machine at their peak together (they load at the same moment)."""
-        return self.per_process_peak * self.processes
+        """All processes of this machine at their peak together (they go through the phases at the same
+        moment): the main process's bytes plus the other processes' in the phase where their sum peaks."""
+        return max(self.phase_total(phase) + (self.processes - 1) * self.phase_total(phase, main=False)
+                   for phase in PHASES)
 
     def lines(self) -> list[str]:
         lines = ["host RAM plan (per process; phases in brackets):"]
@@ -137,10 +142,17 @@ def training_bytes(settings) -> int:
     return 2 if settings.mixed_precision in ("bf16", "fp16") else 4
 
 
-def loaded_weights(inventory) -> HostTerm:
-    """Every component as stored on disk: families read all of them into CPU memory, then place them."""
+def loaded_weights(inventory, config) -> list[HostTerm]:
+    """Every component as stored on disk: families read all of them into CPU memory, then place them.
+    With ``--fsdp_cpu_ram_efficient_loading`` only the main process reads the denoiser (the others
+    build it without weights, training/fsdp.py ``loads_weights``)."""
     stored = sum(component.stored_bytes() for component in inventory.components.values())
-    return HostTerm("weights read at load", stored, "(every run; the model's stored dtype)", ("load",))
+    if not (config.fsdp_enable and config.fsdp_cpu_ram_efficient_loading and int(config.num_processes or 1) > 1):
+        return [HostTerm("weights read at load", stored, "(every run; the model's stored dtype)", ("load",))]
+    denoiser = inventory.denoiser.stored_bytes()
+    return [HostTerm("weights read at load", stored - denoiser, "(every process; text encoders and VAE)", ("load",)),
+            HostTerm("denoiser weights read at load", denoiser, "--fsdp_cpu_ram_efficient_loading (main process)",
+                     ("load",), main_only=True)]
 
 
 def quantization_copy(inventory, settings, config) -> HostTerm | None:
@@ -384,14 +396,15 @@ def checkpoint_write(inventory, settings, config) -> list[HostTerm]:
                               "--offload_during_save", ("saving",)))
     if config.fsdp_enable and int(config.num_processes or 1) > 1:
         gathered = count * optimizer_state_bytes(settings.optimizer, element)
-        terms.append(HostTerm("full optimizer state gathered", gathered, "--fsdp_enable (main process)", ("saving",)))
+        terms.append(HostTerm("full optimizer state gathered", gathered, "--fsdp_enable (main process)", ("saving",),
+                              main_only=True))
     return terms
 
 
 def host_terms(inventory, settings, config, dataset_plan=None, shards: int = 1) -> list[HostTerm]:
     """Every host term of one process for ``settings`` / ``config`` (zero-sized ones included)."""
     terms = [HostTerm("process baseline", PROCESS_BASELINE_BYTES, "(every process)", PHASES),
-             loaded_weights(inventory)]
+             *loaded_weights(inventory, config)]
     for term in (quantization_copy(inventory, settings, config), swapped_blocks(inventory, settings, config),
                  offloaded_components(inventory, settings, config), startup_parking(inventory, settings),
                  ramtorch_layers(inventory, settings, config)):

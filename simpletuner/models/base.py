@@ -38,6 +38,25 @@ class CleanFirstFrame:
     noise_level: float = 0.0
 
 
+def on_meta_device(module: torch.nn.Module) -> bool:
+    """True for a module built from its config alone (shapes without values, torch's meta device)."""
+    return any(parameter.is_meta for parameter in module.parameters())
+
+
+def build_without_weights(model_class: Any, path: str, subfolder: str | None = None, **kwargs) -> torch.nn.Module:
+    """``model_class`` from its config at ``path`` with every parameter on the meta device: the shapes,
+    no values and no memory. For the processes of ``--fsdp_cpu_ram_efficient_loading`` other than the
+    main one, whose weights arrive from the main process when FSDP2 shards the model. Buffers are made
+    for real (they are computed, not loaded, and FSDP2 keeps them whole)."""
+    from accelerate import init_empty_weights
+
+    config = model_class.load_config(path, subfolder=subfolder)
+    with init_empty_weights(include_buffers=False):
+        module = model_class.from_config(config)
+    dtype = kwargs.get("torch_dtype")
+    return module.to(dtype=dtype) if dtype is not None else module
+
+
 class ComponentLoading:
     """How a family's components come off disk: diffusers' / transformers' own ``from_pretrained`` and
     ``from_single_file``, unchanged.
@@ -336,6 +355,8 @@ class ModelFamily(ABC):
         """Move a loaded component to ``self.device`` and, given ``dtype``, cast it. A component the
         loader quantized (``hf_quantizer`` set) keeps the dtype it was loaded in: diffusers refuses to
         cast a quantized model, and its unquantized parts were loaded in the right type already."""
+        if on_meta_device(module):  # --fsdp_cpu_ram_efficient_loading: filled on its device when sharded
+            return module.to(dtype=dtype) if dtype is not None else module
         if dtype is not None and getattr(module, "hf_quantizer", None) is None:
             return module.to(self.device, dtype=dtype)
         return module.to(self.device)

@@ -79,14 +79,16 @@ class QuantizationError(RuntimeError):
 # --- entry point ---------------------------------------------------------------------------------------
 
 
-def load_model(model, config) -> dict[str, str]:
-    """``model.load()``, with the components ``config`` asks for quantized.
+def load_model(model, config, denoiser_without_weights: bool = False) -> dict[str, str]:
+    """``model.load()``, with the components ``config`` asks for quantized; with
+    ``denoiser_without_weights`` the denoiser is built from its config on the meta device instead of
+    loaded (``--fsdp_cpu_ram_efficient_loading`` on the processes other than the main one).
 
     Returns what was quantized, component name -> description (also left on ``model.quantization``).
     """
     wanted = component_precisions(config)
     settings = parse_quantization_config(config.quantization_config, wanted) if config.quantization_config else {}
-    loading = QuantizedLoading(config, wanted, settings)
+    loading = QuantizedLoading(config, wanted, settings, denoiser_without_weights=denoiser_without_weights)
     previous, model.loading = model.component_loading(), loading
     try:
         model.load()
@@ -504,14 +506,23 @@ class QuantizedLoading(ComponentLoading):
     ``done`` records what was quantized while loading, role -> description.
     """
 
-    def __init__(self, config, wanted: dict[str, str], settings: dict[str, dict[str, Any]]):
+    def __init__(self, config, wanted: dict[str, str], settings: dict[str, dict[str, Any]],
+                 denoiser_without_weights: bool = False):
         self.config = config
         self.pipeline = dict(wanted) if config.quantize_via == "pipeline" else {}
         self.settings = settings
         self.gguf_possible = bool(gguf_sources(config))
+        self.denoiser_without_weights = denoiser_without_weights
         self.done: dict[str, str] = {}
 
     def from_pretrained(self, family, role, model_class, path, **kwargs):
+        if role == "denoiser" and self.denoiser_without_weights:  # FSDP2 fills it from the main process
+            from simpletuner.models.base import build_without_weights
+
+            logger.info("built the %s from its config on the meta device, without reading its weights: they arrive "
+                        "from the main process when FSDP2 shards it (--fsdp_cpu_ram_efficient_loading)",
+                        family.denoiser_name)
+            return build_without_weights(model_class, path, **kwargs)
         if role == "denoiser" and (self.gguf_possible or str(path).endswith(".gguf")):
             gguf = self._gguf_file(path, kwargs.get("subfolder"))
             if gguf is not None:

@@ -84,6 +84,10 @@ def check_deepspeed_training_parts(config) -> None:
         raise ConfigError("`--use_ema` cannot be combined with ZeRO stage 3: each process holds only a slice of "
                           "every weight, so there is no whole weight to average. Use `--zero_stage 2` (whole weights, "
                           "split optimizer state and gradients) or turn EMA off")
+    if config.lora_type == "lycoris":
+        raise ConfigError("`--lora_type lycoris` cannot be combined with DeepSpeed ZeRO: LyCORIS keeps its weights in its "
+                          "own network beside the denoiser, outside the one model DeepSpeed's engine owns and splits. "
+                          "Use `--lora_type standard`, or train LyCORIS without ZeRO")
     if config.train_text_encoder:
         raise ConfigError("`--train_text_encoder` cannot be combined with DeepSpeed ZeRO: accelerate gives one "
                           "DeepSpeed engine one model, and the text encoder would be a second one. Train the "
@@ -105,23 +109,40 @@ def check_deepspeed_installed(config) -> None:
     if _uses_deepspeed(config) and not deepspeed_installed():
         given = "`--zero_stage`" if config.zero_stage is not None else "`--deepspeed_config`"
         raise ConfigError(f"{given} trains with DeepSpeed ZeRO, but the deepspeed package is not installed in this "
-                          f"environment; install it with `{INSTALL_HINT}` (it needs a CUDA toolkit to build its "
-                          "kernels), or remove the option to train without ZeRO")
+                          f"environment; install it with `{INSTALL_HINT}`, or remove the option to train without ZeRO")
 
 
-def check_deepspeed_can_save(config) -> None:
-    """ZeRO stages 1-3 split state the checkpoints are written from (training/distributed.py
-    ``check_engine`` says the same at start-up for engines set up by hand in accelerate): refused here,
-    before anything loads, instead of after the model is built."""
-    if _uses_deepspeed(config) and _stage(config) >= 1:
-        given = "`--zero_stage`" if config.zero_stage is not None else "`--deepspeed_config`"
-        raise ConfigError(f"{given}: DeepSpeed ZeRO stage {_stage(config)} splits training state across processes, "
-                          "and simpletuner cannot save split DeepSpeed state yet (checkpoints are written from the "
-                          "main process's copy), so it is not supported yet. Use `--fsdp_enable` (FSDP2) to shard, "
-                          "or remove the option")
+def check_deepspeed_stage(config) -> None:
+    """Stage 3 splits the weights themselves: every forward pass gathers them from all processes, so
+    nothing can run the denoiser on the main process alone, which is how validation samples."""
+    if not (_uses_deepspeed(config) and _stage(config) == 3):
+        return
+    if config.validation_prompt and not config.validation_disable:
+        given = "`--zero_stage 3`" if config.zero_stage is not None else "stage 3 in `--deepspeed_config`"
+        raise ConfigError(f"`--validation_prompt` cannot be combined with {given} yet: validation samples on the main "
+                          "process alone, and every forward pass of a ZeRO-3 model needs all processes to gather the "
+                          "weights. Set `--validation_disable true` and validate the saved LoRA / pipeline after "
+                          "training, or use `--zero_stage 2`")
+
+
+def check_deepspeed_step_control(config) -> None:
+    """DeepSpeed's engine runs the optimizer step inside the backward of the last micro-batch, so the
+    trainer cannot hold a step back or touch the gradients between backward and step."""
+    if not _uses_deepspeed(config):
+        return
+    if config.nan_action == "skip_batch":
+        raise ConfigError("`--nan_action skip_batch` cannot be combined with DeepSpeed ZeRO: DeepSpeed's engine applies "
+                          "the optimizer step inside the backward pass, before the trainer could drop the batch. Use "
+                          "`--nan_action stop` (the run stops on a non-finite loss and no checkpoint is written from "
+                          "non-finite weights)")
+    if config.gradient_precision == "fp32":
+        raise ConfigError("`--gradient_precision fp32` cannot be combined with DeepSpeed ZeRO: DeepSpeed accumulates "
+                          "and reduces the gradients in its own buffers. Set it in DeepSpeed's config instead: "
+                          "`--deepspeed_config '{\"zero_optimization\": {\"stage\": 2}, \"data_types\": "
+                          "{\"grad_accum_dtype\": \"fp32\"}}'`")
 
 
 DEEPSPEED_RULES: tuple[Callable, ...] = (
     check_deepspeed_config, check_deepspeed_weight_placement, check_deepspeed_quantized_base,
-    check_deepspeed_training_parts, check_deepspeed_installed, check_deepspeed_can_save,
+    check_deepspeed_training_parts, check_deepspeed_step_control, check_deepspeed_stage, check_deepspeed_installed,
 )

@@ -60,9 +60,12 @@ def check_fsdp_settings(config) -> None:
         raise ConfigError(f"`--fsdp_version {config.fsdp_version}` is not supported: simpletuner shards with FSDP2 "
                           "(torch's fully_shard), whose weights stay ordinary parameters that LoRA, clipping and "
                           "saving handle alike; FSDP1 flattens them into buffers. Use `--fsdp_version 2`")
-    if config.fsdp_cpu_ram_efficient_loading:
-        raise ConfigError("`--fsdp_cpu_ram_efficient_loading true` is not available yet: every process loads the "
-                          "whole model before it is sharded. Remove it (or set it to false)")
+    if config.fsdp_cpu_ram_efficient_loading and config.lora_init_type in ("pissa", "olora", "loftq"):
+        raise ConfigError(f"`--lora_init_type {config.lora_init_type}` cannot be combined with "
+                          "`--fsdp_cpu_ram_efficient_loading true`: it computes the adapter's start from the base "
+                          "weights (and rewrites them), which only the main process has read; the others build the "
+                          "denoiser without weights. Leave `--lora_init_type` unset (or default / gaussian), or "
+                          "load the weights in every process (`--fsdp_cpu_ram_efficient_loading false`)")
     if config.num_processes is not None and config.num_processes < 2:
         raise ConfigError(f"`--fsdp_enable` shards the weights across processes, but `--num_processes "
                           f"{config.num_processes}` starts one. Set `--num_processes 2` or more (TRAINING_NUM_PROCESSES "

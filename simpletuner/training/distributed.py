@@ -226,13 +226,16 @@ def unwrap_parallel(module: torch.nn.Module) -> torch.nn.Module:
 
 # --- engines whose state simpletuner cannot save yet ------------------------------------------------------
 
-def check_engine(accelerator) -> None:
-    """Stop before training when accelerate would shard the weights or the optimizer state.
+def check_engine(accelerator, zero_from_options: bool = False) -> None:
+    """Stop before training when accelerate would shard the weights or the optimizer state in a way
+    simpletuner cannot save.
 
-    Checkpoints and final weights are written by the main process from its own copy of the model and
-    optimizer. That is complete under DDP, FSDP with NO_SHARD and DeepSpeed ZeRO stage 0, where
-    every process holds everything, and under FSDP2, whose weights and optimizer state are gathered
-    first (training/fsdp.py); with other sharding it would silently save a fraction.
+    Checkpoints and final weights are written by the main process from its own copy of the model. That
+    is complete under DDP, FSDP with NO_SHARD and DeepSpeed ZeRO stage 0, where every process holds
+    everything; under FSDP2, whose weights and optimizer state are gathered first (training/fsdp.py);
+    and under ZeRO stages 1 and 2 started from ``--zero_stage`` / ``--deepspeed_config``, whose split
+    optimizer state every process writes itself (training/zero.py). ZeRO set up by hand in accelerate
+    bypasses the options that make this safe (batch size, clipping, stage checks), so it is refused.
     """
     from accelerate.utils import DistributedType
 
@@ -241,12 +244,12 @@ def check_engine(accelerator) -> None:
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
         stage = accelerator.state.deepspeed_plugin.zero_stage
-        if stage:
-            split = "the optimizer state and the weights" if stage == 3 else "the optimizer state"
+        if stage and not zero_from_options:
             raise ConfigError(
-                f"DeepSpeed ZeRO stage {stage} splits {split} across processes, and simpletuner cannot save split "
-                "state yet (checkpoints are written from the main process's copy). Use ZeRO stage 0, or plain "
-                "multi-GPU training (remove --use_deepspeed from ACCELERATE_EXTRA_ARGS / the accelerate config)"
+                f"DeepSpeed ZeRO stage {stage} was set up in accelerate (--use_deepspeed in ACCELERATE_EXTRA_ARGS or an "
+                "accelerate config file); simpletuner only trains ZeRO it configured itself, which saves the split "
+                f"state correctly. Remove --use_deepspeed and set `--zero_stage {stage}` (and `--deepspeed_config` for "
+                "offloading) instead"
             )
     elif kind == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin

@@ -44,8 +44,17 @@ def fsdp_plugin(config):
         auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=block_class_names_from_option(config),
         state_dict_type="FULL_STATE_DICT",
-        cpu_ram_efficient_loading=False,
+        # the main process's weights are sent to every shard (the others built the denoiser on meta: loads_weights)
+        cpu_ram_efficient_loading=bool(config.fsdp_cpu_ram_efficient_loading),
     )
+
+
+def loads_weights(config, is_main: bool) -> bool:
+    """Whether this process reads the denoiser's weights from disk. With ``--fsdp_cpu_ram_efficient_loading``
+    only the main process does; the others build it from its config on the meta device (no memory), and
+    accelerate sends each of them its slices of the main process's weights when FSDP2 shards the model.
+    So N processes on one machine hold one copy of the weights in CPU memory, not N."""
+    return is_main or not (config.fsdp_enable and config.fsdp_cpu_ram_efficient_loading)
 
 
 def parallelism_config(config):

@@ -36,6 +36,12 @@ def needs_relaunch(launcher) -> bool:
     return wanted and not os.environ.get(LAUNCHED_MARKER) and "LOCAL_RANK" not in os.environ
 
 
+def _uses_deepspeed(config) -> bool:
+    from simpletuner.training.deepspeed import uses_deepspeed
+
+    return config is not None and uses_deepspeed(config)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -88,7 +94,8 @@ def accelerate_command(launcher, argv: Sequence[str], has_gpu: bool, config=None
         command.append("--multi_gpu")
     env = {LAUNCHED_MARKER: "1"}
     if not has_gpu:
-        env["ACCELERATE_USE_CPU"] = "1"
+        if not _uses_deepspeed(config):  # it would switch DeepSpeed off; ZeRO runs on gloo itself (training/zero.py)
+            env["ACCELERATE_USE_CPU"] = "1"
         # Without --cpu, accelerate gives every process OMP_NUM_THREADS (default 1) threads; share the cores.
         if "OMP_NUM_THREADS" not in os.environ and "--num_cpu_threads_per_process" not in given:
             local = max(1, launcher.num_processes // machines)

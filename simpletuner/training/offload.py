@@ -362,6 +362,11 @@ class MemorySavers:
                 self._group_offload(name, module)
         if not (moved or self.swaps_blocks):
             return
+        from simpletuner.models.base import on_meta_device
+
+        if on_meta_device(model.denoiser):  # --fsdp_cpu_ram_efficient_loading: FSDP2 fills it on the device
+            self.placement.record(model.denoiser_name, "compute", "after load (no weights yet: sent when sharded)")
+            return
         keep = []
         if self.swaps_blocks:
             from simpletuner.models.block_swap import last_blocks

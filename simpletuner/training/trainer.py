@@ -23,6 +23,7 @@ from simpletuner.training import checkpoint as ckpt
 from simpletuner.training import distributed
 from simpletuner.training import sequence_parallel
 from simpletuner.training.checkpoint_schedule import ROLLING, CheckpointSchedule
+from simpletuner.training.deepspeed import uses_deepspeed
 from simpletuner.training.memory import clear_accelerator_cache
 from simpletuner.training.nan_guard import NanGuard, first_nonfinite, loss_spike
 from simpletuner.training.optim import clip_gradients, optimizer_mode, set_optimizer_mode
@@ -78,8 +79,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from simpletuner.tracking.trackers import accelerator_tracking_arguments
-        from simpletuner.training import fsdp
-        from simpletuner.training.deepspeed import deepspeed_plugin
+        from simpletuner.training import fsdp, zero
 
         config = self.config
         if config.torch_num_threads:
@@ -90,14 +90,15 @@ class Trainer:
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             dynamo_backend="no",  # the denoiser is compiled in place below (distributed.compile_denoiser)
-            deepspeed_plugin=deepspeed_plugin(config),  # --zero_stage / --deepspeed_config (training/deepspeed.py)
+            **zero.accelerator_arguments(config),  # --zero_stage / --deepspeed_config (training/zero.py)
             fsdp_plugin=sharding, parallelism_config=fsdp.parallelism_config(config),  # --hsdp_*_dim
             **accelerator_tracking_arguments(config, self.output_dir),  # --report_to: accelerate's trackers
         )
         enable_fp16_loss_scaling(self.accelerator)  # fp16 on CPU: autocast + GradScaler (training/precision.py)
         fsdp.mark_fsdp_on_cpu(self.accelerator, sharding)
         fsdp.check_started(self.accelerator, sharding)
-        distributed.check_engine(self.accelerator)
+        distributed.check_engine(self.accelerator, zero_from_options=uses_deepspeed(config))
+        zero.load_models_whole(self.accelerator)  # ZeRO-3 splits the denoiser only, when it is prepared
         self.is_main = self.accelerator.is_main_process
         from simpletuner.tracking.webhooks import build_notifier
 
@@ -154,8 +155,11 @@ class Trainer:
         model = family_class(self.config, self.memory.load_device(), self.weight_dtype)
         logger.info("loading %s from %s", self.config.model_family, model.model_path)
         from simpletuner.models.quantize import load_model
+        from simpletuner.training.fsdp import loads_weights
 
-        load_model(model, self.config)  # model.load(), with quantized components (models/quantize.py)
+        # model.load(), with quantized components (models/quantize.py); --fsdp_cpu_ram_efficient_loading: the
+        # processes other than the main one build the denoiser without weights
+        load_model(model, self.config, denoiser_without_weights=not loads_weights(self.config, self.is_main))
         self.memory.after_load(model)  # placement, VAE slicing/tiling, component offload, hub file deletion
         apply_model_precision(model, self.config, self.accelerator.device)  # --vae_dtype, --attention_mechanism
         self.attention_note = None
@@ -281,6 +285,7 @@ class Trainer:
         self._before_sharding()
         self.model.denoiser, self.optimizer = self.accelerator.prepare(self.model.denoiser, optimizer)
         self._after_sharding()
+        self.zero = self._zero_checkpoints(method_parameters)
         if self.text_encoders is not None and self.accelerator.num_processes > 1:
             for name, encoder in self.text_encoders.encoders.items():  # DDP keeps their gradients in sync
                 setattr(self.model, name, self.accelerator.prepare(encoder))
@@ -301,7 +306,9 @@ class Trainer:
             return
         fsdp.set_block_classes(self.accelerator, self.model.denoiser)
         folder = ckpt.resolve_resume_path(self.output_dir, self.config.resume_from_checkpoint)
-        if folder is not None and not (folder / fsdp.SHARDED_FOLDER).is_dir():  # shards load after sharding
+        if folder is None or (folder / fsdp.SHARDED_FOLDER).is_dir():  # shards load after sharding
+            return
+        if fsdp.loads_weights(self.config, self.is_main):  # else: the main process's weights are sent when sharding
             self._load_checkpoint_weights(folder)
 
     def _after_sharding(self) -> None:
@@ -316,16 +323,32 @@ class Trainer:
                                           shards=fsdp.writes_shards(self.config),
                                           wait_for_everyone=self.accelerator.wait_for_everyone)
 
+    def _zero_checkpoints(self, method_parameters: list):
+        """DeepSpeed ZeRO: its engine writes and reads the split optimizer state (training/zero.py)."""
+        from simpletuner.training import zero
+
+        if not zero.is_deepspeed(self.accelerator):
+            return None
+        zero.check_outside_parameters(self.accelerator, method_parameters)
+        return zero.ZeroCheckpoints(self.model.denoiser, self.is_main, self.accelerator.wait_for_everyone,
+                                    lora=self.config.model_type == "lora",
+                                    stage=self.accelerator.state.deepspeed_plugin.zero_stage)
+
     def _gathered_for_saving(self, with_optimizer: bool):
         """FSDP2: every process gathers the full weights (and optimizer state) so the main process writes
-        the same files as one process would; otherwise nothing to do."""
+        the same files as one process would; ZeRO-3 gathers the weights; otherwise nothing to do."""
+        if getattr(self, "zero", None) is not None:
+            return self.zero.gathered()
         if getattr(self, "sharded", None) is None:
             return contextlib.nullcontext()
         return self.sharded.gathered(with_optimizer)
 
     def _prepared_for_checkpoint(self):
         """FSDP2: every process gathers, or writes its shards (--fsdp_state_dict_type sharded), before the
-        main process writes the checkpoint; otherwise nothing to do."""
+        main process writes the checkpoint; ZeRO: every process writes its share of the optimizer state;
+        otherwise nothing to do."""
+        if getattr(self, "zero", None) is not None:
+            return self.zero.for_checkpoint(self.output_dir, self.state.global_step)
         if getattr(self, "sharded", None) is None:
             return contextlib.nullcontext()
         return self.sharded.for_checkpoint(self.output_dir, self.state.global_step)
@@ -387,7 +410,9 @@ class Trainer:
         from simpletuner.training.state_parts import StatePart, StateParts
 
         parts = self.state_parts = StateParts()
-        if getattr(self, "sharded", None) is None:
+        if getattr(self, "zero", None) is not None:
+            pass  # ZeRO: the split optimizer state is in DeepSpeed's own files (training/zero.py)
+        elif getattr(self, "sharded", None) is None:
             parts.register(StatePart("optimizer.pt", self.optimizer.state_dict, self._restore_optimizer))
         elif not self.sharded.shards:  # FSDP2: the gathered state, keyed by parameter names
             parts.register(StatePart("optimizer.pt", self.sharded.optimizer_state, self.sharded.restore_optimizer))
@@ -475,6 +500,8 @@ class Trainer:
         from safetensors.torch import save_model
 
         writers = self.state_parts.writers()  # optimizer, schedule, EMA, method, sampler, RNGs
+        if getattr(self, "zero", None) is not None:  # ZeRO's split optimizer state, staged by every process
+            writers.update(self.zero.writers(self.output_dir, self.state.global_step))
         if getattr(self, "sharded", None) is not None and self.sharded.shards:  # weights + optimizer: DCP shards
             return {**writers, **self.sharded.shard_writers(self.output_dir, self.state.global_step)}
         if self.config.controlnet:  # the ControlNet's weights are the method's state; the denoiser is frozen
@@ -517,19 +544,25 @@ class Trainer:
                 f"{folder} was saved by a --model_type {state.get('model_type')} run; this run uses "
                 f"--model_type {self.config.model_type}. Use a matching checkpoint or a new --output_dir"
             )
-        from simpletuner.training import fsdp
+        from simpletuner.training import fsdp, zero
 
         fsdp.check_sharded_resume(folder, state, fsdp.writes_shards(self.config), self.accelerator.num_processes)
+        zero.check_resume(folder, state, getattr(self, "zero", None) is not None, self.accelerator.num_processes)
         distributed.check_resume_topology(folder, state, self.config, self.data_ranks.size)
         fused = bool(state.get("fuse_qkv_projections", False))
         if self.config.model_type == "full" and fused != bool(self.config.fuse_qkv_projections):
             raise ckpt.CheckpointError(
                 f"{folder} holds weights {'with' if fused else 'without'} fused q/k/v projections; set "
                 f"`--fuse_qkv_projections {str(fused).lower()}` to resume it (LoRA checkpoints work either way)")
-        if getattr(self, "sharded", None) is None:  # FSDP2 loaded them before sharding (_before_sharding)
+        zero_state = getattr(self, "zero", None)
+        if zero_state is not None and zero_state.splits_weights:
+            pass  # ZeRO-3: each process's weight slice comes from DeepSpeed's files (below)
+        elif getattr(self, "sharded", None) is None:  # FSDP2 loaded them before sharding (_before_sharding)
             self._load_checkpoint_weights(folder)
         elif self.sharded.shards:  # --fsdp_state_dict_type sharded: every process reads its slices
             self.sharded.restore_shards(folder)
+        if zero_state is not None:  # every process: its share of the ZeRO optimizer state
+            zero_state.restore(folder)
         if self.text_encoders is not None:
             self.text_encoders.load_checkpoint(folder, folder / WEIGHTS_FILE)
         self.state_parts.restore(folder)  # every registered component; .pt files never unpickle code
@@ -849,8 +882,8 @@ class Trainer:
     def startup_summary(self) -> str:
         config = self.config
         denoiser = self._unwrapped_denoiser()
-        total = sum(p.numel() for p in denoiser.parameters())
-        trainable = sum(p.numel() for p in self.trainable)
+        total = sum(whole_numel(p) for p in denoiser.parameters())
+        trainable = sum(whole_numel(p) for p in self.trainable)
         effective = config.train_batch_size * config.gradient_accumulation_steps * self.data_ranks.size
         lines = [
             "=== simpletuner run ===",
@@ -858,7 +891,8 @@ class Trainer:
             f"training:     {config.model_type}"
             + (f" rank {config.lora_rank}" if config.model_type == "lora" else "")
             + f", {trainable:,} of {total:,} parameters trainable ({100 * trainable / max(total, 1):.2f}%)",
-            f"precision:    {config.mixed_precision}, device {self.accelerator.device}, processes {self.accelerator.num_processes}",
+            f"precision:    {config.mixed_precision}, device {self.accelerator.device}, processes {self.accelerator.num_processes}"
+            + self._engine_note(),
             f"batch:        {config.train_batch_size} x {config.gradient_accumulation_steps} accumulation x "
             + (f"{self.data_ranks.size} groups of {config.sp_size} processes (sequence parallel)"
                if config.sp_size > 1 else f"{self.accelerator.num_processes} processes")
@@ -874,8 +908,24 @@ class Trainer:
         ]
         return "\n".join(lines)
 
+    def _engine_note(self) -> str:
+        """How the processes share the work, when it is not plain data parallel."""
+        if getattr(self, "zero", None) is not None:
+            stage = self.accelerator.state.deepspeed_plugin.zero_stage
+            split = {1: "optimizer state", 2: "optimizer state and gradients"}.get(stage, "weights, gradients and "
+                                                                                      "optimizer state")
+            return f", DeepSpeed ZeRO stage {stage} ({split} split over the processes)"
+        if getattr(self, "sharded", None) is not None:
+            return ", FSDP2 (weights, gradients and optimizer state split over the processes)"
+        return ""
+
     def step_time_median(self) -> float:
         return median(self.state.step_seconds) if self.state.step_seconds else float("nan")
+
+
+def whole_numel(parameter: torch.Tensor) -> int:
+    """A parameter's full size, also when ZeRO-3 keeps only a slice of it here (its ``ds_numel``)."""
+    return int(getattr(parameter, "ds_numel", parameter.numel()))
 
 
 def planned_max_steps(config, steps_per_epoch: int) -> int:

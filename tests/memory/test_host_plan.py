@@ -49,8 +49,27 @@ def test_weights_read_at_load_are_every_component_as_stored(flux, tiny):
     config, inventory, settings = flux()
     stored = sum(t.numel() * t.element_size() for name in inventory.components
                  for t in file_tensors(tiny.path("flux") / name).values())
-    term = host.loaded_weights(inventory)
-    assert term.nbytes == stored and term.phases == ("load",)
+    [term] = host.loaded_weights(inventory, config)
+    assert term.nbytes == stored and term.phases == ("load",) and not term.main_only
+
+
+def test_ram_efficient_loading_reads_the_denoiser_on_the_main_process_only(flux):
+    """--fsdp_cpu_ram_efficient_loading: the machine holds one copy of the denoiser while loading, not one
+    per process; the other processes still read the text encoders and the VAE."""
+    config, inventory, settings = flux()
+    everywhere = config.replace(fsdp_enable=True, num_processes=4)
+    efficient = everywhere.replace(fsdp_cpu_ram_efficient_loading=True)
+    others, denoiser = host.loaded_weights(inventory, efficient)
+    assert denoiser.main_only and denoiser.nbytes == inventory.denoiser.stored_bytes()
+    assert others.nbytes + denoiser.nbytes == host.loaded_weights(inventory, everywhere)[0].nbytes
+    before = host.plan_host(inventory, settings, everywhere, ram=2**40)
+    after = host.plan_host(inventory, settings, efficient, ram=2**40)
+    assert after.phase_total("load") == before.phase_total("load")  # the main process reads everything
+    assert after.phase_total("load", main=False) == before.phase_total("load") - denoiser.nbytes
+    # the load phase of the whole machine: four readers of everything before, one after
+    assert (after.phase_total("load") + 3 * after.phase_total("load", main=False)
+            == 4 * before.phase_total("load") - 3 * denoiser.nbytes)
+    assert after.machine_total <= before.machine_total
 
 
 def test_swapped_blocks_are_the_last_blocks_in_the_weight_dtype(flux, tiny):
@@ -158,7 +177,7 @@ def test_quantization_copy_quanto_holds_a_full_precision_copy(flux):
 def test_phases_peak_machine_total_and_warning(flux):
     config, inventory, settings = flux(musubi_blocks_to_swap=2)
     plan = host.plan_host(inventory, settings, config, ram=10 * 2**30)
-    load = host.PROCESS_BASELINE_BYTES + host.loaded_weights(inventory).nbytes
+    load = host.PROCESS_BASELINE_BYTES + host.loaded_weights(inventory, config)[0].nbytes
     assert plan.phase_total("load") == load
     training = sum(t.nbytes for t in plan.terms if "training" in t.phases)
     assert plan.phase_total("training") == training
@@ -248,7 +267,7 @@ def test_plan_memory_prints_the_host_and_per_rank_sections(memory_config, capsys
     assert "training peak per rank" in out
     assert "host RAM plan (per process; phases in brackets):" in out
     inventory = planner.read_inventory(config)
-    assert "weights read at load" in out and format_size(host.loaded_weights(inventory).nbytes) in out
+    assert "weights read at load" in out and format_size(host.loaded_weights(inventory, config)[0].nbytes) in out
     assert "prefetched batches (10 x batch 2)" in out and "--dataloader_prefetch_qlen" in out
     assert "2 processes on this machine" in out
     assert "WARNING: more than --host_ram (1.00 MiB)" in out

@@ -1,9 +1,9 @@
-"""DeepSpeed ZeRO without the deepspeed package: the mapping from our options to the DeepSpeed config
-accelerate gets, the refusals of what cannot work, and the install message. Torch-free."""
+"""DeepSpeed ZeRO's options: the mapping to the DeepSpeed config accelerate gets, the refusals of what
+cannot work, and the install message where the package is missing (simulated: the test environment has
+it, for tests/training/test_zero.py). Torch-free."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -14,8 +14,10 @@ from simpletuner.testing.config import make_config
 from simpletuner.training import deepspeed
 from simpletuner.training.deepspeed import deepspeed_config_for, deepspeed_plugin, uses_deepspeed
 
-needs_no_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None,
-                                        reason="checks the message shown where deepspeed is missing")
+@pytest.fixture
+def without_deepspeed(monkeypatch):
+    """The package looked for and not found, as on a machine without the extra."""
+    monkeypatch.setattr(deepspeed, "deepspeed_installed", lambda: False)
 
 
 def zero(**overrides):
@@ -100,14 +102,15 @@ def test_quantized_bases_ema_under_stage_3_and_other_misfits_are_refused():
                                                   deepspeed_config={"zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match=r"`--train_text_encoder` cannot be combined"):
         rules.check_deepspeed_training_parts(zero(train_text_encoder=True))
+    with pytest.raises(ConfigError, match=r"`--lora_type lycoris` cannot be combined with DeepSpeed ZeRO: LyCORIS keeps"):
+        rules.check_deepspeed_training_parts(zero(lora_type="lycoris"))
     with pytest.raises(ConfigError, match=r"`--grad_clip_method value` cannot be combined .*by the norm"):
         rules.check_deepspeed_training_parts(zero(grad_clip_method="value"))
     with pytest.raises(ConfigError, match=r"`--optimizer adamw_schedulefree` cannot be combined"):
         rules.check_deepspeed_training_parts(zero(optimizer="adamw_schedulefree"))
 
 
-@needs_no_deepspeed
-def test_a_missing_deepspeed_package_names_the_extra_to_install():
+def test_a_missing_deepspeed_package_names_the_extra_to_install(without_deepspeed):
     with pytest.raises(ConfigError, match=r"`--zero_stage` trains with DeepSpeed ZeRO, but the deepspeed package is "
                                           r"not installed.*`pip install 'simpletuner\[deepspeed\]'`"):
         rules.check_deepspeed_installed(zero())
@@ -117,16 +120,30 @@ def test_a_missing_deepspeed_package_names_the_extra_to_install():
         deepspeed_plugin(zero())
 
 
-def test_zero_stages_are_refused_at_validation_until_their_state_can_be_saved(monkeypatch):
-    for stage in (1, 2, 3):
-        with pytest.raises(ConfigError, match=rf"`--zero_stage`: DeepSpeed ZeRO stage {stage} splits training state.*"
-                                              r"not supported yet.*`--fsdp_enable`"):
-            rules.check_deepspeed_can_save(zero(zero_stage=stage))
-    rules.check_deepspeed_can_save(make_config())  # no DeepSpeed: nothing to refuse
+def test_every_stage_is_accepted_and_stage_3_refuses_validation_on_one_process():
+    for stage in (0, 1, 2, 3):
+        rules.check_deepspeed_stage(zero(zero_stage=stage))
+    rules.check_deepspeed_stage(zero(zero_stage=2, validation_prompt="a cat"))
+    with pytest.raises(ConfigError, match=r"`--validation_prompt` cannot be combined with `--zero_stage 3` yet: "
+                                          r"validation samples on the main process alone.*`--validation_disable true`"):
+        rules.check_deepspeed_stage(zero(zero_stage=3, validation_prompt="a cat"))
+    with pytest.raises(ConfigError, match=r"combined with stage 3 in `--deepspeed_config` yet"):
+        rules.check_deepspeed_stage(zero(zero_stage=None, validation_prompt="a cat",
+                                         deepspeed_config={"zero_optimization": {"stage": 3}}))
+    rules.check_deepspeed_stage(zero(zero_stage=3, validation_prompt="a cat", validation_disable=True))
+    rules.check_deepspeed_stage(make_config())  # no DeepSpeed: nothing to refuse
 
 
-@needs_no_deepspeed
-def test_validation_of_a_whole_config_stops_at_the_missing_package(tmp_path):
+def test_what_needs_the_step_in_the_trainers_hands_is_refused():
+    rules.check_deepspeed_step_control(zero())
+    with pytest.raises(ConfigError, match=r"`--nan_action skip_batch` cannot be combined with DeepSpeed ZeRO: .*inside "
+                                          r"the backward pass.*Use `--nan_action stop`"):
+        rules.check_deepspeed_step_control(zero(nan_action="skip_batch"))
+    with pytest.raises(ConfigError, match=r"`--gradient_precision fp32` cannot be combined .*grad_accum_dtype"):
+        rules.check_deepspeed_step_control(zero(gradient_precision="fp32"))
+
+
+def test_validation_of_a_whole_config_stops_at_the_missing_package(tmp_path, without_deepspeed):
     from simpletuner.options.resolve import resolve_run
 
     data = tmp_path / "multidatabackend.json"

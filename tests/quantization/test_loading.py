@@ -222,3 +222,21 @@ def test_every_family_names_its_components_so_the_pipeline_route_quantizes_them_
     for module in (model.denoiser, *model.text_encoder_modules().values()):
         assert getattr(module, "hf_quantizer", None) is not None and quantized_layers(module) > 0
     assert library_loaders() == before
+
+
+def test_a_denoiser_built_without_weights_has_the_shapes_and_no_memory(project, tiny_sd1x):
+    """--fsdp_cpu_ram_efficient_loading on the processes other than the main one: the UNet comes from its
+    config on the meta device (FSDP2 fills it from the main process), everything else loads as usual."""
+    from simpletuner.models.base import on_meta_device
+    from simpletuner.models.sd1x import StableDiffusion1x
+
+    config = run_config(project, tiny_sd1x, "unused")
+    whole = StableDiffusion1x(config, torch.device("cpu"), torch.float32)
+    load_model(whole, config)
+    shapes = StableDiffusion1x(config, torch.device("cpu"), torch.float32)
+    load_model(shapes, config, denoiser_without_weights=True)
+    assert on_meta_device(shapes.unet) and not on_meta_device(whole.unet)
+    assert {n: (p.shape, p.dtype) for n, p in shapes.unet.named_parameters()} == \
+           {n: (p.shape, p.dtype) for n, p in whole.unet.named_parameters()}
+    assert not on_meta_device(shapes.text_encoder) and not on_meta_device(shapes.vae)
+    assert all(not b.is_meta for b in shapes.unet.buffers())  # computed buffers are real; FSDP2 keeps them whole

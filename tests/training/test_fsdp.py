@@ -46,8 +46,9 @@ def test_defaults_pass_and_details_need_fsdp():
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"fsdp_version": 1}, r"`--fsdp_version 1` is not supported: .*Use `--fsdp_version 2`"),
-    ({"fsdp_cpu_ram_efficient_loading": True}, r"`--fsdp_cpu_ram_efficient_loading true` is not available yet"),
     ({"num_processes": 1}, r"`--num_processes 1` starts one"),
+    ({"fsdp_cpu_ram_efficient_loading": True, "lora_init_type": "pissa"},
+     r"`--lora_init_type pissa` cannot be combined with `--fsdp_cpu_ram_efficient_loading true`: it computes"),
     ({"musubi_blocks_to_swap": 2}, r"`--musubi_blocks_to_swap` cannot be combined with `--fsdp_enable`: block swap"),
     ({"use_ema": True}, r"`--use_ema` cannot be combined with `--fsdp_enable`"),
     ({"zero_stage": 2}, r"`--zero_stage` cannot be combined with `--fsdp_enable`"),
@@ -64,6 +65,7 @@ def test_combinations_that_cannot_work_are_refused(overrides, message):
 
 def test_hsdp_mesh_that_fits_is_accepted():
     check(fsdp(hsdp_replicate_dim=1, hsdp_shard_dim=2))
+    check(fsdp(fsdp_cpu_ram_efficient_loading=True, lora_init_type="gaussian"))
 
 
 def test_options_become_accelerates_fsdp2_plugin_and_mesh(monkeypatch):
@@ -143,6 +145,24 @@ def test_fsdp2_lora_matches_one_process_and_resumes_exactly(tiny_model, tmp_path
     assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in single_final.items()}
     assert max_difference(final, single_final) < 1e-5
     assert max_difference(final, lora(out / "checkpoint-4" / "pytorch_lora_weights.safetensors")) > 1e-4  # trained on
+
+
+@pytest.mark.slow
+def test_cpu_ram_efficient_loading_sends_the_main_process_weights_and_resumes(tiny_model, tmp_path):
+    """Only the main process reads the UNet; the other builds it on the meta device and gets its slices of
+    the main process's weights when FSDP2 shards it, at the start and after a resume alike."""
+    efficient = ("--fsdp_cpu_ram_efficient_loading", "true")
+    root = make_project(tmp_path, tiny_model, TWO_PROCESSES, fsdp_enable=True, max_train_steps=2,
+                        checkpoint_step_interval=1, max_grad_norm=1.0)
+    cli(root, *efficient)  # (the building on meta is tests/quantization/test_loading.py's)
+    cli(root, *efficient, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    in_process(root, "--fsdp_enable", "false", "--gradient_accumulation_steps", "2", "--max_train_steps", "3",
+               "--output_dir", str(tmp_path / "ref"))
+    out, ref = root / "out", tmp_path / "ref"
+    assert max_difference(lora(out / "checkpoint-1" / "pytorch_lora_weights.safetensors"),
+                          lora(ref / "checkpoint-1" / "pytorch_lora_weights.safetensors")) < 1e-5
+    assert max_difference(lora(out / "pytorch_lora_weights.safetensors"),
+                          lora(ref / "pytorch_lora_weights.safetensors")) < 1e-5
 
 
 @pytest.mark.slow

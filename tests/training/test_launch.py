@@ -348,8 +348,11 @@ def test_engines_that_shard_state_are_refused_until_simpletuner_can_save_it():
     check_engine(accelerator(DistributedType.MULTI_CPU))
     check_engine(accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=0)))
     check_engine(accelerator(DistributedType.FSDP, fsdp_plugin=fsdp(ShardingStrategy.NO_SHARD)))
-    with pytest.raises(ConfigError, match="DeepSpeed ZeRO stage 2 splits the optimizer state across processes"):
+    with pytest.raises(ConfigError, match=r"DeepSpeed ZeRO stage 2 was set up in accelerate .*set `--zero_stage 2`"):
         check_engine(accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    # ZeRO from --zero_stage: every process writes its share of the optimizer state (training/zero.py)
+    check_engine(accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=2)),
+                 zero_from_options=True)
     with pytest.raises(ConfigError, match=r"FSDP version 1 \(FULL_SHARD\) flattens the weights .* Use "
                                           r"`--fsdp_enable true`"):
         check_engine(accelerator(DistributedType.FSDP, fsdp_plugin=fsdp(ShardingStrategy.FULL_SHARD)))

@@ -87,9 +87,11 @@ OPTIONS: list[Option] = [
         minimum=1,
         maximum=3,
         help="Train with DeepSpeed ZeRO through accelerate: 1 splits the optimizer state across processes, 2 also the "
-        "gradients, 3 also the weights. Needs the deepspeed package (pip install 'simpletuner[deepspeed]'); refused "
-        "with block swap, RamTorch, group offload, quantized bases and (stage 3) EMA. Until DeepSpeed state can be "
-        "saved sharded, stages 1-3 are refused at config validation; see documentation/DISTRIBUTED.md.",
+        "gradients, 3 also the weights (gathered whole for every save). Every process checkpoints its own share "
+        "(checkpoint-N/zero/), so a resume needs the same process count. Needs the deepspeed package (pip install "
+        "'simpletuner[deepspeed]'); refused with block swap, RamTorch, group offload, quantized bases, LyCORIS, "
+        "--nan_action skip_batch and --gradient_precision fp32, and under stage 3 with EMA and validation prompts; "
+        "see documentation/DISTRIBUTED.md.",
         group=_G,
         implemented=True,
     ),
@@ -149,8 +151,10 @@ OPTIONS: list[Option] = [
         name="fsdp_cpu_ram_efficient_loading",
         kind="bool",
         default=False,
-        help="Load the full weights in CPU memory on the main process only and send each process its shard. "
-        "Not available yet: refused with the reason.",
+        help="Read the denoiser's weights on the main process only; the other processes build it without weights "
+        "(meta device) and receive their slices when FSDP2 shards it, so N processes on one machine hold one copy in "
+        "CPU memory instead of N. Refused with --lora_init_type pissa / olora / loftq (they need the base weights on "
+        "every process).",
         group=_G,
         implemented=True,
     ),
@@ -188,7 +192,7 @@ OPTIONS: list[Option] = [
         kind="int",
         default=1,
         minimum=1,
-        help="Sequence parallel (video families that support it: wan): split each clip's tokens across this many "
+        help="Sequence parallel (video families that support it: wan, ltxvideo): split each clip's tokens across this many "
         "processes, which exchange them around attention (Ulysses all-to-all), so long clips fit in less memory per "
         "GPU. num_processes must be a multiple of it; the processes of one group train the same batch, so "
         "num_processes / sp_size groups train different batches. See documentation/DISTRIBUTED.md.",
