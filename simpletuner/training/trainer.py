@@ -912,6 +912,8 @@ class Trainer:
         """How the processes share the work, when it is not plain data parallel."""
         if getattr(self, "zero", None) is not None:
             stage = self.accelerator.state.deepspeed_plugin.zero_stage
+            if self.accelerator.num_processes == 1:  # ZeRO-Offload: its gain is what --deepspeed_config offloads
+                return f", DeepSpeed ZeRO stage {stage} (one process)"
             split = {1: "optimizer state", 2: "optimizer state and gradients"}.get(stage, "weights, gradients and "
                                                                                       "optimizer state")
             return f", DeepSpeed ZeRO stage {stage} ({split} split over the processes)"

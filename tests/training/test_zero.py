@@ -95,9 +95,12 @@ def test_zero_lora_matches_one_process_and_resumes_exactly(tiny_model, tmp_path,
     if stage == 3:
         return
 
-    # one process (ZeRO-Offload on one GPU) starts DeepSpeed without a launcher: same numbers again
-    cli(root, *zero, "--gradient_accumulation_steps", "2", "--max_train_steps", "2", "--output_dir",
-        str(tmp_path / "one"), "--num_processes", "1")
+    # one process with the optimizer state in CPU memory (ZeRO-Offload, the one-GPU case) starts DeepSpeed
+    # without a launcher: same numbers again
+    offload = json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+    one = cli(root, *zero, "--deepspeed_config", offload, "--gradient_accumulation_steps", "2", "--max_train_steps",
+              "2", "--output_dir", str(tmp_path / "one"), "--num_processes", "1")
+    assert "processes 1, DeepSpeed ZeRO stage 2 (one process)" in one
     assert max_difference(lora(tmp_path / "one" / LORA_FILE),
                           lora(tmp_path / "ref" / "checkpoint-2" / LORA_FILE)) < 1e-5
 
