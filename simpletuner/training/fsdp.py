@@ -61,16 +61,16 @@ def parallelism_config(config):
     """HSDP's 2-D device mesh (replicas x shards) for accelerate, or None for plain FSDP2."""
     if not config.fsdp_enable or config.hsdp_replicate_dim is None:
         return None
-    if not torch.cuda.is_available():
-        from simpletuner.options import ConfigError
-
-        raise ConfigError("`--hsdp_replicate_dim` / `--hsdp_shard_dim` need GPU processes: accelerate 1.16 builds a "
-                          "device mesh (ParallelismConfig) only for GPU-like backends and refuses it for CPU processes "
-                          "(MULTI_CPU). On the CPU, remove both options: `--fsdp_enable` alone shards over all "
-                          "processes (the 1 x N mesh)")
     from accelerate.parallelism_config import ParallelismConfig
 
     return ParallelismConfig(dp_replicate_size=config.hsdp_replicate_dim, dp_shard_size=config.hsdp_shard_dim)
+
+
+def accelerator_mesh(config):
+    """The ``parallelism_config`` to hand ``Accelerator(...)``: the HSDP mesh on GPUs. On CPU processes
+    accelerate 1.16 refuses a mesh at construction (it validates it against MULTI_CPU, before
+    :func:`mark_fsdp_on_cpu` can make the state FSDP), so there it is attached afterwards instead."""
+    return parallelism_config(config) if torch.cuda.is_available() else None
 
 
 def block_class_names_from_option(config) -> list[str] | None:
@@ -78,8 +78,9 @@ def block_class_names_from_option(config) -> list[str] | None:
     return [name.strip() for name in str(value).split(",") if name.strip()] if value else None
 
 
-def mark_fsdp_on_cpu(accelerator, plugin) -> None:
-    """Make accelerate's state FSDP on gloo CPU processes (see the module docstring); no-op elsewhere."""
+def mark_fsdp_on_cpu(accelerator, plugin, config=None) -> None:
+    """Make accelerate's state FSDP on gloo CPU processes (see the module docstring), with HSDP's mesh
+    when ``config`` asks for one; no-op elsewhere."""
     if plugin is None:
         return
     from accelerate.state import AcceleratorState, PartialState
@@ -91,6 +92,14 @@ def mark_fsdp_on_cpu(accelerator, plugin) -> None:
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     state.fsdp_plugin = plugin
+    mesh = parallelism_config(config) if config is not None else None
+    if mesh is not None:  # what Accelerator(parallelism_config=...) does on GPUs, once the state is FSDP
+        state.parallelism_config = mesh
+        state.device_mesh = mesh.get_device_mesh("cpu")
+        mesh._validate_accelerator(accelerator)
+        logger.info("HSDP on %d CPU processes (gloo): %d replicas x %d shards", accelerator.num_processes,
+                    config.hsdp_replicate_dim, config.hsdp_shard_dim)
+        return
     logger.info("FSDP2 on %d CPU processes (gloo)", accelerator.num_processes)
 
 

@@ -91,11 +91,11 @@ class Trainer:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             dynamo_backend="no",  # the denoiser is compiled in place below (distributed.compile_denoiser)
             **zero.accelerator_arguments(config),  # --zero_stage / --deepspeed_config (training/zero.py)
-            fsdp_plugin=sharding, parallelism_config=fsdp.parallelism_config(config),  # --hsdp_*_dim
+            fsdp_plugin=sharding, parallelism_config=fsdp.accelerator_mesh(config),  # --hsdp_*_dim (GPUs)
             **accelerator_tracking_arguments(config, self.output_dir),  # --report_to: accelerate's trackers
         )
         enable_fp16_loss_scaling(self.accelerator)  # fp16 on CPU: autocast + GradScaler (training/precision.py)
-        fsdp.mark_fsdp_on_cpu(self.accelerator, sharding)
+        fsdp.mark_fsdp_on_cpu(self.accelerator, sharding, config)  # with HSDP's mesh on CPU processes
         fsdp.check_started(self.accelerator, sharding)
         distributed.check_engine(self.accelerator, zero_from_options=uses_deepspeed(config))
         zero.load_models_whole(self.accelerator)  # ZeRO-3 splits the denoiser only, when it is prepared

@@ -69,7 +69,7 @@ def test_hsdp_mesh_that_fits_is_accepted():
 
 
 def test_options_become_accelerates_fsdp2_plugin_and_mesh(monkeypatch):
-    from simpletuner.training.fsdp import fsdp_plugin, parallelism_config
+    from simpletuner.training.fsdp import accelerator_mesh, fsdp_plugin, parallelism_config
 
     assert fsdp_plugin(make_config()) is None and parallelism_config(make_config()) is None
     plugin = fsdp_plugin(fsdp(fsdp_reshard_after_forward=False, fsdp_transformer_layer_cls_to_wrap="BlockA, BlockB"))
@@ -77,12 +77,13 @@ def test_options_become_accelerates_fsdp2_plugin_and_mesh(monkeypatch):
     assert plugin.transformer_cls_names_to_wrap == ["BlockA", "BlockB"]
     assert fsdp_plugin(fsdp()).transformer_cls_names_to_wrap is None  # filled from the denoiser at start-up
     hsdp = fsdp(num_processes=4, hsdp_replicate_dim=2, hsdp_shard_dim=2)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"need GPU processes: accelerate 1.16 builds a device mesh .* only for GPU"):
-        parallelism_config(hsdp)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     mesh = parallelism_config(hsdp)
     assert (mesh.dp_replicate_size, mesh.dp_shard_size) == (2, 2)
+    # accelerate validates a mesh against CPU processes before they are marked FSDP: attached afterwards there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert accelerator_mesh(hsdp) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert accelerator_mesh(hsdp).dp_replicate_size == 2
 
 
 def test_sharded_checkpoints_resume_only_as_they_were_written(tmp_path):
@@ -163,6 +164,19 @@ def test_cpu_ram_efficient_loading_sends_the_main_process_weights_and_resumes(ti
                           lora(ref / "checkpoint-1" / "pytorch_lora_weights.safetensors")) < 1e-5
     assert max_difference(lora(out / "pytorch_lora_weights.safetensors"),
                           lora(ref / "pytorch_lora_weights.safetensors")) < 1e-5
+
+
+@pytest.mark.slow
+def test_hsdp_two_replicas_of_two_shards_match_one_process(tiny_model, tmp_path):
+    """4 gloo processes in a 2 x 2 mesh: each replica shards over its pair, the replicas average; one process
+    with accumulation 4 computes the same LoRA."""
+    root = make_project(tmp_path, tiny_model, "TRAINING_NUM_PROCESSES=4\n", max_train_steps=2, max_grad_norm=1.0,
+                        train_batch_size=1)
+    output = cli(root, "--fsdp_enable", "true", "--hsdp_replicate_dim", "2", "--hsdp_shard_dim", "2")
+    assert "HSDP on 4 CPU processes (gloo): 2 replicas x 2 shards" in output
+    in_process(root, "--gradient_accumulation_steps", "4", "--output_dir", str(tmp_path / "ref"))
+    assert max_difference(lora(root / "out" / "pytorch_lora_weights.safetensors"),
+                          lora(tmp_path / "ref" / "pytorch_lora_weights.safetensors")) < 1e-5
 
 
 @pytest.mark.slow
