@@ -39,6 +39,9 @@ REFUSED_SECTIONS = {
     "scheduler": "--lr_scheduler builds the learning-rate schedule, stepped by the trainer",
 }
 INSTALL_HINT = "pip install 'simpletuner[deepspeed]'"
+#: ``zero_optimization`` sizes accelerate can only fill from a transformers model's ``hidden_size``, which
+#: diffusers' denoisers do not have: "auto" there would stop the run at start-up.
+NO_AUTO_SIZES = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
 
 
 class DeepSpeedConfigError(ValueError):
@@ -135,6 +138,13 @@ def deepspeed_config_for(config) -> dict[str, Any]:
     for section, reason in REFUSED_SECTIONS.items():
         if section in given:
             raise DeepSpeedConfigError(f"`--deepspeed_config` has a {section!r} section; remove it: {reason}")
+    zero = given.get("zero_optimization")
+    for key in NO_AUTO_SIZES:
+        if isinstance(zero, dict) and zero.get(key) == "auto":
+            raise DeepSpeedConfigError(
+                f"`--deepspeed_config`: zero_optimization.{key} = \"auto\" cannot be filled in: accelerate derives it "
+                "from a transformers model's hidden_size, which diffusion models do not have. Give a number (e.g. "
+                "50000000) or leave the key out for DeepSpeed's default (`simpletuner plan-memory` shows what it costs)")
     merged = copy.deepcopy(given)
     for dotted, value in _decided_by_options(config, _requested_stage(config, given)).items():
         node, key = _node(merged, dotted)

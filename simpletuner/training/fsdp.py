@@ -91,6 +91,8 @@ def mark_fsdp_on_cpu(accelerator, plugin, config=None) -> None:
     state = AcceleratorState()
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if state.mixed_precision != "no":  # as accelerate does for FSDP on GPUs: compute in bf16 / fp16, keep fp32 weights
+        plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
     mesh = parallelism_config(config) if config is not None else None
     if mesh is not None:  # what Accelerator(parallelism_config=...) does on GPUs, once the state is FSDP

@@ -263,6 +263,7 @@ class Trainer:
         return parameters
 
     def _build_optimization(self) -> None:
+        from simpletuner.training import shard_census
         from simpletuner.training.ema import EmaSettings, EmaWeights
         from simpletuner.training.lr import build_lr_scheduler
         from simpletuner.training.optim import build_optimizer
@@ -295,6 +296,7 @@ class Trainer:
                 logger.info("--gradient_precision fp32: the trained weights are fp32 already, nothing to do")
         self.ema = EmaWeights(self.trainable, settings=EmaSettings.from_config(config)) if config.use_ema else None
         self.trainable = self.trainable + method_parameters  # clipped and checked like the model's; not averaged
+        shard_census.install_if_requested(self)  # SIMPLETUNER_MEASURE_SHARDS: benchmarks/sharded_memory.py
 
     def _before_sharding(self) -> None:
         """FSDP2: pick the block classes to shard, and load a resumed checkpoint's weights while the

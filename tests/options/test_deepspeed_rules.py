@@ -72,6 +72,8 @@ def test_a_deepspeed_file_adds_offload_and_may_write_auto(tmp_path):
     ({"zero_optimization": {}, "scheduler": {"type": "WarmupLR"}}, r"'scheduler' section; remove it"),
     ({"zero_optimization": {"stage": 5}}, r"zero_optimization.stage must be 0, 1, 2 or 3, got 5"),
     ({"bf16": {"enabled": True}}, r"no zero_optimization section"),
+    ({"zero_optimization": {"reduce_bucket_size": "auto"}},
+     r"zero_optimization.reduce_bucket_size = \"auto\" cannot be filled in: .*hidden_size"),
     ([1, 2], r"must be a JSON object"),
 ])
 def test_a_deepspeed_config_that_disagrees_is_refused_naming_both(given, message):
