@@ -46,10 +46,14 @@ class NanGuard:
     consecutive: int = 0
     skipped: int = 0
     last_terms: list[float] = field(default_factory=list)
+    #: DeepSpeed ZeRO steps inside the backward pass, so a bad batch's update is applied before it is seen.
+    engine_steps_in_backward: bool = False
 
     @classmethod
     def from_config(cls, config) -> NanGuard:
-        return cls(action=config.nan_action)
+        from simpletuner.training.deepspeed import uses_deepspeed
+
+        return cls(action=config.nan_action, engine_steps_in_backward=uses_deepspeed(config))
 
     def update_allowed(self, accelerator, micro_losses: list[float]) -> bool:
         """True when every micro-batch loss of this optimizer step is finite (on every process, under
@@ -69,8 +73,10 @@ class NanGuard:
         """A step whose loss is not finite: raise FloatingPointError to stop, or log the skipped batch."""
         what = f"loss became {loss} at step {step} ({self._terms()}learning rate {lr:.3g})"
         if self.action == "stop":
+            applied = ("DeepSpeed's engine had already applied the update of that batch, so resume from a checkpoint"
+                       if self.engine_steps_in_backward else "the update of that batch was not applied")
             raise FloatingPointError(
-                f"{what}; training stopped (--nan_action stop) and the update of that batch was not applied. "
+                f"{what}; training stopped (--nan_action stop) and {applied}. "
                 f"{checkpoint_note}. Lower --learning_rate or set --max_grad_norm, or use --nan_action skip_batch "
                 "to drop such batches"
             )

@@ -178,3 +178,16 @@ def test_retention_keeps_the_newest_trusted_checkpoint_when_suspect_ones_fill_th
     assert sorted(info.step for info in ckpt.list_checkpoints(tmp_path)) == [2, 3, 4]
     assert "keeping checkpoint-2 beyond --checkpoints_total_limit" in caplog.text
     assert ckpt.resolve_resume_path(tmp_path, "latest") == tmp_path / "checkpoint-2"
+
+
+def test_the_stop_message_says_whether_the_bad_update_was_applied():
+    """DeepSpeed ZeRO steps inside the backward pass: the update of a bad batch is in the weights already."""
+    from simpletuner.testing.config import make_config
+    from simpletuner.training.nan_guard import NanGuard
+
+    plain, zero = NanGuard.from_config(make_config()), NanGuard.from_config(make_config(zero_stage=2))
+    with pytest.raises(FloatingPointError, match=r"the update of that batch was not applied"):
+        plain.nonfinite_step(3, math.nan, 1e-3, "checkpoint-2 is the newest")
+    with pytest.raises(FloatingPointError, match=r"DeepSpeed's engine had already applied the update of that batch, "
+                                                 r"so resume from a checkpoint.*checkpoint-2 is the newest"):
+        zero.nonfinite_step(3, math.nan, 1e-3, "checkpoint-2 is the newest")
