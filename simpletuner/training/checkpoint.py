@@ -75,6 +75,36 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PerProcessState:
+    """A checkpoint sub-folder holding one file per process (FSDP2's sharded state, DeepSpeed's ZeRO
+    state). Each process reads its own file back, so such a checkpoint resumes only with the setting
+    and the process count that wrote it, and a checkpoint without the folder only without the setting.
+    The strings complete the three refusals in the engine's own words."""
+
+    folder: str
+    written: str  # how the checkpoint was written: "written with `--fsdp_state_dict_type sharded`"
+    holds: str  # what only the folder holds: "its weights and optimizer state are only in sharded/"
+    parts: str  # what each process reads back: "shards"
+    resume_with: str  # the setting to resume with: "`--fsdp_enable true --fsdp_state_dict_type sharded`"
+    any_count: str  # the way out for another process count: "or use `--fsdp_state_dict_type full` ..."
+    without: str  # a checkpoint lacking the folder under the setting: "was written gathered (no sharded/ folder) ..."
+
+    def check_resume(self, checkpoint: Path, state: dict, split_run: bool, num_processes: int) -> None:
+        present = (checkpoint / self.folder).is_dir()
+        saved = state.get("num_processes")
+        if present and not split_run:
+            raise CheckpointError(f"{checkpoint} was {self.written} by {saved} process(es): {self.holds}. Resume it "
+                                  f"with {self.resume_with} and TRAINING_NUM_PROCESSES={saved}, or start a new "
+                                  "--output_dir")
+        if present and saved != num_processes:
+            raise CheckpointError(f"{checkpoint} holds the {self.parts} of {saved} process(es), and this run has "
+                                  f"{num_processes}: each process reads back its own. Set TRAINING_NUM_PROCESSES={saved} "
+                                  f"(config/config.env), {self.any_count}")
+        if split_run and not present:
+            raise CheckpointError(f"{checkpoint} {self.without}, or start a new --output_dir")
+
+
+@dataclass(frozen=True)
 class CheckpointInfo:
     path: Path
     step: int

@@ -343,21 +343,13 @@ def load_sharded_state(module: torch.nn.Module, optimizer, folder: Path) -> None
 def check_sharded_resume(folder: Path, state: dict[str, Any], sharded_run: bool, num_processes: int) -> None:
     """A sharded checkpoint resumes only as a sharded run with the process count that wrote it, and a
     gathered one only without ``--fsdp_state_dict_type sharded``: each holds what the other lacks."""
-    from simpletuner.training.checkpoint import CheckpointError
+    from simpletuner.training.checkpoint import PerProcessState
 
-    has_shards = (folder / SHARDED_FOLDER).is_dir()
-    saved = state.get("num_processes")
-    if has_shards and not sharded_run:
-        raise CheckpointError(
-            f"{folder} was written with `--fsdp_state_dict_type sharded` by {saved} processes: its weights and "
-            f"optimizer state are only in {SHARDED_FOLDER}/ (torch DCP shards). Resume it with `--fsdp_enable true "
-            f"--fsdp_state_dict_type sharded` and TRAINING_NUM_PROCESSES={saved}, or start a new --output_dir")
-    if has_shards and saved != num_processes:
-        raise CheckpointError(
-            f"{folder} holds the shards of {saved} processes, and this run has {num_processes}: a sharded checkpoint "
-            f"resumes with the process count that wrote it. Set TRAINING_NUM_PROCESSES={saved} (config/config.env), "
-            "or use `--fsdp_state_dict_type full` for checkpoints that resume with any count")
-    if sharded_run and not has_shards:
-        raise CheckpointError(
-            f"{folder} was written gathered (no {SHARDED_FOLDER}/ folder), and this run uses `--fsdp_state_dict_type "
-            "sharded`; resume it with `--fsdp_state_dict_type full`, or start a new --output_dir")
+    PerProcessState(
+        folder=SHARDED_FOLDER, written="written with `--fsdp_state_dict_type sharded`",
+        holds=f"its weights and optimizer state are only in {SHARDED_FOLDER}/ (torch DCP shards)", parts="shards",
+        resume_with="`--fsdp_enable true --fsdp_state_dict_type sharded`",
+        any_count="or use `--fsdp_state_dict_type full` for checkpoints that resume with any count",
+        without=f"was written gathered (no {SHARDED_FOLDER}/ folder), and this run uses `--fsdp_state_dict_type "
+                "sharded`; resume it with `--fsdp_state_dict_type full`",
+    ).check_resume(folder, state, sharded_run, num_processes)

@@ -187,21 +187,12 @@ class ZeroCheckpoints:
 def check_resume(folder: Path, state: dict[str, Any], zero_run: bool, num_processes: int) -> None:
     """A ZeRO checkpoint resumes only under ZeRO with the process count that wrote it (each process
     reads its own share of the optimizer state), and a checkpoint without ZeRO state only without ZeRO."""
-    from simpletuner.training.checkpoint import CheckpointError
+    from simpletuner.training.checkpoint import PerProcessState
 
-    has_zero = (folder / ZERO_FOLDER).is_dir()
-    saved = state.get("num_processes")
-    if has_zero and not zero_run:
-        raise CheckpointError(
-            f"{folder} was written under DeepSpeed ZeRO by {saved} process(es): its optimizer state is split in "
-            f"{ZERO_FOLDER}/ (one file per process). Resume it with the same `--zero_stage` and "
-            f"TRAINING_NUM_PROCESSES={saved}, or start a new --output_dir")
-    if has_zero and saved != num_processes:
-        raise CheckpointError(
-            f"{folder} holds the ZeRO optimizer state of {saved} process(es), and this run has {num_processes}: "
-            f"each process reads back its own share. Set TRAINING_NUM_PROCESSES={saved} (config/config.env), or "
-            "start a new --output_dir")
-    if zero_run and not has_zero:
-        raise CheckpointError(
-            f"{folder} was written without DeepSpeed ZeRO (its optimizer state is in optimizer.pt, not split in "
-            f"{ZERO_FOLDER}/); resume it without `--zero_stage` / `--deepspeed_config`, or start a new --output_dir")
+    PerProcessState(
+        folder=ZERO_FOLDER, written="written under DeepSpeed ZeRO",
+        holds=f"its optimizer state is split in {ZERO_FOLDER}/ (one file per process)",
+        parts="ZeRO optimizer state", resume_with="the same `--zero_stage`", any_count="or start a new --output_dir",
+        without=f"was written without DeepSpeed ZeRO (its optimizer state is in optimizer.pt, not split in "
+                f"{ZERO_FOLDER}/); resume it without `--zero_stage` / `--deepspeed_config`",
+    ).check_resume(folder, state, zero_run, num_processes)

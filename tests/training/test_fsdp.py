@@ -86,26 +86,6 @@ def test_options_become_accelerates_fsdp2_plugin_and_mesh(monkeypatch):
     assert accelerator_mesh(hsdp).dp_replicate_size == 2
 
 
-def test_sharded_checkpoints_resume_only_as_they_were_written(tmp_path):
-    from simpletuner.training.checkpoint import CheckpointError
-    from simpletuner.training.fsdp import check_sharded_resume
-
-    sharded, gathered = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
-    (sharded / "sharded").mkdir(parents=True)
-    gathered.mkdir()
-    check_sharded_resume(sharded, {"num_processes": 2}, sharded_run=True, num_processes=2)
-    check_sharded_resume(gathered, {"num_processes": 2}, sharded_run=False, num_processes=1)
-    with pytest.raises(CheckpointError, match=r"checkpoint-2 holds the shards of 2 processes, and this run has 3: .*"
-                                              r"Set TRAINING_NUM_PROCESSES=2 .* or use `--fsdp_state_dict_type full`"):
-        check_sharded_resume(sharded, {"num_processes": 2}, sharded_run=True, num_processes=3)
-    with pytest.raises(CheckpointError, match=r"written with `--fsdp_state_dict_type sharded` by 2 processes: its "
-                                              r"weights and optimizer state are only in sharded/"):
-        check_sharded_resume(sharded, {"num_processes": 2}, sharded_run=False, num_processes=2)
-    with pytest.raises(CheckpointError, match=r"checkpoint-4 was written gathered \(no sharded/ folder\).*resume it "
-                                              r"with `--fsdp_state_dict_type full`"):
-        check_sharded_resume(gathered, {"num_processes": 2}, sharded_run=True, num_processes=2)
-
-
 # --- 2 processes against 1 ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -217,7 +197,7 @@ def test_fsdp2_sharded_checkpoints_resume_exactly_and_only_with_the_same_process
 
     # a different process count (one process, without sharding) is refused before anything loads
     with pytest.raises(CheckpointError, match=r"checkpoint-2 was written with `--fsdp_state_dict_type sharded` by 2 "
-                                              r"processes: .* TRAINING_NUM_PROCESSES=2"):
+                                              r"process\(es\): .* TRAINING_NUM_PROCESSES=2"):
         in_process(root, "--fsdp_enable", "false", "--gradient_accumulation_steps", "2",
                    "--resume_from_checkpoint", "latest")
 
