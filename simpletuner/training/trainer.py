@@ -633,11 +633,13 @@ class Trainer:
         if terms and self.state.global_step > counted_before:  # not for a batch --nan_action skip_batch dropped
             self.tracker.log_scalars({f"loss/{name}": value for name, value in terms.items()}, self.state.global_step)
 
-    def optimization_step(self) -> tuple[float, float | None, dict[str, float]]:
+    def optimization_step(self) -> tuple[float | None, float | None, dict[str, float]]:
         """``gradient_accumulation_steps`` micro-batches, then one optimizer step. A batch with a NaN or
         infinite loss never updates the weights, the LR schedule or the EMA (``_after_step`` then stops
         the run or, with ``--nan_action skip_batch``, goes on without counting the step). Returns the
-        loss, the gradient norm and the method's named terms (this process's mean over micro-batches)."""
+        loss, the gradient norm and the method's named terms (this process's mean over micro-batches).
+        The loss is None for a step that trained only the method's own modules (a distillation critic
+        step): the model computed no loss, so there is none to log or to check."""
         accelerator = self.accelerator
         denoiser = self.model.denoiser
         micro_losses: list[float] = []
@@ -676,7 +678,7 @@ class Trainer:
         if getattr(self.launcher, "check_rank_sync", False):
             distributed.check_rank_sync(accelerator, self.state.global_step + 1, local_loss, self.trainable)
         loss = distributed.mean_over_processes(accelerator, local_loss)  # the loss of the whole global batch
-        return loss, None if grad_norm is None else float(grad_norm), terms
+        return loss if model_updated else None, None if grad_norm is None else float(grad_norm), terms
 
     def _batch_loss(self, batch: dict):
         """The method's loss of ``batch`` plus each active regularizer's term (their hooks record only
@@ -702,24 +704,25 @@ class Trainer:
                 self.data.skip_batch(step)
         return batch
 
-    def _after_step(self, loss: float, grad_norm: float | None, seconds: float, progress) -> None:
+    def _after_step(self, loss: float | None, grad_norm: float | None, seconds: float, progress) -> None:
         state = self.state
-        if not self._loss_is_finite(loss):
+        if loss is not None and not self._loss_is_finite(loss):
             return  # --nan_action skip_batch: the batch's update was dropped and the step does not count
         state.global_step += 1
-        state.losses.append(loss)
+        if loss is not None:  # None: a step of the method's own modules only (its terms are logged)
+            state.losses.append(loss)
         state.step_seconds.append(seconds)
         lr = float(self.lr_scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
-        scalars = {"loss/train": loss, "lr": lr, "timing/sec_per_step": seconds}
+        scalars = {"lr": lr, "timing/sec_per_step": seconds, **({"loss/train": loss} if loss is not None else {})}
         if grad_norm is not None:
             scalars["grad_norm"] = grad_norm
         self.tracker.log_scalars(scalars, state.global_step)
-        if self.webhooks.progress_due(state.global_step):
-            self._notify_progress(loss, lr)
+        if self.webhooks.progress_due(state.global_step) and state.losses:
+            self._notify_progress(state.losses[-1], lr)
         if self.batch_inspector is not None and state.global_step % self.steps_per_epoch == 0:
             self.batch_inspector.end_epoch(state.global_step // self.steps_per_epoch)
         progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        progress.set_postfix(loss=f"{loss:.4f}" if loss is not None else "(critic step)", lr=f"{lr:.2e}", refresh=False)
         interval = self.config.accelerator_cache_clear_interval
         if interval and state.global_step % interval == 0:
             clear_accelerator_cache(self.accelerator.device)
